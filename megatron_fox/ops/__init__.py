@@ -1,0 +1,21 @@
+"""Kernels and their plain-PyTorch references. Knows nothing of Megatron."""
+
+from .forgetting_attn import (
+    AttentionStats,
+    KernelConfig,
+    Tile,
+    forgetting_attention,
+    forgetting_attention_reference,
+    set_data_checks,
+    set_kernel_config,
+)
+
+__all__ = [
+    "AttentionStats",
+    "KernelConfig",
+    "Tile",
+    "forgetting_attention",
+    "forgetting_attention_reference",
+    "set_data_checks",
+    "set_kernel_config",
+]

@@ -1,0 +1,16 @@
+"""Forgetting attention (FoX) with Adaptive Computation Pruning: Triton kernels and reference."""
+
+from .common import AttentionStats, set_data_checks
+from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config
+from .reference import forgetting_attention_reference
+
+__all__ = [
+    "AttentionStats",
+    "KernelConfig",
+    "Tile",
+    "forgetting_attention",
+    "forgetting_attention_reference",
+    "kernel_config",
+    "set_data_checks",
+    "set_kernel_config",
+]

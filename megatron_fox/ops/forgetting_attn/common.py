@@ -1,0 +1,192 @@
+"""Input checks, forget-gate prefix sums, document maps and the ACP threshold.
+
+Shared by the Triton op and the plain-PyTorch reference so both see the same
+definitions. Shapes follow the op: q [B, T, H, D], k/v [B, T, Hkv, D],
+log_fgate [B, T, H] (float32, <= 0).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Data-dependent checks (log_fgate <= 0, cu_seqlens monotone) need one device->host
+# sync. Training code may switch them off once the inputs are known to be sane.
+_DATA_CHECKS = os.environ.get("MEGATRON_FOX_SKIP_DATA_CHECKS", "0") != "1"
+
+
+def set_data_checks(enabled: bool) -> None:
+    """Enable or disable the checks that read tensor values (one host sync per call)."""
+    global _DATA_CHECKS
+    _DATA_CHECKS = bool(enabled)
+
+
+@dataclass
+class AttentionStats:
+    """What ACP skipped in one call.
+
+    skipped_fraction: fraction of causal (within-document) attention pairs, hence of
+        attention FLOPs, that the forward pass did not compute (0-dim tensor).
+    skipped_fraction_per_head: the same per query head, [H].
+    query_block_start: [B, H, num_query_blocks] index of the first key computed for
+        each query block (a multiple of the key block size).
+    block_m, block_n: forward tile sizes the boundary refers to.
+    """
+
+    skipped_fraction: torch.Tensor
+    skipped_fraction_per_head: torch.Tensor
+    query_block_start: torch.Tensor
+    block_m: int
+    block_n: int
+
+
+def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens):
+    """Validate the op's arguments; raise ValueError naming the bad one.
+
+    Returns (sm_scale as float, logit_bound as None | float | tensor[H]).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be one of float16, bfloat16, float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got q={q.dtype} k={k.dtype} v={v.dtype}")
+    if not (q.device == k.device == v.device == log_fgate.device):
+        raise ValueError("q, k, v, log_fgate must be on one device")
+    B, T, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)} v={tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(
+            f"k must be [batch, seq, kv_heads, head_dim] matching q {tuple(q.shape)} in batch, seq and head_dim, "
+            f"got {tuple(k.shape)}"
+        )
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
+    if T == 0 or B == 0:
+        raise ValueError(f"q must have non-empty batch and seq, got shape {tuple(q.shape)}")
+    if not isinstance(log_fgate, torch.Tensor) or log_fgate.dim() != 3 or tuple(log_fgate.shape) != (B, T, H):
+        shape = tuple(log_fgate.shape) if isinstance(log_fgate, torch.Tensor) else type(log_fgate).__name__
+        raise ValueError(f"log_fgate must be [batch, seq, heads] = {(B, T, H)}, got {shape}")
+    if log_fgate.dtype != torch.float32:
+        raise ValueError(f"log_fgate must be float32, got {log_fgate.dtype}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+    if log_eps is not None:
+        if not isinstance(log_eps, (int, float)) or not math.isfinite(log_eps) or log_eps > 0:
+            raise ValueError(f"log_eps must be None or a finite number <= 0, got {log_eps!r}")
+    if logit_bound is not None:
+        if isinstance(logit_bound, torch.Tensor):
+            if logit_bound.shape != (H,):
+                raise ValueError(f"logit_bound tensor must have shape [heads] = ({H},), got {tuple(logit_bound.shape)}")
+            logit_bound = logit_bound.detach().to(device=q.device, dtype=torch.float32)
+        elif isinstance(logit_bound, (int, float)):
+            if not math.isfinite(logit_bound) or logit_bound < 0:
+                raise ValueError(f"logit_bound must be a finite number >= 0, got {logit_bound}")
+            logit_bound = float(logit_bound)
+        else:
+            raise ValueError(f"logit_bound must be None, a float or a [heads] tensor, got {type(logit_bound).__name__}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D tensor of document offsets [0, ..., seq]")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
+    if _DATA_CHECKS:
+        _check_values(log_fgate, logit_bound, cu_seqlens, T)
+    return sm_scale, logit_bound
+
+
+def _check_values(log_fgate, logit_bound, cu_seqlens, T):
+    bad = [(log_fgate > 0).any() | ~torch.isfinite(log_fgate).all()]
+    if isinstance(logit_bound, torch.Tensor):
+        bad.append((logit_bound < 0).any() | ~torch.isfinite(logit_bound).all())
+    if cu_seqlens is not None:
+        cs = cu_seqlens.to(log_fgate.device)
+        bad.append((cs[0] != 0) | (cs[-1] != T) | (cs[1:] <= cs[:-1]).any())
+    flags = torch.stack(bad).tolist()  # one sync for all checks
+    if flags[0]:
+        raise ValueError("log_fgate must be finite and <= 0 (it is log of a forget gate in (0, 1])")
+    if isinstance(logit_bound, torch.Tensor) and flags[1]:
+        raise ValueError("logit_bound must be finite and >= 0")
+    if cu_seqlens is not None and flags[-1]:
+        raise ValueError(f"cu_seqlens must start at 0, end at seq ({T}) and be strictly increasing")
+
+
+def document_maps(cu_seqlens: Optional[torch.Tensor], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token document start and (exclusive) end, int32 [T] each."""
+    if cu_seqlens is None:
+        return (torch.zeros(T, dtype=torch.int32, device=device),
+                torch.full((T,), T, dtype=torch.int32, device=device))
+    cs = cu_seqlens.to(device=device, dtype=torch.int64)
+    pos = torch.arange(T, device=device)
+    doc = torch.searchsorted(cs, pos, right=True) - 1
+    return cs[doc].to(torch.int32), cs[doc + 1].to(torch.int32)
+
+
+def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """c = cumsum(log f) along the sequence, head-major [B, H, T] float32.
+
+    Returns (c_global, c_doc): c_global runs over the whole packed row and is used for
+    block pruning decisions (differences of c_global bound the within-document ones);
+    c_doc restarts at each document so its values stay small (fp32 precision) and is
+    what the kernels add to the logits. Without documents both are the same tensor.
+    """
+    c_global = torch.cumsum(log_fgate.transpose(1, 2).float(), dim=-1).contiguous()
+    if doc_start is None:
+        return c_global, c_global
+    start = doc_start.long()
+    # c_doc_i = c_i - c_{start-1}; at a document start it equals log f_start.
+    before = torch.where(start > 0, c_global[..., (start - 1).clamp_min(0)], torch.zeros_like(c_global))
+    return c_global, (c_global - before).contiguous()
+
+
+def segmented_reverse_cumsum(x: torch.Tensor, doc_end: Optional[torch.Tensor]) -> torch.Tensor:
+    """y_t = sum_{t <= s < doc_end(t)} x_s along the last dim of x [..., T]."""
+    rc = torch.flip(torch.cumsum(torch.flip(x, dims=[-1]), dim=-1), dims=[-1])
+    if doc_end is None:
+        return rc
+    T = x.shape[-1]
+    end = doc_end.long()
+    after = torch.where(end < T, rc[..., end.clamp_max(T - 1)], torch.zeros_like(rc))
+    return rc - after
+
+
+def logit_bound_per_head(q, k, sm_scale: float, logit_bound: Union[None, float, torch.Tensor]) -> torch.Tensor:
+    """U[b, h] >= max |sm_scale * q_i . k_j| over the (batch, head), float32 [B, H].
+
+    Given: broadcast the caller's bound. Else from the data, by Cauchy-Schwarz:
+    sm_scale * max_i ||q_i|| * max_j ||k_j|| (k of the head's key/value group).
+    """
+    B, T, H, _ = q.shape
+    if logit_bound is not None:
+        if isinstance(logit_bound, torch.Tensor):
+            return logit_bound.float().view(1, H).expand(B, H)
+        return torch.full((B, H), logit_bound, dtype=torch.float32, device=q.device)
+    group = H // k.shape[2]
+    qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(dim=1)  # [B, H]
+    kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(dim=1)  # [B, Hkv]
+    return sm_scale * qn * kn.repeat_interleave(group, dim=1)
+
+
+def pruning_threshold(U: torch.Tensor, seq_len: int, log_eps: float) -> torch.Tensor:
+    """ACP threshold delta = -(2U + log L) + log_eps, [B, H].
+
+    A pair with c_i - c_j < delta has softmax weight <= exp(2U + delta) = eps / L times
+    the diagonal's; at most L such pairs per row, so they weigh <= eps together.
+    """
+    return -(2.0 * U + math.log(seq_len)) + log_eps

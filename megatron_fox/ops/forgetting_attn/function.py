@@ -1,0 +1,271 @@
+"""Autograd function and public entry point of the Triton forgetting attention."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+
+from . import boundary
+from .common import (
+    AttentionStats,
+    check_inputs,
+    document_maps,
+    forget_prefix_sums,
+    logit_bound_per_head,
+    pruning_threshold,
+    segmented_reverse_cumsum,
+)
+from .triton_bwd import bwd_preprocess_kernel, dkdv_kernel, dq_kernel
+from .triton_fwd import fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A kernel's tile shape and launch parameters."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tiles of the three kernels: forward, key-major backward (dK/dV), query-major backward (dQ)."""
+
+    fwd: Tile
+    dkdv: Tile
+    dq: Tile
+
+
+# Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md.
+_GPU_CONFIGS = {
+    64: KernelConfig(fwd=Tile(128, 64, 4, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 2)),
+    128: KernelConfig(fwd=Tile(128, 64, 8, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 2)),
+}
+# Small tiles for the Triton interpreter (CPU tests): several blocks at tiny lengths.
+_INTERPRET_CONFIG = KernelConfig(fwd=Tile(16, 16, 1, 1), dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
+_override: Optional[KernelConfig] = None
+
+
+def set_kernel_config(config: Optional[KernelConfig]) -> None:
+    """Force the tiles of every kernel (None: back to the per-head_dim defaults)."""
+    global _override
+    _override = config
+
+
+def kernel_config(head_dim: int, device: torch.device) -> KernelConfig:
+    """Tiles used for this head_dim on this device."""
+    if _override is not None:
+        return _override
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    if head_dim <= 64:
+        return _GPU_CONFIGS[64]
+    return _GPU_CONFIGS[128]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@dataclass
+class _Plan:
+    """What forward computes once and backward reuses (not tensors of the graph)."""
+
+    sm_scale: float
+    delta: Optional[torch.Tensor]  # [B, H] ACP threshold, None for exact
+    doc_start: Optional[torch.Tensor]  # [T] int32
+    doc_end: Optional[torch.Tensor]
+    config: KernelConfig
+
+
+def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config):
+    T = q.shape[1]
+    if cu_seqlens is not None:
+        doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
+    else:
+        doc_start = doc_end = None
+    delta = None
+    if log_eps is not None:
+        with torch.no_grad():
+            U = logit_bound_per_head(q, k, sm_scale, logit_bound)
+            delta = pruning_threshold(U, T, log_eps)
+    return _Plan(sm_scale, delta, doc_start, doc_end, config)
+
+
+def _forward(q, k, v, c_global, c_doc, plan: _Plan):
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    tile = plan.config.fwd
+    start = boundary.key_block_start(c_global, plan.delta, plan.doc_start, tile.block_m, tile.block_n)
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    nbm = triton.cdiv(T, tile.block_m)
+    dummy = start  # never read when VARLEN is off
+    fwd_kernel[(nbm, B * H)](
+        q, k, v, c_doc, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        T, H, nbm, plan.sm_scale * LOG2E,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return o, lse2, start
+
+
+def _dot_precision(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _backward(q, k, v, o, do, dlse, lse2, c_global, c_doc, plan: _Plan):
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    group = H // Hkv
+    cfg = plan.config
+    varlen = plan.doc_start is not None
+    do = _last_dim_contiguous(do)
+    dlt = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    bwd_preprocess_kernel[(triton.cdiv(T, pre_block), B * H)](
+        o, do, dlse if dlse is not None else dlt, dlt, *_strides(o), *_strides(do), T, H,
+        HEAD_DIM=D, BLOCK=pre_block, HAS_DLSE=dlse is not None,
+    )
+    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, T, Hkv, D), dtype=v.dtype, device=q.device)
+    dcol = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    drow = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    qk_scale = plan.sm_scale * LOG2E
+    prec = _dot_precision(q)
+
+    t = cfg.dkdv
+    end = boundary.query_block_end(c_global, plan.delta, plan.doc_end, t.block_m, t.block_n)
+    nbn = triton.cdiv(T, t.block_n)
+    doc_start = plan.doc_start if varlen else end
+    doc_end = plan.doc_end if varlen else end
+    dkdv_kernel[(nbn, B * Hkv)](
+        q, k, v, do, c_doc, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        T, H, nbn, qk_scale, plan.sm_scale,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    t = cfg.dq
+    start = boundary.key_block_start(c_global, plan.delta, plan.doc_start, t.block_m, t.block_n)
+    nbm = triton.cdiv(T, t.block_m)
+    dq_kernel[(nbm, B * H)](
+        q, k, v, do, c_doc, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        T, H, nbm, qk_scale, plan.sm_scale,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i
+    dlogf = segmented_reverse_cumsum(drow - dcol, plan.doc_end)
+    return dq, dk, dv, dlogf.transpose(1, 2)
+
+
+class ForgettingAttentionFunction(torch.autograd.Function):
+    """o, lse = FoX attention (q, k, v, log_fgate); lse natural log, [B, H, T]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_fgate, plan: _Plan):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        c_global, c_doc = forget_prefix_sums(log_fgate, plan.doc_start)
+        o, lse2, start = _forward(q, k, v, c_global, c_doc, plan)
+        ctx.save_for_backward(q, k, v, o, lse2, c_global, c_doc)
+        ctx.plan = plan
+        ctx.start = start
+        ctx.mark_non_differentiable(start)
+        return o, lse2 * (1.0 / LOG2E), start
+
+    @staticmethod
+    def backward(ctx, do, dlse, _dstart):
+        q, k, v, o, lse2, c_global, c_doc = ctx.saved_tensors
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        dq, dk, dv, dlogf = _backward(q, k, v, o, do, dlse, lse2, c_global, c_doc, ctx.plan)
+        return dq, dk, dv, dlogf, None
+
+
+def forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    sm_scale: Optional[float] = None,
+    log_eps: Optional[float] = None,
+    logit_bound=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_stats: bool = False,
+    return_lse: bool = False,
+):
+    """Forgetting attention (FoX) with optional Adaptive Computation Pruning.
+
+    q [B, T, H, D]; k, v [B, T, Hkv, D] (H a multiple of Hkv); log_fgate [B, T, H] float32
+    (log of the forget gate, <= 0). o_i = sum_{j <= i} softmax_j(sm_scale q_i.k_j + c_i - c_j) v_j
+    with c = cumsum(log_fgate), restarted at each document of cu_seqlens (batch 1, int32
+    offsets [0, ..., T]). log_eps=None computes exact FoX; otherwise key blocks whose
+    pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
+    float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
+
+    Returns o [B, T, H, D] (dtype of q); then, if asked, the row log-sum-exp [B, H, T]
+    float32 (return_lse, differentiable) and an AttentionStats (return_stats).
+    Runs the Triton kernels on CUDA and under TRITON_INTERPRET=1; on other devices it
+    falls back to the plain-PyTorch reference.
+    """
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    if q.device.type != "cuda" and not _interpreting():
+        return _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                   return_stats, return_lse)
+    config = kernel_config(q.shape[-1], q.device)
+    plan = _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config)
+    o, lse, start = ForgettingAttentionFunction.apply(q, k, v, log_fgate, plan)
+    out = [o]
+    if return_lse:
+        out.append(lse)
+    if return_stats:
+        out.append(_stats(start, plan, q.shape[1]))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _stats(start, plan: _Plan, T: int) -> AttentionStats:
+    tile = plan.config.fwd
+    skipped, total = boundary.skipped_pairs(start, tile.block_m, tile.block_n, T, plan.doc_start)
+    return AttentionStats(
+        skipped_fraction=skipped.sum() / total.sum(),
+        skipped_fraction_per_head=skipped.sum(0) / total.sum(0),
+        query_block_start=start.long() * tile.block_n,
+        block_m=tile.block_m,
+        block_n=tile.block_n,
+    )
+
+
+def _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, return_stats, return_lse):
+    from .reference import reference_attention_with_lse
+
+    o, lse, stats = reference_attention_with_lse(q, k, v, log_fgate, sm_scale=sm_scale, log_eps=log_eps,
+                                                 logit_bound=logit_bound, cu_seqlens=cu_seqlens)
+    out = [o]
+    if return_lse:
+        out.append(lse)
+    if return_stats:
+        out.append(stats)
+    return out[0] if len(out) == 1 else tuple(out)

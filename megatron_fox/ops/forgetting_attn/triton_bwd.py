@@ -1,0 +1,211 @@
+"""Triton backward kernels of forgetting attention with block pruning.
+
+With P = softmax(S), dP = dO V^T, D_i = rowsum(dO_i * O_i) - dLSE_i:
+    dS = P * (dP - D),  dQ = sm_scale dS K,  dK = sm_scale dS^T Q,  dV = P^T dO,
+    dc_i = sum_j dS_ij - sum_i' dS_i'i            (s_ij holds + c_i - c_j)
+and d log f follows from dc by a reverse cumulative sum (done by the caller).
+Two kernels, as in FlashAttention-2: key-major for dK, dV and the column sums of dS
+(looping over the query heads of a key/value group), query-major for dQ and the row
+sums. Both skip the blocks that the forward pruning rule skips.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H,
+                          HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """DLT[bh, t] = sum_d O*dO - dLSE (float32, [B*H, T])."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_t < T
+    o = tl.load(O + b * s_ob + h * s_oh + offs_t[:, None] * s_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_t[:, None] * s_dt + offs_d[None, :], mask=ok[:, None], other=0.0)
+    dlt = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dlt -= tl.load(DLSE + pid_bh.to(tl.int64) * T + offs_t, mask=ok, other=0.0)
+    tl.store(DLT + pid_bh.to(tl.int64) * T + offs_t, dlt, mask=ok)
+
+
+@triton.jit
+def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, lse_base, dlt_base, DOCSTART,
+                      s_qt, s_dt, lo, hi, T, qk_scale,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for mb in range(lo, hi):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = offs_m < T
+            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            dlt = tl.load(dlt_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :])
+            cq = tl.load(c_base + offs_m) * 1.4426950408889634
+            lse = tl.load(lse_base + offs_m)
+            dlt = tl.load(dlt_base + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            ok = offs_m[None, :] >= offs_n[:, None]
+            if VARLEN:
+                dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
+                ok = ok & (offs_n[:, None] >= dstart[None, :])
+            p_t = tl.where(ok, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - dlt[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dcol += tl.sum(ds_t, 1)
+    return dk, dv, dcol
+
+
+@triton.jit
+def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
+                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+                s_dkb, s_dkt, s_dkh,
+                T, H, NBN, qk_scale, sm_scale,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
+    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    HKV = H // GROUP
+    b = (pid_bk // HKV).to(tl.int64)
+    hk = pid_bk % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < T
+    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    m_lo = n0 // BLOCK_M
+    # first query block whose every row is >= every key of this block
+    m_causal_full = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M
+    if VARLEN:
+        m_doc_full = tl.load(DOCEND + n0) // BLOCK_M  # blocks below hold rows of this key's document only
+    else:
+        m_doc_full = T // BLOCK_M
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        c_base = C + bh * T
+        ck = tl.load(c_base + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_db + h * s_dh
+        m_hi = tl.load(END + bh * NBN + pid_n)
+        a = m_lo
+        b_ = tl.minimum(tl.maximum(m_causal_full, a), m_hi)
+        c_ = tl.minimum(tl.maximum(m_doc_full, b_), m_hi)
+        dcol = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC)
+        tl.store(DCOL + bh * T + offs_n, dcol, mask=key_ok)
+    out = b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
+                    lo, hi, T, qk_scale,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for nb in range(lo, hi):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n < T
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            ck = tl.load(c_base + offs_n, mask=in_seq, other=0.0) * 1.4426950408889634
+        else:
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+            ck = tl.load(c_base + offs_n) * 1.4426950408889634
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            ok = offs_n[None, :] <= offs_m[:, None]
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - dlt[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        drow += tl.sum(ds, 1)
+    return dq, drow
+
+
+@triton.jit
+def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
+              s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+              s_dqb, s_dqt, s_dqh,
+              T, H, NBM, qk_scale, sm_scale,
+              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    bh = pid_bh.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    c_base = C + bh * T
+    cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+    dlt = tl.load(DLT + bh * T + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+
+    row_last = tl.minimum(m0 + BLOCK_M, T) - 1
+    n_lo = tl.load(START + bh * NBM + pid_m)
+    n_hi = (row_last + BLOCK_N) // BLOCK_N
+    n_causal_full = (m0 + 1) // BLOCK_N
+    if VARLEN:
+        dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
+        n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
+    else:
+        dstart = offs_m
+        n_doc_full = 0
+    a = n_lo
+    b_ = tl.minimum(tl.maximum(n_doc_full, a), n_hi)
+    c_ = tl.minimum(tl.maximum(n_causal_full, b_), n_hi)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    drow = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if VARLEN:
+        dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
+                                   a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+    dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
+                               b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC)
+    dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
+                               c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DROW + bh * T + offs_m, drow, mask=row_ok)

@@ -1,0 +1,98 @@
+"""Triton forward kernel of forgetting attention with block pruning.
+
+One program per (query block, batch*head). Logits in base 2:
+    s2_ij = log2(e) * (sm_scale q_i.k_j + c_i - c_j)
+so the decay costs one subtraction per logit. The key loop starts at the block given
+by `START` (document start and ACP boundary) and is split into ranges that need a mask
+(document edge, diagonal) and one that needs none.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base, s_kt, s_vt,
+                     lo, hi, T, qk_scale,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for nb in range(lo, hi):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            in_seq = offs_n < T
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+            ck = tl.load(c_base + offs_n, mask=in_seq, other=0.0) * 1.4426950408889634
+        else:
+            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
+            ck = tl.load(c_base + offs_n) * 1.4426950408889634
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
+        if MASKED:
+            ok = offs_n[None, :] <= offs_m[:, None]
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, C, START, DOCSTART, O, LSE,
+               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+               T, H, NBM, qk_scale,
+               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided), C [B*H, T] prefix sums (natural log),
+    START [B*H, NBM] first key block, DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    c_base = C + pid_bh.to(tl.int64) * T
+    cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+
+    row_last = tl.minimum(m0 + BLOCK_M, T) - 1
+    n_lo = tl.load(START + pid_bh * NBM + pid_m)
+    n_hi = (row_last + BLOCK_N) // BLOCK_N
+    n_causal_full = (m0 + 1) // BLOCK_N  # blocks below this hold only keys <= every row
+    if VARLEN:
+        dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
+        n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
+    else:
+        dstart = offs_m
+        n_doc_full = 0
+    a = n_lo
+    b_ = tl.minimum(tl.maximum(n_doc_full, a), n_hi)
+    c_ = tl.minimum(tl.maximum(n_causal_full, b_), n_hi)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if VARLEN:
+        acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
+                                         s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
+                                     s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC)
+    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
+                                     s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+    o = acc / l_i[:, None]
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
