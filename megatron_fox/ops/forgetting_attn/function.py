@@ -130,6 +130,8 @@ def _forward(q, k, v, c_global, c_doc, plan: _Plan):
 
 
 def _dot_precision(q):
+    if _interpreting():
+        return "upcast"
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 

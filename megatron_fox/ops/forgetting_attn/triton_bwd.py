@@ -12,6 +12,8 @@ sums. Both skip the blocks that the forward pruning rule skips.
 import triton
 import triton.language as tl
 
+from .triton_utils import mm
+
 
 @triton.jit
 def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H,
@@ -53,7 +55,7 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
             cq = tl.load(c_base + offs_m) * 1.4426950408889634
             lse = tl.load(lse_base + offs_m)
             dlt = tl.load(dlt_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
+        s_t = mm(k, tl.trans(q), DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             ok = offs_m[None, :] >= offs_n[:, None]
@@ -61,10 +63,10 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
                 dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
                 ok = ok & (offs_n[:, None] >= dstart[None, :])
             p_t = tl.where(ok, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dv += mm(p_t.to(do.dtype), do, DOT_PREC)
+        dp_t = mm(v, tl.trans(do), DOT_PREC)
         ds_t = p_t * (dp_t - dlt[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        dk += mm(ds_t.to(q.dtype), q, DOT_PREC)
         dcol += tl.sum(ds_t, 1)
     return dk, dv, dcol
 
@@ -143,16 +145,16 @@ def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_bas
             k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
             ck = tl.load(c_base + offs_n) * 1.4426950408889634
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
+        s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             ok = offs_n[None, :] <= offs_m[:, None]
             if VARLEN:
                 ok = ok & (offs_n[None, :] >= dstart[:, None])
             p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = mm(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dlt[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq += mm(ds.to(k.dtype), k, DOT_PREC)
         drow += tl.sum(ds, 1)
     return dq, drow
 

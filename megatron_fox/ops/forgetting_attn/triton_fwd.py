@@ -10,6 +10,8 @@ by `START` (document start and ACP boundary) and is split into ranges that need 
 import triton
 import triton.language as tl
 
+from .triton_utils import mm
+
 LOG2E = 1.4426950408889634
 
 
@@ -30,7 +32,7 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
             k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
             ck = tl.load(c_base + offs_n) * 1.4426950408889634
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
+        s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         if MASKED:
             ok = offs_n[None, :] <= offs_m[:, None]
             if VARLEN:
@@ -40,7 +42,7 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 

@@ -1,0 +1,170 @@
+"""Triton forgetting attention against the float64 plain-PyTorch reference.
+
+Tolerances: fp32 inputs, max abs error <= 2e-4 * max|ref| (ieee dots in fp32, float32
+accumulation); bf16 inputs, ||out - ref|| / ||ref|| <= 1.5e-2 for outputs and gradients
+(the reference sees the same bf16 inputs upcast to float64).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_fox.ops import forgetting_attention, forgetting_attention_reference
+from megatron_fox.ops.reference import softmax_weight_before
+
+
+def make_inputs(B, T, H, Hkv, D, dtype, device, gate_shift=2.0, rms_norm=False):
+    q = torch.randn(B, T, H, D, device=device)
+    k = torch.randn(B, T, Hkv, D, device=device)
+    if rms_norm:  # |q_i| = |k_j| = sqrt(D): U = sqrt(D) bounds |q.k| / sqrt(D)
+        q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
+    v = torch.randn(B, T, Hkv, D, device=device)
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device) + gate_shift)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, log_f.requires_grad_()
+
+
+def check_close(out, ref, dtype, what):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    if dtype == torch.float32:
+        err = (out - ref).abs().max().item()
+        assert err <= 2e-4 * ref.abs().max().item() + 1e-6, f"{what}: max abs err {err}"
+    else:
+        rel = ((out - ref).norm() / ref.norm()).item()
+        assert rel <= 1.5e-2, f"{what}: relative error {rel}"
+
+
+def grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("log_eps", [None, -10.0])
+def test_matches_reference(D, dtype, H, Hkv, log_eps, device):
+    B, T = 2, 45 if D == 128 else 77  # not multiples of any tile
+    q, k, v, log_f = make_inputs(B, T, H, Hkv, D, dtype, device)
+    out = forgetting_attention(q, k, v, log_f, log_eps=log_eps)
+    ref = forgetting_attention_reference(q, k, v, log_f, dtype=torch.float64)
+    assert out.shape == q.shape and out.dtype == dtype
+    check_close(out, ref, dtype, "out")
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
+                           grads(ref, (q, k, v, log_f), dout)):
+        assert g.shape == gr.shape, name
+        check_close(g, gr, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("log_eps", [None, -10.0])
+def test_packed_documents(log_eps, device):
+    T, H, Hkv, D = 90, 4, 2, 64
+    q, k, v, log_f = make_inputs(1, T, H, Hkv, D, torch.float32, device, gate_shift=0.0)
+    # a one-token document, documents inside one tile and across tiles
+    cu = torch.tensor([0, 5, 37, 38, 70, 90], dtype=torch.int32, device=device)
+    out = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps)
+    ref = forgetting_attention_reference(q, k, v, log_f, cu_seqlens=cu, dtype=torch.float64)
+    check_close(out, ref, torch.float32, "out")
+    # independent check: each document alone
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = forgetting_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], log_f[:, a:b].detach(),
+                                               dtype=torch.float64)
+        check_close(out[:, a:b], alone, torch.float32, f"document {a}:{b}")
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
+                           grads(ref, (q, k, v, log_f), dout)):
+        check_close(g, gr, torch.float32, f"d{name}")
+
+
+def _row_key_start(stats, T):
+    """First computed key per query row, [B, H, T]."""
+    return stats.query_block_start.repeat_interleave(stats.block_m, dim=-1)[..., :T]
+
+
+@pytest.mark.parametrize("bound", ["data", "float", "per_head"])
+def test_acp_skips_and_respects_eps(bound, device):
+    B, T, H, D, log_eps = 2, 96, 4, 64, -10.0
+    q, k, v, _ = make_inputs(B, T, H, H, D, torch.float32, device, rms_norm=True)
+    # fast forgetting: about -2 per token in heads 0-1, slow (no pruning) in heads 2-3
+    shift = torch.tensor([-2.0, -1.5, 4.0, 6.0], device=device)
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device) * 0.1 + shift).requires_grad_()
+    U = {"data": None, "float": math.sqrt(D) * 1.0001,
+         "per_head": torch.full((H,), math.sqrt(D) * 1.0001, device=device)}[bound]
+    out, stats = forgetting_attention(q, k, v, log_f, log_eps=log_eps, logit_bound=U, return_stats=True)
+    assert stats.skipped_fraction.item() > 0.2
+    assert (stats.skipped_fraction_per_head[:2] > 0.3).all()
+    assert (stats.skipped_fraction_per_head[2:] == 0).all()
+    # the pruned weight of every row, measured on the exact float64 softmax
+    key_start = _row_key_start(stats, T)
+    pruned_mass = softmax_weight_before(q, k, log_f.detach(), key_start)
+    assert (pruned_mass <= math.exp(log_eps)).all(), pruned_mass.max()
+    # every skipped pair satisfies the rule: c_i - c_j < -(2U + log T) + log_eps
+    c = torch.cumsum(log_f.detach().double(), 1).transpose(1, 2)  # [B, H, T]
+    Ud = torch.linalg.vector_norm(q.detach().double(), dim=-1).amax(1) * torch.linalg.vector_norm(
+        k.detach().double(), dim=-1).amax(1) / math.sqrt(D) if U is None else torch.full((B, H), math.sqrt(D) * 1.0001)
+    delta = -(2 * Ud.to(c.device) + math.log(T)) + log_eps
+    j = torch.arange(T, device=device)
+    skipped = j[None, None, None, :] < key_start[..., None]
+    gap = c[..., :, None] - c[..., None, :]
+    assert not (skipped & (gap >= delta[..., None, None])).any()
+    # recount the skipped fraction from the boundary
+    causal = j[None, :] <= j[:, None]
+    assert stats.skipped_fraction.item() == pytest.approx(
+        (skipped & causal).sum().item() / (causal.sum().item() * B * H), rel=1e-9)
+    # output and gradients stay within the exact FoX result
+    ref = forgetting_attention_reference(q, k, v, log_f, dtype=torch.float64)
+    check_close(out, ref, torch.float32, "out")
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
+                           grads(ref, (q, k, v, log_f), dout)):
+        check_close(g, gr, torch.float32, f"d{name}")
+
+
+def test_no_pruning_without_log_eps(device):
+    q, k, v, _ = make_inputs(1, 64, 2, 2, 64, torch.float32, device)
+    log_f = torch.full((1, 64, 2), -3.0, device=device)
+    _, stats = forgetting_attention(q, k, v, log_f, return_stats=True)
+    assert stats.skipped_fraction.item() == 0.0
+    assert (stats.query_block_start == 0).all()
+
+
+def test_data_bound_covers_logits(device):
+    from megatron_fox.ops.forgetting_attn.common import logit_bound_per_head
+
+    q, k, _, _ = make_inputs(2, 50, 4, 2, 64, torch.float32, device)
+    U = logit_bound_per_head(q.detach(), k.detach(), 0.125, None)
+    logits = 0.125 * torch.einsum("bihd,bjhd->bhij", q.detach(), k.detach().repeat_interleave(2, dim=2))
+    assert (logits.abs().amax((-1, -2)) <= U * (1 + 1e-6)).all()
+
+
+def test_lse_and_its_gradient(device):
+    q, k, v, log_f = make_inputs(2, 40, 2, 1, 64, torch.float32, device)
+    cu = None
+    out, lse = forgetting_attention(q, k, v, log_f, return_lse=True, cu_seqlens=cu)
+    from megatron_fox.ops.forgetting_attn.reference import reference_attention_with_lse
+
+    ref, ref_lse, _ = reference_attention_with_lse(q, k, v, log_f, sm_scale=0.125, dtype=torch.float64)
+    check_close(lse, ref_lse, torch.float32, "lse")
+    w = torch.randn_like(lse)
+    loss, ref_loss = out.sum() + (lse * w).sum(), ref.sum() + (ref_lse * w).sum()
+    for name, g, gr in zip("q k v log_fgate".split(), torch.autograd.grad(loss, (q, k, v, log_f)),
+                           torch.autograd.grad(ref_loss, (q, k, v, log_f))):
+        check_close(g, gr, torch.float32, f"d{name}")
+
+
+def test_strided_megatron_layout(device):
+    """[seq, batch, heads, dim] tensors passed as transposed views."""
+    T, B, H, D = 33, 2, 2, 64
+    qs, ks, vs = (torch.randn(T, B, H, D, device=device, requires_grad=True) for _ in range(3))
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device))
+    out = forgetting_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), log_f)
+    ref = forgetting_attention_reference(qs.transpose(0, 1).contiguous(), ks.transpose(0, 1).contiguous(),
+                                         vs.transpose(0, 1).contiguous(), log_f, dtype=torch.float64)
+    check_close(out, ref, torch.float32, "out")
+    dout = torch.randn_like(out)
+    g = torch.autograd.grad(out, (qs,), dout)[0]
+    gr = torch.autograd.grad(ref, (qs,), dout)[0]
+    check_close(g, gr, torch.float32, "dq")
