@@ -167,7 +167,7 @@ def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H

@@ -55,7 +55,7 @@ def fwd_kernel(Q, K, V, C, START, DOCSTART, O, LSE,
                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided), C [B*H, T] prefix sums (natural log),
     START [B*H, NBM] first key block, DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H

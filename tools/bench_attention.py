@@ -1,0 +1,237 @@
+"""Benchmark of the FoX attention op (exact and with ACP) against torch SDPA and fla-core.
+
+Setting (issue 3): 64k tokens a step (batch = 65536 / L), 16 heads, head_dim 128, bf16,
+q and k RMS-normalised so U = sqrt(head_dim) bounds |logit|, log_eps = -10. Forget gates
+constant per head with 10% noise, half-lives log-spaced over the heads: spectrum (a)
+16..L tokens, spectrum (b) 4..4096 tokens.
+
+    python tools/bench_attention.py                    # the table (needs a CUDA GPU)
+    python tools/bench_attention.py --lengths 16384 --sweep   # tile sweep at one length
+    python tools/bench_attention.py --check            # GPU correctness vs the reference
+
+TFLOP/s are dense-causal equivalents: forward 2 * 2 * B * H * L^2 / 2 * D, forward+backward
+3.5 times that (the same count for every row, so pruned rows show higher figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def gate_spectrum(B, L, H, lo, hi, device, noise=0.1):
+    """log f [B, L, H]: per head half-life log-spaced in [lo, hi], 10% multiplicative noise."""
+    half_life = torch.logspace(math.log10(lo), math.log10(hi), H, device=device)
+    base = -math.log(2.0) / half_life  # log f with f ** half_life = 1/2
+    noisy = base * (1.0 + noise * torch.randn(B, L, H, device=device))
+    return noisy.clamp(max=0.0).float().contiguous()
+
+
+def make_inputs(B, L, H, D, device, dtype=torch.bfloat16):
+    q = F.rms_norm(torch.randn(B, L, H, D, device=device), (D,)).to(dtype)
+    k = F.rms_norm(torch.randn(B, L, H, D, device=device), (D,)).to(dtype)
+    v = torch.randn(B, L, H, D, device=device, dtype=dtype)
+    return q, k, v
+
+
+def bench(fn, warmup=10, rep=40):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def fwd_and_fwdbwd(run, inputs):
+    """Median ms of run(*inputs) and of its forward+backward (autograd.grad, no accumulation)."""
+    for t in inputs:
+        t.requires_grad_(True)
+    with torch.no_grad():
+        t_fwd = bench(lambda: run(*inputs))
+    out = run(*inputs)
+    dout = torch.randn_like(out)
+
+    def step():
+        o = run(*inputs)
+        torch.autograd.grad(o, inputs, dout)
+
+    t_all = bench(step)
+    return t_fwd, t_all
+
+
+def flops_fwd(B, L, H, D):
+    return 4.0 * B * H * L * L / 2 * D
+
+
+def row(name, L, t_fwd, t_all, fl, skipped=None):
+    return {"impl": name, "L": L, "fwd_ms": round(t_fwd, 3), "fwdbwd_ms": round(t_all, 3),
+            "fwd_tflops": round(fl / t_fwd / 1e9, 1), "fwdbwd_tflops": round(3.5 * fl / t_all / 1e9, 1),
+            "skipped": None if skipped is None else round(skipped, 3)}
+
+
+def run_table(args):
+    from megatron_fox.ops import forgetting_attention, set_data_checks
+
+    set_data_checks(False)
+    dev = torch.device("cuda")
+    H, D = args.heads, args.head_dim
+    rows = []
+    try:
+        from fla.ops.forgetting_attn import parallel_forgetting_attn
+    except Exception as e:  # noqa: BLE001
+        print(f"fla-core not importable ({e}); its rows are left out", file=sys.stderr)
+        parallel_forgetting_attn = None
+    bound = math.sqrt(D)
+    for L in args.lengths:
+        B = max(1, args.tokens // L)
+        fl = flops_fwd(B, L, H, D)
+        q, k, v = make_inputs(B, L, H, D, dev)
+        spectra = {"a": gate_spectrum(B, L, H, 16, L, dev), "b": gate_spectrum(B, L, H, 4, 4096, dev)}
+
+        qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        for backend_name, backend in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    tf, ta = fwd_and_fwdbwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                            [qh, kh, vh])
+                rows.append(row(backend_name, L, tf, ta, fl))
+            except RuntimeError as e:
+                print(f"{backend_name} failed at L={L}: {e}", file=sys.stderr)
+        del qh, kh, vh
+        if parallel_forgetting_attn is not None:
+            g = spectra["b"]
+            tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fla_forgetting_attn", L, tf, ta, fl))
+        g = spectra["b"]
+        tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
+        rows.append(row("fox_exact", L, tf, ta, fl, 0.0))
+        for name, g in spectra.items():
+            _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
+            tf, ta = fwd_and_fwdbwd(
+                lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
+                [q, k, v, g])
+            rows.append(row(f"fox_acp_{name}", L, tf, ta, fl, stats.skipped_fraction.item()))
+        for r in rows:
+            if r["L"] == L:
+                print(json.dumps(r), flush=True)
+        del q, k, v, spectra
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run_sweep(args):
+    """Time each candidate tile of the three kernels at one length (spectrum b, exact and ACP)."""
+    from megatron_fox.ops import KernelConfig, Tile, forgetting_attention, set_data_checks, set_kernel_config
+    from megatron_fox.ops.forgetting_attn.function import kernel_config
+
+    set_data_checks(False)
+    dev = torch.device("cuda")
+    H, D = args.heads, args.head_dim
+    L = args.lengths[0]
+    B = max(1, args.tokens // L)
+    q, k, v = make_inputs(B, L, H, D, dev)
+    g = gate_spectrum(B, L, H, 4, 4096, dev)
+    base = kernel_config(D, dev)
+    fwd_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 4),
+                 Tile(64, 64, 4, 3), Tile(128, 32, 4, 3)]
+    dkdv_tiles = [Tile(64, 128, 8, 2), Tile(32, 128, 8, 2), Tile(64, 128, 8, 3), Tile(64, 64, 4, 2),
+                  Tile(32, 64, 4, 3), Tile(128, 128, 8, 2)]
+    dq_tiles = [Tile(128, 64, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 4, 2), Tile(128, 64, 8, 3),
+                Tile(64, 32, 4, 3), Tile(128, 128, 8, 2)]
+    results = []
+    for log_eps in (None, args.log_eps):
+        kw = dict(log_eps=log_eps, logit_bound=math.sqrt(D))
+        for t in fwd_tiles:
+            set_kernel_config(KernelConfig(fwd=t, dkdv=base.dkdv, dq=base.dq))
+            try:
+                ms = bench(lambda: forgetting_attention(q, k, v, g, **kw))
+            except Exception as e:  # noqa: BLE001 (out of resources for this tile)
+                ms = float("nan")
+                print(f"fwd {t}: {type(e).__name__}", file=sys.stderr)
+            results.append({"kernel": "fwd", "tile": t.__dict__, "log_eps": log_eps, "ms": round(ms, 3)})
+            print(json.dumps(results[-1]), flush=True)
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        for kernel, tiles in (("dkdv", dkdv_tiles), ("dq", dq_tiles)):
+            for t in tiles:
+                cfg = KernelConfig(fwd=base.fwd, dkdv=t if kernel == "dkdv" else base.dkdv,
+                                   dq=t if kernel == "dq" else base.dq)
+                set_kernel_config(cfg)
+                o = forgetting_attention(qg, kg, vg, g, **kw)
+                do = torch.randn_like(o)
+                try:
+                    ms = bench(lambda: torch.autograd.grad(o, (qg, kg, vg), do, retain_graph=True))
+                except Exception as e:  # noqa: BLE001
+                    ms = float("nan")
+                    print(f"{kernel} {t}: {type(e).__name__}", file=sys.stderr)
+                results.append({"kernel": f"bwd({kernel})", "tile": t.__dict__, "log_eps": log_eps, "ms": round(ms, 3)})
+                print(json.dumps(results[-1]), flush=True)
+    set_kernel_config(None)
+    return results
+
+
+def run_check(args):
+    """Correctness on the GPU with the tuned tiles: op vs float64 reference."""
+    from megatron_fox.ops import forgetting_attention, forgetting_attention_reference
+
+    dev = torch.device("cuda")
+    worst = 0.0
+    for (B, L, H, Hkv, D, dtype, varlen, log_eps) in [
+        (2, 1000, 4, 2, 128, torch.bfloat16, False, None), (2, 1000, 4, 2, 128, torch.bfloat16, False, -10.0),
+        (1, 1500, 4, 4, 64, torch.bfloat16, True, -10.0), (1, 777, 2, 1, 128, torch.float32, True, None),
+        (1, 2048, 2, 2, 128, torch.float16, False, -10.0),
+    ]:
+        q = torch.randn(B, L, H, D, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(B, L, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(B, L, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
+        g = F.logsigmoid(torch.randn(B, L, H, device=dev) + 1.0).requires_grad_()
+        cu = torch.tensor([0, 100, 101, 600, L], device=dev, dtype=torch.int32) if varlen else None
+        o = forgetting_attention(q, k, v, g, log_eps=log_eps, cu_seqlens=cu)
+        r = forgetting_attention_reference(q, k, v, g, cu_seqlens=cu, dtype=torch.float64)
+        do = torch.randn_like(o)
+        errs = [((o.double() - r.double()).norm() / r.double().norm()).item()]
+        for a, b in zip(torch.autograd.grad(o, (q, k, v, g), do), torch.autograd.grad(r, (q, k, v, g), do)):
+            errs.append(((a.double() - b.double()).norm() / b.double().norm()).item())
+        worst = max(worst, max(errs) if dtype != torch.float32 else 0.0)
+        print(f"check B={B} L={L} H={H}/{Hkv} D={D} {dtype} varlen={varlen} log_eps={log_eps}: rel err "
+              f"o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} dlogf {errs[4]:.2e}", flush=True)
+    print(f"worst relative error (16-bit cases): {worst:.2e}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--tokens", type=int, default=65536, help="tokens a step (batch = tokens / length)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--log-eps", type=float, default=-10.0)
+    p.add_argument("--sweep", action="store_true", help="tile sweep at the first length")
+    p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
+    p.add_argument("--json", type=str, default=None, help="write rows to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"date {time.strftime('%Y-%m-%d')}", flush=True)
+    if args.check:
+        run_check(args)
+        return
+    rows = run_sweep(args) if args.sweep else run_table(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if not args.sweep:
+        print("\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['impl']} | {r['L']} | {r['fwd_ms']} | {r['fwd_tflops']} | {r['fwdbwd_ms']} | "
+                  f"{r['fwdbwd_tflops']} | {'' if r['skipped'] is None else r['skipped']} |")
+
+
+if __name__ == "__main__":
+    main()
