@@ -175,6 +175,42 @@ def run_sweep(args):
     return results
 
 
+def run_profile(args):
+    """Per-kernel CUDA time of one forward+backward (torch.profiler), exact and ACP (spectrum b)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_fox.ops import forgetting_attention, set_data_checks
+
+    set_data_checks(False)
+    dev = torch.device("cuda")
+    H, D = args.heads, args.head_dim
+    for L in args.lengths:
+        B = max(1, args.tokens // L)
+        q, k, v = make_inputs(B, L, H, D, dev)
+        g = gate_spectrum(B, L, H, 4, 4096, dev)
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        for log_eps in (None, args.log_eps):
+            def step():
+                o = forgetting_attention(q, k, v, g, log_eps=log_eps, logit_bound=math.sqrt(D))
+                torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            per = {}
+            for e in prof.key_averages():
+                if e.device_time_total > 0:
+                    per[e.key] = e.device_time_total / 5 / 1e3
+            total = sum(per.values())
+            print(f"L={L} log_eps={log_eps}: CUDA time per fwd+bwd {total:.2f} ms")
+            for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:8]:
+                print(f"  {ms:8.3f} ms  {name[:90]}")
+
+
 def run_check(args):
     """Correctness on the GPU with the tuned tiles: op vs float64 reference."""
     from megatron_fox.ops import forgetting_attention, forgetting_attention_reference
@@ -212,14 +248,15 @@ def main(argv=None):
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--sweep", action="store_true", help="tile sweep at the first length")
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
+    p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"date {time.strftime('%Y-%m-%d')}", flush=True)
-    if args.check:
-        run_check(args)
+    if args.check or args.profile:
+        (run_check if args.check else run_profile)(args)
         return
     rows = run_sweep(args) if args.sweep else run_table(args)
     if args.json:

@@ -47,8 +47,8 @@ class KernelConfig:
 
 # Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md.
 _GPU_CONFIGS = {
-    64: KernelConfig(fwd=Tile(128, 64, 4, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 2)),
-    128: KernelConfig(fwd=Tile(128, 64, 8, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 2)),
+    64: KernelConfig(fwd=Tile(128, 64, 4, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
+    128: KernelConfig(fwd=Tile(128, 64, 8, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
 }
 # Small tiles for the Triton interpreter (CPU tests): several blocks at tiny lengths.
 _INTERPRET_CONFIG = KernelConfig(fwd=Tile(16, 16, 1, 1), dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
