@@ -1,0 +1,41 @@
+"""TransformerConfig with the FoX and ACP options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class FoxTransformerConfig(TransformerConfig):
+    """Megatron's TransformerConfig plus the FoX-Pro and ACP settings.
+
+    fox_output_gate: o = norm(attn) * sigmoid(W_o x) before the output projection.
+    fox_output_norm: per-head RMS norm of the attention output (FoX-Pro).
+    fox_qk_norm: per-head RMS norm of q and k (weights per head and channel); gives ACP's bound.
+    fox_kv_shift: k_t, v_t mixed with k_{t-1}, v_{t-1} by a data-dependent sigmoid gate.
+    fox_fgate_bias_init: initial bias of the forget-gate logit (0 -> f = 0.5).
+    acp_log_eps: ACP tolerance log(eps); None turns pruning off (exact FoX).
+    acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
+    fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
+    """
+
+    fox_output_gate: bool = True
+    fox_output_norm: bool = True
+    fox_qk_norm: bool = True
+    fox_kv_shift: bool = True
+    fox_fgate_bias_init: float = 0.0
+    acp_log_eps: Optional[float] = -10.0
+    acp_logit_bound: str = "qk_norm"
+    fox_collect_stats: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.acp_logit_bound not in ("qk_norm", "data"):
+            raise ValueError(f"acp_logit_bound must be 'qk_norm' or 'data', got {self.acp_logit_bound!r}")
+        if self.acp_logit_bound == "qk_norm" and self.acp_log_eps is not None and not self.fox_qk_norm:
+            raise ValueError("acp_logit_bound='qk_norm' needs fox_qk_norm=True (else use 'data')")
+        if self.acp_log_eps is not None and self.acp_log_eps > 0:
+            raise ValueError(f"acp_log_eps must be <= 0 or None, got {self.acp_log_eps}")

@@ -1,0 +1,45 @@
+"""Core attention module: Megatron layout in, the FoX/ACP op in between."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from ..ops import forgetting_attention
+
+
+class FoxCoreAttention(MegatronModule):
+    """Calls `megatron_fox.ops.forgetting_attention` on [s, b, heads, d] tensors.
+
+    With cu_seqlens (offsets of documents in the batch-major flattening of [b, s]) the
+    micro-batch is packed into one row so that attention and the forget-gate sum restart
+    at every document. Records the fraction of attention FLOPs ACP skipped in
+    `self.skipped_fraction` (a device tensor, no host sync) when config.fox_collect_stats.
+    """
+
+    def __init__(self, config, layer_number: int = 1, **kwargs):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.skipped_fraction: Optional[torch.Tensor] = None
+
+    def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None):
+        """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d]."""
+        s, b = q.shape[:2]
+        if cu_seqlens is not None and b > 1:
+            def pack(t):
+                return t.transpose(0, 1).reshape(1, b * s, *t.shape[2:])
+            args = [pack(q), pack(k), pack(v), pack(log_fgate).contiguous()]
+        else:
+            args = [q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                    log_fgate.transpose(0, 1).contiguous()]
+        cfg = self.config
+        out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
+        if cfg.fox_collect_stats:
+            out, stats = out
+            self.skipped_fraction = stats.skipped_fraction.detach()
+        if cu_seqlens is not None and b > 1:
+            return out.view(b, s, *out.shape[2:]).transpose(0, 1)
+        return out.transpose(0, 1)

@@ -1,0 +1,131 @@
+"""FoX self-attention as a Megatron-Core module: one column-parallel GEMM, the FoX op, output gate.
+
+Activations are [seq, batch, hidden] between layers (Megatron's layout); with sequence
+parallel the column-parallel input GEMM all-gathers the sequence and the row-parallel
+output GEMM reduce-scatters it, as in Megatron's own SelfAttention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ..ops.token_shift import head_rms_norm, token_shift
+from .core_attention import FoxCoreAttention
+from .head_params import HeadParams
+
+
+@dataclass
+class FoxSelfAttentionSubmodules:
+    """linear_qkv: column-parallel input GEMM; core_attention: the FoX op; linear_proj: row-parallel."""
+
+    linear_qkv: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = FoxCoreAttention
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+def _tp_size(kwargs) -> int:
+    pg = kwargs.get("pg_collection")
+    if pg is not None and getattr(pg, "tp", None) is not None:
+        return pg.tp.size()
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+class FoxSelfAttention(MegatronModule):
+    """FoX(-Pro) self-attention.
+
+    linear_qkv produces, per key/value group g (TP splits whole groups, so the layout does
+    not depend on TP): [q of its heads (hpg*d) | k (d) | v (d) | forget-gate logits (hpg) |
+    output-gate logits (hpg*d, if fox_output_gate) | k and v shift logits (2, if fox_kv_shift)].
+    """
+
+    def __init__(self, config, submodules: FoxSelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type=AttnMaskType.causal, **kwargs):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        tp = _tp_size(kwargs)
+        self.head_dim = config.kv_channels
+        heads, groups = config.num_attention_heads, config.num_query_groups
+        if heads % tp or groups % tp:
+            raise ValueError(f"num_attention_heads ({heads}) and num_query_groups ({groups}) must be divisible "
+                             f"by tensor_model_parallel_size ({tp})")
+        self.heads, self.groups = heads // tp, groups // tp
+        self.hpg = heads // groups
+        d, hpg = self.head_dim, self.hpg
+        self.split_sizes = [hpg * d, d, d, hpg]
+        if config.fox_output_gate:
+            self.split_sizes.append(hpg * d)
+        if config.fox_kv_shift:
+            self.split_sizes.append(2)
+        width = sum(self.split_sizes)
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, groups * width, config=config,
+            init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="qkv")
+        self.head_params = HeadParams(config, self.heads, self.groups, d)
+        self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
+        self.linear_proj = build_module(
+            submodules.linear_proj, heads * d, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj")
+
+    def logit_bound(self) -> Optional[torch.Tensor]:
+        """ACP's U per local head from the QK-norm weights, [heads] float32 (None: use the data).
+
+        |q_i| <= max|w_q| sqrt(d) and |k_j| <= max|w_k| sqrt(d) after the RMS norm, so
+        |q.k| / sqrt(d) <= max|w_q| max|w_k| sqrt(d).
+        """
+        cfg = self.config
+        if cfg.acp_log_eps is None or cfg.acp_logit_bound != "qk_norm":
+            return None
+        hp = self.head_params
+        wq = hp.q_norm.detach().float().abs().amax(-1)  # [heads]
+        wk = hp.k_norm.detach().float().abs().amax(-1).repeat_interleave(self.hpg)
+        return wq * wk * math.sqrt(self.head_dim)
+
+    def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
+        """hidden_states [s(/tp with SP), b, h] -> (output [s(/tp), b, h], bias or None)."""
+        cfg = self.config
+        mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
+        d = self.head_dim
+        q = parts.pop(0).reshape(s, b, self.heads, d)
+        k, v = parts.pop(0), parts.pop(0)  # [s, b, groups, d]
+        fgate = parts.pop(0).reshape(s, b, self.heads)
+        ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
+        cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
+        if cfg.fox_kv_shift:
+            shift = parts.pop(0)
+            doc_start = _doc_start_mask(cu_seqlens, s, b, mixed.device)
+            k = token_shift(k, shift[..., 0], doc_start)
+            v = token_shift(v, shift[..., 1], doc_start)
+        hp = self.head_params
+        if cfg.fox_qk_norm:
+            q = head_rms_norm(q, hp.q_norm, cfg.layernorm_epsilon)
+            k = head_rms_norm(k, hp.k_norm, cfg.layernorm_epsilon)
+        log_fgate = F.logsigmoid(fgate.float() + hp.fgate_bias.float())
+        out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens)
+        if cfg.fox_output_norm:
+            out = head_rms_norm(out, hp.output_norm, cfg.layernorm_epsilon)
+        if ogate is not None:
+            out = out * torch.sigmoid(ogate.float()).to(out.dtype)
+        return self.linear_proj(out.reshape(s, b, self.heads * d))
+
+
+def _doc_start_mask(cu_seqlens, s, b, device):
+    """[s, b] bool, True at document starts; cu_seqlens index the batch-major flattening b*s."""
+    if cu_seqlens is None:
+        return None
+    mask = torch.zeros(b * s, dtype=torch.bool, device=device)
+    mask[cu_seqlens[:-1].long()] = True
+    return mask.view(b, s).t()

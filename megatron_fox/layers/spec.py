@@ -1,0 +1,69 @@
+"""Layer spec of the FoX transformer block (Megatron-Core ModuleSpec composition)."""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .core_attention import FoxCoreAttention
+from .fox_attention import FoxSelfAttention, FoxSelfAttentionSubmodules
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports (its linears are then the default)."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # noqa: BLE001 (any import failure means: not usable)
+        return False
+    return True
+
+
+def _local_norm():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
+    """ModuleSpec of one FoX layer on Megatron-Core's TransformerLayer.
+
+    transformer_impl: "auto" (Transformer Engine linears when TE imports, else local),
+    "transformer_engine" or "local" (Megatron-Core's own layers, no TE, no Apex).
+    The config (FoxTransformerConfig) decides output gate, QK-norm, KV-shift and ACP;
+    normalization should be "RMSNorm" and gated_linear_unit with silu gives SwiGLU.
+    """
+    if transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ValueError(f"transformer_impl must be auto, local or transformer_engine, got {transformer_impl!r}")
+    use_te = transformer_impl == "transformer_engine" or (
+        transformer_impl == "auto" and transformer_engine_available())
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        col, row, norm = TEColumnParallelLinear, TERowParallelLinear, TENorm
+    else:
+        col, row, norm = ColumnParallelLinear, RowParallelLinear, _local_norm()
+    attention = ModuleSpec(
+        module=FoxSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=FoxSelfAttentionSubmodules(linear_qkv=col, core_attention=FoxCoreAttention, linear_proj=row),
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,36 @@
+"""KV-shift and per-head RMS norm of FoX-Pro, plain PyTorch (torch.compile fuses them).
+
+Layout is Megatron's: [seq, batch, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out_t = a_t * x_{t-1} + (1 - a_t) * x_t with a_t = sigmoid(alpha_logit_t), per head.
+
+    x [s, b, h, d]; alpha_logit [s, b, h]; doc_start [s, b] bool, True where a document
+    starts (x_{t-1} counts as zero there, as at t = 0). Returns [s, b, h, d] in x.dtype.
+    """
+    if x.dim() != 4 or alpha_logit.shape != x.shape[:3]:
+        raise ValueError(f"token_shift: x must be [s, b, h, d] and alpha_logit [s, b, h], "
+                         f"got {tuple(x.shape)} and {tuple(alpha_logit.shape)}")
+    prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
+    if doc_start is not None:
+        prev = prev.masked_fill(doc_start[:, :, None, None], 0.0)
+    a = torch.sigmoid(alpha_logit.float())[..., None]
+    return (x.float() + a * (prev.float() - x.float())).to(x.dtype)
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over head_dim with a weight per head and channel.
+
+    x [..., h, d]; weight [h, d]. Returns x / sqrt(mean(x^2) + eps) * weight in x.dtype.
+    """
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
