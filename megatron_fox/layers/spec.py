@@ -7,10 +7,12 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from .core_attention import FoxCoreAttention
 from .fox_attention import FoxSelfAttention, FoxSelfAttentionSubmodules
+from .norm import FoxRMSNorm
 
 
 def transformer_engine_available() -> bool:
@@ -23,10 +25,21 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _local_norm():
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+def _use_te(transformer_impl: str) -> bool:
+    if transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ValueError(f"transformer_impl must be auto, local or transformer_engine, got {transformer_impl!r}")
+    return transformer_impl == "transformer_engine" or (transformer_impl == "auto" and transformer_engine_available())
 
-    return WrappedTorchNorm
+
+def get_fox_block_spec(config, transformer_impl: str = "auto", vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's block: FoX layers and the final norm (RMSNorm that allows SP)."""
+    layer = get_fox_layer_spec(transformer_impl)
+    if _use_te(transformer_impl):
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = FoxRMSNorm
+    n = get_num_layers_to_build(config, vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
 
 
 def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
@@ -37,11 +50,7 @@ def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
     The config (FoxTransformerConfig) decides output gate, QK-norm, KV-shift and ACP;
     normalization should be "RMSNorm" and gated_linear_unit with silu gives SwiGLU.
     """
-    if transformer_impl not in ("auto", "local", "transformer_engine"):
-        raise ValueError(f"transformer_impl must be auto, local or transformer_engine, got {transformer_impl!r}")
-    use_te = transformer_impl == "transformer_engine" or (
-        transformer_impl == "auto" and transformer_engine_available())
-    if use_te:
+    if _use_te(transformer_impl):
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
             TENorm,
@@ -50,7 +59,7 @@ def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
 
         col, row, norm = TEColumnParallelLinear, TERowParallelLinear, TENorm
     else:
-        col, row, norm = ColumnParallelLinear, RowParallelLinear, _local_norm()
+        col, row, norm = ColumnParallelLinear, RowParallelLinear, FoxRMSNorm
     attention = ModuleSpec(
         module=FoxSelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},

@@ -1,0 +1,188 @@
+"""Training entry point: ``python -m megatron_fox.train --config configs/X.yaml [--flag value ...]``.
+
+With no data flags it trains on the embedded default corpus (the Python standard
+library's source, tokenizer trained on the fly and cached). CUDA: Megatron-Core's DDP,
+distributed optimizer, pipeline schedules and dist_checkpointing. CPU: the plain-PyTorch
+engine (gloo). Launch several processes with torchrun (see launch/).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .training.arguments import parse_or_exit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(args) -> torch.device:
+    """Process group (NCCL on CUDA, gloo on CPU), model-parallel groups, seeds."""
+    from megatron.core import parallel_state as ps
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("megatron_fox.train: error: config key 'device': cuda asked for but not available", file=sys.stderr)
+        sys.exit(2)
+    if "RANK" not in os.environ:  # plain `python -m`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+        )
+    torch.manual_seed(args.seed)
+    if use_cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(args.seed)
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def build_data(args):
+    """(train dataset, valid dataset, tokenizer). Every rank calls this together: the corpus
+    cache is built under a file lock, Megatron's dataset builder has its own barriers."""
+    from .training.data import build_gpt_datasets, default_cache_dir, prepare_default_corpus
+    from .training.tokenizer import SentencePieceTokenizer
+
+    if args.data_path is None:
+        cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
+        prefix, tok = prepare_default_corpus(cache, vocab_size=args.default_vocab_size,
+                                             max_bytes=args.default_corpus_bytes)
+    else:
+        prefix, tok = args.data_path, args.tokenizer_model
+    tokenizer = SentencePieceTokenizer(tok)
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
+    n_eval = max(1, evals) * args.global_batch_size
+    train, valid, _ = build_gpt_datasets(prefix, tokenizer, args.seq_length,
+                                         (max(1, args.train_iters) * args.global_batch_size, n_eval, 0),
+                                         seed=args.seed, split=args.split, cache_path=args.data_cache_path)
+    return train, valid, tokenizer
+
+
+def _make_engine(model, args, eod, device):
+    if device.type == "cuda":
+        from .training.megatron_engine import MegatronEngine
+
+        return MegatronEngine(model, args, eod)
+    from .training.torch_engine import TorchEngine
+
+    return TorchEngine(model, args, eod)
+
+
+def _skipped_by_layer(model) -> dict[int, float]:
+    """Fraction of attention FLOPs skipped in each layer's last forward, over all ranks."""
+    from .training.model import attention_layers
+
+    local = {}
+    for m in attention_layers(model):
+        if m.skipped_fraction is not None:
+            local[m.layer_number] = float(m.skipped_fraction)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged: dict[int, list] = {}
+    for part in gathered:
+        for layer, frac in part.items():
+            merged.setdefault(layer, []).append(frac)
+    return {layer: sum(v) / len(v) for layer, v in sorted(merged.items())}
+
+
+def run(args) -> list[dict]:
+    """Train with parsed arguments; returns the per-step history (loss, lr, tokens/s, ...)."""
+    from tqdm import tqdm
+
+    from .training.model import build_model, padded_vocab_size, transformer_config
+    from .training.step import global_batch
+
+    device = init_distributed(args)
+    rank0 = dist.get_rank() == 0
+    train_ds, valid_ds, tokenizer = build_data(args)
+    vocab = padded_vocab_size(args.vocab_size or tokenizer.vocab_size, args)
+    config = transformer_config(args, device)
+    model = build_model(args, config, vocab)
+    engine = _make_engine(model, args, tokenizer.eod, device)
+    start = engine.load(args.load) if args.load else 0
+    writer = None
+    if rank0 and args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard_dir)
+    if rank0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"megatron_fox: {device.type} world {dist.get_world_size()} (TP {args.tensor_model_parallel_size}, "
+              f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, DP "
+              f"{args.data_parallel_size}); params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
+              f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; start step {start}", flush=True)
+    history = []
+    bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
+    tokens_per_step = args.global_batch_size * args.seq_length
+    for it in range(start, args.train_iters):
+        batches = global_batch(train_ds, it, args)
+        t0 = time.perf_counter()
+        out = engine.train_step(batches, it)
+        dt = time.perf_counter() - t0
+        out.update(step=it + 1, tokens_per_s=tokens_per_step / dt)
+        history.append(out)
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
+        if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
+            skipped = _skipped_by_layer(model)
+            overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
+            out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
+            if rank0:
+                bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
+                          f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | ACP skipped {overall:.3f} "
+                          f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
+                if writer:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        writer.add_scalar(f"train/{key}", out[key], it + 1)
+                    writer.add_scalar("acp/skipped_fraction", overall, it + 1)
+                    for layer, frac in skipped.items():
+                        writer.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
+        if args.eval_interval and (it + 1) % args.eval_interval == 0:
+            losses = [engine.eval_step(global_batch(valid_ds, e, args)) for e in range(args.eval_iters)]
+            out["valid_loss"] = sum(losses) / len(losses)
+            if rank0:
+                bar.write(f"step {it + 1:6d} | validation loss {out['valid_loss']:.4f}")
+                if writer:
+                    writer.add_scalar("valid/loss", out["valid_loss"], it + 1)
+        stop = args.exit_interval is not None and it + 1 >= args.exit_interval
+        if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or stop):
+            engine.save(args.save, it + 1)
+        if stop:
+            break
+    bar.close()
+    if args.save and history and (args.save_interval is None or history[-1]["step"] % args.save_interval) \
+            and not (args.exit_interval is not None and history[-1]["step"] >= args.exit_interval):
+        engine.save(args.save, history[-1]["step"])
+    if writer:
+        writer.close()
+    return history
+
+
+def main(argv=None) -> None:
+    args = parse_or_exit(argv)
+    run(args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

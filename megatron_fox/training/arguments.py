@@ -1,0 +1,237 @@
+"""Command line and YAML configuration with Megatron-LM flag names.
+
+Precedence: built-in defaults < YAML file (--config) < command-line flags. YAML keys are
+the flag names with underscores (``tensor_model_parallel_size: 2``). Any bad value ends
+the program with one line naming the key and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; str() is the one-line message naming the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+# name: (type, default, help). Booleans become --flag / --no-flag.
+OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    # model
+    "num_layers": (int, 2, "transformer layers"),
+    "hidden_size": (int, 128, "model width"),
+    "ffn_hidden_size": (int, None, "MLP width (default 4 * hidden_size * 2/3 rounded to 256)"),
+    "num_attention_heads": (int, 4, "query heads"),
+    "num_query_groups": (int, None, "key/value heads (grouped-query attention); default = heads"),
+    "kv_channels": (int, None, "head dim; default hidden_size / heads"),
+    "norm_epsilon": (float, 1e-6, "RMSNorm epsilon"),
+    "init_method_std": (float, 0.02, "std of the normal init"),
+    "vocab_size": (int, None, "vocabulary size; default from the tokenizer"),
+    "make_vocab_size_divisible_by": (int, 128, "pad the vocabulary to a multiple of this"),
+    "untie_embeddings_and_output_weights": (bool, True, "separate input and output embeddings"),
+    "transformer_impl": (str, "auto", "auto | local | transformer_engine"),
+    # FoX / ACP
+    "fox_output_gate": (bool, True, "FoX-Pro output gate"),
+    "fox_output_norm": (bool, True, "FoX-Pro per-head output RMS norm"),
+    "fox_qk_norm": (bool, True, "FoX-Pro QK-norm"),
+    "fox_kv_shift": (bool, True, "FoX-Pro data-dependent k/v token shift"),
+    "fox_fgate_bias_init": (float, 0.0, "initial forget-gate bias"),
+    "acp": (bool, True, "Adaptive Computation Pruning on"),
+    "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
+    "acp_logit_bound": (str, "qk_norm", "qk_norm | data"),
+    # parallelism
+    "tensor_model_parallel_size": (int, 1, "tensor-parallel ranks"),
+    "pipeline_model_parallel_size": (int, 1, "pipeline stages"),
+    "context_parallel_size": (int, 1, "context-parallel ranks"),
+    "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
+    "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
+    # training
+    "seq_length": (int, 256, "tokens per sample"),
+    "micro_batch_size": (int, 4, "samples per micro-batch"),
+    "global_batch_size": (int, 8, "samples per step over all data-parallel ranks"),
+    "train_iters": (int, 200, "optimizer steps"),
+    "lr": (float, 2e-3, "peak learning rate"),
+    "min_lr": (float, 0.0, "final learning rate"),
+    "lr_warmup_iters": (int, 20, "linear warmup steps"),
+    "lr_decay_iters": (int, None, "decay length; default train_iters"),
+    "lr_decay_style": (str, "cosine", "cosine | linear | constant"),
+    "weight_decay": (float, 0.1, "AdamW weight decay (not on norms and biases)"),
+    "adam_beta1": (float, 0.9, "AdamW beta1"),
+    "adam_beta2": (float, 0.95, "AdamW beta2"),
+    "adam_eps": (float, 1e-8, "AdamW epsilon"),
+    "clip_grad": (float, 1.0, "gradient-norm clip"),
+    "bf16": (bool, False, "bf16 parameters and compute (CUDA path)"),
+    "seed": (int, 1234, "random seed"),
+    "device": (str, "auto", "auto | cpu | cuda"),
+    # data
+    "data_path": (str, None, "Megatron indexed dataset prefix; none: the embedded default corpus"),
+    "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
+    "split": (str, "98,1,1", "train,valid,test weights"),
+    "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
+    "reset_attention_mask": (bool, True, "restart attention and the forget gate at each document"),
+    "default_corpus_bytes": (int, 4_000_000, "bytes of the embedded corpus (Python stdlib source)"),
+    "default_vocab_size": (int, 2048, "vocabulary of the tokenizer trained on the embedded corpus"),
+    # logging and checkpoints
+    "log_interval": (int, 10, "steps between log lines"),
+    "tensorboard_dir": (str, None, "TensorBoard event directory"),
+    "save": (str, None, "checkpoint directory to save to"),
+    "load": (str, None, "checkpoint directory to resume from"),
+    "save_interval": (int, None, "steps between checkpoints"),
+    "eval_interval": (int, None, "steps between validation passes"),
+    "eval_iters": (int, 2, "validation steps a pass"),
+    "exit_interval": (int, None, "stop (after saving) at this step"),
+    "progress_bar": (bool, True, "tqdm progress bar on rank 0"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_fox.train",
+                                description="Train a FoX(-Pro) model with ACP on Megatron-Core.")
+    p.add_argument("--config", type=str, default=None, help="YAML file of settings (keys = flag names)")
+    for name, (typ, _default, help_) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, type=typ, default=None, help=help_)
+    return p
+
+
+def _coerce(key: str, value: Any) -> Any:
+    typ = OPTIONS[key][0]
+    if value is None:
+        return None
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(key, f"must be {typ.__name__}, got {value!r}")
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError("config", f"file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of keys to values")
+    for key in data:
+        if key not in OPTIONS:
+            raise ConfigError(key, f"unknown key in {path}")
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Defaults < YAML < flags, then derived values and checks (ConfigError on bad input)."""
+    ns = build_parser().parse_args(argv)
+    values = {k: v[1] for k, v in OPTIONS.items()}
+    if ns.config:
+        values.update(load_yaml(ns.config))
+    for key in OPTIONS:
+        if getattr(ns, key) is not None:
+            values[key] = getattr(ns, key)
+    args = argparse.Namespace(config=ns.config, **values)
+    finalize(args)
+    return args
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def finalize(args: argparse.Namespace) -> None:
+    """Fill derived values and check consistency; raise ConfigError naming the key."""
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                "global_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                "context_parallel_size", "log_interval"):
+        if getattr(args, key) < 1:
+            raise ConfigError(key, f"must be >= 1, got {getattr(args, key)}")
+    if args.train_iters < 0:
+        raise ConfigError("train_iters", f"must be >= 0, got {args.train_iters}")
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads:
+            raise ConfigError("hidden_size", f"{args.hidden_size} not divisible by num_attention_heads "
+                                             f"{args.num_attention_heads} (or set kv_channels)")
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 256 * -(-int(args.hidden_size * 4 * 2 / 3) // 256)
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if args.num_attention_heads % args.num_query_groups:
+        raise ConfigError("num_query_groups", f"{args.num_query_groups} must divide num_attention_heads "
+                                              f"{args.num_attention_heads}")
+    if args.num_attention_heads % tp:
+        raise ConfigError("num_attention_heads", f"{args.num_attention_heads} not divisible by "
+                                                 f"tensor_model_parallel_size {tp}")
+    if args.num_query_groups % tp:
+        raise ConfigError("num_query_groups", f"{args.num_query_groups} not divisible by "
+                                              f"tensor_model_parallel_size {tp}")
+    if args.ffn_hidden_size % tp:
+        raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
+    if args.num_layers % pp:
+        raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise ConfigError("seq_length", f"{args.seq_length} not divisible by 2 * context_parallel_size ({2 * cp})")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron-LM: nothing to split
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError("seq_length", f"{args.seq_length} not divisible by tensor_model_parallel_size {tp} "
+                                        f"(sequence_parallel)")
+    world = _world_size()
+    if world % (tp * pp * cp):
+        raise ConfigError("tensor_model_parallel_size", f"TP*PP*CP = {tp * pp * cp} does not divide the "
+                                                        f"world size {world}")
+    args.data_parallel_size = world // (tp * pp * cp)
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % per_step:
+        raise ConfigError("global_batch_size", f"{args.global_batch_size} not divisible by micro_batch_size * "
+                                               f"data_parallel_size = {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ConfigError("transformer_impl", f"must be auto, local or transformer_engine, got {args.transformer_impl!r}")
+    if args.acp_logit_bound not in ("qk_norm", "data"):
+        raise ConfigError("acp_logit_bound", f"must be qk_norm or data, got {args.acp_logit_bound!r}")
+    if args.acp and args.acp_logit_bound == "qk_norm" and not args.fox_qk_norm:
+        raise ConfigError("acp_logit_bound", "qk_norm needs fox_qk_norm true (or use data)")
+    if args.acp_log_eps > 0:
+        raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
+    if args.lr_decay_style not in ("cosine", "linear", "constant"):
+        raise ConfigError("lr_decay_style", f"must be cosine, linear or constant, got {args.lr_decay_style!r}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
+    if args.data_path is not None:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(args.data_path + suffix):
+                raise ConfigError("data_path", f"{args.data_path + suffix} not found")
+        if args.tokenizer_model is None:
+            raise ConfigError("tokenizer_model", "needed with data_path")
+    if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
+        raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
+    if args.load is not None and not os.path.isdir(args.load):
+        raise ConfigError("load", f"checkpoint directory {args.load} not found")
+
+
+def parse_or_exit(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """parse_args, turning a ConfigError into one line on stderr and exit code 2."""
+    try:
+        return parse_args(argv)
+    except ConfigError as e:
+        print(f"megatron_fox.train: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,120 @@
+"""Megatron-Core training engine (the CUDA path).
+
+Float16Module (bf16), Megatron DistributedDataParallel with the distributed optimizer,
+`get_megatron_optimizer` (Adam), the forward-backward schedule of the pipeline size
+(no pipelining or 1F1B), `finalize_model_grads`, and `dist_checkpointing` save/load.
+Losses are per token: each micro-batch returns (sum of masked token losses, tokens) and
+the gradients are divided by the tokens of the whole global batch
+(config.calculate_per_token_loss), so any TP/PP/DP/micro-batch split gives one gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from .step import lr_at, micro_batch_iterator, model_forward
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(sum of masked token losses, number of tokens, report) for the schedule."""
+    loss_sum = (output_tensor.float() * loss_mask).sum()
+    tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), tokens.float()])
+    return loss_sum, tokens, {"lm loss": report}
+
+
+class MegatronEngine:
+    """Owns the wrapped model, the Megatron optimizer and the step of the CUDA path."""
+
+    def __init__(self, model, args, eod: int):
+        self.args, self.eod = args, eod
+        config = model.config
+        if args.bf16:
+            model = Float16Module(config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=True)
+        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, bf16=args.bf16,
+            params_dtype=torch.bfloat16 if args.bf16 else torch.float32, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, use_distributed_optimizer=args.use_distributed_optimizer,
+            clip_grad=args.clip_grad)
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.config = config
+        self.schedule = get_forward_backward_func()
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model_forward(model, batch, self.args, self.eod)
+        return out, partial(_loss_func, batch["loss_mask"])
+
+    def _run(self, batches, forward_only):
+        device = torch.device("cuda", torch.cuda.current_device())
+        reports = self.schedule(
+            forward_step_func=self._forward_step, data_iterator=micro_batch_iterator(batches, device),
+            model=[self.model], num_microbatches=len(batches), seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        for r in reports:  # only the last pipeline stage holds reports
+            total += r["lm loss"].double()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        return (total[0] / total[1]).item()
+
+    def train_step(self, batches: list[dict], iteration: int) -> dict:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = lr_at(iteration, self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self._run(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {iteration + 1} failed (non-finite gradients)")
+        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+
+    @torch.no_grad()
+    def eval_step(self, batches: list[dict]) -> float:
+        self.model.eval()
+        return self._run(batches, forward_only=True)
+
+    # --- checkpoints (dist_checkpointing, torch_dist format) ------------------------------
+    def save(self, root: str, iteration: int) -> None:
+        path = os.path.join(root, f"iter_{iteration:07d}")
+        if dist.get_rank() == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        model_sd = self.model.sharded_state_dict()
+        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd),
+                 "iteration": iteration}
+        dist_checkpointing.save(state, path)
+        if dist.get_rank() == 0:
+            with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(iteration))
+        dist.barrier()
+
+    def load(self, root: str) -> int:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+            iteration = int(f.read().strip())
+        path = os.path.join(root, f"iter_{iteration:07d}")
+        model_state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, path)
+        self.model.load_state_dict(model_state["model"])
+        opt_sd = self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True)
+        self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
+        return iteration

@@ -1,0 +1,80 @@
+"""Build the FoX GPTModel (one pipeline stage) from the parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from ..layers import FoxTransformerConfig, get_fox_block_spec
+
+
+def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
+    """Round the vocabulary up to make_vocab_size_divisible_by * TP, as Megatron-LM does."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTransformerConfig:
+    """FoxTransformerConfig from the arguments (SwiGLU, RMSNorm, no biases, no dropout)."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return FoxTransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=device.type != "cuda",
+        perform_initialization=True,
+        variable_seq_lengths=False,
+        calculate_per_token_loss=True,  # gradients / tokens of the global batch (CUDA path)
+        fox_output_gate=args.fox_output_gate,
+        fox_output_norm=args.fox_output_norm,
+        fox_qk_norm=args.fox_qk_norm,
+        fox_kv_shift=args.fox_kv_shift,
+        fox_fgate_bias_init=args.fox_fgate_bias_init,
+        acp_log_eps=args.acp_log_eps if args.acp else None,
+        acp_logit_bound=args.acp_logit_bound,
+    )
+
+
+def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> GPTModel:
+    """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none)."""
+    pre = parallel_state.is_pipeline_first_stage()
+    post = parallel_state.is_pipeline_last_stage()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_fox_block_spec(config, args.transformer_impl),
+        vocab_size=vocab_size,
+        max_sequence_length=args.seq_length,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="none",
+    )
+
+
+def attention_layers(model) -> list:
+    """The FoxCoreAttention modules of a (possibly wrapped) model, in layer order."""
+    from ..layers import FoxCoreAttention
+
+    return [m for m in model.modules() if isinstance(m, FoxCoreAttention)]

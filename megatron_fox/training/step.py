@@ -1,0 +1,69 @@
+"""One micro-batch forward (shared by both engines), batches by consumed samples, LR schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from .data import cu_seqlens_from_tokens
+
+
+def lr_at(iteration: int, args) -> float:
+    """Linear warmup to args.lr over lr_warmup_iters, then cosine/linear/constant to min_lr."""
+    if args.lr_warmup_iters > 0 and iteration < args.lr_warmup_iters:
+        return args.lr * (iteration + 1) / args.lr_warmup_iters
+    if args.lr_decay_style == "constant":
+        return args.lr
+    span = max(1, args.lr_decay_iters - args.lr_warmup_iters)
+    t = min(1.0, (iteration - args.lr_warmup_iters) / span)
+    if args.lr_decay_style == "linear":
+        return args.min_lr + (args.lr - args.min_lr) * (1.0 - t)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack dataset samples into [b, s] tensors: tokens, labels, loss_mask, position_ids."""
+    out = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+    out["tokens"], out["labels"] = out["tokens"].long(), out["labels"].long()
+    out["loss_mask"] = out["loss_mask"].float()
+    return out
+
+
+def global_batch(dataset, iteration: int, args) -> list[dict]:
+    """This data-parallel rank's micro-batches of step `iteration` (deterministic in it).
+
+    Step i takes samples [i*G, (i+1)*G) of the dataset (G = global batch, wrapping
+    around); data-parallel rank r takes the r-th contiguous slice of micro_batch_size * M.
+    """
+    G, mbs, M = args.global_batch_size, args.micro_batch_size, args.num_microbatches
+    dp_rank = parallel_state.get_data_parallel_rank()
+    first = iteration * G + dp_rank * mbs * M
+    n = len(dataset)
+    return [collate([dataset[(first + m * mbs + j) % n] for j in range(mbs)]) for m in range(M)]
+
+
+def micro_batch_iterator(batches: list[dict], device) -> Iterator[dict]:
+    for b in batches:
+        yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def packed_seq_params(tokens: torch.Tensor, eod: int) -> PackedSeqParams:
+    """Document offsets of a [b, s] micro-batch in its batch-major flattening, for the FoX op."""
+    cu = cu_seqlens_from_tokens(tokens, eod)
+    if isinstance(cu, tuple):
+        cu = cu[0]
+    cu = cu.to(device=tokens.device, dtype=torch.int32)
+    n = tokens.numel()
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
+
+
+def model_forward(model, batch: dict, args, eod: int):
+    """GPTModel forward of one micro-batch: per-token loss [b, s] on the last stage, else hidden."""
+    psp = packed_seq_params(batch["tokens"], eod) if args.reset_attention_mask else None
+    return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=psp)

@@ -1,0 +1,170 @@
+"""Plain-PyTorch training engine: the CPU path (gloo), same model as the Megatron path.
+
+Megatron's DDP, distributed optimizer, pipeline schedules and dist_checkpointing assume
+CUDA. Here their nearest plain equivalents: gradients summed over data-parallel ranks with
+all_reduce, sequence-parallel norm gradients summed over tensor-parallel ranks, a GPipe
+schedule (all forwards, then all backwards) with blocking send/recv between stages,
+torch.optim.AdamW, and one torch.save file per model-parallel rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from .step import lr_at, model_forward
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.dim() == 1 or name.endswith("bias") or "norm" in name
+
+
+def _is_tp_duplicate(p) -> bool:
+    return not getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_rank() > 0
+
+
+class TorchEngine:
+    """Owns model, optimizer and the step of the CPU path."""
+
+    def __init__(self, model, args, eod: int):
+        self.model, self.args, self.eod = model, args, eod
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if _no_decay(name, p) else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        self.params = [p for p in model.parameters()]
+
+    # --- one optimizer step -------------------------------------------------------------
+    def train_step(self, batches: list[dict], iteration: int) -> dict:
+        """Forward/backward over the micro-batches, gradient sync, clip, AdamW step."""
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        loss_sum = self._forward_backward(batches, tokens)
+        self._sync_grads()
+        grad_norm = self._clip_grads()
+        lr = lr_at(iteration, self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return {"loss": self._reduce_loss(loss_sum, tokens), "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def eval_step(self, batches: list[dict]) -> float:
+        self.model.eval()
+        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        loss_sum = self._forward_backward(batches, tokens, backward=False)
+        return self._reduce_loss(loss_sum, tokens)
+
+    def _forward_backward(self, batches, tokens, backward=True):
+        """GPipe: all micro-batch forwards, then all backwards. Loss = sum(mask*loss) / tokens."""
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        inputs, outputs, loss_sum = [], [], torch.zeros(())
+        for b in batches:
+            x = None
+            if not first:
+                x = torch.empty(self._stage_shape(b), dtype=self._dtype())
+                dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
+                x.requires_grad_(backward)
+                self.model.set_input_tensor(x)
+            with torch.set_grad_enabled(backward):
+                out = model_forward(self.model, b, self.args, self.eod)
+            if last:
+                loss = (out.float() * b["loss_mask"]).sum()
+                loss_sum = loss_sum + loss.detach()
+                out = loss / tokens
+            else:
+                dist.send(out.detach().contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            inputs.append(x)
+            outputs.append(out)
+        if backward:
+            for x, out in zip(inputs, outputs):
+                if last:
+                    out.backward()
+                else:
+                    g = torch.empty_like(out)
+                    dist.recv(g, src=ps.get_pipeline_model_parallel_next_rank())
+                    out.backward(g)
+                if not first:
+                    dist.send(x.grad.contiguous(), dst=ps.get_pipeline_model_parallel_prev_rank())
+        return loss_sum
+
+    def _stage_shape(self, b):
+        bsz, s = b["tokens"].shape
+        if self.args.sequence_parallel:
+            s //= self.args.tensor_model_parallel_size
+        return (s, bsz, self.args.hidden_size)
+
+    def _dtype(self):
+        return torch.bfloat16 if self.args.bf16 else torch.float32
+
+    def _sync_grads(self):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if ps.get_data_parallel_world_size() > 1 and grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=ps.get_data_parallel_group())
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+        if self.args.sequence_parallel:
+            for p in self.params:
+                if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                    dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+    def _clip_grads(self) -> float:
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in self.params:
+            if p.grad is not None and not _is_tp_duplicate(p):
+                sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+        norm = sq.sqrt().item()
+        if self.args.clip_grad > 0 and norm > self.args.clip_grad:
+            scale = self.args.clip_grad / (norm + 1e-6)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    def _reduce_loss(self, loss_sum, tokens) -> float:
+        """Mean token loss of the global batch, known on every rank."""
+        loss = loss_sum.double().clone()
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+        return (loss / tokens.double()).item()
+
+    # --- checkpoints --------------------------------------------------------------------
+    def _rank_file(self, root, iteration):
+        tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        return os.path.join(root, f"iter_{iteration:07d}", f"mp_rank_{tp:02d}_{pp:03d}.pt")
+
+    def save(self, root: str, iteration: int) -> None:
+        """Model, optimizer, RNG and iteration; data-parallel rank 0 of each model shard writes."""
+        if ps.get_data_parallel_rank() == 0:
+            path = self._rank_file(root, iteration)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "iteration": iteration}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write(str(iteration))
+        dist.barrier()
+
+    def load(self, root: str) -> int:
+        """Resume from the latest checkpoint under root; returns its iteration."""
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+            iteration = int(f.read().strip())
+        state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return state["iteration"]
