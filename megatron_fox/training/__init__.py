@@ -1,0 +1,1 @@
+"""Training support for megatron_fox: tokenizer, data pipeline, trainer glue."""
