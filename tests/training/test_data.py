@@ -1,0 +1,298 @@
+"""Data pipeline: tokenizer, preprocessing tools, GPT datasets, packing offsets, default corpus."""
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_fox.training.data import (build_gpt_datasets, cu_seqlens_from_tokens,
+                                        default_corpus_files, prepare_default_corpus)
+from megatron_fox.training.tokenizer import SentencePieceTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_BYTES, SMALL_VOCAB = 300_000, 512
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The default corpus capped at 300 KB, built once: (prefix, model, cache_dir, seconds)."""
+    cache = tmp_path_factory.mktemp("cache")
+    t0 = time.time()
+    prefix, model = prepare_default_corpus(str(cache), vocab_size=SMALL_VOCAB,
+                                           max_bytes=SMALL_BYTES)
+    return prefix, model, cache, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return SentencePieceTokenizer(corpus[1])
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """~150 real documents: paragraphs of stdlib files beyond the 300 KB training subset."""
+    files = default_corpus_files(2_000_000)[-12:]
+    paras = [p for f in files for p in Path(f).read_text().split("\n\n") if p.strip()]
+    out = paras[:150] + ["tabs\tand  spaces\n\n  </s> <pad> <s> é ü 中文 🙂\n"]
+    assert len(out) > 100
+    return out
+
+
+@pytest.fixture(scope="module")
+def jsonl_dataset(tmp_path_factory, tok, corpus, docs):
+    d = tmp_path_factory.mktemp("pre")
+    path = d / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)))
+    tool = _load_tool("preprocess_data")
+    out = tool.main(["--input", str(path), "--output-prefix", str(d / "my"), "--append-eod",
+                     "--tokenizer-model", corpus[1], "--workers", "2"])
+    assert out == [str(d / "my_text_document")]
+    return out[0]
+
+
+def test_tokenizer_round_trip_and_specials(tok, docs):
+    assert (tok.vocab_size, tok.unk, tok.bos, tok.eod, tok.eos, tok.pad) == (SMALL_VOCAB, 0, 1,
+                                                                             2, 2, 3)
+    assert tok.special_tokens_dict["pad_token"] == 3 and tok.pad not in (tok.eod, tok.bos)
+    for text in docs:
+        ids = tok.tokenize(text)
+        assert tok.detokenize(ids) == text
+        assert tok.detokenize(torch.tensor(ids + [tok.eod])) == text  # eod is dropped
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.eod not in ids and tok.pad not in ids and tok.bos not in ids  # even "</s>"
+    code = "def f(x):\n\tif x:\n        return  x\n"
+    assert len(tok.tokenize(code)) < len(code)  # real merges, not bytes
+    assert tok.tokenize_batch(docs[:5]) == [tok.tokenize(t) for t in docs[:5]]
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.tokenize(docs[0]) == tok.tokenize(docs[0])
+    assert json.loads(json.dumps(tok.unique_identifiers))["vocab_size"] == SMALL_VOCAB
+
+
+def test_preprocess_jsonl_reads_back(jsonl_dataset, tok, docs):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(jsonl_dataset)
+    assert len(ds) == len(docs)
+    assert ds[0].dtype == np.uint16
+    for i, text in enumerate(docs):
+        assert ds[i].tolist() == tok.tokenize(text) + [tok.eod]
+    assert ds.document_indices.tolist() == list(range(len(docs) + 1))
+
+
+def test_preprocess_plain_text_files(tmp_path, tok, corpus, docs):
+    files = []
+    for i, text in enumerate(docs[:3]):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text)
+    tool = _load_tool("preprocess_data")
+    (prefix,) = tool.main(["--input", *map(str, files), "--output-prefix", str(tmp_path / "t"),
+                           "--tokenizer-model", corpus[1]])
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(t) for t in docs[:3]]
+
+
+def _segments_in(sample, docs_ids, eod):
+    """Every EOD-delimited piece of ``sample`` occurs contiguously in some document."""
+    hay = [",".join(map(str, d)) for d in docs_ids]
+    cuts = [0] + [i + 1 for i, t in enumerate(sample) if t == eod] + [len(sample)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b > a:
+            needle = ",".join(map(str, sample[a:b]))
+            assert any(needle in h for h in hay), f"piece {sample[a:b]} not in the documents"
+
+
+def test_build_gpt_datasets_samples_come_from_split_docs(jsonl_dataset, tok, docs, tmp_path):
+    seq = 32
+    train, valid, test = build_gpt_datasets(jsonl_dataset, tok, seq, (60, 8, 8), seed=5,
+                                            split="80,10,10", cache_path=str(tmp_path / "idx"))
+    ids = [tok.tokenize(t) + [tok.eod] for t in docs]
+    n = len(ids)
+    bounds = {"train": (0, round(0.8 * n)), "valid": (round(0.8 * n), round(0.9 * n)),
+              "test": (round(0.9 * n), n)}
+    assert len(train) >= 60 and len(valid) >= 8 and len(test) >= 8
+    for name, ds in (("train", train), ("valid", valid), ("test", test)):
+        lo, hi = bounds[name]
+        for i in range(min(len(ds), 20)):
+            item = ds[i]
+            assert item["tokens"].shape == (seq,) and item["labels"].shape == (seq,)
+            assert torch.equal(item["tokens"][1:], item["labels"][:-1])
+            assert item["loss_mask"].sum() == seq
+            sample = item["tokens"].tolist() + [int(item["labels"][-1])]  # seq + 1 tokens
+            _segments_in(sample, ids[lo:hi], tok.eod)
+    again = build_gpt_datasets(jsonl_dataset, tok, seq, (60, 8, 8), seed=5, split="80,10,10",
+                               cache_path=str(tmp_path / "idx"))[0]
+    assert torch.equal(again[3]["tokens"], train[3]["tokens"])  # cached indices, same order
+
+
+def test_build_gpt_datasets_errors(jsonl_dataset, tok, tmp_path):
+    with pytest.raises(ValueError, match="valid split"):
+        build_gpt_datasets(jsonl_dataset, tok, 16, (10, 5, 0), split="99.9,0.1,0",
+                           cache_path=str(tmp_path))
+    _, valid, _ = build_gpt_datasets(jsonl_dataset, tok, 16, (10, 0, 0), split="99.9,0.1,0",
+                                     cache_path=str(tmp_path))
+    assert len(valid) == 0  # an empty split is fine when no samples are asked of it
+    with pytest.raises(FileNotFoundError, match="data_prefix"):
+        build_gpt_datasets(str(tmp_path / "nope"), tok, 16, (10, 1, 1))
+    with pytest.raises(TypeError, match="no_such_field"):
+        build_gpt_datasets(jsonl_dataset, tok, 16, (10, 1, 1), no_such_field=1)
+    _, valid, test = build_gpt_datasets(jsonl_dataset, tok, 16, (10, None, 0), split="9,1,0",
+                                        cache_path=str(tmp_path))
+    assert test is None and len(valid) > 0
+
+
+def _gloo_worker(rank, port, prefix, model, cache, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        tok = SentencePieceTokenizer(model)
+        train, _, _ = build_gpt_datasets(prefix, tok, 24, (40, 4, 4), split="80,10,10",
+                                         cache_path=cache)
+        only0 = build_gpt_datasets(prefix, tok, 24, (40, 4, 4), split="80,10,10",
+                                   cache_path=cache, is_built_on_rank=lambda: rank == 0)
+        queue.put((rank, train[7]["tokens"].tolist(), [d is None for d in only0]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_build_gpt_datasets_in_gloo_group(jsonl_dataset, corpus, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_worker,
+                         args=(r, port, jsonl_dataset, corpus[1], str(tmp_path), queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (t, n)) for r, t, n in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert results[0][0] == results[1][0] and len(results[0][0]) == 24
+    assert results[0][1] == [False] * 3 and results[1][1] == [True] * 3
+
+
+def _slow_cu_seqlens(tokens, eod):
+    b, s = tokens.shape
+    cu, flat = [0], tokens.reshape(-1).tolist()
+    for p in range(1, b * s):
+        if p % s == 0 or flat[p - 1] == eod:
+            cu.append(p)
+    return cu + [b * s]
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (1, 9), (3, 1), (2, 17), (4, 64)])
+def test_cu_seqlens_from_tokens_matches_loop(b, s):
+    eod = 3
+    for _ in range(20):
+        tokens = torch.randint(0, 6, (b, s))
+        tokens[0, 0] = eod  # EOD first: a 1-token document
+        tokens[-1, -1] = eod  # and last
+        if s > 2:
+            tokens[0, s - 1] = eod  # at the end of a sample (no extra boundary)
+        cu, max_len = cu_seqlens_from_tokens(tokens, eod)
+        expected = _slow_cu_seqlens(tokens, eod)
+        assert cu.dtype == torch.int32 and cu.tolist() == expected
+        assert max_len == max(b - a for a, b in zip(expected[:-1], expected[1:]))
+    hand = torch.tensor([[5, 3, 5, 5], [3, 3, 5, 3]])
+    assert cu_seqlens_from_tokens(hand, 3)[0].tolist() == [0, 2, 4, 5, 6, 8]
+
+
+def test_prepare_default_corpus_builds_then_hits_cache(corpus, tok):
+    prefix, model, cache, first_seconds = corpus
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    files = default_corpus_files(SMALL_BYTES)
+    assert 0 < sum(map(os.path.getsize, files)) <= SMALL_BYTES
+    assert all("site-packages" not in f and "/test/" not in f for f in files)
+    meta = json.loads(Path(prefix).with_name("meta.json").read_text())
+    ds = IndexedDataset(prefix)
+    assert len(ds) == meta["documents"] == len(files)
+    assert ds[0].tolist() == tok.tokenize(Path(files[0]).read_text()) + [tok.eod]
+    assert int(ds.sequence_lengths.sum()) == meta["tokens"]
+    t0 = time.time()
+    assert prepare_default_corpus(str(cache), vocab_size=SMALL_VOCAB, max_bytes=SMALL_BYTES) == (
+        prefix, model)
+    assert time.time() - t0 < 1.0  # cache hit: no training, no tokenizing
+    assert 0 < meta["tokenizer_seconds"] <= meta["total_seconds"] <= first_seconds
+    assert sorted(os.listdir(cache)) == sorted([Path(prefix).parent.name,
+                                                Path(prefix).parent.name + ".lock"])
+
+
+def _prepare_in_child(cache, queue):
+    queue.put(prepare_default_corpus(cache, vocab_size=400, max_bytes=60_000))
+
+
+def test_prepare_default_corpus_concurrent_callers(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert results[0] == results[1]
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == [
+        Path(results[0][0]).parent.name]  # one build, no temp dirs left
+    prefix, model = prepare_default_corpus(str(tmp_path / "elsewhere"), vocab_size=400,
+                                           max_bytes=60_000)  # another machine's cache
+    assert Path(prefix + ".bin").read_bytes() == Path(results[0][0] + ".bin").read_bytes()
+    assert (SentencePieceTokenizer(model).unique_identifiers
+            == SentencePieceTokenizer(results[0][1]).unique_identifiers)
+
+
+def test_cli_errors_name_the_argument(tmp_path, corpus, capsys):
+    pre, train = _load_tool("preprocess_data"), _load_tool("train_tokenizer")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n{"body": "world"}\n')
+    out = ["--output-prefix", str(tmp_path / "o"), "--tokenizer-model", corpus[1]]
+    cases = [
+        (pre, ["--input", str(tmp_path / "missing.jsonl"), *out], "--input", "missing.jsonl"),
+        (pre, ["--input", str(data), "--json-keys", "body", *out], "--json-keys",
+         "'body' not in " + str(data) + ":1"),
+        (pre, ["--input", str(data), "--output-prefix", "x", "--tokenizer-model", "no.model"],
+         "--tokenizer-model", "no.model"),
+        (train, ["--input", str(tmp_path / "missing.txt"), "--model-prefix", "m"], "--input",
+         "missing.txt"),
+        (train, ["--input", str(data), "--json-keys", "body", "--vocab-size", "300",
+                 "--model-prefix", str(tmp_path / "m")], "--json-keys", "'body' not in"),
+    ]
+    for tool, argv, flag, detail in cases:
+        with pytest.raises(SystemExit) as exc:
+            tool.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag}:" in err and detail in err, err
+    assert not list(tmp_path.glob("o_*"))  # no partial dataset left behind
+
+
+def test_train_tokenizer_cli(tmp_path, docs, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"body": t}) + "\n" for t in docs))
+    model = _load_tool("train_tokenizer").main(
+        ["--input", str(data), "--json-keys", "body", "--vocab-size", "400",
+         "--model-prefix", str(tmp_path / "tok")])
+    tok = SentencePieceTokenizer(model)
+    assert tok.vocab_size == 400 and tok.detokenize(tok.tokenize(docs[7])) == docs[7]
+    assert "vocab 400" in capsys.readouterr().out
