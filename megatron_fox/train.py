@@ -39,6 +39,10 @@ def init_distributed(args) -> torch.device:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        from .training.cpu_compat import route_megatron_buffers_to_cpu
+
+        route_megatron_buffers_to_cpu()  # sequence-parallel collectives on gloo
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     if not ps.model_parallel_is_initialized():
@@ -133,7 +137,7 @@ def run(args) -> list[dict]:
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
     tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(start, args.train_iters):
-        batches = global_batch(train_ds, it, args)
+        batches = global_batch(train_ds, it, args, tokenizer.eod)
         t0 = time.perf_counter()
         out = engine.train_step(batches, it)
         dt = time.perf_counter() - t0
@@ -156,7 +160,7 @@ def run(args) -> list[dict]:
                     for layer, frac in skipped.items():
                         writer.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
         if args.eval_interval and (it + 1) % args.eval_interval == 0:
-            losses = [engine.eval_step(global_batch(valid_ds, e, args)) for e in range(args.eval_iters)]
+            losses = [engine.eval_step(global_batch(valid_ds, e, args, tokenizer.eod)) for e in range(args.eval_iters)]
             out["valid_loss"] = sum(losses) / len(losses)
             if rank0:
                 bar.write(f"step {it + 1:6d} | validation loss {out['valid_loss']:.4f}")

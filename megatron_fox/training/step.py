@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -35,7 +35,14 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def global_batch(dataset, iteration: int, args) -> list[dict]:
+def with_documents(batch: dict, eod: int) -> dict:
+    """Add `cu_seqlens` (int32, CPU) of the batch-major packing of its [b, s] tokens."""
+    cu, _ = cu_seqlens_from_tokens(batch["tokens"], eod)
+    batch["cu_seqlens"] = cu.to(torch.int32)
+    return batch
+
+
+def global_batch(dataset, iteration: int, args, eod: Optional[int] = None) -> list[dict]:
     """This data-parallel rank's micro-batches of step `iteration` (deterministic in it).
 
     Step i takes samples [i*G, (i+1)*G) of the dataset (G = global batch, wrapping
@@ -45,7 +52,10 @@ def global_batch(dataset, iteration: int, args) -> list[dict]:
     dp_rank = parallel_state.get_data_parallel_rank()
     first = iteration * G + dp_rank * mbs * M
     n = len(dataset)
-    return [collate([dataset[(first + m * mbs + j) % n] for j in range(mbs)]) for m in range(M)]
+    batches = [collate([dataset[(first + m * mbs + j) % n] for j in range(mbs)]) for m in range(M)]
+    if args.reset_attention_mask and eod is not None:
+        batches = [with_documents(b, eod) for b in batches]
+    return batches
 
 
 def micro_batch_iterator(batches: list[dict], device) -> Iterator[dict]:
@@ -53,11 +63,12 @@ def micro_batch_iterator(batches: list[dict], device) -> Iterator[dict]:
         yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
-def packed_seq_params(tokens: torch.Tensor, eod: int) -> PackedSeqParams:
+def packed_seq_params(batch: dict, eod: int) -> PackedSeqParams:
     """Document offsets of a [b, s] micro-batch in its batch-major flattening, for the FoX op."""
-    cu = cu_seqlens_from_tokens(tokens, eod)
-    if isinstance(cu, tuple):
-        cu = cu[0]
+    tokens = batch["tokens"]
+    cu = batch.get("cu_seqlens")
+    if cu is None:  # computed here only if the batch came without it (a host sync on GPU)
+        cu = cu_seqlens_from_tokens(tokens, eod)[0]
     cu = cu.to(device=tokens.device, dtype=torch.int32)
     n = tokens.numel()
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
@@ -65,5 +76,5 @@ def packed_seq_params(tokens: torch.Tensor, eod: int) -> PackedSeqParams:
 
 def model_forward(model, batch: dict, args, eod: int):
     """GPTModel forward of one micro-batch: per-token loss [b, s] on the last stage, else hidden."""
-    psp = packed_seq_params(batch["tokens"], eod) if args.reset_attention_mask else None
+    psp = packed_seq_params(batch, eod) if args.reset_attention_mask else None
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=psp)

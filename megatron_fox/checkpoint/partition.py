@@ -1,0 +1,96 @@
+"""Split a full (TP=1, PP=1) FoX GPTModel state dict into TP/PP shards and merge them back.
+
+The layout rules of the local spec's parameters:
+- column-parallel (split dim 0): linear_qkv (group-major, so a plain chunk), head_params.*,
+  word embeddings, output_layer;
+- row-parallel (split dim 1): linear_proj, linear_fc2;
+- SwiGLU fc1 [gate; up]: each rank holds [its gate chunk; its up chunk];
+- norms: replicated.
+Pipeline stages hold layers [p*L/PP, (p+1)*L/PP) renumbered from 0; the first holds the
+embedding, the last the final norm and output layer.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _tp_rule(name: str) -> str:
+    if name.endswith("_extra_state"):
+        return "skip"
+    if "linear_fc1.weight" in name:
+        return "glu"
+    if "linear_proj.weight" in name or "linear_fc2.weight" in name:
+        return "row"
+    if ("linear_qkv.weight" in name or ".head_params." in name or "word_embeddings.weight" in name
+            or name.startswith("output_layer.weight")):
+        return "col"
+    return "replicated"
+
+
+def _split(t: torch.Tensor, rule: str, rank: int, size: int) -> torch.Tensor:
+    if rule == "col":
+        return t.chunk(size, dim=0)[rank].clone()
+    if rule == "row":
+        return t.chunk(size, dim=1)[rank].clone()
+    if rule == "glu":
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    return t.clone()
+
+
+def _merge(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
+    if rule == "col":
+        return torch.cat(parts, dim=0)
+    if rule == "row":
+        return torch.cat(parts, dim=1)
+    if rule == "glu":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    return parts[0]
+
+
+def shard_state_dict(full: dict, num_layers: int, tp_rank: int = 0, tp_size: int = 1,
+                     pp_rank: int = 0, pp_size: int = 1) -> dict:
+    """This (tp_rank, pp_rank)'s part of a full state dict (tensors; _extra_state dropped)."""
+    per_stage = num_layers // pp_size
+    lo, hi = pp_rank * per_stage, (pp_rank + 1) * per_stage
+    out = {}
+    for name, t in full.items():
+        rule = _tp_rule(name)
+        if rule == "skip":
+            continue
+        m = _LAYER.match(name)
+        if m:
+            layer = int(m.group(1))
+            if not lo <= layer < hi:
+                continue
+            name = f"decoder.layers.{layer - lo}.{m.group(2)}"
+        elif name.startswith("embedding.") and pp_rank != 0:
+            continue
+        elif (name.startswith("output_layer.") or name.startswith("decoder.final_layernorm")) and pp_rank != pp_size - 1:
+            continue
+        out[name] = _split(t, rule, tp_rank, tp_size)
+    return out
+
+
+def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int) -> dict:
+    """Inverse of shard_state_dict. shards[(tp_rank, pp_rank)] = that rank's dict."""
+    per_stage = num_layers // pp_size
+    full = {}
+    for pp in range(pp_size):
+        names = shards[(0, pp)].keys()
+        for name in names:
+            rule = _tp_rule(name)
+            if rule == "skip":
+                continue
+            merged = _merge([shards[(tp, pp)][name] for tp in range(tp_size)], rule)
+            m = _LAYER.match(name)
+            if m:
+                name = f"decoder.layers.{int(m.group(1)) + pp * per_stage}.{m.group(2)}"
+            full[name] = merged
+    return full

@@ -1,0 +1,31 @@
+"""CPU stand-in for the CUDA device that some Megatron-Core collectives allocate on.
+
+Megatron-Core's sequence-parallel all-gather / reduce-scatter (tensor_parallel.mappings,
+tensor_parallel.layers) and its global memory buffer allocate their outputs with
+``device=torch.cuda.current_device()``. gloo runs these collectives on CPU tensors, so on
+a process without CUDA we answer that call with the CPU device. Megatron's model-parallel
+RNG tracker (used around dropout in sequence-parallel regions) stores CUDA generator
+states; on CPU its fork() becomes a no-op, so dropout there draws from the CPU generator
+(our configs use no dropout). Processes that have CUDA are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def route_megatron_buffers_to_cpu() -> bool:
+    """On a CUDA-less process make torch.cuda.current_device() return the CPU device.
+
+    Returns True when the stand-in is (now) active.
+    """
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = mp_random.get_cuda_rng_tracker()
+    tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+    return True

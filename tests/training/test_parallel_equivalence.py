@@ -1,0 +1,63 @@
+"""TP=2, TP=2 with sequence parallel, and PP=2 equal TP=1 on the same weights (2 gloo processes).
+
+Loss and every parameter gradient of one global batch (2 micro-batches of 2 x 32 tokens,
+packed documents) are compared after merging the shards back to the TP=1 layout.
+"""
+
+import os
+
+import pytest
+import torch
+
+from megatron_fox.checkpoint import merge_state_dicts
+
+from .workers import launch
+
+EOD = 1
+
+
+def make_batches(seq=32, mbs=2, micro=2, vocab=128):
+    batches = []
+    for _ in range(micro):
+        tokens = torch.randint(2, vocab, (mbs, seq + 1))
+        tokens[torch.rand(mbs, seq + 1) < 0.08] = EOD  # several documents per sample
+        batches.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                        "loss_mask": (torch.rand(mbs, seq) > 0.1).float(),
+                        "position_ids": torch.arange(seq).expand(mbs, seq).contiguous()})
+    return batches
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("equiv")
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    opts = {"weights": str(d / "weights.pt"), "batch": str(d / "batch.pt"), "eod": EOD,
+            "seed": int(torch.randint(0, 10**6, ()))}
+    torch.save(make_batches(), opts["batch"])
+    launch("init", 1, opts)
+    ref_dir = d / "ref"
+    ref_dir.mkdir()
+    launch("grads", 1, dict(opts, out=str(ref_dir)))
+    return d, opts, torch.load(ref_dir / "out_0.pt")
+
+
+def _gather(out_dir, world, tp, pp):
+    outs = [torch.load(os.path.join(out_dir, f"out_{r}.pt")) for r in range(world)]
+    shards = {(o["tp"], o["pp"]): o["grads"] for o in outs}
+    return outs[0]["loss"], merge_state_dicts(shards, num_layers=2, tp_size=tp, pp_size=pp)
+
+
+@pytest.mark.parametrize("name,tp,pp,sp", [("tp2", 2, 1, False), ("tp2_sp", 2, 1, True), ("pp2", 1, 2, False)])
+def test_equals_single_rank(shared, name, tp, pp, sp):
+    d, opts, ref = shared
+    out = d / name
+    out.mkdir()
+    launch("grads", 2, dict(opts, out=str(out), tp=tp, pp=pp, sp=sp))
+    loss, grads = _gather(out, 2, tp, pp)
+    assert loss == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
+    assert set(grads) == set(ref["grads"])
+    for key, g in grads.items():
+        r = ref["grads"][key]
+        assert g.shape == r.shape, key
+        err = (g - r).abs().max().item()
+        assert err <= 1e-4 * (r.abs().max().item() + 1e-3), f"{key}: max abs err {err}"

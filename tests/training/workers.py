@@ -1,0 +1,116 @@
+"""Worker processes of the multi-process CPU tests (gloo).
+
+    python tests/training/workers.py <task> '<json options>'
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the environment (see launch()).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def model_flags(opts: dict) -> list[str]:
+    """Flags of the small model the equivalence tests use."""
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+             "--ffn-hidden-size", "128", "--seq-length", str(opts.get("seq", 32)), "--micro-batch-size", "2",
+             "--global-batch-size", "4", "--make-vocab-size-divisible-by", "64", "--vocab-size", "128",
+             "--tensor-model-parallel-size", str(opts.get("tp", 1)),
+             "--pipeline-model-parallel-size", str(opts.get("pp", 1)),
+             "--context-parallel-size", str(opts.get("cp", 1)), "--device", "cpu"]
+    if opts.get("sp"):
+        flags.append("--sequence-parallel")
+    flags += ["--acp" if opts.get("acp", True) else "--no-acp"]
+    return flags + opts.get("extra", [])
+
+
+def _build(opts):
+    from megatron.core import parallel_state as ps
+
+    from megatron_fox.train import init_distributed
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    args = parse_args(model_flags(opts))
+    device = init_distributed(args)
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(args.vocab_size, args))
+    return args, model, ps
+
+
+def task_init(opts):
+    """Save a TP=1 model's full state dict (the shared weights)."""
+    torch.manual_seed(opts["seed"])
+    _, model, _ = _build(opts)
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, opts["weights"])
+
+
+def task_grads(opts):
+    """Load the shared weights into this rank's shard, one global batch forward+backward;
+    save (loss, grads of this shard) to out_<rank>.pt."""
+    from megatron_fox.checkpoint import shard_state_dict
+    from megatron_fox.training.torch_engine import TorchEngine
+
+    args, model, ps = _build(opts)
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    full = torch.load(opts["weights"])
+    missing, unexpected = model.load_state_dict(
+        shard_state_dict(full, args.num_layers, tp, args.tensor_model_parallel_size, pp,
+                         args.pipeline_model_parallel_size), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    batches = torch.load(opts["batch"])
+    engine = TorchEngine(model, args, eod=opts["eod"])
+    tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+    loss_sum = engine._forward_backward(batches, tokens)
+    engine._sync_grads()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.save({"loss": engine._reduce_loss(loss_sum, tokens), "grads": grads, "tp": tp, "pp": pp},
+               os.path.join(opts["out"], f"out_{torch.distributed.get_rank()}.pt"))
+
+
+def task_train(opts):
+    """Run the trainer; rank 0 saves its history to opts['out']."""
+    from megatron_fox.train import run
+    from megatron_fox.training.arguments import parse_args
+
+    history = run(parse_args(opts["flags"]))
+    if torch.distributed.get_rank() == 0:
+        torch.save(history, opts["out"])
+
+
+def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
+    """Start `world` worker processes of `task`; raise with their stderr if one fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"),
+                   PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, __file__, task, json.dumps(opts)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = []
+    for rank, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"{task}: rank {rank} timed out")
+        if p.returncode != 0:
+            errors.append(f"rank {rank} exit {p.returncode}:\n{err[-3000:]}")
+    if errors:
+        raise RuntimeError(f"{task} failed:\n" + "\n".join(errors))
+
+
+if __name__ == "__main__":
+    globals()[f"task_{sys.argv[1]}"](json.loads(sys.argv[2]))
