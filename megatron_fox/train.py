@@ -73,7 +73,7 @@ def build_data(args):
         prefix, tok = args.data_path, args.tokenizer_model
     tokenizer = SentencePieceTokenizer(tok)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
-    n_eval = max(1, evals) * args.global_batch_size
+    n_eval = evals * args.global_batch_size
     train, valid, _ = build_gpt_datasets(prefix, tokenizer, args.seq_length,
                                          (max(1, args.train_iters) * args.global_batch_size, n_eval, 0),
                                          seed=args.seed, split=args.split, cache_path=args.data_cache_path)

@@ -54,6 +54,30 @@ def _merge(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
     return parts[0]
 
 
+def global_name(name: str, pp_rank: int, layers_per_stage: int) -> str:
+    """Name of a stage-local parameter in the full model (layer index shifted by the stage)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name
+    return f"decoder.layers.{int(m.group(1)) + pp_rank * layers_per_stage}.{m.group(2)}"
+
+
+def full_shape(name: str, local_shape, tp_size: int) -> tuple:
+    """Shape of the full (TP=1) tensor of a TP shard."""
+    shape = list(local_shape)
+    rule = _tp_rule(name)
+    if rule in ("col", "glu"):
+        shape[0] *= tp_size
+    elif rule == "row":
+        shape[1] *= tp_size
+    return tuple(shape)
+
+
+def split_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's shard of the full tensor of parameter `name`."""
+    return _split(full, _tp_rule(name), tp_rank, tp_size)
+
+
 def shard_state_dict(full: dict, num_layers: int, tp_rank: int = 0, tp_size: int = 1,
                      pp_rank: int = 0, pp_size: int = 1) -> dict:
     """This (tp_rank, pp_rank)'s part of a full state dict (tensors; _extra_state dropped)."""
@@ -89,8 +113,5 @@ def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int)
             if rule == "skip":
                 continue
             merged = _merge([shards[(tp, pp)][name] for tp in range(tp_size)], rule)
-            m = _LAYER.match(name)
-            if m:
-                name = f"decoder.layers.{int(m.group(1)) + pp * per_stage}.{m.group(2)}"
-            full[name] = merged
+            full[global_name(name, pp, per_stage)] = merged
     return full

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
     """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none)."""
     pre = parallel_state.is_pipeline_first_stage()
     post = parallel_state.is_pipeline_last_stage()
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_fox_block_spec(config, args.transformer_impl),
         vocab_size=vocab_size,
@@ -71,6 +73,36 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type="none",
     )
+    init_layout_invariant(model, args)
+    return model
+
+
+@torch.no_grad()
+def init_layout_invariant(model, args) -> None:
+    """Re-draw every matrix from a generator seeded by (seed, its full-model name), then
+    keep this rank's shard: the initial model is the same for any TP/PP layout.
+
+    Normal(0, init_method_std); attention and MLP output projections use
+    init_method_std / sqrt(2 * num_layers) as Megatron's scaled init. Norm weights and the
+    FoX per-head parameters keep their constant init.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..checkpoint import full_shape, global_name, split_tensor
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    per_stage = args.num_layers // args.pipeline_model_parallel_size
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    for name, p in model.named_parameters():
+        if "layernorm" in name or ".head_params." in name or p.dim() < 2:
+            continue
+        full = global_name(name, pp_rank, per_stage)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}:{full}".encode()))
+        std = args.init_method_std
+        if "linear_proj.weight" in name or "linear_fc2.weight" in name:
+            std /= math.sqrt(2.0 * args.num_layers)
+        w = torch.randn(full_shape(name, p.shape, tp), generator=gen) * std
+        p.copy_(split_tensor(name, w, tp_rank, tp).to(p.device, p.dtype))
 
 
 def attention_layers(model) -> list:
