@@ -70,7 +70,7 @@ def _run_cli(args, tmp_path):
 
 
 @pytest.mark.parametrize("args,key", [
-    (["--num-attention-heads", "6", "--tensor-model-parallel-size", "4"], "num_attention_heads"),
+    (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4"], "num_attention_heads"),
     (["--seq-length", "100", "--context-parallel-size", "4"], "seq_length"),
     (["--data-path", "/nonexistent/corpus_text_document"], "data_path"),
     (["--acp-log-eps", "3"], "acp_log_eps"),
