@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from ..ops import forgetting_attention
+from ..ops import forgetting_attention, set_data_checks
 
 
 class FoxCoreAttention(MegatronModule):
@@ -21,6 +21,9 @@ class FoxCoreAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int = 1, **kwargs):
         super().__init__(config=config)
+        # The layer builds valid inputs by construction (log f = logsigmoid <= 0, offsets from
+        # our own packing), so skip the op's value checks and their host sync per call.
+        set_data_checks(False)
         self.layer_number = layer_number
         self.skipped_fraction: Optional[torch.Tensor] = None
 
