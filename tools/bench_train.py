@@ -11,6 +11,7 @@ last 10 steps, and the fraction of attention FLOPs ACP skipped.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -41,6 +42,8 @@ def main(argv=None):
                      "--lr-warmup-iters", "10", "--log-interval", str(args.train_iters), "--no-progress-bar",
                      "--acp" if acp else "--no-acp", "--default-vocab-size", "8192",
                      "--default-corpus-bytes", "8000000"] + [a for a in args.extra if a != "--"]
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
             hist = run(parse_args(flags))

@@ -39,6 +39,7 @@ class MegatronEngine:
     def __init__(self, model, args, eod: int):
         self.args, self.eod = args, eod
         config = model.config
+        self.inner = model  # the GPTModel itself: checkpoints use its sharded state dict
         if args.bf16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(
@@ -100,7 +101,7 @@ class MegatronEngine:
         if dist.get_rank() == 0:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
-        model_sd = self.model.sharded_state_dict()
+        model_sd = self.inner.sharded_state_dict()
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd),
                  "iteration": iteration}
         dist_checkpointing.save(state, path)
@@ -113,8 +114,8 @@ class MegatronEngine:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
             iteration = int(f.read().strip())
         path = os.path.join(root, f"iter_{iteration:07d}")
-        model_state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, path)
-        self.model.load_state_dict(model_state["model"])
-        opt_sd = self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True)
+        model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
+        self.inner.load_state_dict(model_state["model"])
+        opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True)
         self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
         return iteration
