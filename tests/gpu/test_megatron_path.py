@@ -5,11 +5,13 @@ Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA (the CPU CI skips 
 """
 
 import os
+import sys
 
 import pytest
 import torch
 
-from ..training.workers import launch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from workers import launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available(), reason="needs a CUDA GPU")
