@@ -18,52 +18,53 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def key_block_start(c_global: torch.Tensor, delta: Optional[torch.Tensor], doc_start: Optional[torch.Tensor],
-                    block_m: int, block_n: int) -> torch.Tensor:
+def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.Tensor],
+                    doc_start: Optional[torch.Tensor], block_m: int, block_n: int) -> torch.Tensor:
     """First key block each query block computes, int32 [B, H, cdiv(T, block_m)].
 
-    c_global [B, H, T] float32; delta [B, H] (None: no pruning); doc_start [T] int32.
+    c_q, c_k [B, H, T] float32 prefix sums at the query and key positions (one tensor for
+    self-attention); delta [B, H] (None: no pruning); doc_start [T] int32.
     """
-    B, H, T = c_global.shape
+    B, H, T = c_q.shape
     nbm = _cdiv(T, block_m)
-    q0 = torch.arange(nbm, device=c_global.device) * block_m
+    q0 = torch.arange(nbm, device=c_q.device) * block_m
     if doc_start is None:
-        start = torch.zeros(nbm, dtype=torch.int64, device=c_global.device)
+        start = torch.zeros(nbm, dtype=torch.int64, device=c_q.device)
     else:
         start = doc_start.long()[q0] // block_n
     start = start.view(1, 1, nbm).expand(B, H, nbm)
     if delta is None:
         return start.to(torch.int32).contiguous()
     nbn = _cdiv(T, block_n)
-    key_end = torch.clamp((torch.arange(nbn, device=c_global.device) + 1) * block_n, max=T) - 1
-    neg_c_key_end = -c_global[..., key_end].contiguous()  # non-decreasing along blocks
+    key_end = torch.clamp((torch.arange(nbn, device=c_q.device) + 1) * block_n, max=T) - 1
+    neg_c_key_end = -c_k[..., key_end].contiguous()  # non-decreasing along blocks
     # block pruned  <=>  c[q0] - c[ne] < delta  <=>  -c[ne] < delta - c[q0]
-    limit = (delta[..., None] - c_global[..., q0]).contiguous()
+    limit = (delta[..., None] - c_q[..., q0]).contiguous()
     pruned = torch.searchsorted(neg_c_key_end, limit, right=False)
     return torch.maximum(start, pruned).to(torch.int32).contiguous()
 
 
-def query_block_end(c_global: torch.Tensor, delta: Optional[torch.Tensor], doc_end: Optional[torch.Tensor],
-                    block_m: int, block_n: int) -> torch.Tensor:
+def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.Tensor],
+                    doc_end: Optional[torch.Tensor], block_m: int, block_n: int) -> torch.Tensor:
     """One past the last query block that sees each key block, int32 [B, H, cdiv(T, block_n)].
 
     The key-major backward loop for key block n runs over query blocks
-    [n*block_n // block_m, end[n]).
+    [n*block_n // block_m, end[n]) (causal) or [0, end[n]) (a past chunk).
     """
-    B, H, T = c_global.shape
+    B, H, T = c_q.shape
     nbm, nbn = _cdiv(T, block_m), _cdiv(T, block_n)
-    key_end = torch.clamp((torch.arange(nbn, device=c_global.device) + 1) * block_n, max=T) - 1
+    key_end = torch.clamp((torch.arange(nbn, device=c_q.device) + 1) * block_n, max=T) - 1
     if doc_end is None:
-        end = torch.full((nbn,), nbm, dtype=torch.int64, device=c_global.device)
+        end = torch.full((nbn,), nbm, dtype=torch.int64, device=c_q.device)
     else:
         end = (doc_end.long()[key_end] + block_m - 1) // block_m
     end = end.view(1, 1, nbn).expand(B, H, nbn)
     if delta is None:
         return end.to(torch.int32).contiguous()
-    q0 = torch.arange(nbm, device=c_global.device) * block_m
-    neg_c_q0 = -c_global[..., q0].contiguous()  # non-decreasing along query blocks
+    q0 = torch.arange(nbm, device=c_q.device) * block_m
+    neg_c_q0 = -c_q[..., q0].contiguous()  # non-decreasing along query blocks
     # block live  <=>  c[q0] - c[ne] >= delta  <=>  -c[q0] <= -(delta + c[ne])
-    limit = (-(delta[..., None] + c_global[..., key_end])).contiguous()
+    limit = (-(delta[..., None] + c_k[..., key_end])).contiguous()
     live = torch.searchsorted(neg_c_q0, limit, right=True)
     return torch.minimum(end, live).to(torch.int32).contiguous()
 

@@ -109,21 +109,23 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
     return _Plan(sm_scale, delta, doc_start, doc_end, config)
 
 
-def _forward(q, k, v, c_global, c_doc, plan: _Plan):
+def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True):
+    """Launch the forward kernel. cq/ck: prefix sums [B, H, T] at query/key positions for the
+    pruning decisions; cq_kern/ck_kern: the (document-restarted) ones added to the logits."""
     B, T, H, D = q.shape
     group = H // k.shape[2]
     tile = plan.config.fwd
-    start = boundary.key_block_start(c_global, plan.delta, plan.doc_start, tile.block_m, tile.block_n)
+    start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, tile.block_m, tile.block_n)
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     nbm = triton.cdiv(T, tile.block_m)
     dummy = start  # never read when VARLEN is off
     fwd_kernel[(nbm, B * H)](
-        q, k, v, c_doc, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
+        q, k, v, cq_kern, ck_kern, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, H, nbm, plan.sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q),
+        VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q), CAUSAL=causal,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return o, lse2, start
@@ -135,7 +137,8 @@ def _dot_precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _backward(q, k, v, o, do, dlse, lse2, c_global, c_doc, plan: _Plan):
+def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True):
+    """Launch the backward kernels -> dq, dk, dv, row sums and column sums of dS [B, H, T]."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
@@ -157,30 +160,28 @@ def _backward(q, k, v, o, do, dlse, lse2, c_global, c_doc, plan: _Plan):
     prec = _dot_precision(q)
 
     t = cfg.dkdv
-    end = boundary.query_block_end(c_global, plan.delta, plan.doc_end, t.block_m, t.block_n)
+    end = boundary.query_block_end(cq, ck, plan.delta, plan.doc_end, t.block_m, t.block_n)
     nbn = triton.cdiv(T, t.block_n)
     doc_start = plan.doc_start if varlen else end
     doc_end = plan.doc_end if varlen else end
     dkdv_kernel[(nbn, B * Hkv)](
-        q, k, v, do, c_doc, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
+        q, k, v, do, cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         T, H, nbn, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = cfg.dq
-    start = boundary.key_block_start(c_global, plan.delta, plan.doc_start, t.block_m, t.block_n)
+    start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
     nbm = triton.cdiv(T, t.block_m)
     dq_kernel[(nbm, B * H)](
-        q, k, v, do, c_doc, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
+        q, k, v, do, cq_kern, ck_kern, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         T, H, nbm, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i
-    dlogf = segmented_reverse_cumsum(drow - dcol, plan.doc_end)
-    return dq, dk, dv, dlogf.transpose(1, 2)
+    return dq, dk, dv, drow, dcol
 
 
 class ForgettingAttentionFunction(torch.autograd.Function):
@@ -190,7 +191,7 @@ class ForgettingAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, log_fgate, plan: _Plan):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         c_global, c_doc = forget_prefix_sums(log_fgate, plan.doc_start)
-        o, lse2, start = _forward(q, k, v, c_global, c_doc, plan)
+        o, lse2, start = _forward(q, k, v, c_global, c_global, c_doc, c_doc, plan)
         ctx.save_for_backward(q, k, v, o, lse2, c_global, c_doc)
         ctx.plan = plan
         ctx.start = start
@@ -202,8 +203,10 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse2, c_global, c_doc = ctx.saved_tensors
         if dlse is not None:
             dlse = dlse.contiguous()
-        dq, dk, dv, dlogf = _backward(q, k, v, o, do, dlse, lse2, c_global, c_doc, ctx.plan)
-        return dq, dk, dv, dlogf, None
+        dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, dlse, lse2, c_global, c_global, c_doc, c_doc, ctx.plan)
+        # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i
+        dlogf = segmented_reverse_cumsum(drow - dcol, ctx.plan.doc_end)
+        return dq, dk, dv, dlogf.transpose(1, 2), None
 
 
 def forgetting_attention(

@@ -38,7 +38,7 @@ def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, 
 def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, lse_base, dlt_base, DOCSTART,
                       s_qt, s_dt, lo, hi, T, qk_scale,
                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for mb in range(lo, hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,7 +57,7 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
             dlt = tl.load(dlt_base + offs_m)
         s_t = mm(k, tl.trans(q), DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
         p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:
+        if MASKED and CAUSAL:  # (non-causal: rows past T have lse = inf, so p = 0)
             ok = offs_m[None, :] >= offs_n[:, None]
             if VARLEN:
                 dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
@@ -72,12 +72,12 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
+def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                 s_dkb, s_dkt, s_dkh,
                 T, H, NBN, qk_scale, sm_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
     same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head."""
     pid_n = tl.program_id(0)
@@ -94,9 +94,13 @@ def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    m_lo = n0 // BLOCK_M
-    # first query block whose every row is >= every key of this block
-    m_causal_full = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M
+    if CAUSAL:
+        m_lo = n0 // BLOCK_M
+        # first query block whose every row is >= every key of this block
+        m_causal_full = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M
+    else:
+        m_lo = 0
+        m_causal_full = 0
     if VARLEN:
         m_doc_full = tl.load(DOCEND + n0) // BLOCK_M  # blocks below hold rows of this key's document only
     else:
@@ -104,8 +108,8 @@ def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        c_base = C + bh * T
-        ck = tl.load(c_base + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634
+        c_base = CQ + bh * T
+        ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634
         q_base = Q + b * s_qb + h * s_qh
         do_base = DO + b * s_db + h * s_dh
         m_hi = tl.load(END + bh * NBN + pid_n)
@@ -115,13 +119,13 @@ def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
         dcol = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
                                          DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC)
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
                                          DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC)
+                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
                                          DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC)
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
         tl.store(DCOL + bh * T + offs_n, dcol, mask=key_ok)
     out = b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -132,7 +136,7 @@ def dkdv_kernel(Q, K, V, DO, C, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
 def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
                     lo, hi, T, qk_scale,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,9 +152,12 @@ def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_bas
         s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            ok = offs_n[None, :] <= offs_m[:, None]
-            if VARLEN:
-                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            if CAUSAL:
+                ok = offs_n[None, :] <= offs_m[:, None]
+                if VARLEN:
+                    ok = ok & (offs_n[None, :] >= dstart[:, None])
+            else:
+                ok = (offs_n < T)[None, :]
             p = tl.where(ok, p, 0.0)
         dp = mm(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dlt[:, None])
@@ -160,12 +167,12 @@ def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_bas
 
 
 @triton.jit
-def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
+def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
               s_dqb, s_dqt, s_dqh,
               T, H, NBM, qk_scale, sm_scale,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+              VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
@@ -179,8 +186,8 @@ def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
     row_ok = offs_m < T
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    c_base = C + bh * T
-    cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    cq = tl.load(CQ + bh * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    c_base = CK + bh * T
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
     dlt = tl.load(DLT + bh * T + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * s_kb + hk * s_kh
@@ -188,8 +195,12 @@ def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
 
     row_last = tl.minimum(m0 + BLOCK_M, T) - 1
     n_lo = tl.load(START + bh * NBM + pid_m)
-    n_hi = (row_last + BLOCK_N) // BLOCK_N
-    n_causal_full = (m0 + 1) // BLOCK_N
+    if CAUSAL:
+        n_hi = (row_last + BLOCK_N) // BLOCK_N
+        n_causal_full = (m0 + 1) // BLOCK_N
+    else:
+        n_hi = (T + BLOCK_N - 1) // BLOCK_N
+        n_causal_full = T // BLOCK_N
     if VARLEN:
         dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
         n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
@@ -203,11 +214,11 @@ def dq_kernel(Q, K, V, DO, C, LSE, DLT, START, DOCSTART, DQ, DROW,
     drow = tl.zeros([BLOCK_M], dtype=tl.float32)
     if VARLEN:
         dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                                   a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+                                   a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
     dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                               b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC)
+                               b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
     dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                               c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+                               c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DROW + bh * T + offs_m, drow, mask=row_ok)

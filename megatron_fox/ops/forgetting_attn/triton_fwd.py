@@ -19,7 +19,7 @@ LOG2E = 1.4426950408889634
 def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base, s_kt, s_vt,
                      lo, hi, T, qk_scale,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
+                     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,9 +34,12 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
             ck = tl.load(c_base + offs_n) * 1.4426950408889634
         s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         if MASKED:
-            ok = offs_n[None, :] <= offs_m[:, None]
-            if VARLEN:
-                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            if CAUSAL:
+                ok = offs_n[None, :] <= offs_m[:, None]
+                if VARLEN:
+                    ok = ok & (offs_n[None, :] >= dstart[:, None])
+            else:
+                ok = (offs_n < T)[None, :]
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -48,13 +51,15 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, C, START, DOCSTART, O, LSE,
+def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
                T, H, NBM, qk_scale,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided), C [B*H, T] prefix sums (natural log),
-    START [B*H, NBM] first key block, DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2)."""
+               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
+    """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided), CQ/CK [B*H, T] prefix sums of the query
+    and key positions (natural log; the same tensor for self-attention), START [B*H, NBM]
+    first key block, DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2). CAUSAL=False: every
+    key of the block is visible (a past chunk of context parallelism)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -65,15 +70,19 @@ def fwd_kernel(Q, K, V, C, START, DOCSTART, O, LSE,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    c_base = C + pid_bh.to(tl.int64) * T
-    cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    cq = tl.load(CQ + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    c_base = CK + pid_bh.to(tl.int64) * T
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
 
     row_last = tl.minimum(m0 + BLOCK_M, T) - 1
     n_lo = tl.load(START + pid_bh * NBM + pid_m)
-    n_hi = (row_last + BLOCK_N) // BLOCK_N
-    n_causal_full = (m0 + 1) // BLOCK_N  # blocks below this hold only keys <= every row
+    if CAUSAL:
+        n_hi = (row_last + BLOCK_N) // BLOCK_N
+        n_causal_full = (m0 + 1) // BLOCK_N  # blocks below this hold only keys <= every row
+    else:
+        n_hi = (T + BLOCK_N - 1) // BLOCK_N
+        n_causal_full = T // BLOCK_N  # every full block; the partial last one is masked
     if VARLEN:
         dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
         n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
@@ -89,11 +98,11 @@ def fwd_kernel(Q, K, V, C, START, DOCSTART, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if VARLEN:
         acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
-                                         s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+                                         s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
     acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
-                                     s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC)
+                                     s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
     acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
-                                     s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC)
+                                     s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
     o = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None])

@@ -1,0 +1,106 @@
+"""Block-level forward and backward (no autograd), the building blocks of context parallelism.
+
+A block is one query chunk against one key chunk with explicit prefix sums at both:
+    s_ij = sm_scale q_i.k_j + c_q[i] - c_k[j]
+causal=True: the diagonal chunk (key j <= query i); causal=False: a past chunk, every key
+visible. The forward returns the block's output and row log-sum-exp so that partial results
+merge exactly; the backward takes the merged output and log-sum-exp of the whole row (as
+in FlashAttention's ring backward) and returns dq, dk, dv and the row/column sums of dS,
+the gradients of c_q and -c_k.
+
+Tensors: q [B, T, H, D]; k, v [B, T, Hkv, D]; c_q, c_k [B, H, T] float32; lse [B, H, T]
+float32 (natural log); delta [B, H] ACP threshold or None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .function import LOG2E, _backward, _forward, _interpreting, _last_dim_contiguous, _Plan, kernel_config
+
+
+def _use_triton(q) -> bool:
+    return q.device.type == "cuda" or _interpreting()
+
+
+def _plan(q, sm_scale, delta):
+    return _Plan(sm_scale, delta, None, None, kernel_config(q.shape[-1], q.device))
+
+
+def _centered(c_q, c_k):
+    """Shift both prefix sums by c_k's first value: logits see only c_q - c_k, and small
+    magnitudes keep float32 exact enough far into long sequences."""
+    ref = c_k[..., :1].detach()
+    return (c_q - ref).contiguous(), (c_k - ref).contiguous()
+
+
+def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Optional[torch.Tensor] = None):
+    """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] float32, first computed key block per
+    query block [B, H, nbm] int32 (None for the reference path))."""
+    c_q, c_k = _centered(c_q.float(), c_k.float())
+    if not _use_triton(q):
+        o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta)
+        return o, lse, None
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, _plan(q, sm_scale, delta), causal)
+    return o, lse2 * (1.0 / LOG2E), start
+
+
+def block_backward(q, k, v, o, do, lse, c_q, c_k, *, sm_scale: float, causal: bool,
+                   delta: Optional[torch.Tensor] = None):
+    """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows."""
+    c_q, c_k = _centered(c_q.float(), c_k.float())
+    if not _use_triton(q):
+        return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta)
+    q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
+    dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, (lse * LOG2E).contiguous(), c_q, c_k, c_q, c_k,
+                                       _plan(q, sm_scale, delta), causal)
+    return dq, dk, dv, drow, -dcol
+
+
+# --- plain-PyTorch versions (CPU without the interpreter) --------------------------------
+
+def _logits(q, k, c_q, c_k, sm_scale, causal, delta):
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    qf = q.float().transpose(1, 2)
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    s = sm_scale * qf @ kf.transpose(-1, -2) + c_q[..., :, None] - c_k[..., None, :]
+    if causal:
+        i = torch.arange(T, device=q.device)
+        s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
+    if delta is not None:
+        s = s.masked_fill((c_q[..., :, None] - c_k[..., None, :]) < delta[..., None, None], float("-inf"))
+    return s
+
+
+def _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta):
+    group = q.shape[2] // k.shape[2]
+    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    return (p @ vf).transpose(1, 2).to(q.dtype), lse
+
+
+def _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta):
+    B, T, H, D = q.shape
+    group = H // k.shape[2]
+    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta)
+    p = torch.exp(s - lse[..., None])  # [B, H, T, T], zero where masked
+    dof, of = do.float().transpose(1, 2), o.float().transpose(1, 2)
+    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
+    qf = q.float().transpose(1, 2)
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dof * of).sum(-1, keepdim=True))
+    dq = sm_scale * ds @ kf
+    dk = sm_scale * ds.transpose(-1, -2) @ qf
+    dv = p.transpose(-1, -2) @ dof
+
+    def fold(t):  # sum the query heads of each key/value group
+        return t.view(B, H // group, group, T, D).sum(2).transpose(1, 2).to(k.dtype)
+
+    return dq.transpose(1, 2).to(q.dtype), fold(dk), fold(dv), ds.sum(-1), -ds.sum(-2)
