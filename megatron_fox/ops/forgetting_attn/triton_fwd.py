@@ -103,7 +103,10 @@ def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
                                      s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
     acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base, v_base,
                                      s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
-    o = acc / l_i[:, None]
+    # A past chunk (CAUSAL=False) can be pruned whole for a query block: o = 0, lse = -inf.
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ot + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)

@@ -1,0 +1,333 @@
+"""Context-parallel FoX attention: chunks of the sequence over ranks, skipping pruned chunks.
+
+Layout (Megatron-Core's load-balanced split): the sequence is cut into 2P chunks; rank r
+holds chunks r and 2P-1-r, concatenated along the sequence dim of its tensors.
+
+Forget gate: one all-gather of per-chunk sums of log f gives every chunk's global prefix
+offset (exclusive cumsum over chunks); gradients flow back to every earlier chunk through a
+differentiable all-gather.
+
+Schedule: step s = 0 computes this rank's own blocks; at step s >= 1 rank r gets the K, V
+and prefix sums of rank (r - s) mod P and sends its own to (r + s) mod P (a permutation per
+step, so every link carries one chunk pair). Partial outputs merge by log-sum-exp; the
+backward sends dK, dV and the key-side gradient of c back to the owner.
+
+Skipping: with the global threshold delta (U all-reduced with max), a (query chunk i, key
+chunk j) pair is skipped when offset_i - (offset_j + sum_j) < delta for every (batch,
+head): offset_i >= c at chunk i's first query and offset_j + sum_j = c at chunk j's last
+key, so every pair of the two chunks is below the threshold. Every rank evaluates the same
+table before any transfer: a chunk nobody needs is neither sent nor computed, and steps
+where no rank needs anything cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..ops.forgetting_attn.block import block_backward, block_forward
+from ..ops.forgetting_attn.common import check_inputs
+
+
+@dataclass
+class ContextParallelStats:
+    """What this rank skipped in one forward (the backward skips the same again).
+
+    steps / steps_skipped: ring steps (s >= 1) and those where this rank computed nothing.
+    blocks / blocks_skipped: causal (query chunk, key chunk) pairs of this rank's queries.
+    bytes_sent / bytes_not_sent: K, V and prefix sums this rank sent, and the bytes a causal
+    ring without skipping would have sent on top.
+    """
+
+    steps: int = 0
+    steps_skipped: int = 0
+    blocks: int = 0
+    blocks_skipped: int = 0
+    bytes_sent: int = 0
+    bytes_not_sent: int = 0
+    skipped_pairs: list = field(default_factory=list)
+
+
+class _AllGather(torch.autograd.Function):
+    """[...] -> [P, ...] over the group; backward sums the gradient over ranks, keeps ours."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+        return out.view(size, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def all_gather_autograd(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-gather: x [...] -> [P, ...]."""
+    return _AllGather.apply(x, group)
+
+
+def chunk_ids(rank: int, size: int) -> tuple[int, int]:
+    """Global chunk indices (front, back) held by `rank` in the load-balanced layout."""
+    return rank, 2 * size - 1 - rank
+
+
+def chunk_owner(chunk: int, size: int) -> tuple[int, int]:
+    """(rank, 0 for its front half / 1 for its back half) holding global `chunk`."""
+    return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
+
+
+def split_for_context_parallel(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """This rank's part of a full-sequence tensor: chunks rank and 2*size-1-rank along dim."""
+    chunks = x.chunk(2 * size, dim=dim)
+    a, b = chunk_ids(rank, size)
+    return torch.cat([chunks[a], chunks[b]], dim=dim)
+
+
+def gather_from_context_parallel(parts: list, dim: int) -> torch.Tensor:
+    """Inverse of split_for_context_parallel given every rank's part (rank order)."""
+    size = len(parts)
+    chunks = [None] * (2 * size)
+    for r, p in enumerate(parts):
+        a, b = chunk_ids(r, size)
+        chunks[a], chunks[b] = p.chunk(2, dim=dim)
+    return torch.cat(chunks, dim=dim)
+
+
+def _needed(q_rank: int, kv_rank: int, size: int, live) -> list:
+    """(query half, key half, causal) blocks rank q_rank computes with kv_rank's chunks."""
+    qa, qb = chunk_ids(q_rank, size)
+    ka, kb = chunk_ids(kv_rank, size)
+    out = []
+    for qh, qc in ((0, qa), (1, qb)):
+        for kh, kc in ((0, ka), (1, kb)):
+            if kc <= qc and live[qc][kc]:
+                out.append((qh, kh, kc == qc))
+    return out
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, plan):
+        P, r = plan["size"], plan["rank"]
+        B, T2, H, D = q.shape
+        half = T2 // 2
+        qs = (q[:, :half], q[:, half:])
+        ks, vs, cs = (k[:, :half], k[:, half:]), (v[:, :half], v[:, half:]), (c[..., :half], c[..., half:])
+        o_acc = torch.zeros((B, T2, H, D), dtype=torch.float32, device=q.device)
+        lse_acc = torch.full((B, H, T2), float("-inf"), dtype=torch.float32, device=q.device)
+        stats = plan["stats"]
+
+        def run_blocks(blocks, kv):
+            for qh, kh, causal in blocks:
+                kk, vv, cc = kv[kh]
+                o_b, lse_b, _ = block_forward(qs[qh], kk, vv, cs[qh], cc, sm_scale=plan["sm_scale"],
+                                              causal=causal, delta=plan["delta"])
+                rows = slice(qh * half, (qh + 1) * half)
+                lse_old = lse_acc[..., rows]
+                lse_new = torch.logaddexp(lse_old, lse_b)
+                w_old = torch.exp(lse_old - lse_new).nan_to_num(0.0).transpose(1, 2)[..., None]
+                w_new = torch.exp(lse_b - lse_new).nan_to_num(0.0).transpose(1, 2)[..., None]
+                o_acc[:, rows] = o_acc[:, rows] * w_old + o_b.float() * w_new
+                lse_acc[..., rows] = lse_new
+
+        own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
+        run_blocks(_needed(r, r, P, plan["live"]), own)
+        for s in range(1, P):
+            kv = _exchange_kv(own, s, plan, stats, count=True)
+            blocks = _needed(r, (r - s) % P, P, plan["live"])
+            stats.steps += 1
+            if not blocks:
+                stats.steps_skipped += 1
+            run_blocks(blocks, kv)
+        o = o_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, c, o, lse_acc)
+        ctx.plan = plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, c, o, lse = ctx.saved_tensors
+        plan = ctx.plan
+        P, r = plan["size"], plan["rank"]
+        half = q.shape[1] // 2
+        sl = (slice(0, half), slice(half, 2 * half))
+        qs, os_, dos = [q[:, s] for s in sl], [o[:, s] for s in sl], [do[:, s] for s in sl]
+        cs, lses = [c[..., s] for s in sl], [lse[..., s] for s in sl]
+        own = [(k[:, s], v[:, s], c[..., s]) for s in sl]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dc = torch.zeros(c.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+
+        def run_blocks(blocks, kv):
+            grads = [None, None]
+            for qh, kh, causal in blocks:
+                kk, vv, cc = kv[kh]
+                gq, gk, gv, gcq, gck = block_backward(qs[qh], kk, vv, os_[qh], dos[qh], lses[qh], cs[qh], cc,
+                                                      sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"])
+                dq[:, sl[qh]] += gq.float()
+                dc[..., sl[qh]] += gcq
+                if grads[kh] is None:
+                    grads[kh] = [gk.float(), gv.float(), gck]
+                else:
+                    for acc, g in zip(grads[kh], (gk, gv, gck)):
+                        acc += g.float()
+            return grads
+
+        for h, g in enumerate(run_blocks(_needed(r, r, P, plan["live"]), own)):
+            if g is not None:
+                dk[:, sl[h]] += g[0]
+                dv[:, sl[h]] += g[1]
+                dc[..., sl[h]] += g[2]
+        for s in range(1, P):
+            kv = _exchange_kv(own, s, plan, None, count=False)
+            grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv)
+            back = _exchange_grads(grads, own, s, plan)
+            for h, g in enumerate(back):
+                if g is not None:
+                    dk[:, sl[h]] += g[0]
+                    dv[:, sl[h]] += g[1]
+                    dc[..., sl[h]] += g[2]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
+
+
+def _halves_needed(q_rank, kv_rank, size, live) -> list:
+    """Which of kv_rank's halves q_rank needs (sorted, unique)."""
+    return sorted({kh for _, kh, _ in _needed(q_rank, kv_rank, size, live)})
+
+
+def _exchange_kv(own, s, plan, stats, count):
+    """Step s: send our needed halves to (r+s), receive (r-s)'s. Returns {half: (k, v, c)}."""
+    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
+    dst, src = (r + s) % P, (r - s) % P
+    reqs = []
+    for h in _halves_needed(dst, r, P, plan["live"]):
+        for t in own[h]:
+            reqs.append(dist.isend(t.contiguous(), ranks[dst], group=group))
+    if count:
+        per_half = sum(t.numel() * t.element_size() for t in own[0])
+        sent = len(_halves_needed(dst, r, P, plan["live"]))
+        causal = len(_halves_needed(dst, r, P, plan["causal"]))  # what a ring without skipping sends
+        stats.bytes_sent += sent * per_half
+        stats.bytes_not_sent += (causal - sent) * per_half
+    kv = {}
+    for h in _halves_needed(r, src, P, plan["live"]):
+        bufs = tuple(torch.empty_like(t) for t in own[h])
+        for b in bufs:
+            reqs.append(dist.irecv(b, ranks[src], group=group))
+        kv[h] = bufs
+    for req in reqs:
+        req.wait()
+    return kv
+
+
+def _exchange_grads(grads, own, s, plan):
+    """Send the key-side gradients of (r-s)'s halves back to it; receive ours from (r+s)."""
+    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
+    src, dst = (r - s) % P, (r + s) % P
+    reqs = []
+    for h in _halves_needed(r, src, P, plan["live"]):
+        for t in grads[h]:
+            reqs.append(dist.isend(t.contiguous(), ranks[src], group=group))
+    back = [None, None]
+    for h in _halves_needed(dst, r, P, plan["live"]):
+        k, v, c = own[h]
+        bufs = [torch.empty(k.shape, dtype=torch.float32, device=k.device),
+                torch.empty(v.shape, dtype=torch.float32, device=v.device),
+                torch.empty(c.shape, dtype=torch.float32, device=c.device)]
+        for b in bufs:
+            reqs.append(dist.irecv(b, ranks[dst], group=group))
+        back[h] = bufs
+    for req in reqs:
+        req.wait()
+    return back
+
+
+def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global c = cumsum(log f) at this rank's positions, [B, H, 2*half] (differentiable),
+    plus chunk offsets and chunk sums over all 2P chunks, [B, H, 2P] each (detached)."""
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    half = log_fgate.shape[1] // 2
+    lf = log_fgate.float().transpose(1, 2)  # [B, H, 2*half]
+    a, b = lf[..., :half], lf[..., half:]
+    sums = torch.stack([a.sum(-1), b.sum(-1)], dim=-1)  # [B, H, 2]
+    every = all_gather_autograd(sums, group)  # [P, B, H, 2]
+    per_chunk = [every[chunk_owner(j, P)[0], ..., chunk_owner(j, P)[1]] for j in range(2 * P)]
+    chunk_sums = torch.stack(per_chunk, dim=-1)  # [B, H, 2P]
+    offsets = torch.cumsum(chunk_sums, dim=-1) - chunk_sums
+    ca, cb = chunk_ids(r, P)
+    c = torch.cat([offsets[..., ca:ca + 1] + torch.cumsum(a, -1), offsets[..., cb:cb + 1] + torch.cumsum(b, -1)], -1)
+    return c, offsets.detach(), chunk_sums.detach()
+
+
+def context_parallel_forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    cp_group,
+    sm_scale: Optional[float] = None,
+    log_eps: Optional[float] = None,
+    logit_bound=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_stats: bool = False,
+):
+    """FoX attention over a sequence split across the ranks of cp_group.
+
+    q [B, 2c, H, D], k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H]: this rank's chunks r and
+    2P-1-r (each c long) of a sequence of 2cP tokens, concatenated. Same meaning of sm_scale,
+    log_eps and logit_bound as `megatron_fox.ops.forgetting_attention`, with U and L global.
+    Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
+    return_stats, a ContextParallelStats.
+    """
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, None)
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: packed documents are not supported with context parallelism yet")
+    if q.shape[1] % 2:
+        raise ValueError(f"q: this rank's sequence ({q.shape[1]}) must hold two equal chunks")
+    P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    B, T2, H, D = q.shape
+    L = T2 * P
+    c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
+    delta = None
+    causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
+    live = causal
+    if log_eps is not None:
+        with torch.no_grad():
+            if logit_bound is None:
+                qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
+                kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
+                dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=cp_group)
+                dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=cp_group)
+                U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
+            elif isinstance(logit_bound, torch.Tensor):
+                U = logit_bound.float().view(1, H).expand(B, H)
+            else:
+                U = torch.full((B, H), logit_bound, device=q.device)
+            delta = -(2.0 * U + math.log(L)) + log_eps
+            # chunk pair (i, j) skipped iff offset_i - (offset_j + sum_j) < delta for all (b, h)
+            ends = offsets + chunk_sums
+            gap = offsets[..., :, None] - ends[..., None, :] - delta[..., None, None]  # [B, H, 2P, 2P]
+            skip = (gap < 0).all(dim=1).all(dim=0).tolist()
+            live = [[j <= i and (j == i or not skip[i][j]) for j in range(2 * P)] for i in range(2 * P)]
+    stats = ContextParallelStats()
+    for qc in chunk_ids(r, P):
+        for j in range(qc + 1):
+            stats.blocks += 1
+            if not live[qc][j]:
+                stats.blocks_skipped += 1
+                stats.skipped_pairs.append((qc, j))
+    plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
+            "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats}
+    o = _RingAttention.apply(q, k, v, c, plan)
+    return (o, stats) if return_stats else o

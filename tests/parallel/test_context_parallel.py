@@ -1,0 +1,72 @@
+"""Context-parallel FoX attention with 2 and 4 gloo processes equals the single-process op.
+
+Kernels run in the Triton interpreter (TRITON_INTERPRET=1 from conftest), fp32. Tolerance:
+max abs error <= 2e-4 * max |reference| for the output and the four gradients.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_fox.ops import forgetting_attention
+from megatron_fox.parallel import gather_from_context_parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def run_cp(world, opts):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "cp_worker.py"), json.dumps(opts)],
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                                       PYTHONPATH=ROOT),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(os.path.join(opts["out"], f"cp_{r}.pt")) for r in range(world)]
+
+
+def close(a, b, what):
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= 2e-4 * b.abs().max().item() + 1e-6, f"{what}: max abs err {err}"
+
+
+@pytest.mark.parametrize("world,log_eps,gate", [(2, None, 2.0), (2, -10.0, -2.0), (4, -10.0, -2.0), (4, None, 1.0)])
+def test_matches_single_process(tmp_path, world, log_eps, gate):
+    B, T, H, Hkv, D = 1, 16 * 2 * world, 4, 2, 64
+    q = F.rms_norm(torch.randn(B, T, H, D), (D,))
+    k = F.rms_norm(torch.randn(B, T, Hkv, D), (D,))
+    v = torch.randn(B, T, Hkv, D)
+    # heads 0-1 forget fast (pruned far back), heads 2-3 follow `gate`
+    shift = torch.tensor([-2.0, -1.5, gate, gate])
+    f = F.logsigmoid(torch.randn(B, T, H) * 0.1 + shift)
+    do = torch.randn(B, T, H, D)
+    torch.save({"q": q, "k": k, "v": v, "f": f, "do": do}, tmp_path / "in.pt")
+    bound = math.sqrt(D) * 1.0001
+    outs = run_cp(world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "log_eps": log_eps,
+                          "bound": bound})
+    ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
+    ref = forgetting_attention(*ins, log_eps=None)
+    ref_grads = torch.autograd.grad(ref, ins, do)
+    close(gather_from_context_parallel([o["o"] for o in outs], 1), ref, "out")
+    for i, name in enumerate("q k v log_fgate".split()):
+        close(gather_from_context_parallel([o["grads"][i] for o in outs], 1), ref_grads[i], f"d{name}")
+    skipped = sum(o["stats"]["blocks_skipped"] for o in outs)
+    not_sent = sum(o["stats"]["bytes_not_sent"] for o in outs)
+    if log_eps is None:
+        assert skipped == 0 and not_sent == 0
+    elif gate < 0:  # every head forgets fast: far chunks pruned for all heads
+        assert skipped > 0
+        if world == 4:
+            assert not_sent > 0
