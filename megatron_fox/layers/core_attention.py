@@ -38,11 +38,21 @@ class FoxCoreAttention(MegatronModule):
             args = [q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                     log_fgate.transpose(0, 1).contiguous()]
         cfg = self.config
-        out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
-        if cfg.fox_collect_stats:
-            out, stats = out
-            self.skipped_fraction = stats.skipped_fraction.detach()
+        if cfg.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            from ..parallel import context_parallel_forgetting_attention
+
+            out, stats = context_parallel_forgetting_attention(
+                *args, cp_group=parallel_state.get_context_parallel_group(), log_eps=cfg.acp_log_eps,
+                logit_bound=logit_bound, cu_seqlens=cu_seqlens, return_stats=True)
+            self.skipped_fraction = torch.tensor(stats.skipped_fraction)
+        else:
+            out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+                                       cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
+            if cfg.fox_collect_stats:
+                out, stats = out
+                self.skipped_fraction = stats.skipped_fraction.detach()
         if cu_seqlens is not None and b > 1:
             return out.view(b, s, *out.shape[2:]).transpose(0, 1)
         return out.transpose(0, 1)

@@ -106,9 +106,20 @@ class FoxSelfAttention(MegatronModule):
         cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
         if cfg.fox_kv_shift:
             shift = parts.pop(0)
-            doc_start = _doc_start_mask(cu_seqlens, s, b, mixed.device)
-            k = token_shift(k, shift[..., 0], doc_start)
-            v = token_shift(v, shift[..., 1], doc_start)
+            if cfg.context_parallel_size > 1:
+                if cu_seqlens is not None:
+                    raise ValueError("packed documents (cu_seqlens) with context parallelism are not supported yet")
+                from megatron.core import parallel_state
+
+                from ..parallel import shift_across_chunks
+
+                group = parallel_state.get_context_parallel_group()
+                k = shift_across_chunks(k, shift[..., 0], group)
+                v = shift_across_chunks(v, shift[..., 1], group)
+            else:
+                doc_start = _doc_start_mask(cu_seqlens, s, b, mixed.device)
+                k = token_shift(k, shift[..., 0], doc_start)
+                v = token_shift(v, shift[..., 1], doc_start)
         hp = self.head_params
         if cfg.fox_qk_norm:
             q = head_rms_norm(q, hp.q_norm, cfg.layernorm_epsilon)

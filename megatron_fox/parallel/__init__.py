@@ -5,6 +5,7 @@ from .context_parallel import (
     all_gather_autograd,
     context_parallel_forgetting_attention,
     gather_from_context_parallel,
+    shift_across_chunks,
     split_for_context_parallel,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "all_gather_autograd",
     "context_parallel_forgetting_attention",
     "gather_from_context_parallel",
+    "shift_across_chunks",
     "split_for_context_parallel",
 ]

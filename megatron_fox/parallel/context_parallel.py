@@ -50,6 +50,7 @@ class ContextParallelStats:
     bytes_sent: int = 0
     bytes_not_sent: int = 0
     skipped_pairs: list = field(default_factory=list)
+    skipped_fraction: float = 0.0  # of this rank's causal attention FLOPs, at chunk granularity
 
 
 class _AllGather(torch.autograd.Function):
@@ -221,7 +222,7 @@ def _exchange_kv(own, s, plan, stats, count):
         stats.bytes_not_sent += (causal - sent) * per_half
     kv = {}
     for h in _halves_needed(r, src, P, plan["live"]):
-        bufs = tuple(torch.empty_like(t) for t in own[h])
+        bufs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in own[h])
         for b in bufs:
             reqs.append(dist.irecv(b, ranks[src], group=group))
         kv[h] = bufs
@@ -250,6 +251,26 @@ def _exchange_grads(grads, own, s, plan):
     for req in reqs:
         req.wait()
     return back
+
+
+def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group) -> torch.Tensor:
+    """FoX-Pro token shift of this rank's two chunks, [s, b, h, d] (Megatron layout), with the
+    token before each chunk taken from the rank that holds the previous chunk."""
+    from ..ops.token_shift import token_shift
+
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    half = x.shape[0] // 2
+    lasts = torch.stack([x[half - 1], x[-1]])  # [2, b, h, d]: last token of our front, back chunk
+    every = all_gather_autograd(lasts, group)  # [P, 2, b, h, d]
+    out = []
+    for i, chunk in enumerate(chunk_ids(r, P)):
+        rows = slice(i * half, (i + 1) * half)
+        prev0 = None
+        if chunk > 0:
+            owner, part = chunk_owner(chunk - 1, P)
+            prev0 = every[owner, part][None]
+        out.append(token_shift(x[rows], alpha_logit[rows], None, prev0))
+    return torch.cat(out, dim=0)
 
 
 def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -321,12 +342,15 @@ def context_parallel_forgetting_attention(
             skip = (gap < 0).all(dim=1).all(dim=0).tolist()
             live = [[j <= i and (j == i or not skip[i][j]) for j in range(2 * P)] for i in range(2 * P)]
     stats = ContextParallelStats()
+    flops = 0.0
     for qc in chunk_ids(r, P):
         for j in range(qc + 1):
             stats.blocks += 1
+            flops += 0.5 if j == qc else 1.0  # a diagonal block is half a full one
             if not live[qc][j]:
                 stats.blocks_skipped += 1
                 stats.skipped_pairs.append((qc, j))
+    stats.skipped_fraction = stats.blocks_skipped / flops
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats}
     o = _RingAttention.apply(q, k, v, c, plan)

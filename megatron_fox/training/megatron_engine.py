@@ -72,7 +72,7 @@ class MegatronEngine:
         total = torch.zeros(2, device=device, dtype=torch.float64)
         for r in reports:  # only the last pipeline stage holds reports
             total += r["lm loss"].double()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
         return (total[0] / total[1]).item()

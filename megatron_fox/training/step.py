@@ -55,7 +55,17 @@ def global_batch(dataset, iteration: int, args, eod: Optional[int] = None) -> li
     batches = [collate([dataset[(first + m * mbs + j) % n] for j in range(mbs)]) for m in range(M)]
     if args.reset_attention_mask and eod is not None:
         batches = [with_documents(b, eod) for b in batches]
+    if args.context_parallel_size > 1:
+        batches = [context_parallel_part(b) for b in batches]
     return batches
+
+
+def context_parallel_part(batch: dict) -> dict:
+    """This context-parallel rank's chunks (r and 2*CP-1-r) of every [b, s] tensor."""
+    from ..parallel import split_for_context_parallel
+
+    r, size = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+    return {k: split_for_context_parallel(v, 1, r, size) if k != "cu_seqlens" else v for k, v in batch.items()}
 
 
 def micro_batch_iterator(batches: list[dict], device) -> Iterator[dict]:

@@ -22,6 +22,11 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.dim() == 1 or name.endswith("bias") or "norm" in name
 
 
+def _dp_cp():
+    """Data-parallel group including context-parallel ranks (they split each sample)."""
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
 def _is_tp_duplicate(p) -> bool:
     return not getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_rank() > 0
 
@@ -43,12 +48,7 @@ class TorchEngine:
     def train_step(self, batches: list[dict], iteration: int) -> dict:
         """Forward/backward over the micro-batches, gradient sync, clip, AdamW step."""
         self.model.train()
-        for p in self.params:
-            p.grad = None
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        loss_sum = self._forward_backward(batches, tokens)
-        self._sync_grads()
+        loss_sum, tokens = self.gradients(batches)
         grad_norm = self._clip_grads()
         lr = lr_at(iteration, self.args)
         for group in self.optimizer.param_groups:
@@ -56,11 +56,22 @@ class TorchEngine:
         self.optimizer.step()
         return {"loss": self._reduce_loss(loss_sum, tokens), "grad_norm": grad_norm, "lr": lr}
 
+    def gradients(self, batches: list[dict]):
+        """Fresh gradients of the global batch, summed over data/context-parallel ranks.
+        Returns (this rank's sum of masked token losses, tokens of the global batch)."""
+        for p in self.params:
+            p.grad = None
+        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        dist.all_reduce(tokens, group=_dp_cp())
+        loss_sum = self._forward_backward(batches, tokens)
+        self._sync_grads()
+        return loss_sum, tokens
+
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
         self.model.eval()
         tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        dist.all_reduce(tokens, group=_dp_cp())
         loss_sum = self._forward_backward(batches, tokens, backward=False)
         return self._reduce_loss(loss_sum, tokens)
 
@@ -98,7 +109,7 @@ class TorchEngine:
         return loss_sum
 
     def _stage_shape(self, b):
-        bsz, s = b["tokens"].shape
+        bsz, s = b["tokens"].shape  # already this context-parallel rank's part
         if self.args.sequence_parallel:
             s //= self.args.tensor_model_parallel_size
         return (s, bsz, self.args.hidden_size)
@@ -108,9 +119,9 @@ class TorchEngine:
 
     def _sync_grads(self):
         grads = [p.grad for p in self.params if p.grad is not None]
-        if ps.get_data_parallel_world_size() > 1 and grads:
+        if ps.get_data_parallel_world_size(with_context_parallel=True) > 1 and grads:
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=ps.get_data_parallel_group())
+            dist.all_reduce(flat, group=_dp_cp())
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
         if self.args.sequence_parallel:
@@ -135,7 +146,7 @@ class TorchEngine:
     def _reduce_loss(self, loss_sum, tokens) -> float:
         """Mean token loss of the global batch, known on every rank."""
         loss = loss_sum.double().clone()
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        dist.all_reduce(loss, group=_dp_cp())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
         return (loss / tokens.double()).item()

@@ -88,3 +88,11 @@ def test_unknown_yaml_key_exits_2(tmp_path):
     cfg.write_text("num_layers: 2\nnum_layers_typo: 3\n")
     r = _run_cli(["--config", str(cfg)], tmp_path)
     assert r.returncode == 2 and "'num_layers_typo'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_context_parallel_training_matches_single(cache, tmp_path):
+    common = ["--train-iters", "4", "--num-query-groups", "2", "--no-reset-attention-mask"]
+    single = train(tmp_path, "single", common)
+    multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2"], world=2)
+    for a, b in zip(single, multi):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])

@@ -66,12 +66,15 @@ def task_grads(opts):
                          args.pipeline_model_parallel_size), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     batches = torch.load(opts["batch"])
+    if args.context_parallel_size > 1:
+        from megatron_fox.training.step import context_parallel_part
+
+        batches = [context_parallel_part(b) for b in batches]
     engine = TorchEngine(model, args, eod=opts["eod"])
-    tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-    loss_sum = engine._forward_backward(batches, tokens)
-    engine._sync_grads()
+    loss_sum, tokens = engine.gradients(batches)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    torch.save({"loss": engine._reduce_loss(loss_sum, tokens), "grads": grads, "tp": tp, "pp": pp},
+    torch.save({"loss": engine._reduce_loss(loss_sum, tokens), "grads": grads, "tp": tp, "pp": pp,
+                "cp": ps.get_context_parallel_rank()},
                os.path.join(opts["out"], f"out_{torch.distributed.get_rank()}.pt"))
 
 

@@ -10,16 +10,18 @@ from typing import Optional
 import torch
 
 
-def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+                prev0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out_t = a_t * x_{t-1} + (1 - a_t) * x_t with a_t = sigmoid(alpha_logit_t), per head.
 
     x [s, b, h, d]; alpha_logit [s, b, h]; doc_start [s, b] bool, True where a document
-    starts (x_{t-1} counts as zero there, as at t = 0). Returns [s, b, h, d] in x.dtype.
+    starts (x_{t-1} counts as zero there); prev0 [1, b, h, d]: x_{-1} (the token before this
+    chunk under context parallelism), zero if None. Returns [s, b, h, d] in x.dtype.
     """
     if x.dim() != 4 or alpha_logit.shape != x.shape[:3]:
         raise ValueError(f"token_shift: x must be [s, b, h, d] and alpha_logit [s, b, h], "
                          f"got {tuple(x.shape)} and {tuple(alpha_logit.shape)}")
-    prev = torch.cat([torch.zeros_like(x[:1]), x[:-1]], dim=0)
+    prev = torch.cat([torch.zeros_like(x[:1]) if prev0 is None else prev0.to(x.dtype), x[:-1]], dim=0)
     if doc_start is not None:
         prev = prev.masked_fill(doc_start[:, :, None, None], 0.0)
     a = torch.sigmoid(alpha_logit.float())[..., None]
