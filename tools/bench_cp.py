@@ -1,0 +1,193 @@
+"""Context-parallel FoX attention benchmark.
+
+Single-GPU mode (default): every rank's share of each ring step is run on one GPU and timed
+(forward + backward of the blocks that rank computes at that step), giving per-step
+compute per rank, the critical path (slowest rank per step, summed over steps), the steps
+and bytes skipped, and the ratio to the single-GPU op on the whole sequence.
+
+    python tools/bench_cp.py --cp 2 4 8 --lengths 32768 65536 131072
+
+Multi-GPU mode (one process per GPU, NCCL): the real ring, timed end to end.
+
+    torchrun --nproc_per_node 4 tools/bench_cp.py --multi-gpu --lengths 32768 65536 131072
+
+Setting as the kernel benchmark: 16 heads, head_dim 128, bf16, q/k RMS-normalised,
+logit_bound = sqrt(128), log_eps = -10, gate spectrum (b): half-lives 4..4096 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import gate_spectrum, make_inputs  # noqa: E402
+
+
+def _bench(fn):
+    if not torch.cuda.is_available():  # CPU smoke run (--device cpu): one timed call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def single_gpu(args):
+    from megatron_fox.ops import forgetting_attention, set_data_checks
+    from megatron_fox.ops.forgetting_attn.block import block_backward, block_forward
+    from megatron_fox.parallel.context_parallel import _needed, chunk_ids
+
+    set_data_checks(False)
+    dev = torch.device(args.device)
+    H, D = args.heads, args.head_dim
+    bound = math.sqrt(D)
+    rows = []
+    for L in args.lengths:
+        q, k, v = make_inputs(1, L, H, D, dev)
+        g = gate_spectrum(1, L, H, 4, 4096, dev)
+        do = torch.randn_like(q)
+        ins = [t.detach().requires_grad_() for t in (q, k, v, g)]
+
+        def whole():
+            o = forgetting_attention(*ins, log_eps=args.log_eps, logit_bound=bound)
+            torch.autograd.grad(o, ins[:3], do)
+
+        t_whole = _bench(whole)
+        c = torch.cumsum(g.transpose(1, 2), -1).contiguous()  # [1, H, L] global prefix sums
+        U = torch.full((1, H), bound, device=dev)
+        delta = -(2.0 * U + math.log(L)) + args.log_eps
+        for P in args.cp:
+            n = 2 * P
+            size = L // n
+            sl = [slice(j * size, (j + 1) * size) for j in range(n)]
+            starts = torch.stack([c[..., s.start] - g.transpose(1, 2)[..., s.start] for s in sl], -1)  # offsets
+            ends = torch.stack([c[..., s.stop - 1] for s in sl], -1)
+            gap = starts[..., :, None] - ends[..., None, :] - delta[..., None, None]
+            skip = (gap < 0).all(1).all(0).tolist()
+            live = [[j <= i and (j == i or not skip[i][j]) for j in range(n)] for i in range(n)]
+            causal = [[j <= i for j in range(n)] for i in range(n)]
+            chunk_bytes = 2 * size * H * D * 2 + size * H * 4  # k, v (bf16) + prefix sums (fp32)
+            per_step, skipped_steps, sent, not_sent = [], 0, 0, 0
+            for s in range(P):
+                times = []
+                for r in range(P):
+                    src = (r - s) % P
+                    blocks = _needed(r, src, P, live)
+                    if s > 0:
+                        halves = {kh for _, kh, _ in blocks}
+                        sent += len(halves) * chunk_bytes
+                        not_sent += (len({kh for _, kh, _ in _needed(r, src, P, causal)}) - len(halves)) * chunk_bytes
+                        skipped_steps += not blocks
+                    qc, kc = chunk_ids(r, P), chunk_ids(src, P)
+                    work = [(sl[qc[qh]], sl[kc[kh]], cz) for qh, kh, cz in blocks]
+
+                    def step(work=work):
+                        for qs, ks, cz in work:
+                            o, lse, _ = block_forward(q[:, qs], k[:, ks], v[:, ks], c[..., qs], c[..., ks],
+                                                      sm_scale=D ** -0.5, causal=cz, delta=delta)
+                            block_backward(q[:, qs], k[:, ks], v[:, ks], o, do[:, qs], lse, c[..., qs], c[..., ks],
+                                           sm_scale=D ** -0.5, causal=cz, delta=delta)
+
+                    times.append(_bench(step) if work else 0.0)
+                per_step.append(times)
+            critical = sum(max(t) for t in per_step)
+            row = {"L": L, "cp": P, "whole_ms": round(t_whole, 2), "critical_ms": round(critical, 2),
+                   "speedup": round(t_whole / critical, 2), "efficiency": round(t_whole / critical / P, 2),
+                   "steps": P - 1, "rank_steps_skipped": skipped_steps, "rank_steps": P * (P - 1),
+                   "bytes_sent": sent, "bytes_not_sent": not_sent,
+                   "per_step_ms": [[round(t, 2) for t in ts] for ts in per_step]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del q, k, v, g, do, ins
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"\nGPU: {name}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+    print("| L | CP | one GPU ms | critical path ms | speed-up | efficiency | rank-steps skipped | MB sent | MB not sent |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['L']} | {r['cp']} | {r['whole_ms']} | {r['critical_ms']} | {r['speedup']} | {r['efficiency']} | "
+              f"{r['rank_steps_skipped']}/{r['rank_steps']} | {r['bytes_sent'] / 2**20:.0f} | "
+              f"{r['bytes_not_sent'] / 2**20:.0f} |")
+    return rows
+
+
+def multi_gpu(args):
+    import torch.distributed as dist
+
+    from megatron_fox.ops import set_data_checks
+    from megatron_fox.parallel import context_parallel_forgetting_attention, split_for_context_parallel
+
+    set_data_checks(False)
+    dist.init_process_group("nccl")
+    r, P = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", r)))
+    dev = torch.device("cuda")
+    H, D = args.heads, args.head_dim
+    rows = []
+    for L in args.lengths:
+        torch.manual_seed(0)
+        q, k, v = make_inputs(1, L, H, D, dev)
+        g = gate_spectrum(1, L, H, 4, 4096, dev)
+        do = torch.randn_like(q)
+        parts = [split_for_context_parallel(t, 1, r, P).detach().requires_grad_() for t in (q, k, v, g)]
+        do_part = split_for_context_parallel(do, 1, r, P)
+        for log_eps in (None, args.log_eps):
+            def step():
+                o, stats = context_parallel_forgetting_attention(*parts, cp_group=dist.group.WORLD, log_eps=log_eps,
+                                                                 logit_bound=math.sqrt(D), return_stats=True)
+                torch.autograd.grad(o, parts[:3], do_part)
+                return stats
+
+            for _ in range(3):
+                stats = step()
+            torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / args.iters * 1e3
+            t = torch.tensor([ms], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent], device=dev, dtype=torch.float64)
+            dist.all_reduce(b)
+            rows.append({"L": L, "cp": P, "log_eps": log_eps, "fwd_bwd_ms": round(t.item(), 2),
+                         "bytes_sent": int(b[0]), "bytes_not_sent": int(b[1])})
+            if r == 0:
+                print(json.dumps(rows[-1]), flush=True)
+        del q, k, v, g, do, parts
+        torch.cuda.empty_cache()
+    dist.destroy_process_group()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--log-eps", type=float, default=-10.0)
+    p.add_argument("--multi-gpu", action="store_true", help="real ring under torchrun (NCCL)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cuda", help="cpu: smoke run at tiny sizes (TRITON_INTERPRET=1 or reference)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("needs CUDA (or --device cpu for a smoke run)")
+    rows = multi_gpu(args) if args.multi_gpu else single_gpu(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
