@@ -49,6 +49,7 @@ class ContextParallelStats:
     blocks_skipped: int = 0
     bytes_sent: int = 0
     bytes_not_sent: int = 0
+    bytes_causal_ring: int = 0
     skipped_pairs: list = field(default_factory=list)
     skipped_fraction: float = 0.0  # of this rank's causal attention FLOPs, at chunk granularity
 
@@ -149,6 +150,7 @@ class _RingAttention(torch.autograd.Function):
             if not blocks:
                 stats.steps_skipped += 1
             run_blocks(blocks, kv)
+        stats.bytes_not_sent = stats.bytes_causal_ring - stats.bytes_sent
         o = o_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, c, o, lse_acc)
         ctx.plan = plan
@@ -206,50 +208,111 @@ def _halves_needed(q_rank, kv_rank, size, live) -> list:
     return sorted({kh for _, kh, _ in _needed(q_rank, kv_rank, size, live)})
 
 
+def _heads_needed(q_rank, kv_rank, half, plan):
+    """(kv heads, query heads) of kv_rank's `half` that q_rank's live blocks use, or None for all."""
+    P, heads, group = plan["size"], plan["heads"], plan["group_size"]
+    if heads is None:
+        return None
+    qc, kc = chunk_ids(q_rank, P), chunk_ids(kv_rank, P)
+    q_heads = set()
+    for qh, kh, _ in _needed(q_rank, kv_rank, P, plan["live"]):
+        if kh == half:
+            q_heads |= heads[(qc[qh], kc[kh])]
+    if len(q_heads) == plan["num_heads"]:
+        return None
+    q_idx = sorted(q_heads)
+    kv_idx = sorted({h // group for h in q_idx})
+    return kv_idx, q_idx
+
+
+def _select(tensors, sel, device):
+    """The selected heads of (k, v, c) as contiguous tensors (k, v: dim 2; c: dim 1)."""
+    if sel is None:
+        return [t.contiguous() for t in tensors]
+    kv_idx, q_idx = (torch.tensor(i, device=device) for i in sel)
+    k, v, c = tensors
+    return [k.index_select(2, kv_idx).contiguous(), v.index_select(2, kv_idx).contiguous(),
+            c.index_select(1, q_idx).contiguous()]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _exchange_kv(own, s, plan, stats, count):
-    """Step s: send our needed halves to (r+s), receive (r-s)'s. Returns {half: (k, v, c)}."""
+    """Step s: send our needed halves (needed heads only) to (r+s), receive (r-s)'s.
+    Returns {half: (k, v, c)} at full head count; heads not sent get c = +1e30, so every
+    pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read."""
     P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
     dst, src = (r + s) % P, (r - s) % P
+    dev = own[0][0].device
     reqs = []
     for h in _halves_needed(dst, r, P, plan["live"]):
-        for t in own[h]:
-            reqs.append(dist.isend(t.contiguous(), ranks[dst], group=group))
+        parts = _select(own[h], _heads_needed(dst, r, h, plan), dev)
+        reqs += [dist.isend(t, ranks[dst], group=group) for t in parts]
+        if count:
+            stats.bytes_sent += _nbytes(parts)
     if count:
-        per_half = sum(t.numel() * t.element_size() for t in own[0])
-        sent = len(_halves_needed(dst, r, P, plan["live"]))
-        causal = len(_halves_needed(dst, r, P, plan["causal"]))  # what a ring without skipping sends
-        stats.bytes_sent += sent * per_half
-        stats.bytes_not_sent += (causal - sent) * per_half
-    kv = {}
+        full = _nbytes(own[0])
+        stats.bytes_causal_ring += len(_halves_needed(dst, r, P, plan["causal"])) * full
+    kv, pending = {}, []
     for h in _halves_needed(r, src, P, plan["live"]):
-        bufs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in own[h])
-        for b in bufs:
-            reqs.append(dist.irecv(b, ranks[src], group=group))
-        kv[h] = bufs
+        sel = _heads_needed(r, src, h, plan)
+        k, v, c = own[h]
+        shapes = [k.shape, v.shape, c.shape]
+        if sel is not None:
+            shapes = [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
+                      (c.shape[0], len(sel[1]), c.shape[2])]
+        bufs = [torch.empty(shp, dtype=t.dtype, device=dev) for shp, t in zip(shapes, own[h])]
+        reqs += [dist.irecv(b, ranks[src], group=group) for b in bufs]
+        pending.append((h, sel, bufs))
     for req in reqs:
         req.wait()
+    for h, sel, bufs in pending:
+        if sel is None:
+            kv[h] = tuple(bufs)
+            continue
+        k, v, c = own[h]
+        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
+        kf = torch.empty(k.shape, dtype=k.dtype, device=dev).index_copy_(2, kv_idx, bufs[0])
+        vf = torch.empty(v.shape, dtype=v.dtype, device=dev).index_copy_(2, kv_idx, bufs[1])
+        cf = torch.full(c.shape, 1e30, dtype=c.dtype, device=dev).index_copy_(1, q_idx, bufs[2])
+        kv[h] = (kf, vf, cf)
     return kv
 
 
 def _exchange_grads(grads, own, s, plan):
-    """Send the key-side gradients of (r-s)'s halves back to it; receive ours from (r+s)."""
+    """Send the key-side gradients of (r-s)'s halves back to it (needed heads only);
+    receive ours from (r+s)."""
     P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
     src, dst = (r - s) % P, (r + s) % P
+    dev = own[0][0].device
     reqs = []
     for h in _halves_needed(r, src, P, plan["live"]):
-        for t in grads[h]:
-            reqs.append(dist.isend(t.contiguous(), ranks[src], group=group))
-    back = [None, None]
+        parts = _select(grads[h], _heads_needed(r, src, h, plan), dev)
+        reqs += [dist.isend(t, ranks[src], group=group) for t in parts]
+    back, pending = [None, None], []
     for h in _halves_needed(dst, r, P, plan["live"]):
+        sel = _heads_needed(dst, r, h, plan)
         k, v, c = own[h]
-        bufs = [torch.empty(k.shape, dtype=torch.float32, device=k.device),
-                torch.empty(v.shape, dtype=torch.float32, device=v.device),
-                torch.empty(c.shape, dtype=torch.float32, device=c.device)]
-        for b in bufs:
-            reqs.append(dist.irecv(b, ranks[dst], group=group))
-        back[h] = bufs
+        shapes = [k.shape, v.shape, c.shape]
+        if sel is not None:
+            shapes = [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
+                      (c.shape[0], len(sel[1]), c.shape[2])]
+        bufs = [torch.empty(shp, dtype=torch.float32, device=dev) for shp in shapes]
+        reqs += [dist.irecv(b, ranks[dst], group=group) for b in bufs]
+        pending.append((h, sel, bufs))
     for req in reqs:
         req.wait()
+    for h, sel, bufs in pending:
+        if sel is None:
+            back[h] = bufs
+            continue
+        k, v, c = own[h]
+        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
+        back[h] = [torch.zeros(k.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[0]),
+                   torch.zeros(v.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[1]),
+                   torch.zeros(c.shape, dtype=torch.float32, device=dev).index_copy_(1, q_idx, bufs[2])]
     return back
 
 
@@ -290,6 +353,26 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     return c, offsets.detach(), chunk_sums.detach()
 
 
+def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor):
+    """Which (query chunk i, key chunk j <= i) pairs and which of their heads are live.
+
+    offsets, chunk_sums [B, H, 2P] (c before each chunk, sum of log f in it), delta [B, H].
+    Pair (i, j) is dead for a head when offset_i - (offset_j + sum_j) < delta for every batch
+    row (every pair of positions is then below the threshold). Returns (live [2P][2P] bools:
+    some head live, diagonal always; heads {(i, j): set of live heads} for live j < i).
+    """
+    n = offsets.shape[-1]
+    ends = offsets + chunk_sums
+    gap = offsets[..., :, None] - ends[..., None, :] - delta[..., None, None]  # [B, H, 2P, 2P]
+    dead = (gap < 0).all(dim=0)  # [H, 2P, 2P]
+    skip = dead.all(dim=0).tolist()
+    live = [[j <= i and (j == i or not skip[i][j]) for j in range(n)] for i in range(n)]
+    alive = (~dead).tolist()
+    heads = {(i, j): {h for h in range(len(alive)) if alive[h][i][j]}
+             for i in range(n) for j in range(i) if live[i][j]}
+    return live, heads
+
+
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -322,7 +405,7 @@ def context_parallel_forgetting_attention(
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta = None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
-    live = causal
+    live, heads = causal, None
     if log_eps is not None:
         with torch.no_grad():
             if logit_bound is None:
@@ -336,11 +419,7 @@ def context_parallel_forgetting_attention(
             else:
                 U = torch.full((B, H), logit_bound, device=q.device)
             delta = -(2.0 * U + math.log(L)) + log_eps
-            # chunk pair (i, j) skipped iff offset_i - (offset_j + sum_j) < delta for all (b, h)
-            ends = offsets + chunk_sums
-            gap = offsets[..., :, None] - ends[..., None, :] - delta[..., None, None]  # [B, H, 2P, 2P]
-            skip = (gap < 0).all(dim=1).all(dim=0).tolist()
-            live = [[j <= i and (j == i or not skip[i][j]) for j in range(2 * P)] for i in range(2 * P)]
+            live, heads = skip_table(offsets, chunk_sums, delta)
     stats = ContextParallelStats()
     flops = 0.0
     for qc in chunk_ids(r, P):
@@ -352,6 +431,7 @@ def context_parallel_forgetting_attention(
                 stats.skipped_pairs.append((qc, j))
     stats.skipped_fraction = stats.blocks_skipped / flops
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
-            "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats}
+            "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats,
+            "heads": heads, "num_heads": H, "group_size": H // k.shape[2]}
     o = _RingAttention.apply(q, k, v, c, plan)
     return (o, stats) if return_stats else o
