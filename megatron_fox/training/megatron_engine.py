@@ -96,13 +96,19 @@ class MegatronEngine:
         return self._run(batches, forward_only=True)
 
     # --- checkpoints (dist_checkpointing, torch_dist format) ------------------------------
+    @staticmethod
+    def _meta():
+        """Optimizer-state layout in checkpoints (Megatron's distrib_optim_sharding_type)."""
+        return {"distrib_optim_sharding_type": os.environ.get("MEGATRON_FOX_OPTIM_SHARDING",
+                                                              "fully_sharded_model_space")}
+
     def save(self, root: str, iteration: int) -> None:
         path = os.path.join(root, f"iter_{iteration:07d}")
         if dist.get_rank() == 0:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         model_sd = self.inner.sharded_state_dict()
-        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd),
+        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=self._meta()),
                  "iteration": iteration}
         dist_checkpointing.save(state, path)
         if dist.get_rank() == 0:
@@ -116,6 +122,7 @@ class MegatronEngine:
         path = os.path.join(root, f"iter_{iteration:07d}")
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
-        opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True)
+        opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
+                                                   metadata=self._meta())
         self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
         return iteration
