@@ -33,6 +33,22 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, tokens, {"lm loss": report}
 
 
+def _init_empty_adam_states(optimizer) -> None:
+    """Give a fresh torch Adam (used when neither Apex nor TE is installed) zero states and a
+    step, which the distributed optimizer's state_dict() needs before a checkpoint load
+    overwrites them."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = sub.optimizer
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, device=p.device if on_device else "cpu")
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
 class MegatronEngine:
     """Owns the wrapped model, the Megatron optimizer and the step of the CUDA path."""
 
@@ -98,9 +114,11 @@ class MegatronEngine:
     # --- checkpoints (dist_checkpointing, torch_dist format) ------------------------------
     @staticmethod
     def _meta():
-        """Optimizer-state layout in checkpoints (Megatron's distrib_optim_sharding_type)."""
+        """Optimizer-state layout in checkpoints (Megatron's distrib_optim_sharding_type).
+        fully_reshardable: any TP/PP/DP on resume; megatron-core 0.19.2 refuses the
+        flattened ranges of fully_sharded_model_space."""
         return {"distrib_optim_sharding_type": os.environ.get("MEGATRON_FOX_OPTIM_SHARDING",
-                                                              "fully_sharded_model_space")}
+                                                              "fully_reshardable")}
 
     def save(self, root: str, iteration: int) -> None:
         path = os.path.join(root, f"iter_{iteration:07d}")
@@ -122,6 +140,7 @@ class MegatronEngine:
         path = os.path.join(root, f"iter_{iteration:07d}")
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
+        _init_empty_adam_states(self.optimizer)
         opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
                                                    metadata=self._meta())
         self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
