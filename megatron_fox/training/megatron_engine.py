@@ -49,6 +49,29 @@ def _init_empty_adam_states(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(p)
 
 
+class _MissingIsNone(dict):
+    def __missing__(self, key):
+        return None
+
+
+def _tolerate_step_in_optimizer_state() -> None:
+    """megatron-core's distributed optimizer, on its torch-Adam fallback (no Apex, no TE),
+    keeps a 'step' tensor in each parameter's state but checkpoints hold only exp_avg and
+    exp_avg_sq; loading then looks the step up and fails (KeyError, seen with 0.19.2).
+    The step is restored from the param groups anyway, so let the lookup skip it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_fox_patched", False):
+        return
+
+    def lenient(self, model_param, tensors):
+        return original(self, model_param, _MissingIsNone(tensors))
+
+    lenient._megatron_fox_patched = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = lenient
+
+
 class MegatronEngine:
     """Owns the wrapped model, the Megatron optimizer and the step of the CUDA path."""
 
@@ -141,6 +164,7 @@ class MegatronEngine:
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
         _init_empty_adam_states(self.optimizer)
+        _tolerate_step_in_optimizer_state()
         opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
                                                    metadata=self._meta())
         self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
