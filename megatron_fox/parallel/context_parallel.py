@@ -128,11 +128,12 @@ class _RingAttention(torch.autograd.Function):
         lse_acc = torch.full((B, H, T2), float("-inf"), dtype=torch.float32, device=q.device)
         stats = plan["stats"]
 
-        def run_blocks(blocks, kv):
+        def run_blocks(blocks, kv, kv_rank):
             for qh, kh, causal in blocks:
                 kk, vv, cc = kv[kh]
                 o_b, lse_b, _ = block_forward(qs[qh], kk, vv, cs[qh], cc, sm_scale=plan["sm_scale"],
-                                              causal=causal, delta=plan["delta"])
+                                              causal=causal, delta=plan["delta"],
+                                              **_block_docs(plan, r, qh, kv_rank, kh))
                 rows = slice(qh * half, (qh + 1) * half)
                 lse_old = lse_acc[..., rows]
                 lse_new = torch.logaddexp(lse_old, lse_b)
@@ -142,14 +143,14 @@ class _RingAttention(torch.autograd.Function):
                 lse_acc[..., rows] = lse_new
 
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
-        run_blocks(_needed(r, r, P, plan["live"]), own)
+        run_blocks(_needed(r, r, P, plan["live"]), own, r)
         for s in range(1, P):
             kv = _exchange_kv(own, s, plan, stats, count=True)
             blocks = _needed(r, (r - s) % P, P, plan["live"])
             stats.steps += 1
             if not blocks:
                 stats.steps_skipped += 1
-            run_blocks(blocks, kv)
+            run_blocks(blocks, kv, (r - s) % P)
         stats.bytes_not_sent = stats.bytes_causal_ring - stats.bytes_sent
         o = o_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, c, o, lse_acc)
@@ -171,12 +172,13 @@ class _RingAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
 
-        def run_blocks(blocks, kv):
+        def run_blocks(blocks, kv, kv_rank):
             grads = [None, None]
             for qh, kh, causal in blocks:
                 kk, vv, cc = kv[kh]
                 gq, gk, gv, gcq, gck = block_backward(qs[qh], kk, vv, os_[qh], dos[qh], lses[qh], cs[qh], cc,
-                                                      sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"])
+                                                      sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"],
+                                                      **_block_docs(plan, r, qh, kv_rank, kh))
                 dq[:, sl[qh]] += gq.float()
                 dc[..., sl[qh]] += gcq
                 if grads[kh] is None:
@@ -186,14 +188,14 @@ class _RingAttention(torch.autograd.Function):
                         acc += g.float()
             return grads
 
-        for h, g in enumerate(run_blocks(_needed(r, r, P, plan["live"]), own)):
+        for h, g in enumerate(run_blocks(_needed(r, r, P, plan["live"]), own, r)):
             if g is not None:
                 dk[:, sl[h]] += g[0]
                 dv[:, sl[h]] += g[1]
                 dc[..., sl[h]] += g[2]
         for s in range(1, P):
             kv = _exchange_kv(own, s, plan, None, count=False)
-            grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv)
+            grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv, (r - s) % P)
             back = _exchange_grads(grads, own, s, plan)
             for h, g in enumerate(back):
                 if g is not None:
@@ -201,6 +203,18 @@ class _RingAttention(torch.autograd.Function):
                     dv[:, sl[h]] += g[1]
                     dc[..., sl[h]] += g[2]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
+
+
+def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
+    """doc_start / doc_end arguments of a block (relative to its key / query chunk), or {}."""
+    docs = plan["docs"]
+    if docs is None:
+        return {}
+    P, n = plan["size"], plan["chunk"]
+    qc, kc = chunk_ids(q_rank, P)[q_half], chunk_ids(kv_rank, P)[kv_half]
+    ds, de = docs
+    return {"doc_start": (ds[qc * n:(qc + 1) * n] - kc * n).clamp(0, n).to(torch.int32).contiguous(),
+            "doc_end": (de[kc * n:(kc + 1) * n] - qc * n).clamp(0, n).to(torch.int32).contiguous()}
 
 
 def _halves_needed(q_rank, kv_rank, size, live) -> list:
@@ -316,9 +330,11 @@ def _exchange_grads(grads, own, s, plan):
     return back
 
 
-def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group) -> torch.Tensor:
+def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
+                        doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FoX-Pro token shift of this rank's two chunks, [s, b, h, d] (Megatron layout), with the
-    token before each chunk taken from the rank that holds the previous chunk."""
+    token before each chunk taken from the rank that holds the previous chunk. doc_start
+    [s, b] bool marks document starts (no shift across them)."""
     from ..ops.token_shift import token_shift
 
     P, r = dist.get_world_size(group), dist.get_rank(group)
@@ -332,7 +348,7 @@ def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group) -> to
         if chunk > 0:
             owner, part = chunk_owner(chunk - 1, P)
             prev0 = every[owner, part][None]
-        out.append(token_shift(x[rows], alpha_logit[rows], None, prev0))
+        out.append(token_shift(x[rows], alpha_logit[rows], None if doc_start is None else doc_start[rows], prev0))
     return torch.cat(out, dim=0)
 
 
@@ -351,6 +367,23 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     ca, cb = chunk_ids(r, P)
     c = torch.cat([offsets[..., ca:ca + 1] + torch.cumsum(a, -1), offsets[..., cb:cb + 1] + torch.cumsum(b, -1)], -1)
     return c, offsets.detach(), chunk_sums.detach()
+
+
+def _global_documents(cu_seqlens, B, L, device):
+    """Per-position document start / end (global, int64 [L]) of a packed row, or None."""
+    if cu_seqlens is None:
+        return None
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
+                                                                                                      torch.int64):
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor of document offsets [0, ..., seq]")
+    cs = cu_seqlens.to(device=device, dtype=torch.int64)
+    if cs[0].item() != 0 or cs[-1].item() != L or bool((cs[1:] <= cs[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0, end at the global length {L} and be strictly increasing")
+    pos = torch.arange(L, device=device)
+    doc = torch.searchsorted(cs, pos, right=True) - 1
+    return cs[doc], cs[doc + 1]
 
 
 def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor):
@@ -391,17 +424,18 @@ def context_parallel_forgetting_attention(
     q [B, 2c, H, D], k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H]: this rank's chunks r and
     2P-1-r (each c long) of a sequence of 2cP tokens, concatenated. Same meaning of sm_scale,
     log_eps and logit_bound as `megatron_fox.ops.forgetting_attention`, with U and L global.
+    cu_seqlens: packed documents of the whole (global) row, batch 1, offsets [0, ..., 2cP]:
+    attention and the forget gate restart at each document, across chunk borders too.
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
     return_stats, a ContextParallelStats.
     """
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, None)
-    if cu_seqlens is not None:
-        raise ValueError("cu_seqlens: packed documents are not supported with context parallelism yet")
     if q.shape[1] % 2:
         raise ValueError(f"q: this rank's sequence ({q.shape[1]}) must hold two equal chunks")
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     L = T2 * P
+    docs = _global_documents(cu_seqlens, B, L, q.device)
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta = None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
@@ -420,6 +454,11 @@ def context_parallel_forgetting_attention(
                 U = torch.full((B, H), logit_bound, device=q.device)
             delta = -(2.0 * U + math.log(L)) + log_eps
             live, heads = skip_table(offsets, chunk_sums, delta)
+    if docs is not None:  # a chunk pair no document spans is dead
+        n = T2 // 2
+        de = docs[1]
+        live = [[live[i][j] and (i == j or int(de[(j + 1) * n - 1]) > i * n) for j in range(2 * P)]
+                for i in range(2 * P)]
     stats = ContextParallelStats()
     flops = 0.0
     for qc in chunk_ids(r, P):
@@ -432,6 +471,6 @@ def context_parallel_forgetting_attention(
     stats.skipped_fraction = stats.blocks_skipped / flops
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats,
-            "heads": heads, "num_heads": H, "group_size": H // k.shape[2]}
+            "heads": heads, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": T2 // 2}
     o = _RingAttention.apply(q, k, v, c, plan)
     return (o, stats) if return_stats else o

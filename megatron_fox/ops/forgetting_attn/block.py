@@ -25,8 +25,8 @@ def _use_triton(q) -> bool:
     return q.device.type == "cuda" or _interpreting()
 
 
-def _plan(q, sm_scale, delta):
-    return _Plan(sm_scale, delta, None, None, kernel_config(q.shape[-1], q.device))
+def _plan(q, sm_scale, delta, doc_start=None, doc_end=None):
+    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device))
 
 
 def _centered(c_q, c_k):
@@ -36,33 +36,41 @@ def _centered(c_q, c_k):
     return (c_q - ref).contiguous(), (c_k - ref).contiguous()
 
 
-def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Optional[torch.Tensor] = None):
+def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Optional[torch.Tensor] = None,
+                  doc_start: Optional[torch.Tensor] = None, doc_end: Optional[torch.Tensor] = None):
     """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] float32, first computed key block per
-    query block [B, H, nbm] int32 (None for the reference path))."""
+    query block [B, H, nbm] int32 (None for the reference path)).
+
+    Packed documents (batch 1): doc_start [T] int32, for each query the first key index (in
+    this key chunk's positions, clamped to [0, T]) of its document; doc_end [T] int32, for
+    each key one past the last query index (in the query chunk's positions, clamped) of its
+    document. Both None: no documents.
+    """
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
-        o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta)
+        o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta, doc_start)
         return o, lse, None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, _plan(q, sm_scale, delta), causal)
+    o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, _plan(q, sm_scale, delta, doc_start, doc_end), causal)
     return o, lse2 * (1.0 / LOG2E), start
 
 
 def block_backward(q, k, v, o, do, lse, c_q, c_k, *, sm_scale: float, causal: bool,
-                   delta: Optional[torch.Tensor] = None):
+                   delta: Optional[torch.Tensor] = None, doc_start: Optional[torch.Tensor] = None,
+                   doc_end: Optional[torch.Tensor] = None):
     """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows."""
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
-        return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta)
+        return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta, doc_start)
     q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
     dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, (lse * LOG2E).contiguous(), c_q, c_k, c_q, c_k,
-                                       _plan(q, sm_scale, delta), causal)
+                                       _plan(q, sm_scale, delta, doc_start, doc_end), causal)
     return dq, dk, dv, drow, -dcol
 
 
 # --- plain-PyTorch versions (CPU without the interpreter) --------------------------------
 
-def _logits(q, k, c_q, c_k, sm_scale, causal, delta):
+def _logits(q, k, c_q, c_k, sm_scale, causal, delta, doc_start=None):
     B, T, H, D = q.shape
     group = H // k.shape[2]
     qf = q.float().transpose(1, 2)
@@ -71,25 +79,28 @@ def _logits(q, k, c_q, c_k, sm_scale, causal, delta):
     if causal:
         i = torch.arange(T, device=q.device)
         s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
+    if doc_start is not None:
+        j = torch.arange(T, device=q.device)
+        s = s.masked_fill(j[None, :] < doc_start.long()[:, None], float("-inf"))
     if delta is not None:
         s = s.masked_fill((c_q[..., :, None] - c_k[..., None, :]) < delta[..., None, None], float("-inf"))
     return s
 
 
-def _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta):
+def _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta, doc_start=None):
     group = q.shape[2] // k.shape[2]
-    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta)
+    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta, doc_start)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     return (p @ vf).transpose(1, 2).to(q.dtype), lse
 
 
-def _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta):
+def _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta, doc_start=None):
     B, T, H, D = q.shape
     group = H // k.shape[2]
-    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta)
-    p = torch.exp(s - lse[..., None])  # [B, H, T, T], zero where masked
+    s = _logits(q, k, c_q, c_k, sm_scale, causal, delta, doc_start)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # [B, H, T, T], zero where masked
     dof, of = do.float().transpose(1, 2), o.float().transpose(1, 2)
     vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
     kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)

@@ -57,8 +57,11 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
             dlt = tl.load(dlt_base + offs_m)
         s_t = mm(k, tl.trans(q), DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
         p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED and CAUSAL:  # (non-causal: rows past T have lse = inf, so p = 0)
-            ok = offs_m[None, :] >= offs_n[:, None]
+        if MASKED and (CAUSAL or VARLEN):  # (else rows past T have lse = inf, so p = 0)
+            if CAUSAL:
+                ok = offs_m[None, :] >= offs_n[:, None]
+            else:
+                ok = (offs_m >= 0)[None, :] & (offs_n >= 0)[:, None]
             if VARLEN:
                 dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
                 ok = ok & (offs_n[:, None] >= dstart[None, :])
@@ -154,10 +157,10 @@ def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_bas
         if MASKED:
             if CAUSAL:
                 ok = offs_n[None, :] <= offs_m[:, None]
-                if VARLEN:
-                    ok = ok & (offs_n[None, :] >= dstart[:, None])
             else:
-                ok = (offs_n < T)[None, :]
+                ok = (offs_n < T)[None, :] & (offs_m >= 0)[:, None]
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= dstart[:, None])
             p = tl.where(ok, p, 0.0)
         dp = mm(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dlt[:, None])

@@ -36,10 +36,10 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
         if MASKED:
             if CAUSAL:
                 ok = offs_n[None, :] <= offs_m[:, None]
-                if VARLEN:
-                    ok = ok & (offs_n[None, :] >= dstart[:, None])
             else:
-                ok = (offs_n < T)[None, :]
+                ok = (offs_n < T)[None, :] & (offs_m >= 0)[:, None]
+            if VARLEN:
+                ok = ok & (offs_n[None, :] >= dstart[:, None])
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
