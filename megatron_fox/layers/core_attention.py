@@ -30,6 +30,9 @@ class FoxCoreAttention(MegatronModule):
     def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d]."""
         s, b = q.shape[:2]
+        cfg = self.config
+        if cfg.context_parallel_size > 1:
+            return self._context_parallel(q, k, v, log_fgate, logit_bound, cu_seqlens)
         if cu_seqlens is not None and b > 1:
             def pack(t):
                 return t.transpose(0, 1).reshape(1, b * s, *t.shape[2:])
@@ -37,22 +40,34 @@ class FoxCoreAttention(MegatronModule):
         else:
             args = [q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                     log_fgate.transpose(0, 1).contiguous()]
-        cfg = self.config
-        if cfg.context_parallel_size > 1:
-            from megatron.core import parallel_state
-
-            from ..parallel import context_parallel_forgetting_attention
-
-            out, stats = context_parallel_forgetting_attention(
-                *args, cp_group=parallel_state.get_context_parallel_group(), log_eps=cfg.acp_log_eps,
-                logit_bound=logit_bound, cu_seqlens=cu_seqlens, return_stats=True)
-            self.skipped_fraction = torch.tensor(stats.skipped_fraction)
-        else:
-            out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                       cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
-            if cfg.fox_collect_stats:
-                out, stats = out
-                self.skipped_fraction = stats.skipped_fraction.detach()
+        out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
+        if cfg.fox_collect_stats:
+            out, stats = out
+            self.skipped_fraction = stats.skipped_fraction.detach()
         if cu_seqlens is not None and b > 1:
             return out.view(b, s, *out.shape[2:]).transpose(0, 1)
         return out.transpose(0, 1)
+
+    def _context_parallel(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
+        """The ring op over the context-parallel group; with documents one sample at a time
+        (its offsets are per packed row)."""
+        from megatron.core import parallel_state
+
+        from ..parallel import context_parallel_forgetting_attention, sample_cu_seqlens
+
+        cfg = self.config
+        group = parallel_state.get_context_parallel_group()
+        s, b = q.shape[:2]
+        samples = [slice(None)] if cu_seqlens is None else [slice(i, i + 1) for i in range(b)]
+        outs, fractions = [], []
+        for i, rows in enumerate(samples):
+            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size)
+            out, stats = context_parallel_forgetting_attention(
+                q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1), v[:, rows].transpose(0, 1),
+                log_fgate[:, rows].transpose(0, 1).contiguous(), cp_group=group, log_eps=cfg.acp_log_eps,
+                logit_bound=logit_bound, cu_seqlens=cu, return_stats=True)
+            outs.append(out)
+            fractions.append(stats.skipped_fraction)
+        self.skipped_fraction = torch.tensor(sum(fractions) / len(fractions))
+        return torch.cat(outs, dim=0).transpose(0, 1)

@@ -107,15 +107,16 @@ class FoxSelfAttention(MegatronModule):
         if cfg.fox_kv_shift:
             shift = parts.pop(0)
             if cfg.context_parallel_size > 1:
-                if cu_seqlens is not None:
-                    raise ValueError("packed documents (cu_seqlens) with context parallelism are not supported yet")
                 from megatron.core import parallel_state
 
-                from ..parallel import shift_across_chunks
+                from ..parallel import local_document_starts, shift_across_chunks
 
                 group = parallel_state.get_context_parallel_group()
-                k = shift_across_chunks(k, shift[..., 0], group)
-                v = shift_across_chunks(v, shift[..., 1], group)
+                doc_start = None
+                if cu_seqlens is not None:
+                    doc_start = local_document_starts(cu_seqlens, s * cfg.context_parallel_size, b, group)
+                k = shift_across_chunks(k, shift[..., 0], group, doc_start)
+                v = shift_across_chunks(v, shift[..., 1], group, doc_start)
             else:
                 doc_start = _doc_start_mask(cu_seqlens, s, b, mixed.device)
                 k = token_shift(k, shift[..., 0], doc_start)

@@ -5,6 +5,8 @@ from .context_parallel import (
     all_gather_autograd,
     context_parallel_forgetting_attention,
     gather_from_context_parallel,
+    local_document_starts,
+    sample_cu_seqlens,
     shift_across_chunks,
     split_for_context_parallel,
 )
@@ -14,6 +16,8 @@ __all__ = [
     "all_gather_autograd",
     "context_parallel_forgetting_attention",
     "gather_from_context_parallel",
+    "local_document_starts",
+    "sample_cu_seqlens",
     "shift_across_chunks",
     "split_for_context_parallel",
 ]

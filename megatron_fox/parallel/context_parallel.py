@@ -352,6 +352,23 @@ def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
     return torch.cat(out, dim=0)
 
 
+def local_document_starts(cu_seqlens: torch.Tensor, seq_full: int, batch: int, group) -> torch.Tensor:
+    """[s_local, b] bool: document starts at this rank's positions. cu_seqlens index the
+    batch-major flattening of the full [b, seq_full] micro-batch."""
+    mask = torch.zeros(batch * seq_full, dtype=torch.bool, device=cu_seqlens.device)
+    mask[cu_seqlens[:-1].long()] = True
+    part = split_for_context_parallel(mask.view(batch, seq_full), 1, dist.get_rank(group), dist.get_world_size(group))
+    return part.t()
+
+
+def sample_cu_seqlens(cu_seqlens: torch.Tensor, sample: int, seq_full: int) -> torch.Tensor:
+    """Offsets of one sample's documents from the batch-major offsets of a micro-batch
+    (every sample starts a document)."""
+    lo, hi = sample * seq_full, (sample + 1) * seq_full
+    inside = cu_seqlens[(cu_seqlens >= lo) & (cu_seqlens <= hi)]
+    return (inside - lo).to(torch.int32)
+
+
 def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global c = cumsum(log f) at this rank's positions, [B, H, 2*half] (differentiable),
     plus chunk offsets and chunk sums over all 2P chunks, [B, H, 2P] each (detached)."""

@@ -187,9 +187,6 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
     if cp > 1 and args.seq_length % (2 * cp):
         raise ConfigError("seq_length", f"{args.seq_length} not divisible by 2 * context_parallel_size ({2 * cp})")
-    if cp > 1 and args.reset_attention_mask:
-        raise ConfigError("reset_attention_mask", "packed documents with context_parallel_size > 1 are not supported "
-                                                  "yet: pass --no-reset-attention-mask")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
     if args.sequence_parallel and args.seq_length % tp:

@@ -78,6 +78,9 @@ def packed_seq_params(batch: dict, eod: int) -> PackedSeqParams:
     tokens = batch["tokens"]
     cu = batch.get("cu_seqlens")
     if cu is None:  # computed here only if the batch came without it (a host sync on GPU)
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("batch: with context parallelism, cu_seqlens must come from the full sequence "
+                             "(global_batch / with_documents before the split)")
         cu = cu_seqlens_from_tokens(tokens, eod)[0]
     cu = cu.to(device=tokens.device, dtype=torch.int32)
     n = tokens.numel()

@@ -65,7 +65,7 @@ def test_equals_single_rank(shared, name, tp, pp, sp):
 
 @pytest.fixture(scope="module")
 def shared_no_docs(tmp_path_factory):
-    """Same as `shared` without packed documents (context parallelism does not pack yet)."""
+    """Same as `shared` without packed documents."""
     d = tmp_path_factory.mktemp("equiv_cp")
     opts = {"weights": str(d / "weights.pt"), "batch": str(d / "batch.pt"), "eod": EOD,
             "seed": int(torch.randint(0, 10**6, ())), "extra": ["--no-reset-attention-mask"]}
@@ -77,9 +77,10 @@ def shared_no_docs(tmp_path_factory):
     return d, opts, torch.load(ref_dir / "out_0.pt")
 
 
-@pytest.mark.parametrize("name,tp,cp,world", [("cp2", 1, 2, 2), ("tp2_cp2", 2, 2, 4)])
-def test_context_parallel_equals_single_rank(shared_no_docs, name, tp, cp, world):
-    d, opts, ref = shared_no_docs
+@pytest.mark.parametrize("name,tp,cp,world,docs", [("cp2", 1, 2, 2, False), ("cp2_docs", 1, 2, 2, True),
+                                                   ("tp2_cp2_docs", 2, 2, 4, True)])
+def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs):
+    d, opts, ref = request.getfixturevalue("shared" if docs else "shared_no_docs")
     out = d / name
     out.mkdir()
     launch("grads", world, dict(opts, out=str(out), tp=tp, cp=cp, sp=tp > 1))

@@ -91,7 +91,7 @@ def test_unknown_yaml_key_exits_2(tmp_path):
 
 
 def test_context_parallel_training_matches_single(cache, tmp_path):
-    common = ["--train-iters", "4", "--num-query-groups", "2", "--no-reset-attention-mask"]
+    common = ["--train-iters", "4", "--num-query-groups", "2"]  # packed documents (the default)
     single = train(tmp_path, "single", common)
     multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2"], world=2)
     for a, b in zip(single, multi):

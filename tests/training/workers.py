@@ -66,9 +66,11 @@ def task_grads(opts):
                          args.pipeline_model_parallel_size), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     batches = torch.load(opts["batch"])
-    if args.context_parallel_size > 1:
-        from megatron_fox.training.step import context_parallel_part
+    from megatron_fox.training.step import context_parallel_part, with_documents
 
+    if args.reset_attention_mask:
+        batches = [with_documents(b, opts["eod"]) for b in batches]
+    if args.context_parallel_size > 1:
         batches = [context_parallel_part(b) for b in batches]
     engine = TorchEngine(model, args, eod=opts["eod"])
     loss_sum, tokens = engine.gradients(batches)
