@@ -115,7 +115,6 @@ def single_gpu(args):
                    "per_step_ms": [[round(t, 2) for t in ts] for ts in per_step]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del q, k, v, g, do, ins
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"\nGPU: {name}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
@@ -173,7 +172,6 @@ def multi_gpu(args):
                          "bytes_sent": int(b[0]), "bytes_not_sent": int(b[1])})
             if r == 0:
                 print(json.dumps(rows[-1]), flush=True)
-        del q, k, v, g, do, parts
         torch.cuda.empty_cache()
     dist.destroy_process_group()
     return rows

@@ -14,7 +14,6 @@ from .common import (
     AttentionStats,
     check_inputs,
     document_maps,
-    forget_prefix_sums,
     logit_bound_per_head,
     pruning_threshold,
 )

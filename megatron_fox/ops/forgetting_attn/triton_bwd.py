@@ -12,7 +12,7 @@ sums. Both skip the blocks that the forward pruning rule skips.
 import triton
 import triton.language as tl
 
-from .triton_utils import mm
+from .triton_utils import key_ranges, load_key_block, mm, visible
 
 
 @triton.jit
@@ -140,27 +140,14 @@ def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_bas
                     lo, hi, T, qk_scale,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+    tl.arange(0, HEAD_DIM)
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < T
-            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            ck = tl.load(c_base + offs_n, mask=in_seq, other=0.0) * 1.4426950408889634
-        else:
-            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
-            ck = tl.load(c_base + offs_n) * 1.4426950408889634
+        k, v, ck = load_key_block(k_base, v_base, c_base, offs_n, s_kt, s_vt, T, HEAD_DIM, MASKED)
         s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         p = tl.exp2(s - lse[:, None])
         if MASKED:
-            if CAUSAL:
-                ok = offs_n[None, :] <= offs_m[:, None]
-            else:
-                ok = (offs_n < T)[None, :] & (offs_m >= 0)[:, None]
-            if VARLEN:
-                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            ok = visible(offs_m, offs_n, dstart, T, CAUSAL, VARLEN)
             p = tl.where(ok, p, 0.0)
         dp = mm(do, tl.trans(v), DOT_PREC)
         ds = p * (dp - dlt[:, None])
@@ -196,23 +183,8 @@ def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
 
-    row_last = tl.minimum(m0 + BLOCK_M, T) - 1
-    n_lo = tl.load(START + bh * NBM + pid_m)
-    if CAUSAL:
-        n_hi = (row_last + BLOCK_N) // BLOCK_N
-        n_causal_full = (m0 + 1) // BLOCK_N
-    else:
-        n_hi = (T + BLOCK_N - 1) // BLOCK_N
-        n_causal_full = T // BLOCK_N
-    if VARLEN:
-        dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
-        n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
-    else:
-        dstart = offs_m
-        n_doc_full = 0
-    a = n_lo
-    b_ = tl.minimum(tl.maximum(n_doc_full, a), n_hi)
-    c_ = tl.minimum(tl.maximum(n_causal_full, b_), n_hi)
+    a, b_, c_, n_hi, dstart = key_ranges(START, DOCSTART, bh, NBM, pid_m, m0, offs_m, row_ok, T,
+                                         BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     drow = tl.zeros([BLOCK_M], dtype=tl.float32)
     if VARLEN:

@@ -10,7 +10,7 @@ by `START` (document start and ACP boundary) and is split into ranges that need 
 import triton
 import triton.language as tl
 
-from .triton_utils import mm
+from .triton_utils import key_ranges, load_key_block, mm, visible
 
 LOG2E = 1.4426950408889634
 
@@ -20,26 +20,13 @@ def _fwd_block_range(acc, m_i, l_i, q, cq, offs_m, dstart, K, V, c_base, k_base,
                      lo, hi, T, qk_scale,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+    tl.arange(0, HEAD_DIM)
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < T
-            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-            ck = tl.load(c_base + offs_n, mask=in_seq, other=0.0) * 1.4426950408889634
-        else:
-            k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
-            ck = tl.load(c_base + offs_n) * 1.4426950408889634
+        k, v, ck = load_key_block(k_base, v_base, c_base, offs_n, s_kt, s_vt, T, HEAD_DIM, MASKED)
         s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
         if MASKED:
-            if CAUSAL:
-                ok = offs_n[None, :] <= offs_m[:, None]
-            else:
-                ok = (offs_n < T)[None, :] & (offs_m >= 0)[:, None]
-            if VARLEN:
-                ok = ok & (offs_n[None, :] >= dstart[:, None])
+            ok = visible(offs_m, offs_n, dstart, T, CAUSAL, VARLEN)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -75,23 +62,8 @@ def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
 
-    row_last = tl.minimum(m0 + BLOCK_M, T) - 1
-    n_lo = tl.load(START + pid_bh * NBM + pid_m)
-    if CAUSAL:
-        n_hi = (row_last + BLOCK_N) // BLOCK_N
-        n_causal_full = (m0 + 1) // BLOCK_N  # blocks below this hold only keys <= every row
-    else:
-        n_hi = (T + BLOCK_N - 1) // BLOCK_N
-        n_causal_full = T // BLOCK_N  # every full block; the partial last one is masked
-    if VARLEN:
-        dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
-        n_doc_full = (tl.load(DOCSTART + row_last) + BLOCK_N - 1) // BLOCK_N
-    else:
-        dstart = offs_m
-        n_doc_full = 0
-    a = n_lo
-    b_ = tl.minimum(tl.maximum(n_doc_full, a), n_hi)
-    c_ = tl.minimum(tl.maximum(n_causal_full, b_), n_hi)
+    a, b_, c_, n_hi, dstart = key_ranges(START, DOCSTART, pid_bh, NBM, pid_m, m0, offs_m, row_ok, T,
+                                         BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
