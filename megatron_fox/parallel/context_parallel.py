@@ -249,6 +249,15 @@ def _select(tensors, sel, device):
             c.index_select(1, q_idx).contiguous()]
 
 
+def _wire_shapes(half, sel) -> list:
+    """Shapes of (k, v, c) of a half as sent: all heads, or the selected ones."""
+    k, v, c = half
+    if sel is None:
+        return [k.shape, v.shape, c.shape]
+    return [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
+            (c.shape[0], len(sel[1]), c.shape[2])]
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -272,11 +281,7 @@ def _exchange_kv(own, s, plan, stats, count):
     kv, pending = {}, []
     for h in _halves_needed(r, src, P, plan["live"]):
         sel = _heads_needed(r, src, h, plan)
-        k, v, c = own[h]
-        shapes = [k.shape, v.shape, c.shape]
-        if sel is not None:
-            shapes = [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
-                      (c.shape[0], len(sel[1]), c.shape[2])]
+        shapes = _wire_shapes(own[h], sel)
         bufs = [torch.empty(shp, dtype=t.dtype, device=dev) for shp, t in zip(shapes, own[h])]
         reqs += [dist.irecv(b, ranks[src], group=group) for b in bufs]
         pending.append((h, sel, bufs))
@@ -308,11 +313,7 @@ def _exchange_grads(grads, own, s, plan):
     back, pending = [None, None], []
     for h in _halves_needed(dst, r, P, plan["live"]):
         sel = _heads_needed(dst, r, h, plan)
-        k, v, c = own[h]
-        shapes = [k.shape, v.shape, c.shape]
-        if sel is not None:
-            shapes = [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
-                      (c.shape[0], len(sel[1]), c.shape[2])]
+        shapes = _wire_shapes(own[h], sel)
         bufs = [torch.empty(shp, dtype=torch.float32, device=dev) for shp in shapes]
         reqs += [dist.irecv(b, ranks[dst], group=group) for b in bufs]
         pending.append((h, sel, bufs))

@@ -22,6 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from ..checkpoint import iteration_dir, read_latest, write_latest
 from .step import lr_at, micro_batch_iterator, model_forward
 
 
@@ -144,7 +145,7 @@ class MegatronEngine:
                                                               "fully_reshardable")}
 
     def save(self, root: str, iteration: int) -> None:
-        path = os.path.join(root, f"iter_{iteration:07d}")
+        path = iteration_dir(root, iteration)
         if dist.get_rank() == 0:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
@@ -152,15 +153,11 @@ class MegatronEngine:
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=self._meta()),
                  "iteration": iteration}
         dist_checkpointing.save(state, path)
-        if dist.get_rank() == 0:
-            with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write(str(iteration))
-        dist.barrier()
+        write_latest(root, iteration)
 
     def load(self, root: str) -> int:
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
-            iteration = int(f.read().strip())
-        path = os.path.join(root, f"iter_{iteration:07d}")
+        iteration = read_latest(root)
+        path = iteration_dir(root, iteration)
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
         _init_empty_adam_states(self.optimizer)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..checkpoint import iteration_dir, read_latest, write_latest
 from .step import lr_at, model_forward
 
 
@@ -154,7 +155,7 @@ class TorchEngine:
     # --- checkpoints --------------------------------------------------------------------
     def _rank_file(self, root, iteration):
         tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        return os.path.join(root, f"iter_{iteration:07d}", f"mp_rank_{tp:02d}_{pp:03d}.pt")
+        return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}.pt")
 
     def save(self, root: str, iteration: int) -> None:
         """Model, optimizer, RNG and iteration; data-parallel rank 0 of each model shard writes."""
@@ -164,16 +165,11 @@ class TorchEngine:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "iteration": iteration}, path + ".tmp")
             os.replace(path + ".tmp", path)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write(str(iteration))
-        dist.barrier()
+        write_latest(root, iteration)
 
     def load(self, root: str) -> int:
         """Resume from the latest checkpoint under root; returns its iteration."""
-        with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
-            iteration = int(f.read().strip())
+        iteration = read_latest(root)
         state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -27,18 +27,23 @@ def make_batches(seq=32, mbs=2, micro=2, vocab=128):
     return batches
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("equiv")
+def _prepare(tmp_path_factory, name, extra):
+    """Shared weights and batch, and the single-process reference loss and gradients."""
+    d = tmp_path_factory.mktemp(name)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     opts = {"weights": str(d / "weights.pt"), "batch": str(d / "batch.pt"), "eod": EOD,
-            "seed": int(torch.randint(0, 10**6, ()))}
+            "seed": int(torch.randint(0, 10**6, ())), "extra": extra}
     torch.save(make_batches(), opts["batch"])
     launch("init", 1, opts)
     ref_dir = d / "ref"
     ref_dir.mkdir()
     launch("grads", 1, dict(opts, out=str(ref_dir)))
     return d, opts, torch.load(ref_dir / "out_0.pt")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return _prepare(tmp_path_factory, "equiv", [])
 
 
 def _gather(out_dir, world, tp, pp):
@@ -66,15 +71,7 @@ def test_equals_single_rank(shared, name, tp, pp, sp):
 @pytest.fixture(scope="module")
 def shared_no_docs(tmp_path_factory):
     """Same as `shared` without packed documents."""
-    d = tmp_path_factory.mktemp("equiv_cp")
-    opts = {"weights": str(d / "weights.pt"), "batch": str(d / "batch.pt"), "eod": EOD,
-            "seed": int(torch.randint(0, 10**6, ())), "extra": ["--no-reset-attention-mask"]}
-    torch.save(make_batches(), opts["batch"])
-    launch("init", 1, opts)
-    ref_dir = d / "ref"
-    ref_dir.mkdir()
-    launch("grads", 1, dict(opts, out=str(ref_dir)))
-    return d, opts, torch.load(ref_dir / "out_0.pt")
+    return _prepare(tmp_path_factory, "equiv_cp", ["--no-reset-attention-mask"])
 
 
 @pytest.mark.parametrize("name,tp,cp,world,docs", [("cp2", 1, 2, 2, False), ("cp2_docs", 1, 2, 2, True),
