@@ -124,8 +124,12 @@ def run(args) -> list[dict]:
     start = engine.load(args.load) if args.load else 0
     writer = None
     if rank0 and args.tensorboard_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("megatron_fox.train: error: config key 'tensorboard_dir': the tensorboard package is not "
+                  "installed (pip install tensorboard)", file=sys.stderr)
+            sys.exit(2)
         writer = SummaryWriter(args.tensorboard_dir)
     if rank0:
         n_params = sum(p.numel() for p in model.parameters())
