@@ -6,6 +6,7 @@ from .forgetting_attn import (
     Tile,
     forgetting_attention,
     forgetting_attention_reference,
+    no_data_checks,
     set_data_checks,
     set_kernel_config,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Tile",
     "forgetting_attention",
     "forgetting_attention_reference",
+    "no_data_checks",
     "set_data_checks",
     "set_kernel_config",
 ]

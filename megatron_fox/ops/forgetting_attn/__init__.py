@@ -1,6 +1,6 @@
 """Forgetting attention (FoX) with Adaptive Computation Pruning: Triton kernels and reference."""
 
-from .common import AttentionStats, set_data_checks
+from .common import AttentionStats, no_data_checks, set_data_checks
 from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config
 from .reference import forgetting_attention_reference
 
@@ -11,6 +11,7 @@ __all__ = [
     "forgetting_attention",
     "forgetting_attention_reference",
     "kernel_config",
+    "no_data_checks",
     "set_data_checks",
     "set_kernel_config",
 ]

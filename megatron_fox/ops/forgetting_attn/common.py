@@ -7,6 +7,7 @@ log_fgate [B, T, H] (float32, <= 0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ def set_data_checks(enabled: bool) -> None:
     """Enable or disable the checks that read tensor values (one host sync per call)."""
     global _DATA_CHECKS
     _DATA_CHECKS = bool(enabled)
+
+
+@contextlib.contextmanager
+def no_data_checks():
+    """Skip the value checks inside the block (for callers that build valid inputs)."""
+    global _DATA_CHECKS
+    saved, _DATA_CHECKS = _DATA_CHECKS, False
+    try:
+        yield
+    finally:
+        _DATA_CHECKS = saved
 
 
 @dataclass
