@@ -17,15 +17,17 @@ def megatron_world():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    assert not dist.is_initialized(), "another test left a process group behind"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
+    # leave no process group behind: later tests fork workers that start their own
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
 
 
 def test_token_shift_matches_loop():
