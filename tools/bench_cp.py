@@ -43,7 +43,9 @@ def _bench(fn):
 def single_gpu(args):
     from megatron_fox.ops import forgetting_attention, set_data_checks
     from megatron_fox.ops.forgetting_attn.block import block_backward, block_forward
-    from megatron_fox.parallel.context_parallel import _heads_needed, _needed, chunk_ids, skip_table
+    from megatron_fox.parallel import skip_table
+    from megatron_fox.parallel.exchange import _heads_needed, _needed
+    from megatron_fox.parallel.layout import chunk_ids
 
     set_data_checks(False)
     dev = torch.device(args.device)

@@ -2,22 +2,23 @@
 
 from .context_parallel import (
     ContextParallelStats,
-    all_gather_autograd,
     context_parallel_forgetting_attention,
-    gather_from_context_parallel,
-    local_document_starts,
-    sample_cu_seqlens,
+    global_prefix_sums,
     shift_across_chunks,
-    split_for_context_parallel,
+    skip_table,
 )
+from .exchange import all_gather_autograd
+from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
 
 __all__ = [
     "ContextParallelStats",
     "all_gather_autograd",
     "context_parallel_forgetting_attention",
     "gather_from_context_parallel",
+    "global_prefix_sums",
     "local_document_starts",
     "sample_cu_seqlens",
     "shift_across_chunks",
+    "skip_table",
     "split_for_context_parallel",
 ]

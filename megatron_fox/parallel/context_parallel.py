@@ -17,7 +17,8 @@ chunk j) pair is skipped when offset_i - (offset_j + sum_j) < delta for every (b
 head): offset_i >= c at chunk i's first query and offset_j + sum_j = c at chunk j's last
 key, so every pair of the two chunks is below the threshold. Every rank evaluates the same
 table before any transfer: a chunk nobody needs is neither sent nor computed, and steps
-where no rank needs anything cost nothing.
+where no rank needs anything cost nothing. The same test per head decides which heads of a
+live pair travel (exchange.py); layout helpers are in layout.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import check_inputs
+from .exchange import _block_docs, _exchange_grads, _exchange_kv, _needed, all_gather_autograd
+from .layout import _global_documents, chunk_ids, chunk_owner
 
 
 @dataclass
@@ -52,69 +55,6 @@ class ContextParallelStats:
     bytes_causal_ring: int = 0
     skipped_pairs: list = field(default_factory=list)
     skipped_fraction: float = 0.0  # of this rank's causal attention FLOPs, at chunk granularity
-
-
-class _AllGather(torch.autograd.Function):
-    """[...] -> [P, ...] over the group; backward sums the gradient over ranks, keeps ours."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        size = dist.get_world_size(group)
-        out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
-        return out.view(size, *x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
-
-
-def all_gather_autograd(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-gather: x [...] -> [P, ...]."""
-    return _AllGather.apply(x, group)
-
-
-def chunk_ids(rank: int, size: int) -> tuple[int, int]:
-    """Global chunk indices (front, back) held by `rank` in the load-balanced layout."""
-    return rank, 2 * size - 1 - rank
-
-
-def chunk_owner(chunk: int, size: int) -> tuple[int, int]:
-    """(rank, 0 for its front half / 1 for its back half) holding global `chunk`."""
-    return (chunk, 0) if chunk < size else (2 * size - 1 - chunk, 1)
-
-
-def split_for_context_parallel(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's part of a full-sequence tensor: chunks rank and 2*size-1-rank along dim."""
-    chunks = x.chunk(2 * size, dim=dim)
-    a, b = chunk_ids(rank, size)
-    return torch.cat([chunks[a], chunks[b]], dim=dim)
-
-
-def gather_from_context_parallel(parts: list, dim: int) -> torch.Tensor:
-    """Inverse of split_for_context_parallel given every rank's part (rank order)."""
-    size = len(parts)
-    chunks = [None] * (2 * size)
-    for r, p in enumerate(parts):
-        a, b = chunk_ids(r, size)
-        chunks[a], chunks[b] = p.chunk(2, dim=dim)
-    return torch.cat(chunks, dim=dim)
-
-
-def _needed(q_rank: int, kv_rank: int, size: int, live) -> list:
-    """(query half, key half, causal) blocks rank q_rank computes with kv_rank's chunks."""
-    qa, qb = chunk_ids(q_rank, size)
-    ka, kb = chunk_ids(kv_rank, size)
-    out = []
-    for qh, qc in ((0, qa), (1, qb)):
-        for kh, kc in ((0, ka), (1, kb)):
-            if kc <= qc and live[qc][kc]:
-                out.append((qh, kh, kc == qc))
-    return out
-
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
@@ -204,133 +144,6 @@ class _RingAttention(torch.autograd.Function):
                     dc[..., sl[h]] += g[2]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
 
-
-def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
-    """doc_start / doc_end arguments of a block (relative to its key / query chunk), or {}."""
-    docs = plan["docs"]
-    if docs is None:
-        return {}
-    P, n = plan["size"], plan["chunk"]
-    qc, kc = chunk_ids(q_rank, P)[q_half], chunk_ids(kv_rank, P)[kv_half]
-    ds, de = docs
-    return {"doc_start": (ds[qc * n:(qc + 1) * n] - kc * n).clamp(0, n).to(torch.int32).contiguous(),
-            "doc_end": (de[kc * n:(kc + 1) * n] - qc * n).clamp(0, n).to(torch.int32).contiguous()}
-
-
-def _halves_needed(q_rank, kv_rank, size, live) -> list:
-    """Which of kv_rank's halves q_rank needs (sorted, unique)."""
-    return sorted({kh for _, kh, _ in _needed(q_rank, kv_rank, size, live)})
-
-
-def _heads_needed(q_rank, kv_rank, half, plan):
-    """(kv heads, query heads) of kv_rank's `half` that q_rank's live blocks use, or None for all."""
-    P, heads, group = plan["size"], plan["heads"], plan["group_size"]
-    if heads is None:
-        return None
-    qc, kc = chunk_ids(q_rank, P), chunk_ids(kv_rank, P)
-    q_heads = set()
-    for qh, kh, _ in _needed(q_rank, kv_rank, P, plan["live"]):
-        if kh == half:
-            q_heads |= heads[(qc[qh], kc[kh])]
-    if len(q_heads) == plan["num_heads"]:
-        return None
-    q_idx = sorted(q_heads)
-    kv_idx = sorted({h // group for h in q_idx})
-    return kv_idx, q_idx
-
-
-def _select(tensors, sel, device):
-    """The selected heads of (k, v, c) as contiguous tensors (k, v: dim 2; c: dim 1)."""
-    if sel is None:
-        return [t.contiguous() for t in tensors]
-    kv_idx, q_idx = (torch.tensor(i, device=device) for i in sel)
-    k, v, c = tensors
-    return [k.index_select(2, kv_idx).contiguous(), v.index_select(2, kv_idx).contiguous(),
-            c.index_select(1, q_idx).contiguous()]
-
-
-def _wire_shapes(half, sel) -> list:
-    """Shapes of (k, v, c) of a half as sent: all heads, or the selected ones."""
-    k, v, c = half
-    if sel is None:
-        return [k.shape, v.shape, c.shape]
-    return [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
-            (c.shape[0], len(sel[1]), c.shape[2])]
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _exchange_kv(own, s, plan, stats, count):
-    """Step s: send our needed halves (needed heads only) to (r+s), receive (r-s)'s.
-    Returns {half: (k, v, c)} at full head count; heads not sent get c = +1e30, so every
-    pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read."""
-    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
-    dst, src = (r + s) % P, (r - s) % P
-    dev = own[0][0].device
-    reqs = []
-    for h in _halves_needed(dst, r, P, plan["live"]):
-        parts = _select(own[h], _heads_needed(dst, r, h, plan), dev)
-        reqs += [dist.isend(t, ranks[dst], group=group) for t in parts]
-        if count:
-            stats.bytes_sent += _nbytes(parts)
-    if count:
-        full = _nbytes(own[0])
-        stats.bytes_causal_ring += len(_halves_needed(dst, r, P, plan["causal"])) * full
-    kv, pending = {}, []
-    for h in _halves_needed(r, src, P, plan["live"]):
-        sel = _heads_needed(r, src, h, plan)
-        shapes = _wire_shapes(own[h], sel)
-        bufs = [torch.empty(shp, dtype=t.dtype, device=dev) for shp, t in zip(shapes, own[h])]
-        reqs += [dist.irecv(b, ranks[src], group=group) for b in bufs]
-        pending.append((h, sel, bufs))
-    for req in reqs:
-        req.wait()
-    for h, sel, bufs in pending:
-        if sel is None:
-            kv[h] = tuple(bufs)
-            continue
-        k, v, c = own[h]
-        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
-        kf = torch.empty(k.shape, dtype=k.dtype, device=dev).index_copy_(2, kv_idx, bufs[0])
-        vf = torch.empty(v.shape, dtype=v.dtype, device=dev).index_copy_(2, kv_idx, bufs[1])
-        cf = torch.full(c.shape, 1e30, dtype=c.dtype, device=dev).index_copy_(1, q_idx, bufs[2])
-        kv[h] = (kf, vf, cf)
-    return kv
-
-
-def _exchange_grads(grads, own, s, plan):
-    """Send the key-side gradients of (r-s)'s halves back to it (needed heads only);
-    receive ours from (r+s)."""
-    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
-    src, dst = (r - s) % P, (r + s) % P
-    dev = own[0][0].device
-    reqs = []
-    for h in _halves_needed(r, src, P, plan["live"]):
-        parts = _select(grads[h], _heads_needed(r, src, h, plan), dev)
-        reqs += [dist.isend(t, ranks[src], group=group) for t in parts]
-    back, pending = [None, None], []
-    for h in _halves_needed(dst, r, P, plan["live"]):
-        sel = _heads_needed(dst, r, h, plan)
-        shapes = _wire_shapes(own[h], sel)
-        bufs = [torch.empty(shp, dtype=torch.float32, device=dev) for shp in shapes]
-        reqs += [dist.irecv(b, ranks[dst], group=group) for b in bufs]
-        pending.append((h, sel, bufs))
-    for req in reqs:
-        req.wait()
-    for h, sel, bufs in pending:
-        if sel is None:
-            back[h] = bufs
-            continue
-        k, v, c = own[h]
-        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
-        back[h] = [torch.zeros(k.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[0]),
-                   torch.zeros(v.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[1]),
-                   torch.zeros(c.shape, dtype=torch.float32, device=dev).index_copy_(1, q_idx, bufs[2])]
-    return back
-
-
 def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
                         doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FoX-Pro token shift of this rank's two chunks, [s, b, h, d] (Megatron layout), with the
@@ -352,24 +165,6 @@ def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
         out.append(token_shift(x[rows], alpha_logit[rows], None if doc_start is None else doc_start[rows], prev0))
     return torch.cat(out, dim=0)
 
-
-def local_document_starts(cu_seqlens: torch.Tensor, seq_full: int, batch: int, group) -> torch.Tensor:
-    """[s_local, b] bool: document starts at this rank's positions. cu_seqlens index the
-    batch-major flattening of the full [b, seq_full] micro-batch."""
-    mask = torch.zeros(batch * seq_full, dtype=torch.bool, device=cu_seqlens.device)
-    mask[cu_seqlens[:-1].long()] = True
-    part = split_for_context_parallel(mask.view(batch, seq_full), 1, dist.get_rank(group), dist.get_world_size(group))
-    return part.t()
-
-
-def sample_cu_seqlens(cu_seqlens: torch.Tensor, sample: int, seq_full: int) -> torch.Tensor:
-    """Offsets of one sample's documents from the batch-major offsets of a micro-batch
-    (every sample starts a document)."""
-    lo, hi = sample * seq_full, (sample + 1) * seq_full
-    inside = cu_seqlens[(cu_seqlens >= lo) & (cu_seqlens <= hi)]
-    return (inside - lo).to(torch.int32)
-
-
 def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global c = cumsum(log f) at this rank's positions, [B, H, 2*half] (differentiable),
     plus chunk offsets and chunk sums over all 2P chunks, [B, H, 2P] each (detached)."""
@@ -385,24 +180,6 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     ca, cb = chunk_ids(r, P)
     c = torch.cat([offsets[..., ca:ca + 1] + torch.cumsum(a, -1), offsets[..., cb:cb + 1] + torch.cumsum(b, -1)], -1)
     return c, offsets.detach(), chunk_sums.detach()
-
-
-def _global_documents(cu_seqlens, B, L, device):
-    """Per-position document start / end (global, int64 [L]) of a packed row, or None."""
-    if cu_seqlens is None:
-        return None
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32,
-                                                                                                      torch.int64):
-        raise ValueError("cu_seqlens must be a 1-D int32 tensor of document offsets [0, ..., seq]")
-    cs = cu_seqlens.to(device=device, dtype=torch.int64)
-    if cs[0].item() != 0 or cs[-1].item() != L or bool((cs[1:] <= cs[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0, end at the global length {L} and be strictly increasing")
-    pos = torch.arange(L, device=device)
-    doc = torch.searchsorted(cs, pos, right=True) - 1
-    return cs[doc], cs[doc + 1]
-
 
 def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor):
     """Which (query chunk i, key chunk j <= i) pairs and which of their heads are live.
@@ -422,7 +199,6 @@ def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Ten
     heads = {(i, j): {h for h in range(len(alive)) if alive[h][i][j]}
              for i in range(n) for j in range(i) if live[i][j]}
     return live, heads
-
 
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
