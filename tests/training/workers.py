@@ -119,3 +119,6 @@ def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
 
 if __name__ == "__main__":
     globals()[f"task_{sys.argv[1]}"](json.loads(sys.argv[2]))
+    if torch.distributed.is_initialized():  # orderly exit: gloo threads stopped before teardown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
