@@ -42,10 +42,11 @@ def close(a, b, what):
     assert err <= 2e-4 * b.abs().max().item() + 1e-6, f"{what}: max abs err {err}"
 
 
-@pytest.mark.parametrize("world,log_eps,gate,docs", [(2, None, 2.0, False), (2, -10.0, -2.0, False),
-                                                     (4, -10.0, -2.0, False), (4, -10.0, 4.0, False),
-                                                     (4, None, 1.0, False), (2, None, 2.0, True), (4, -10.0, 3.0, True)])
-def test_matches_single_process(tmp_path, world, log_eps, gate, docs):
+@pytest.mark.parametrize("world,log_eps,gate,docs,data_bound", [
+    (2, None, 2.0, False, False), (2, -10.0, -2.0, False, False), (4, -10.0, -2.0, False, False),
+    (4, -10.0, 4.0, False, False), (4, None, 1.0, False, False), (2, None, 2.0, True, False),
+    (4, -10.0, 3.0, True, False), (4, -10.0, -2.0, False, True)])
+def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound):
     B, T, H, Hkv, D = 1, 16 * 2 * world, 4, 2, 64
     q = F.rms_norm(torch.randn(B, T, H, D), (D,))
     k = F.rms_norm(torch.randn(B, T, Hkv, D), (D,))
@@ -55,7 +56,7 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs):
     f = F.logsigmoid(torch.randn(B, T, H) * 0.1 + shift)
     do = torch.randn(B, T, H, D)
     torch.save({"q": q, "k": k, "v": v, "f": f, "do": do}, tmp_path / "in.pt")
-    bound = math.sqrt(D) * 1.0001
+    bound = None if data_bound else math.sqrt(D) * 1.0001  # None: U all-reduced from the data
     cu = None
     if docs:  # documents crossing chunk borders (chunks are 16 long), one inside a chunk, one of length 1
         cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
