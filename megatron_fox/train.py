@@ -137,7 +137,7 @@ def run(args) -> list[dict]:
               f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, DP "
               f"{args.data_parallel_size}); params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; start step {start}", flush=True)
-    history = []
+    history, saved_at = [], None
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
     tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(start, args.train_iters):
@@ -173,11 +173,11 @@ def run(args) -> list[dict]:
         stop = args.exit_interval is not None and it + 1 >= args.exit_interval
         if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or stop):
             engine.save(args.save, it + 1)
+            saved_at = it + 1
         if stop:
             break
     bar.close()
-    if args.save and history and (args.save_interval is None or history[-1]["step"] % args.save_interval) \
-            and not (args.exit_interval is not None and history[-1]["step"] >= args.exit_interval):
+    if args.save and history and saved_at != history[-1]["step"]:  # the final state, unless just saved
         engine.save(args.save, history[-1]["step"])
     if writer:
         writer.close()

@@ -17,7 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from ..ops.token_shift import head_rms_norm, token_shift
+from ..ops.token_shift import document_start_mask, head_rms_norm, token_shift
 from .core_attention import FoxCoreAttention
 from .head_params import HeadParams
 
@@ -118,7 +118,7 @@ class FoxSelfAttention(MegatronModule):
                 k = shift_across_chunks(k, shift[..., 0], group, doc_start)
                 v = shift_across_chunks(v, shift[..., 1], group, doc_start)
             else:
-                doc_start = _doc_start_mask(cu_seqlens, s, b, mixed.device)
+                doc_start = None if cu_seqlens is None else document_start_mask(cu_seqlens, s, b)
                 k = token_shift(k, shift[..., 0], doc_start)
                 v = token_shift(v, shift[..., 1], doc_start)
         hp = self.head_params
@@ -132,12 +132,3 @@ class FoxSelfAttention(MegatronModule):
         if ogate is not None:
             out = out * torch.sigmoid(ogate.float()).to(out.dtype)
         return self.linear_proj(out.reshape(s, b, self.heads * d))
-
-
-def _doc_start_mask(cu_seqlens, s, b, device):
-    """[s, b] bool, True at document starts; cu_seqlens index the batch-major flattening b*s."""
-    if cu_seqlens is None:
-        return None
-    mask = torch.zeros(b * s, dtype=torch.bool, device=device)
-    mask[cu_seqlens[:-1].long()] = True
-    return mask.view(b, s).t()

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
-from ..ops.forgetting_attn.common import check_inputs
+from ..ops.forgetting_attn.common import check_inputs, document_maps
 from .exchange import _block_docs, _exchange_grads, _exchange_kv, _needed, all_gather_autograd
-from .layout import _global_documents, chunk_ids, chunk_owner
+from .layout import chunk_ids, chunk_owner
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ContextParallelStats:
     bytes_causal_ring: int = 0
     skipped_pairs: list = field(default_factory=list)
     skipped_fraction: float = 0.0  # of this rank's causal attention FLOPs, at chunk granularity
+
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
@@ -85,7 +86,7 @@ class _RingAttention(torch.autograd.Function):
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
         run_blocks(_needed(r, r, P, plan["live"]), own, r)
         for s in range(1, P):
-            kv = _exchange_kv(own, s, plan, stats, count=True)
+            kv = _exchange_kv(own, s, plan, stats)
             blocks = _needed(r, (r - s) % P, P, plan["live"])
             stats.steps += 1
             if not blocks:
@@ -134,7 +135,7 @@ class _RingAttention(torch.autograd.Function):
                 dv[:, sl[h]] += g[1]
                 dc[..., sl[h]] += g[2]
         for s in range(1, P):
-            kv = _exchange_kv(own, s, plan, None, count=False)
+            kv = _exchange_kv(own, s, plan)
             grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv, (r - s) % P)
             back = _exchange_grads(grads, own, s, plan)
             for h, g in enumerate(back):
@@ -143,6 +144,7 @@ class _RingAttention(torch.autograd.Function):
                     dv[:, sl[h]] += g[1]
                     dc[..., sl[h]] += g[2]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
+
 
 def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
                         doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -165,6 +167,7 @@ def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
         out.append(token_shift(x[rows], alpha_logit[rows], None if doc_start is None else doc_start[rows], prev0))
     return torch.cat(out, dim=0)
 
+
 def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global c = cumsum(log f) at this rank's positions, [B, H, 2*half] (differentiable),
     plus chunk offsets and chunk sums over all 2P chunks, [B, H, 2P] each (detached)."""
@@ -180,6 +183,7 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     ca, cb = chunk_ids(r, P)
     c = torch.cat([offsets[..., ca:ca + 1] + torch.cumsum(a, -1), offsets[..., cb:cb + 1] + torch.cumsum(b, -1)], -1)
     return c, offsets.detach(), chunk_sums.detach()
+
 
 def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor):
     """Which (query chunk i, key chunk j <= i) pairs and which of their heads are live.
@@ -199,6 +203,7 @@ def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Ten
     heads = {(i, j): {h for h in range(len(alive)) if alive[h][i][j]}
              for i in range(n) for j in range(i) if live[i][j]}
     return live, heads
+
 
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
@@ -223,13 +228,14 @@ def context_parallel_forgetting_attention(
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
     return_stats, a ContextParallelStats.
     """
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, None)
-    if q.shape[1] % 2:
-        raise ValueError(f"q: this rank's sequence ({q.shape[1]}) must hold two equal chunks")
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     L = T2 * P
-    docs = _global_documents(cu_seqlens, B, L, q.device)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         cu_seqlens_total=L)
+    if T2 % 2:
+        raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
+    docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta = None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
@@ -250,8 +256,8 @@ def context_parallel_forgetting_attention(
             live, heads = skip_table(offsets, chunk_sums, delta)
     if docs is not None:  # a chunk pair no document spans is dead
         n = T2 // 2
-        de = docs[1]
-        live = [[live[i][j] and (i == j or int(de[(j + 1) * n - 1]) > i * n) for j in range(2 * P)]
+        last_doc_end = docs[1][n - 1::n].tolist()  # end of the document of each chunk's last key
+        live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
                 for i in range(2 * P)]
     stats = ContextParallelStats()
     flops = 0.0

@@ -26,9 +26,11 @@ class _AllGather(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
 
+
 def all_gather_autograd(x: torch.Tensor, group) -> torch.Tensor:
     """Differentiable all-gather: x [...] -> [P, ...]."""
     return _AllGather.apply(x, group)
+
 
 def _needed(q_rank: int, kv_rank: int, size: int, live) -> list:
     """(query half, key half, causal) blocks rank q_rank computes with kv_rank's chunks."""
@@ -41,6 +43,7 @@ def _needed(q_rank: int, kv_rank: int, size: int, live) -> list:
                 out.append((qh, kh, kc == qc))
     return out
 
+
 def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
     """doc_start / doc_end arguments of a block (relative to its key / query chunk), or {}."""
     docs = plan["docs"]
@@ -52,9 +55,11 @@ def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
     return {"doc_start": (ds[qc * n:(qc + 1) * n] - kc * n).clamp(0, n).to(torch.int32).contiguous(),
             "doc_end": (de[kc * n:(kc + 1) * n] - qc * n).clamp(0, n).to(torch.int32).contiguous()}
 
+
 def _halves_needed(q_rank, kv_rank, size, live) -> list:
     """Which of kv_rank's halves q_rank needs (sorted, unique)."""
     return sorted({kh for _, kh, _ in _needed(q_rank, kv_rank, size, live)})
+
 
 def _heads_needed(q_rank, kv_rank, half, plan):
     """(kv heads, query heads) of kv_rank's `half` that q_rank's live blocks use, or None for all."""
@@ -72,6 +77,7 @@ def _heads_needed(q_rank, kv_rank, half, plan):
     kv_idx = sorted({h // group for h in q_idx})
     return kv_idx, q_idx
 
+
 def _select(tensors, sel, device):
     """The selected heads of (k, v, c) as contiguous tensors (k, v: dim 2; c: dim 1)."""
     if sel is None:
@@ -81,6 +87,7 @@ def _select(tensors, sel, device):
     return [k.index_select(2, kv_idx).contiguous(), v.index_select(2, kv_idx).contiguous(),
             c.index_select(1, q_idx).contiguous()]
 
+
 def _wire_shapes(half, sel) -> list:
     """Shapes of (k, v, c) of a half as sent: all heads, or the selected ones."""
     k, v, c = half
@@ -89,72 +96,73 @@ def _wire_shapes(half, sel) -> list:
     return [(*k.shape[:2], len(sel[0]), k.shape[3]), (*v.shape[:2], len(sel[0]), v.shape[3]),
             (c.shape[0], len(sel[1]), c.shape[2])]
 
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
-def _exchange_kv(own, s, plan, stats, count):
+
+def _receive(bufs_for, src_rank, plan):
+    """Post receives from src_rank of each needed half's selected heads.
+    bufs_for: [(half, sel, dtypes)] -> (requests, [(half, sel, buffers)])."""
+    reqs, pending = [], []
+    for h, sel, like, dtypes in bufs_for:
+        bufs = [torch.empty(shp, dtype=dt, device=like[0].device) for shp, dt in zip(_wire_shapes(like, sel), dtypes)]
+        reqs += [dist.irecv(b, plan["ranks"][src_rank], group=plan["group"]) for b in bufs]
+        pending.append((h, sel, bufs))
+    return reqs, pending
+
+
+def _full_heads(bufs, like, sel, dtypes, fills):
+    """Received head subsets back at full head count (other heads set to `fills`)."""
+    if sel is None:
+        return list(bufs)
+    kv_idx, q_idx = (torch.tensor(i, device=like[0].device) for i in sel)
+    dims, idx = (2, 2, 1), (kv_idx, kv_idx, q_idx)
+    return [torch.full(t.shape, fill, dtype=dt, device=t.device).index_copy_(d, i, b)
+            for t, b, dt, fill, d, i in zip(like, bufs, dtypes, fills, dims, idx)]
+
+
+def _exchange_kv(own, s, plan, stats=None):
     """Step s: send our needed halves (needed heads only) to (r+s), receive (r-s)'s.
     Returns {half: (k, v, c)} at full head count; heads not sent get c = +1e30, so every
-    pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read."""
-    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
+    pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read.
+    With stats, counts the bytes sent and those a causal ring would send."""
+    P, r = plan["size"], plan["rank"]
     dst, src = (r + s) % P, (r - s) % P
     dev = own[0][0].device
     reqs = []
     for h in _halves_needed(dst, r, P, plan["live"]):
         parts = _select(own[h], _heads_needed(dst, r, h, plan), dev)
-        reqs += [dist.isend(t, ranks[dst], group=group) for t in parts]
-        if count:
+        reqs += [dist.isend(t, plan["ranks"][dst], group=plan["group"]) for t in parts]
+        if stats is not None:
             stats.bytes_sent += _nbytes(parts)
-    if count:
-        full = _nbytes(own[0])
-        stats.bytes_causal_ring += len(_halves_needed(dst, r, P, plan["causal"])) * full
-    kv, pending = {}, []
-    for h in _halves_needed(r, src, P, plan["live"]):
-        sel = _heads_needed(r, src, h, plan)
-        shapes = _wire_shapes(own[h], sel)
-        bufs = [torch.empty(shp, dtype=t.dtype, device=dev) for shp, t in zip(shapes, own[h])]
-        reqs += [dist.irecv(b, ranks[src], group=group) for b in bufs]
-        pending.append((h, sel, bufs))
-    for req in reqs:
+    if stats is not None:
+        stats.bytes_causal_ring += len(_halves_needed(dst, r, P, plan["causal"])) * _nbytes(own[0])
+    wanted = [(h, _heads_needed(r, src, h, plan), own[h], [t.dtype for t in own[h]])
+              for h in _halves_needed(r, src, P, plan["live"])]
+    more, pending = _receive(wanted, src, plan)
+    for req in reqs + more:
         req.wait()
-    for h, sel, bufs in pending:
-        if sel is None:
-            kv[h] = tuple(bufs)
-            continue
-        k, v, c = own[h]
-        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
-        kf = torch.empty(k.shape, dtype=k.dtype, device=dev).index_copy_(2, kv_idx, bufs[0])
-        vf = torch.empty(v.shape, dtype=v.dtype, device=dev).index_copy_(2, kv_idx, bufs[1])
-        cf = torch.full(c.shape, 1e30, dtype=c.dtype, device=dev).index_copy_(1, q_idx, bufs[2])
-        kv[h] = (kf, vf, cf)
-    return kv
+    return {h: tuple(_full_heads(bufs, own[h], sel, [t.dtype for t in own[h]], (0.0, 0.0, 1e30)))
+            for h, sel, bufs in pending}
+
 
 def _exchange_grads(grads, own, s, plan):
     """Send the key-side gradients of (r-s)'s halves back to it (needed heads only);
-    receive ours from (r+s)."""
-    P, r, group, ranks = plan["size"], plan["rank"], plan["group"], plan["ranks"]
+    receive ours from (r+s) as float32, zero for heads not sent."""
+    P, r = plan["size"], plan["rank"]
     src, dst = (r - s) % P, (r + s) % P
     dev = own[0][0].device
     reqs = []
     for h in _halves_needed(r, src, P, plan["live"]):
         parts = _select(grads[h], _heads_needed(r, src, h, plan), dev)
-        reqs += [dist.isend(t, ranks[src], group=group) for t in parts]
-    back, pending = [None, None], []
-    for h in _halves_needed(dst, r, P, plan["live"]):
-        sel = _heads_needed(dst, r, h, plan)
-        shapes = _wire_shapes(own[h], sel)
-        bufs = [torch.empty(shp, dtype=torch.float32, device=dev) for shp in shapes]
-        reqs += [dist.irecv(b, ranks[dst], group=group) for b in bufs]
-        pending.append((h, sel, bufs))
-    for req in reqs:
+        reqs += [dist.isend(t, plan["ranks"][src], group=plan["group"]) for t in parts]
+    fp32 = [torch.float32] * 3
+    wanted = [(h, _heads_needed(dst, r, h, plan), own[h], fp32) for h in _halves_needed(dst, r, P, plan["live"])]
+    more, pending = _receive(wanted, dst, plan)
+    for req in reqs + more:
         req.wait()
+    back = [None, None]
     for h, sel, bufs in pending:
-        if sel is None:
-            back[h] = bufs
-            continue
-        k, v, c = own[h]
-        kv_idx, q_idx = (torch.tensor(i, device=dev) for i in sel)
-        back[h] = [torch.zeros(k.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[0]),
-                   torch.zeros(v.shape, dtype=torch.float32, device=dev).index_copy_(2, kv_idx, bufs[1]),
-                   torch.zeros(c.shape, dtype=torch.float32, device=dev).index_copy_(1, q_idx, bufs[2])]
+        back[h] = _full_heads(bufs, own[h], sel, fp32, (0.0, 0.0, 0.0))
     return back

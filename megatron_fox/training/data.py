@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_fox.training.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from megatron_fox.training.tokenizer import SentencePieceTokenizer, read_text, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def iter_documents(paths: Sequence[str], json_key: str = "text") -> Iterable[str
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input file not found: {path!r}")
         if not path.endswith((".jsonl", ".json")):
-            yield _read_text(path)
+            yield read_text(path)
             continue
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -164,11 +164,6 @@ def _file_lock(path: str):
         yield  # closing the file releases the lock
 
 
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
 def prepare_default_corpus(cache_dir: Optional[str] = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
                            max_bytes: int = DEFAULT_CORPUS_BYTES) -> Tuple[str, str]:
     """Tokenizer + indexed dataset of :func:`default_corpus_files`, built once and cached.
@@ -215,7 +210,7 @@ def prepare_default_corpus(cache_dir: Optional[str] = None, vocab_size: int = DE
 def _build_default_corpus(out_dir: str, files: List[str], listing, vocab_size: int) -> None:
     t0 = time.time()
     os.makedirs(out_dir)
-    texts = [_read_text(p) for p in files]
+    texts = [read_text(p) for p in files]
     model = train_sentencepiece(iter(texts), os.path.join(out_dir, "tokenizer"), vocab_size)
     t1 = time.time()
     tok = SentencePieceTokenizer(model)

@@ -122,7 +122,8 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
+    """A text file's contents (UTF-8, undecodable bytes replaced)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -138,7 +139,7 @@ def _iter_lines(inputs) -> Iterator[str]:
             raise FileNotFoundError(
                 f"train_sentencepiece: input file(s) not found: {missing[:5]} "
                 "(pass an iterator, e.g. iter(texts), to train on in-memory strings)")
-        texts = (_read_text(p) for p in paths)
+        texts = (read_text(p) for p in paths)
     else:
         texts = iter(inputs)
     for text in texts:

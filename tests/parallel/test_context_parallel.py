@@ -4,11 +4,8 @@ Kernels run in the Triton interpreter (TRITON_INTERPRET=1 from conftest), fp32. 
 max abs error <= 2e-4 * max |reference| for the output and the four gradients.
 """
 
-import json
 import math
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -18,22 +15,13 @@ import torch.nn.functional as F
 from megatron_fox.ops import forgetting_attention
 from megatron_fox.parallel import gather_from_context_parallel
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from workers import launch  # noqa: E402
 
 
 def run_cp(world, opts):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "cp_worker.py"), json.dumps(opts)],
-                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                                       PYTHONPATH=ROOT),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
+    # the kernels run as in this process: the Triton interpreter on CPU
+    launch("cp", world, dict(opts, interpret=os.environ.get("TRITON_INTERPRET", "0")))
     return [torch.load(os.path.join(opts["out"], f"cp_{r}.pt")) for r in range(world)]
 
 

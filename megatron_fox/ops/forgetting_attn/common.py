@@ -58,8 +58,10 @@ class AttentionStats:
     block_n: int
 
 
-def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens):
-    """Validate the op's arguments; raise ValueError naming the bad one.
+def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, cu_seqlens_total=None):
+    """Validate the op's arguments; raise ValueError naming the bad one. cu_seqlens must end
+    at cu_seqlens_total (default: the sequence length of q; the global length under context
+    parallelism).
 
     Returns (sm_scale as float, logit_bound as None | float | tensor[H]).
     """
@@ -119,7 +121,7 @@ def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
         if B != 1:
             raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
     if _DATA_CHECKS:
-        _check_values(log_fgate, logit_bound, cu_seqlens, T)
+        _check_values(log_fgate, logit_bound, cu_seqlens, T if cu_seqlens_total is None else cu_seqlens_total)
     return sm_scale, logit_bound
 
 

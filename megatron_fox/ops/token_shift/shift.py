@@ -28,6 +28,14 @@ def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[
     return (x.float() + a * (prev.float() - x.float())).to(x.dtype)
 
 
+def document_start_mask(cu_seqlens: torch.Tensor, seq: int, batch: int) -> torch.Tensor:
+    """[seq, batch] bool, True where a document starts; cu_seqlens index the batch-major
+    flattening of a [batch, seq] micro-batch (the token_shift doc_start argument)."""
+    mask = torch.zeros(batch * seq, dtype=torch.bool, device=cu_seqlens.device)
+    mask[cu_seqlens[:-1].long()] = True
+    return mask.view(batch, seq).t()
+
+
 def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm over head_dim with a weight per head and channel.
 
