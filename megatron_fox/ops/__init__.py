@@ -6,8 +6,10 @@ from .forgetting_attn import (
     Tile,
     forgetting_attention,
     forgetting_attention_reference,
+    kernel_config,
     no_data_checks,
     set_data_checks,
+    set_deterministic,
     set_kernel_config,
 )
 
@@ -17,7 +19,9 @@ __all__ = [
     "Tile",
     "forgetting_attention",
     "forgetting_attention_reference",
+    "kernel_config",
     "no_data_checks",
     "set_data_checks",
+    "set_deterministic",
     "set_kernel_config",
 ]

@@ -15,6 +15,7 @@ CASES = {
     "q rank": (lambda q, k, v, f: (q[0], k, v, f), {}, "q must be 4-D"),
     "k seq": (lambda q, k, v, f: (q, k[:, :8], v[:, :8], f), {}, "k must be"),
     "v shape": (lambda q, k, v, f: (q, k, v[..., :32], f), {}, "k and v must have the same shape"),
+    "head_dim": (lambda q, k, v, f: (q[..., :48], k[..., :48], v[..., :48], f), {}, "head_dim of q, k, v"),
     "heads": (lambda q, k, v, f: (q[:, :, :1].repeat(1, 1, 3, 1), k, v, f[..., :1].repeat(1, 1, 3)), {},
               "multiple of k/v heads"),
     "dtype mix": (lambda q, k, v, f: (q.half(), k, v, f), {}, "share a dtype"),

@@ -26,7 +26,7 @@ def _use_triton(q) -> bool:
 
 
 def _plan(q, sm_scale, delta, doc_start=None, doc_end=None):
-    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device))
+    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype))
 
 
 def _centered(c_q, c_k):

@@ -58,6 +58,9 @@ class AttentionStats:
     block_n: int
 
 
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
 def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, cu_seqlens_total=None):
     """Validate the op's arguments; raise ValueError naming the bad one. cu_seqlens must end
     at cu_seqlens_total (default: the sequence length of q; the global length under context
@@ -84,6 +87,8 @@ def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
             f"k must be [batch, seq, kv_heads, head_dim] matching q {tuple(q.shape)} in batch, seq and head_dim, "
             f"got {tuple(k.shape)}"
         )
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim of q, k, v must be one of {SUPPORTED_HEAD_DIMS} (Triton tiles), got {D}")
     Hkv = k.shape[2]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hkv})")
