@@ -16,7 +16,6 @@ TFLOP/s are dense-causal equivalents: forward 2 * 2 * B * H * L^2 / 2 * D, forwa
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -74,20 +73,8 @@ def row(name, L, t_fwd, t_all, fl, skipped=None):
             "skipped": None if skipped is None else round(skipped, 3)}
 
 
-def backward_modes(args, D, dev):
-    """(row-name suffix, KernelConfig) per backward to time: the default tiles with the
-    two-kernel backward and/or the fused-dQ one (--backward)."""
-    import dataclasses
-
-    from megatron_fox.ops import kernel_config
-
-    base = kernel_config(D, dev)
-    modes = {"two": [False], "fused": [True], "both": [False, True]}[args.backward]
-    return [("_fused_dq" if f else "", dataclasses.replace(base, fused_dq=f)) for f in modes]
-
-
 def run_table(args):
-    from megatron_fox.ops import forgetting_attention, set_data_checks, set_kernel_config
+    from megatron_fox.ops import forgetting_attention, set_data_checks
 
     set_data_checks(False)
     dev = torch.device("cuda")
@@ -121,19 +108,15 @@ def run_table(args):
             g = spectra["b"]
             tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
             rows.append(row("fla_forgetting_attn", L, tf, ta, fl))
-        for suffix, cfg in backward_modes(args, D, dev):
-            set_kernel_config(cfg)
-            g = spectra["b"]
-            tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fox_exact" + suffix, L, tf, ta, fl, 0.0))
-            for name, g in spectra.items():
-                _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound,
-                                                return_stats=True)
-                tf, ta = fwd_and_fwdbwd(
-                    lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
-                    [q, k, v, g])
-                rows.append(row(f"fox_acp_{name}" + suffix, L, tf, ta, fl, stats.skipped_fraction.item()))
-        set_kernel_config(None)
+        g = spectra["b"]
+        tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
+        rows.append(row("fox_exact", L, tf, ta, fl, 0.0))
+        for name, g in spectra.items():
+            _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
+            tf, ta = fwd_and_fwdbwd(
+                lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
+                [q, k, v, g])
+            rows.append(row(f"fox_acp_{name}", L, tf, ta, fl, stats.skipped_fraction.item()))
         for r in rows:
             if r["L"] == L:
                 print(json.dumps(r), flush=True)
@@ -164,8 +147,8 @@ def run_sweep(args):
     results = []
     for log_eps in (None, args.log_eps):
         kw = dict(log_eps=log_eps, logit_bound=math.sqrt(D))
-        for t in fwd_tiles if "fwd" in args.sweep_kernels else []:
-            set_kernel_config(KernelConfig(fwd=t, dkdv=base.dkdv, dq=base.dq, fused_dq=base.fused_dq))
+        for t in fwd_tiles:
+            set_kernel_config(KernelConfig(fwd=t, dkdv=base.dkdv, dq=base.dq))
             try:
                 ms = bench(lambda: forgetting_attention(q, k, v, g, **kw))
             except Exception as e:  # noqa: BLE001 (out of resources for this tile)
@@ -174,12 +157,10 @@ def run_sweep(args):
             results.append({"kernel": "fwd", "tile": t.__dict__, "log_eps": log_eps, "ms": round(ms, 3)})
             print(json.dumps(results[-1]), flush=True)
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-        for kernel, tiles in (("dkdv", dkdv_tiles), ("dq", dq_tiles), ("dkdv_fused_dq", dkdv_tiles)):
-            if kernel not in args.sweep_kernels:
-                continue
+        for kernel, tiles in (("dkdv", dkdv_tiles), ("dq", dq_tiles)):
             for t in tiles:
-                cfg = KernelConfig(fwd=base.fwd, dkdv=t if kernel.startswith("dkdv") else base.dkdv,
-                                   dq=t if kernel == "dq" else base.dq, fused_dq=kernel == "dkdv_fused_dq")
+                cfg = KernelConfig(fwd=base.fwd, dkdv=t if kernel == "dkdv" else base.dkdv,
+                                   dq=t if kernel == "dq" else base.dq)
                 set_kernel_config(cfg)
                 o = forgetting_attention(qg, kg, vg, g, **kw)
                 do = torch.randn_like(o)
@@ -198,7 +179,7 @@ def run_profile(args):
     """Per-kernel CUDA time of one forward+backward (torch.profiler), exact and ACP (spectrum b)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_fox.ops import forgetting_attention, set_data_checks, set_kernel_config
+    from megatron_fox.ops import forgetting_attention, set_data_checks
 
     set_data_checks(False)
     dev = torch.device("cuda")
@@ -209,9 +190,7 @@ def run_profile(args):
         g = gate_spectrum(B, L, H, 4, 4096, dev)
         for t in (q, k, v):
             t.requires_grad_(True)
-        for (suffix, cfg), log_eps in itertools.product(backward_modes(args, D, dev), (None, args.log_eps)):
-            set_kernel_config(cfg)
-
+        for log_eps in (None, args.log_eps):
             def step():
                 o = forgetting_attention(q, k, v, g, log_eps=log_eps, logit_bound=math.sqrt(D))
                 torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
@@ -227,8 +206,7 @@ def run_profile(args):
                 if e.device_time_total > 0:
                     per[e.key] = e.device_time_total / 5 / 1e3
             total = sum(per.values())
-            print(f"L={L} log_eps={log_eps} backward={'fused_dq' if cfg.fused_dq else 'two kernels'}: "
-                  f"CUDA time per fwd+bwd {total:.2f} ms")
+            print(f"L={L} log_eps={log_eps}: CUDA time per fwd+bwd {total:.2f} ms")
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:8]:
                 print(f"  {ms:8.3f} ms  {name[:90]}")
 
@@ -237,28 +215,13 @@ def run_check(args):
     """Correctness on the GPU with the tuned tiles: op vs float64 reference."""
     from megatron_fox.ops import forgetting_attention, forgetting_attention_reference
 
-    from megatron_fox.ops import set_kernel_config
-
     dev = torch.device("cuda")
-    worst = 0.0
-    for fused in {"two": [False], "fused": [True], "both": [False, True]}[args.backward]:
-        worst = max(worst, _check_cases(dev, fused, forgetting_attention, forgetting_attention_reference,
-                                        set_kernel_config))
-    print(f"worst relative error (16-bit cases): {worst:.2e}")
-
-
-def _check_cases(dev, fused, forgetting_attention, forgetting_attention_reference, set_kernel_config):
-    import dataclasses
-
-    from megatron_fox.ops import kernel_config
-
     worst = 0.0
     for (B, L, H, Hkv, D, dtype, varlen, log_eps) in [
         (2, 1000, 4, 2, 128, torch.bfloat16, False, None), (2, 1000, 4, 2, 128, torch.bfloat16, False, -10.0),
         (1, 1500, 4, 4, 64, torch.bfloat16, True, -10.0), (1, 777, 2, 1, 128, torch.float32, True, None),
         (1, 2048, 2, 2, 128, torch.float16, False, -10.0),
     ]:
-        set_kernel_config(dataclasses.replace(kernel_config(D, dev, dtype), fused_dq=fused))
         q = torch.randn(B, L, H, D, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(B, L, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(B, L, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
@@ -271,11 +234,9 @@ def _check_cases(dev, fused, forgetting_attention, forgetting_attention_referenc
         for a, b in zip(torch.autograd.grad(o, (q, k, v, g), do), torch.autograd.grad(r, (q, k, v, g), do)):
             errs.append(((a.double() - b.double()).norm() / b.double().norm()).item())
         worst = max(worst, max(errs) if dtype != torch.float32 else 0.0)
-        print(f"check fused_dq={fused} B={B} L={L} H={H}/{Hkv} D={D} {dtype} varlen={varlen} log_eps={log_eps}: "
-              f"rel err o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} dlogf {errs[4]:.2e}",
-              flush=True)
-    set_kernel_config(None)
-    return worst
+        print(f"check B={B} L={L} H={H}/{Hkv} D={D} {dtype} varlen={varlen} log_eps={log_eps}: rel err "
+              f"o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} dlogf {errs[4]:.2e}", flush=True)
+    print(f"worst relative error (16-bit cases): {worst:.2e}")
 
 
 def main(argv=None):
@@ -286,12 +247,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--sweep", action="store_true", help="tile sweep at the first length")
-    p.add_argument("--sweep-kernels", nargs="+", default=["fwd", "dkdv", "dq", "dkdv_fused_dq"],
-                   choices=["fwd", "dkdv", "dq", "dkdv_fused_dq"], help="kernels whose tiles --sweep varies")
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
-    p.add_argument("--backward", choices=["two", "fused", "both"], default="both",
-                   help="backward to time: two kernels (dK/dV then dQ), fused dQ (atomic adds), or both")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

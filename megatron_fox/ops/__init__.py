@@ -9,7 +9,6 @@ from .forgetting_attn import (
     kernel_config,
     no_data_checks,
     set_data_checks,
-    set_deterministic,
     set_kernel_config,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "kernel_config",
     "no_data_checks",
     "set_data_checks",
-    "set_deterministic",
     "set_kernel_config",
 ]

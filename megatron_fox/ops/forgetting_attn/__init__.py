@@ -1,7 +1,7 @@
 """Forgetting attention (FoX) with Adaptive Computation Pruning: Triton kernels and reference."""
 
 from .common import AttentionStats, no_data_checks, set_data_checks
-from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_deterministic, set_kernel_config
+from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config
 from .reference import forgetting_attention_reference
 
 __all__ = [
@@ -13,6 +13,5 @@ __all__ = [
     "kernel_config",
     "no_data_checks",
     "set_data_checks",
-    "set_deterministic",
     "set_kernel_config",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -39,16 +38,11 @@ class Tile:
 @dataclass(frozen=True)
 class KernelConfig:
     """Tiles of the three kernels: forward, key-major backward (dK/dV), query-major backward (dQ).
-
-    fused_dq: the key-major kernel also accumulates dQ with float32 atomic adds and the dQ
-    kernel is skipped (fewer FLOPs; summation order, and so the last bits of dQ and of
-    d log f, vary from run to run). False: every gradient is deterministic.
-    """
+    Every gradient is deterministic (no atomics)."""
 
     fwd: Tile
     dkdv: Tile
     dq: Tile
-    fused_dq: bool = False
 
 
 # Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md. 16-bit inputs.
@@ -61,7 +55,6 @@ _GPU_FP32_CONFIG = KernelConfig(fwd=Tile(64, 64, 4, 2), dkdv=Tile(32, 64, 4, 2),
 # Small tiles for the Triton interpreter (CPU tests): several blocks at tiny lengths.
 _INTERPRET_CONFIG = KernelConfig(fwd=Tile(16, 16, 1, 1), dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
 _override: Optional[KernelConfig] = None
-_deterministic = False
 
 
 def set_kernel_config(config: Optional[KernelConfig]) -> None:
@@ -70,26 +63,15 @@ def set_kernel_config(config: Optional[KernelConfig]) -> None:
     _override = config
 
 
-def set_deterministic(flag: bool) -> None:
-    """True: always the two-kernel backward (bitwise reproducible gradients, as Megatron's
-    --deterministic-mode asks), whatever the tiles say about fused dQ."""
-    global _deterministic
-    _deterministic = bool(flag)
-
-
 def kernel_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     """Tiles used for this head_dim and input dtype on this device."""
     if _override is not None:
-        config = _override
-    elif device.type != "cuda":
-        config = _INTERPRET_CONFIG
-    elif dtype == torch.float32:
-        config = _GPU_FP32_CONFIG
-    else:
-        config = _GPU_CONFIGS[64 if head_dim <= 64 else 128]
-    if _deterministic and config.fused_dq:
-        config = dataclasses.replace(config, fused_dq=False)
-    return config
+        return _override
+    if device.type != "cuda":
+        return _INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return _GPU_FP32_CONFIG
+    return _GPU_CONFIGS[64 if head_dim <= 64 else 128]
 
 
 def _interpreting() -> bool:
@@ -175,11 +157,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     dk = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, T, Hkv, D), dtype=v.dtype, device=q.device)
     dcol = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    fused = cfg.fused_dq
-    alloc = torch.zeros if fused else torch.empty
-    drow = alloc((B, H, T), dtype=torch.float32, device=q.device)
-    dq_acc = alloc((B, T, H, D), dtype=torch.float32, device=q.device) if fused else dcol
-    s_acc = _strides(dq_acc) if fused else (0, 0, 0)
+    drow = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     qk_scale = plan.sm_scale * LOG2E
     prec = _dot_precision(q)
 
@@ -189,14 +167,12 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     doc_start = plan.doc_start if varlen else end
     doc_end = plan.doc_end if varlen else end
     dkdv_kernel[(nbn, B * Hkv)](
-        q, k, v, do, cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol, dq_acc, drow,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *s_acc,
+        q, k, v, do, cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         T, H, nbn, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
-        CAUSAL=causal, FUSED_DQ=fused, num_warps=t.num_warps, num_stages=t.num_stages,
+        CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if fused:
-        return dq_acc.to(q.dtype), dk, dv, drow, dcol
     t = cfg.dq
     start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
     nbm = triton.cdiv(T, t.block_m)

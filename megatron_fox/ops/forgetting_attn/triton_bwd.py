@@ -6,10 +6,7 @@ With P = softmax(S), dP = dO V^T, D_i = rowsum(dO_i * O_i) - dLSE_i:
 and d log f follows from dc by a reverse cumulative sum (done by the caller).
 Two kernels, as in FlashAttention-2: key-major for dK, dV and the column sums of dS
 (looping over the query heads of a key/value group), query-major for dQ and the row
-sums. Both skip the blocks that the forward pruning rule skips. With FUSED_DQ the
-key-major kernel also adds each tile's dQ and row sums into float32 buffers with atomic
-adds (5 matrix products instead of 7, nondeterministic summation order), and the
-query-major kernel is not launched.
+sums. Both skip the blocks that the forward pruning rule skips.
 """
 
 import triton
@@ -39,10 +36,9 @@ def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, 
 
 @triton.jit
 def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, lse_base, dlt_base, DOCSTART,
-                      dq_base, drow_base, s_qt, s_dt, s_aqt, lo, hi, T, qk_scale, sm_scale,
+                      s_qt, s_dt, lo, hi, T, qk_scale,
                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr,
-                      FUSED_DQ: tl.constexpr):
+                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for mb in range(lo, hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,32 +69,20 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, l
         dv += mm(p_t.to(do.dtype), do, DOT_PREC)
         dp_t = mm(v, tl.trans(do), DOT_PREC)
         ds_t = p_t * (dp_t - dlt[None, :])
-        ds_lp = ds_t.to(q.dtype)
-        dk += mm(ds_lp, q, DOT_PREC)
+        dk += mm(ds_t.to(q.dtype), q, DOT_PREC)
         dcol += tl.sum(ds_t, 1)
-        if FUSED_DQ:
-            dq_part = mm(tl.trans(ds_lp), k, DOT_PREC) * sm_scale
-            dq_ptr = dq_base + offs_m[:, None] * s_aqt + offs_d[None, :]
-            if MASKED:
-                tl.atomic_add(dq_ptr, dq_part, mask=row_ok[:, None], sem="relaxed")
-                tl.atomic_add(drow_base + offs_m, tl.sum(ds_t, 0), mask=row_ok, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptr, dq_part, sem="relaxed")
-                tl.atomic_add(drow_base + offs_m, tl.sum(ds_t, 0), sem="relaxed")
     return dk, dv, dcol
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL, DQACC, DROW,
+def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
-                s_dkb, s_dkt, s_dkh, s_aqb, s_aqt, s_aqh,
+                s_dkb, s_dkt, s_dkh,
                 T, H, NBN, qk_scale, sm_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, FUSED_DQ: tl.constexpr):
+                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
     """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
-    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head. FUSED_DQ:
-    DQACC [B, T, H, D] float32 (strides s_aq*) and DROW [B*H, T] float32, both zeroed by the
-    caller, receive dQ and the row sums of dS by atomic adds."""
+    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     HKV = H // GROUP
@@ -128,28 +112,23 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
         h = hk * GROUP + g
         bh = b * H + h
         c_base = CQ + bh * T
-        # keys past T: c = +inf gives p = 0 (their dS must not reach the row sums)
-        ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=float("inf")) * 1.4426950408889634
+        ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634
         q_base = Q + b * s_qb + h * s_qh
         do_base = DO + b * s_db + h * s_dh
-        dq_base = DQACC + b * s_aqb + h * s_aqh
         m_hi = tl.load(END + bh * NBN + pid_n)
         a = m_lo
         b_ = tl.minimum(tl.maximum(m_causal_full, a), m_hi)
         c_ = tl.minimum(tl.maximum(m_doc_full, b_), m_hi)
         dcol = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, dq_base, DROW + bh * T, s_qt, s_dt, s_aqt,
-                                         a, b_, T, qk_scale, sm_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, FUSED_DQ)
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, dq_base, DROW + bh * T, s_qt, s_dt, s_aqt,
-                                         b_, c_, T, qk_scale, sm_scale,
-                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL, FUSED_DQ)
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
         dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, dq_base, DROW + bh * T, s_qt, s_dt, s_aqt,
-                                         c_, m_hi, T, qk_scale, sm_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, FUSED_DQ)
+                                         DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
         tl.store(DCOL + bh * T + offs_n, dcol, mask=key_ok)
     out = b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
