@@ -107,8 +107,9 @@ def _skipped_by_layer(model) -> dict[int, float]:
     return {layer: sum(v) / len(v) for layer, v in sorted(merged.items())}
 
 
-def run(args) -> list[dict]:
-    """Train with parsed arguments; returns the per-step history (loss, lr, tokens/s, ...)."""
+def run(args, on_step=None) -> list[dict]:
+    """Train with parsed arguments; returns the per-step history (loss, lr, tokens/s, ...).
+    on_step(step, record), if given, is called after every training step (profilers)."""
     from tqdm import tqdm
 
     from .training.model import build_model, padded_vocab_size, transformer_config
@@ -147,6 +148,8 @@ def run(args) -> list[dict]:
         dt = time.perf_counter() - t0
         out.update(step=it + 1, tokens_per_s=tokens_per_step / dt)
         history.append(out)
+        if on_step is not None:
+            on_step(it + 1, out)
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:

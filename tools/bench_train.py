@@ -19,6 +19,30 @@ import time
 import torch
 
 
+def _profiled(run, args, top=28):
+    """Train under torch.profiler (CUDA activity, steps 5-7 recorded); print the kernels by
+    total time a step and how busy the GPU was over those steps' wall time."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3))
+    marks = []
+
+    def on_step(step, record):
+        marks.append(time.perf_counter())
+        prof.step()
+
+    with prof:
+        hist = run(args, on_step=on_step)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kernel_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
+    step_ms = statistics.median(1e3 * (b - a) for a, b in zip(marks[3:6], marks[4:7]))
+    print(f"profile L={args.seq_length} ACP={'on' if args.acp else 'off'}: step {step_ms:.1f} ms wall, "
+          f"CUDA kernels {kernel_ms:.1f} ms a step ({100 * kernel_ms / step_ms:.0f}% busy)")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 3 / 1e3:8.2f} ms  x{e.count // 3:<5d} {e.key[:100]}")
+    return hist
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -28,6 +52,8 @@ def main(argv=None):
     p.add_argument("--train-iters", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the tokens/s median")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="profile steps 4-6 of each run (torch.profiler): top CUDA kernels and GPU busy time")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags after --")
     args = p.parse_args(argv)
     from megatron_fox.train import run
@@ -46,7 +72,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
-            hist = run(parse_args(flags))
+            hist = _profiled(run, parse_args(flags)) if args.profile else run(parse_args(flags))
             rows.append({
                 "L": L, "acp": acp, "steps": len(hist),
                 "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in hist[args.warmup_steps:])),
