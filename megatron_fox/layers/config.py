@@ -20,6 +20,7 @@ class FoxTransformerConfig(TransformerConfig):
     acp_log_eps: ACP tolerance log(eps); None turns pruning off (exact FoX).
     acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
     fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
+    fox_fuse_extras: torch.compile the FoX-Pro elementwise work (shift, norms, gates) on CUDA.
     """
 
     fox_output_gate: bool = True
@@ -30,6 +31,7 @@ class FoxTransformerConfig(TransformerConfig):
     acp_log_eps: Optional[float] = -10.0
     acp_logit_bound: str = "qk_norm"
     fox_collect_stats: bool = True
+    fox_fuse_extras: bool = True
 
     def __post_init__(self):
         super().__post_init__()

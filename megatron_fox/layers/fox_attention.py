@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from ..ops.token_shift import document_start_mask, head_rms_norm, token_shift
+from ..ops.token_shift import document_start_mask
+from . import extras
 from .core_attention import FoxCoreAttention
 from .head_params import HeadParams
 
@@ -104,31 +104,26 @@ class FoxSelfAttention(MegatronModule):
         fgate = parts.pop(0).reshape(s, b, self.heads)
         ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
         cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
-        if cfg.fox_kv_shift:
-            shift = parts.pop(0)
-            if cfg.context_parallel_size > 1:
-                from megatron.core import parallel_state
+        shift = parts.pop(0) if cfg.fox_kv_shift else None
+        doc_start = None
+        if shift is not None and cfg.context_parallel_size > 1:  # the shift crosses chunk borders
+            from megatron.core import parallel_state
 
-                from ..parallel import local_document_starts, shift_across_chunks
+            from ..parallel import local_document_starts, shift_across_chunks
 
-                group = parallel_state.get_context_parallel_group()
-                doc_start = None
-                if cu_seqlens is not None:
-                    doc_start = local_document_starts(cu_seqlens, s * cfg.context_parallel_size, b, group)
-                k = shift_across_chunks(k, shift[..., 0], group, doc_start)
-                v = shift_across_chunks(v, shift[..., 1], group, doc_start)
-            else:
-                doc_start = None if cu_seqlens is None else document_start_mask(cu_seqlens, s, b)
-                k = token_shift(k, shift[..., 0], doc_start)
-                v = token_shift(v, shift[..., 1], doc_start)
+            group = parallel_state.get_context_parallel_group()
+            if cu_seqlens is not None:
+                doc_start = local_document_starts(cu_seqlens, s * cfg.context_parallel_size, b, group)
+            k = shift_across_chunks(k, shift[..., 0], group, doc_start)
+            v = shift_across_chunks(v, shift[..., 1], group, doc_start)
+            shift = None
+        elif shift is not None and cu_seqlens is not None:
+            doc_start = document_start_mask(cu_seqlens, s, b)
         hp = self.head_params
-        if cfg.fox_qk_norm:
-            q = head_rms_norm(q, hp.q_norm, cfg.layernorm_epsilon)
-            k = head_rms_norm(k, hp.k_norm, cfg.layernorm_epsilon)
-        log_fgate = F.logsigmoid(fgate.float() + hp.fgate_bias.float())
+        norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
+        prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, mixed.device)
+        q, k, v, log_fgate = prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.layernorm_epsilon)
         out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens)
-        if cfg.fox_output_norm:
-            out = head_rms_norm(out, hp.output_norm, cfg.layernorm_epsilon)
-        if ogate is not None:
-            out = out * torch.sigmoid(ogate.float()).to(out.dtype)
-        return self.linear_proj(out.reshape(s, b, self.heads * d))
+        finish = extras.fused(extras.finish, cfg.fox_fuse_extras, mixed.device)
+        out = finish(out, ogate, hp.output_norm if cfg.fox_output_norm else None, cfg.layernorm_epsilon)
+        return self.linear_proj(out)

@@ -44,6 +44,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_qk_norm": (bool, True, "FoX-Pro QK-norm"),
     "fox_kv_shift": (bool, True, "FoX-Pro data-dependent k/v token shift"),
     "fox_fgate_bias_init": (float, 0.0, "initial forget-gate bias"),
+    "fox_fuse_extras": (bool, True, "torch.compile the FoX-Pro shift/norm/gate work and SwiGLU (CUDA only)"),
     "acp": (bool, True, "Adaptive Computation Pruning on"),
     "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
     "acp_logit_bound": (str, "qk_norm", "qk_norm | data"),

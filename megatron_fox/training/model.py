@@ -34,6 +34,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         layernorm_epsilon=args.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
+        bias_activation_fusion=args.fox_fuse_extras and device.type == "cuda",  # Megatron's fused SwiGLU
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -54,6 +55,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         fox_qk_norm=args.fox_qk_norm,
         fox_kv_shift=args.fox_kv_shift,
         fox_fgate_bias_init=args.fox_fgate_bias_init,
+        fox_fuse_extras=args.fox_fuse_extras,
         acp_log_eps=args.acp_log_eps if args.acp else None,
         acp_logit_bound=args.acp_logit_bound,
     )

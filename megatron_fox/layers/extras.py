@@ -1,0 +1,53 @@
+"""The FoX-Pro elementwise work around the attention op, as two functions that
+torch.compile fuses on CUDA (eager they are ~20 kernels a layer, most of a step's time).
+
+prepare: KV-shift, QK-norm and the forget gate  ->  the op's q, k, v, log f.
+finish:  per-head output norm and output gate  ->  the input of the output projection.
+Layout [seq, batch, heads, head_dim] throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.token_shift import head_rms_norm, token_shift
+
+
+def prepare(q, k, v, fgate, fgate_bias, shift: Optional[torch.Tensor], doc_start: Optional[torch.Tensor],
+            q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], eps: float):
+    """q [s, b, h, d]; k, v [s, b, g, d]; fgate [s, b, h] logits; fgate_bias [h]; shift
+    [s, b, g, 2] logits of the k and v shift gates (None: no shift); doc_start [s, b] bool;
+    q_norm, k_norm [h, d] / [g, d] (None: no QK-norm). -> q, k, v, log f [s, b, h] float32."""
+    if shift is not None:
+        k = token_shift(k, shift[..., 0], doc_start)
+        v = token_shift(v, shift[..., 1], doc_start)
+    if q_norm is not None:
+        q = head_rms_norm(q, q_norm, eps)
+        k = head_rms_norm(k, k_norm, eps)
+    return q, k, v, F.logsigmoid(fgate.float() + fgate_bias.float())
+
+
+def finish(out, ogate: Optional[torch.Tensor], output_norm: Optional[torch.Tensor], eps: float):
+    """out [s, b, h, d]; ogate [s, b, h, d] logits (None: no gate); output_norm [h, d]
+    (None: no norm). -> [s, b, h * d] in out.dtype."""
+    if output_norm is not None:
+        out = head_rms_norm(out, output_norm, eps)
+    if ogate is not None:
+        out = out * torch.sigmoid(ogate.float()).to(out.dtype)
+    return out.reshape(*out.shape[:2], -1)
+
+
+_compiled: dict = {}
+
+
+def fused(fn, enabled: bool, device: torch.device):
+    """fn compiled by torch.compile (one compilation per function) when enabled and on
+    CUDA; fn itself otherwise (CPU runs stay plain PyTorch)."""
+    if not enabled or device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
