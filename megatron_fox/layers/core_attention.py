@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -15,14 +16,19 @@ class FoxCoreAttention(MegatronModule):
 
     With cu_seqlens (offsets of documents in the batch-major flattening of [b, s]) the
     micro-batch is packed into one row so that attention and the forget-gate sum restart
-    at every document. Records the fraction of attention FLOPs ACP skipped in
-    `self.skipped_fraction` (a device tensor, no host sync) when config.fox_collect_stats.
+    at every document. With config.fox_collect_stats, `self.skipped_fraction` gives the
+    fraction of attention FLOPs ACP skipped in the last forward (a device tensor, computed
+    only when read: no kernels or host sync in steps that do not log it).
     """
 
     def __init__(self, config, layer_number: int = 1, **kwargs):
         super().__init__(config=config)
         self.layer_number = layer_number
-        self.skipped_fraction: Optional[torch.Tensor] = None
+        self._stats = None
+
+    @property
+    def skipped_fraction(self) -> Optional[torch.Tensor]:
+        return None if self._stats is None else self._stats.skipped_fraction.detach()
 
     def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d].
@@ -47,8 +53,7 @@ class FoxCoreAttention(MegatronModule):
         out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
                                    cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
         if cfg.fox_collect_stats:
-            out, stats = out
-            self.skipped_fraction = stats.skipped_fraction.detach()
+            out, self._stats = out
         if cu_seqlens is not None and b > 1:
             return out.view(b, s, *out.shape[2:]).transpose(0, 1)
         return out.transpose(0, 1)
@@ -73,5 +78,5 @@ class FoxCoreAttention(MegatronModule):
                 logit_bound=logit_bound, cu_seqlens=cu, return_stats=True)
             outs.append(out)
             fractions.append(stats.skipped_fraction)
-        self.skipped_fraction = torch.tensor(sum(fractions) / len(fractions))
+        self._stats = SimpleNamespace(skipped_fraction=torch.tensor(sum(fractions) / len(fractions)))
         return torch.cat(outs, dim=0).transpose(0, 1)

@@ -9,6 +9,7 @@ call finds both boundaries for every (batch, head) at once.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -16,6 +17,15 @@ import torch
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=64)
+def _corners(T: int, block_m: int, block_n: int, device: torch.device):
+    """First row of each query block and last column of each key block (int64 index
+    tensors, cached: every layer of a step asks for the same ones)."""
+    q0 = torch.arange(_cdiv(T, block_m), device=device) * block_m
+    key_end = torch.clamp((torch.arange(_cdiv(T, block_n), device=device) + 1) * block_n, max=T) - 1
+    return q0, key_end
 
 
 def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.Tensor],
@@ -27,7 +37,7 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     """
     B, H, T = c_q.shape
     nbm = _cdiv(T, block_m)
-    q0 = torch.arange(nbm, device=c_q.device) * block_m
+    q0, key_end = _corners(T, block_m, block_n, c_q.device)
     if doc_start is None:
         start = torch.zeros(nbm, dtype=torch.int64, device=c_q.device)
     else:
@@ -35,12 +45,12 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     start = start.view(1, 1, nbm).expand(B, H, nbm)
     if delta is None:
         return start.to(torch.int32).contiguous()
-    nbn = _cdiv(T, block_n)
-    key_end = torch.clamp((torch.arange(nbn, device=c_q.device) + 1) * block_n, max=T) - 1
     neg_c_key_end = -c_k[..., key_end].contiguous()  # non-decreasing along blocks
     # block pruned  <=>  c[q0] - c[ne] < delta  <=>  -c[ne] < delta - c[q0]
     limit = (delta[..., None] - c_q[..., q0]).contiguous()
     pruned = torch.searchsorted(neg_c_key_end, limit, right=False)
+    if doc_start is None:
+        return pruned.to(torch.int32)
     return torch.maximum(start, pruned).to(torch.int32).contiguous()
 
 
@@ -53,7 +63,7 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     """
     B, H, T = c_q.shape
     nbm, nbn = _cdiv(T, block_m), _cdiv(T, block_n)
-    key_end = torch.clamp((torch.arange(nbn, device=c_q.device) + 1) * block_n, max=T) - 1
+    q0, key_end = _corners(T, block_m, block_n, c_q.device)
     if doc_end is None:
         end = torch.full((nbn,), nbm, dtype=torch.int64, device=c_q.device)
     else:
@@ -61,7 +71,6 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     end = end.view(1, 1, nbn).expand(B, H, nbn)
     if delta is None:
         return end.to(torch.int32).contiguous()
-    q0 = torch.arange(nbm, device=c_q.device) * block_m
     neg_c_q0 = -c_q[..., q0].contiguous()  # non-decreasing along query blocks
     # block live  <=>  c[q0] - c[ne] >= delta  <=>  -c[q0] <= -(delta + c[ne])
     limit = (-(delta[..., None] + c_k[..., key_end])).contiguous()

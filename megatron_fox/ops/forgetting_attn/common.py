@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -39,7 +38,6 @@ def no_data_checks():
         _DATA_CHECKS = saved
 
 
-@dataclass
 class AttentionStats:
     """What ACP skipped in one call.
 
@@ -49,13 +47,37 @@ class AttentionStats:
     query_block_start: [B, H, num_query_blocks] index of the first key computed for
         each query block (a multiple of the key block size).
     block_m, block_n: forward tile sizes the boundary refers to.
+
+    The three tensors are computed on first access (`compute()` returns them), so a
+    training step that reads them only at its logging interval launches no extra kernels.
     """
 
-    skipped_fraction: torch.Tensor
-    skipped_fraction_per_head: torch.Tensor
-    query_block_start: torch.Tensor
-    block_m: int
-    block_n: int
+    def __init__(self, compute, block_m: int, block_n: int):
+        self._compute, self._values = compute, None
+        self.block_m, self.block_n = block_m, block_n
+
+    @classmethod
+    def of(cls, skipped_fraction, skipped_fraction_per_head, query_block_start, block_m, block_n):
+        """Stats from values already computed."""
+        values = (skipped_fraction, skipped_fraction_per_head, query_block_start)
+        return cls(lambda: values, block_m, block_n)
+
+    def _get(self):
+        if self._values is None:
+            self._values, self._compute = self._compute(), None
+        return self._values
+
+    @property
+    def skipped_fraction(self) -> torch.Tensor:
+        return self._get()[0]
+
+    @property
+    def skipped_fraction_per_head(self) -> torch.Tensor:
+        return self._get()[1]
+
+    @property
+    def query_block_start(self) -> torch.Tensor:
+        return self._get()[2]
 
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

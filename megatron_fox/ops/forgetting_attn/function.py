@@ -139,8 +139,10 @@ def _dot_precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True):
-    """Launch the backward kernels -> dq, dk, dv, row sums and column sums of dS [B, H, T]."""
+def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True,
+              fwd_start=None):
+    """Launch the backward kernels -> dq, dk, dv, row sums and column sums of dS [B, H, T].
+    fwd_start: the forward's key_block_start, reused by the dQ kernel when its tile matches."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
@@ -174,7 +176,10 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = cfg.dq
-    start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
+    if fwd_start is not None and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n):
+        start = fwd_start
+    else:
+        start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
     nbm = triton.cdiv(T, t.block_m)
     dq_kernel[(nbm, B * H)](
         q, k, v, do, cq_kern, ck_kern, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
@@ -205,7 +210,8 @@ class ForgettingAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse2, c_global, c_doc = ctx.saved_tensors
         if dlse is not None:
             dlse = dlse.contiguous()
-        dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, dlse, lse2, c_global, c_global, c_doc, c_doc, ctx.plan)
+        dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, dlse, lse2, c_global, c_global, c_doc, c_doc, ctx.plan,
+                                           fwd_start=ctx.start)
         # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i
         dlogf = segmented_reverse_cumsum(drow - dcol, ctx.plan.doc_end)
         return dq, dk, dv, dlogf.transpose(1, 2), None
@@ -255,14 +261,12 @@ def forgetting_attention(
 
 def _stats(start, plan: _Plan, T: int) -> AttentionStats:
     tile = plan.config.fwd
-    skipped, total = boundary.skipped_pairs(start, tile.block_m, tile.block_n, T, plan.doc_start)
-    return AttentionStats(
-        skipped_fraction=skipped.sum() / total.sum(),
-        skipped_fraction_per_head=skipped.sum(0) / total.sum(0),
-        query_block_start=start.long() * tile.block_n,
-        block_m=tile.block_m,
-        block_n=tile.block_n,
-    )
+
+    def compute():
+        skipped, total = boundary.skipped_pairs(start, tile.block_m, tile.block_n, T, plan.doc_start)
+        return skipped.sum() / total.sum(), skipped.sum(0) / total.sum(0), start.long() * tile.block_n
+
+    return AttentionStats(compute, tile.block_m, tile.block_n)
 
 
 def _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, return_stats, return_lse):

@@ -93,7 +93,7 @@ def reference_attention_with_lse(q, k, v, log_fgate, *, sm_scale, log_eps=None, 
     total = allowed.sum(dim=(-1, -2)).to(torch.float64)  # [B, H]
     skipped = (allowed & ~kept).sum(dim=(-1, -2)).to(torch.float64)
     first_kept = torch.where(kept, torch.arange(T, device=q.device), T).amin(dim=-1)
-    stats = AttentionStats(
+    stats = AttentionStats.of(
         skipped_fraction=skipped.sum() / total.sum(),
         skipped_fraction_per_head=skipped.sum(0) / total.sum(0),
         query_block_start=first_kept,
