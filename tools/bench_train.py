@@ -48,7 +48,8 @@ def main(argv=None):
     p.add_argument("--config", required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--tokens-per-step", type=int, default=131072)
-    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=65536,
+                   help="tokens per micro-batch (small ones leave the run host-bound, docs/benchmarks.md)")
     p.add_argument("--train-iters", type=int, default=40)
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the tokens/s median")
     p.add_argument("--json", default=None)
