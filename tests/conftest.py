@@ -5,6 +5,7 @@ megatron_fox.ops.
 """
 
 import os
+import socket
 
 if os.environ.get("MEGATRON_FOX_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,3 +29,22 @@ def _fresh_seed(request):
     request.node.user_properties.append(("seed", seed))
     print(f"torch seed {seed}")  # shown with a failure
     yield
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A one-process gloo world with Megatron's model-parallel state (TP = PP = CP = 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    assert not dist.is_initialized(), "another test left a process group behind"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    # leave no process group behind: later tests fork workers that start their own
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()

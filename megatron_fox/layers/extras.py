@@ -17,13 +17,16 @@ from ..ops.token_shift import head_rms_norm, token_shift
 
 
 def prepare(q, k, v, fgate, fgate_bias, shift: Optional[torch.Tensor], doc_start: Optional[torch.Tensor],
-            q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], eps: float):
+            q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor], eps: float, prev_kv=None):
     """q [s, b, h, d]; k, v [s, b, g, d]; fgate [s, b, h] logits; fgate_bias [h]; shift
     [s, b, g, 2] logits of the k and v shift gates (None: no shift); doc_start [s, b] bool;
-    q_norm, k_norm [h, d] / [g, d] (None: no QK-norm). -> q, k, v, log f [s, b, h] float32."""
+    q_norm, k_norm [h, d] / [g, d] (None: no QK-norm); prev_kv: the raw k, v [1, b, g, d] of
+    the token before these (decoding), None at a sequence start.
+    -> q, k, v, log f [s, b, h] float32."""
     if shift is not None:
-        k = token_shift(k, shift[..., 0], doc_start)
-        v = token_shift(v, shift[..., 1], doc_start)
+        prev_k, prev_v = (None, None) if prev_kv is None else prev_kv
+        k = token_shift(k, shift[..., 0], doc_start, prev_k)
+        v = token_shift(v, shift[..., 1], doc_start, prev_v)
     if q_norm is not None:
         q = head_rms_norm(q, q_norm, eps)
         k = head_rms_norm(k, k_norm, eps)

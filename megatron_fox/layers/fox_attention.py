@@ -79,32 +79,50 @@ class FoxSelfAttention(MegatronModule):
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj")
 
     def logit_bound(self) -> Optional[torch.Tensor]:
-        """ACP's U per local head from the QK-norm weights, [heads] float32 (None: use the data).
-
-        |q_i| <= max|w_q| sqrt(d) and |k_j| <= max|w_k| sqrt(d) after the RMS norm, so
-        |q.k| / sqrt(d) <= max|w_q| max|w_k| sqrt(d).
-        """
+        """ACP's U per local head from the QK-norm weights, [heads] float32 (None: use the data)."""
         cfg = self.config
         if cfg.acp_log_eps is None or cfg.acp_logit_bound != "qk_norm":
             return None
+        return self.qk_norm_logit_bound()
+
+    def qk_norm_logit_bound(self) -> torch.Tensor:
+        """|sm_scale q.k| <= U per local head, [heads] float32, from the QK-norm weights:
+        |q_i| <= max|w_q| sqrt(d) and |k_j| <= max|w_k| sqrt(d) after the RMS norm, so
+        |q.k| / sqrt(d) <= max|w_q| max|w_k| sqrt(d)."""
+        if not self.config.fox_qk_norm:
+            raise ValueError("a logit bound from the QK-norm weights needs fox_qk_norm=True")
         hp = self.head_params
         wq = hp.q_norm.detach().float().abs().amax(-1)  # [heads]
         wk = hp.k_norm.detach().float().abs().amax(-1).repeat_interleave(self.hpg)
         return wq * wk * math.sqrt(self.head_dim)
+
+    def _split(self, mixed):
+        """linear_qkv output [s, b, groups * width] -> q [s, b, heads, d], k, v [s, b, groups, d],
+        forget-gate logits [s, b, heads], output-gate logits [s, b, heads, d] or None, shift
+        logits [s, b, groups, 2] or None."""
+        cfg, d = self.config, self.head_dim
+        s, b = mixed.shape[:2]
+        parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
+        q = parts.pop(0).reshape(s, b, self.heads, d)
+        k, v = parts.pop(0), parts.pop(0)
+        fgate = parts.pop(0).reshape(s, b, self.heads)
+        ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
+        shift = parts.pop(0) if cfg.fox_kv_shift else None
+        return q, k, v, fgate, ogate, shift
+
+    def _finish(self, out, ogate):
+        cfg = self.config
+        finish = extras.fused(extras.finish, cfg.fox_fuse_extras, out.device)
+        return finish(out, ogate, self.head_params.output_norm if cfg.fox_output_norm else None,
+                      cfg.layernorm_epsilon)
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **kwargs):
         """hidden_states [s(/tp with SP), b, h] -> (output [s(/tp), b, h], bias or None)."""
         cfg = self.config
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
-        parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
-        d = self.head_dim
-        q = parts.pop(0).reshape(s, b, self.heads, d)
-        k, v = parts.pop(0), parts.pop(0)  # [s, b, groups, d]
-        fgate = parts.pop(0).reshape(s, b, self.heads)
-        ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
+        q, k, v, fgate, ogate, shift = self._split(mixed)
         cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
-        shift = parts.pop(0) if cfg.fox_kv_shift else None
         doc_start = None
         if shift is not None and cfg.context_parallel_size > 1:  # the shift crosses chunk borders
             from megatron.core import parallel_state
@@ -119,11 +137,41 @@ class FoxSelfAttention(MegatronModule):
             shift = None
         elif shift is not None and cu_seqlens is not None:
             doc_start = document_start_mask(cu_seqlens, s, b)
-        hp = self.head_params
-        norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
-        prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, mixed.device)
-        q, k, v, log_fgate = prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.layernorm_epsilon)
+        q, k, v, log_fgate = self._prepare(q, k, v, fgate, shift, doc_start)
         out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens)
-        finish = extras.fused(extras.finish, cfg.fox_fuse_extras, mixed.device)
-        out = finish(out, ogate, hp.output_norm if cfg.fox_output_norm else None, cfg.layernorm_epsilon)
-        return self.linear_proj(out)
+        return self.linear_proj(self._finish(out, ogate))
+
+    def _prepare(self, q, k, v, fgate, shift, doc_start, prev_kv=None):
+        cfg, hp = self.config, self.head_params
+        norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
+        prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, q.device)
+        return prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.layernorm_epsilon, prev_kv)
+
+    def infer(self, hidden_states, cache):
+        """Incremental inference (no autograd, TP = 1): hidden_states [s, b, h] of the new
+        tokens, cache an `megatron_fox.inference.LayerCache` holding everything before them.
+        Appends the new keys, values and prefix sums, evicts what ACP has pruned for good, and
+        returns (output [s, b, h], bias or None). An empty cache runs the prompt through the
+        training op; later tokens attend to the cache one at a time."""
+        from ..ops import forgetting_attention_decode
+
+        mixed, _ = self.linear_qkv(hidden_states)
+        q, k_raw, v_raw, fgate, ogate, shift = self._split(mixed)
+        q, k, v, log_fgate = self._prepare(q, k_raw, v_raw, fgate, shift, None, cache.prev_kv)
+        if shift is not None:
+            cache.prev_kv = (k_raw[-1:], v_raw[-1:])
+        c = cache.c_last[None] + torch.cumsum(log_fgate, dim=0) if cache.length else torch.cumsum(log_fgate, dim=0)
+        prompt = cache.length == 0 and q.shape[0] > 1
+        cache.append(k.transpose(0, 1), v.transpose(0, 1), c.permute(1, 2, 0))
+        if prompt:
+            out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound())
+        else:
+            outs = []
+            for t in range(q.shape[0]):  # each new token sees the cache up to itself
+                n = cache.length - q.shape[0] + t + 1
+                outs.append(forgetting_attention_decode(q[t], cache.k[:, :n], cache.v[:, :n], c[t],
+                                                        cache.c[..., :n]))
+            out = torch.stack(outs)
+        cache.c_last = c[-1]
+        cache.evict_pruned()
+        return self.linear_proj(self._finish(out, ogate))

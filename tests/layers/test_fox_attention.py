@@ -1,8 +1,6 @@
 """FoX-Pro attention layer against an independent plain-PyTorch rewrite of its math."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -10,24 +8,6 @@ import torch.nn.functional as F
 
 from megatron_fox.ops import forgetting_attention_reference
 from megatron_fox.ops.token_shift import head_rms_norm, token_shift
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    assert not dist.is_initialized(), "another test left a process group behind"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    # leave no process group behind: later tests fork workers that start their own
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_token_shift_matches_loop():

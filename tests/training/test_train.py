@@ -96,3 +96,21 @@ def test_context_parallel_training_matches_single(cache, tmp_path):
     multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2"], world=2)
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
+
+
+def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    trained = subprocess.run([sys.executable, "-m", "megatron_fox.train", *TINY, "--train-iters", "3", "--save",
+                              str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
+                          "--prompt", "def main(", "--max-new-tokens", "8", "--evict-log-eps", "-10"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("def main(")
+    assert "checkpoint step 3" in gen.stderr and "cached keys per layer" in gen.stderr
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
+                          "--prompt", "x", "--max-new-tokens", "8", "--max-length", "0"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and "max_length" in bad.stderr

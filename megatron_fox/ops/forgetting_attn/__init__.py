@@ -1,6 +1,7 @@
 """Forgetting attention (FoX) with Adaptive Computation Pruning: Triton kernels and reference."""
 
 from .common import AttentionStats, no_data_checks, set_data_checks
+from .decode import evictable_prefix, forgetting_attention_decode
 from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config
 from .reference import forgetting_attention_reference
 
@@ -8,6 +9,8 @@ __all__ = [
     "AttentionStats",
     "KernelConfig",
     "Tile",
+    "evictable_prefix",
+    "forgetting_attention_decode",
     "forgetting_attention",
     "forgetting_attention_reference",
     "kernel_config",

@@ -1,0 +1,116 @@
+"""Token generation with a FoX GPTModel: prompt through the training op, then one token
+at a time over the per-layer caches, with ACP-based cache eviction.
+
+Walks the model's own modules (embedding, each TransformerLayer's norms, FoX attention and
+MLP, final norm, output layer) instead of Megatron's inference engine, so it works the same
+on every megatron-core release the training supports. One process, TP = PP = CP = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops.forgetting_attn.common import pruning_threshold
+from .cache import InferenceCache
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+class FoxGenerator:
+    """Greedy or sampled generation.
+
+    model: a FoX `GPTModel` (possibly wrapped by DDP/Float16Module), whole on this rank.
+    max_length: the longest prompt + generation; it sets ACP's log L term, so eviction is
+        exact for every sequence up to this length.
+    evict_log_eps: evict cached keys whose softmax weight ACP bounds by exp(this) per row
+        (the bound needs QK-norm); None keeps every key (exact decoding).
+    """
+
+    def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0):
+        self.model = _unwrap(model)
+        cfg = self.model.config
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(cfg, key, 1) != 1:
+                raise ValueError(f"generation runs with {key} = 1, got {getattr(cfg, key)}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if evict_log_eps is not None and (evict_log_eps > 0 or not cfg.fox_qk_norm):
+            raise ValueError("evict_log_eps must be <= 0 and needs a model with fox_qk_norm "
+                             "(the eviction bound comes from the QK-norm weights); use None to keep every key")
+        self.max_length = max_length
+        self.evict_log_eps = evict_log_eps
+        self.layers = list(self.model.decoder.layers)
+
+    def new_cache(self) -> InferenceCache:
+        thresholds = None
+        if self.evict_log_eps is not None:
+            thresholds = [pruning_threshold(layer.self_attention.qk_norm_logit_bound(), self.max_length,
+                                            self.evict_log_eps) for layer in self.layers]
+        return InferenceCache(len(self.layers), thresholds)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """tokens [b, s] following what `cache` holds -> logits [b, s, vocab] float32."""
+        if cache.tokens + tokens.shape[1] > self.max_length:
+            raise ValueError(f"sequence would reach {cache.tokens + tokens.shape[1]} tokens, past max_length "
+                             f"{self.max_length}")
+        m = self.model
+        x = m.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            out, bias = layer.self_attention.infer(layer.input_layernorm(x), layer_cache)
+            x = x + (out if bias is None else out + bias)
+            out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
+            x = x + (out if bias is None else out + bias)
+        x = m.decoder.final_layernorm(x)
+        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+        logits, _ = m.output_layer(x, weight=weight)
+        cache.tokens += tokens.shape[1]
+        return logits.transpose(0, 1).float()
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: Optional[int] = None, eod: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, InferenceCache]:
+        """prompt [b, s] int64 -> ([b, s + n] tokens, the cache). temperature 0: greedy.
+        Stops early once every sequence has produced `eod`."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+        self.model.eval()
+        cache = self.new_cache()
+        out = prompt
+        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        logits = self.forward(prompt, cache)[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_k, generator)
+            if eod is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eod), nxt)
+                done |= nxt == eod
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eod is not None and bool(done.all()):
+                break
+            if out.shape[1] >= self.max_length:
+                break
+            logits = self.forward(nxt[:, None], cache)[:, -1]
+        return out, cache
+
+
+def _sample(logits, temperature, top_k, generator):
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,111 @@
+"""Incremental decoding against the model's full forward pass, and ACP cache eviction."""
+
+import pytest
+import torch
+
+from megatron_fox.inference import FoxGenerator
+
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--ffn-hidden-size", "128", "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
+        "--vocab-size", "96", "--device", "cpu"]
+
+
+def _model(*flags):
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    args = parse_args(TINY + list(flags))
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(96, args))
+    return model.eval()
+
+
+def _full_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, None, None).float()  # [b, s, vocab]
+
+
+def _fast_forgetting(model, bias):
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.self_attention.head_params.fgate_bias.fill_(bias)
+
+
+def _teacher_forced(gen, tokens, prompt_len, chunk_at=None):
+    """Logits of every position: the prompt in one call, then one token per call (and, at
+    chunk_at, three tokens in one call)."""
+    cache = gen.new_cache()
+    out = [gen.forward(tokens[:, :prompt_len], cache)]
+    t = prompt_len
+    while t < tokens.shape[1]:
+        n = 3 if t == chunk_at else 1
+        out.append(gen.forward(tokens[:, t:t + n], cache))
+        t += n
+    return torch.cat(out, dim=1), cache
+
+
+def test_decoding_equals_full_forward(megatron_world):
+    model = _model("--no-acp")
+    tokens = torch.randint(0, 96, (2, 40))
+    gen = FoxGenerator(model, max_length=64, evict_log_eps=None)
+    logits, cache = _teacher_forced(gen, tokens, prompt_len=17, chunk_at=25)
+    full = _full_logits(model, tokens)
+    assert logits.shape == full.shape
+    err = (logits - full).abs().max().item()
+    assert err <= 1e-4 * full.abs().max().item(), err
+    assert cache.cached_keys() == [40, 40] and cache.evicted_keys() == [0, 0] and cache.tokens == 40
+
+
+def test_eviction_keeps_the_cache_small_within_eps(megatron_world):
+    model = _model("--no-acp")
+    _fast_forgetting(model, -3.0)  # log f ~ -3 a token: old keys fall behind the threshold fast
+    tokens = torch.randint(0, 96, (1, 60))
+    exact, _ = _teacher_forced(FoxGenerator(model, 64, evict_log_eps=None), tokens, prompt_len=20)
+    gen = FoxGenerator(model, 64, evict_log_eps=-10.0)
+    evicting, cache = _teacher_forced(gen, tokens, prompt_len=20)
+    # threshold delta = -(2U + log 64) - 10 with U = sqrt(16) (unit QK-norm weights) = -22.2;
+    # log f <= logsigmoid(-3 + |logit|): a key leaves after a few dozen tokens at most
+    assert all(n < 40 for n in cache.cached_keys()), cache.cached_keys()
+    assert all(n > 20 for n in cache.evicted_keys()), cache.evicted_keys()
+    err = (evicting - exact).abs().max().item()
+    assert err <= 1e-3 * exact.abs().max().item(), err
+
+
+def test_eviction_rule_is_exact_for_every_later_query(megatron_world):
+    """Every evicted key is pruned (c_t - c_j < delta) for each head at the evicting step,
+    hence for all later queries: checked on the prefix sums the cache saw."""
+    model = _model("--no-acp")
+    _fast_forgetting(model, -2.0)
+    gen = FoxGenerator(model, 64, evict_log_eps=-10.0)
+    tokens = torch.randint(0, 96, (1, 50))
+    cache = gen.new_cache()
+    gen.forward(tokens[:, :5], cache)
+    for t in range(5, 50):
+        layer = cache.layers[0]
+        before = layer.c.clone() if layer.c is not None else None
+        gen.forward(tokens[:, t:t + 1], cache)
+        gone = before.shape[-1] + 1 - layer.length  # keys evicted this step
+        if gone:
+            gap = layer.c_last[..., None] - before[..., :gone]  # [b, heads, gone]
+            assert (gap < layer.delta[None, :, None]).all()
+
+
+def test_generate_greedy_follows_argmax(megatron_world):
+    model = _model("--no-acp")
+    prompt = torch.randint(0, 96, (2, 12))
+    out, cache = FoxGenerator(model, 64, evict_log_eps=None).generate(prompt, 10)
+    assert out.shape == (2, 22) and torch.equal(out[:, :12], prompt)
+    full = _full_logits(model, out)
+    assert torch.equal(out[:, 12:], full[:, 11:-1].argmax(-1))
+
+
+def test_bad_arguments(megatron_world):
+    model = _model("--no-acp")
+    with pytest.raises(ValueError, match="max_length"):
+        FoxGenerator(model, 0)
+    gen = FoxGenerator(model, 16, evict_log_eps=None)
+    with pytest.raises(ValueError, match="max_length"):
+        gen.generate(torch.zeros(1, 20, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate(torch.zeros(1, 4, dtype=torch.long), 1, temperature=-1.0)
+    with pytest.raises(ValueError, match="fox_qk_norm"):
+        FoxGenerator(_model("--no-acp", "--no-fox-qk-norm"), 16, evict_log_eps=-10.0)

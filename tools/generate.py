@@ -1,0 +1,85 @@
+"""Generate text with a trained FoX model (one process; CPU or one GPU).
+
+    python tools/generate.py --config configs/tiny.yaml --load checkpoints/tiny \\
+        --prompt "def main(" --max-new-tokens 64 [--temperature 0.8 --top-k 40] [--evict-log-eps -10]
+
+Training flags (--config, model sizes, --data-path/--tokenizer-model, --device, ...) are the
+ones the model was trained with; without --data-path the embedded corpus's tokenizer is used,
+as in training. Cached keys that ACP has pruned for good are evicted (the bound needs
+QK-norm; --evict-log-eps none keeps every key). Prints the text and the cache sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _log_eps(value: str):
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number <= 0 or 'none', got {value!r}") from None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--evict-log-eps", type=_log_eps, default=-10.0, help="ACP eviction tolerance, or 'none'")
+    p.add_argument("--max-length", type=int, default=None, help="prompt + generation bound (default: seq length)")
+    p.add_argument("--gen-seed", type=int, default=0)
+    opts, rest = p.parse_known_args(argv)
+
+    import torch
+
+    from megatron_fox.inference import FoxGenerator
+    from megatron_fox.train import _make_engine, init_distributed
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.data import default_cache_dir, prepare_default_corpus
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+    from megatron_fox.training.tokenizer import SentencePieceTokenizer
+
+    args = parse_args(rest)
+    if args.load is None:
+        p.error("--load is required (a checkpoint directory written by megatron_fox.train --save)")
+    device = init_distributed(args)
+    if args.data_path is None:
+        cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
+        _, tok_path = prepare_default_corpus(cache, vocab_size=args.default_vocab_size,
+                                             max_bytes=args.default_corpus_bytes)
+    else:
+        tok_path = args.tokenizer_model
+    tokenizer = SentencePieceTokenizer(tok_path)
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(
+        args.vocab_size or tokenizer.vocab_size, args))
+    engine = _make_engine(model, args, tokenizer.eod, device)
+    step = engine.load(args.load)
+    max_length = args.seq_length if opts.max_length is None else opts.max_length
+    try:
+        gen = FoxGenerator(engine.model, max_length, evict_log_eps=opts.evict_log_eps)
+        prompt = torch.tensor([tokenizer.tokenize(opts.prompt)], dtype=torch.long, device=device)
+        t0 = time.perf_counter()
+        out, cache = gen.generate(prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                                  eod=tokenizer.eod,
+                                  generator=torch.Generator(device=device).manual_seed(opts.gen_seed))
+    except ValueError as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    dt = time.perf_counter() - t0
+    new = out.shape[1] - prompt.shape[1]
+    print(tokenizer.detokenize(out[0].tolist()))
+    print(f"\n[checkpoint step {step}; {new} new tokens in {dt:.2f} s; cached keys per layer "
+          f"{cache.cached_keys()}, evicted {cache.evicted_keys()}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
