@@ -112,7 +112,7 @@ def run(args, on_step=None) -> list[dict]:
     on_step(step, record), if given, is called after every training step (profilers)."""
     from tqdm import tqdm
 
-    from .training.model import build_model, padded_vocab_size, transformer_config
+    from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
     from .training.step import global_batch
 
     device = init_distributed(args)
@@ -121,6 +121,12 @@ def run(args, on_step=None) -> list[dict]:
     vocab = padded_vocab_size(args.vocab_size or tokenizer.vocab_size, args)
     config = transformer_config(args, device)
     model = build_model(args, config, vocab)
+    if args.pretrained_checkpoint:
+        try:
+            load_full_state_dict(model, args.pretrained_checkpoint, args)
+        except (ValueError, KeyError) as e:
+            print(f"megatron_fox.train: error: config key 'pretrained_checkpoint': {e}", file=sys.stderr)
+            sys.exit(2)
     engine = _make_engine(model, args, tokenizer.eod, device)
     start = engine.load(args.load) if args.load else 0
     writer = None

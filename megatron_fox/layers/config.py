@@ -15,6 +15,8 @@ class FoxTransformerConfig(TransformerConfig):
     fox_output_gate: o = norm(attn) * sigmoid(W_o x) before the output projection.
     fox_output_norm: per-head RMS norm of the attention output (FoX-Pro).
     fox_qk_norm: per-head RMS norm of q and k (weights per head and channel); gives ACP's bound.
+    fox_qk_norm_eps: epsilon of that norm (1e-5 as in the public FoX code; the other norms
+        use layernorm_epsilon).
     fox_kv_shift: k_t, v_t mixed with k_{t-1}, v_{t-1} by a data-dependent sigmoid gate.
     fox_fgate_bias_init: initial bias of the forget-gate logit (0 -> f = 0.5).
     acp_log_eps: ACP tolerance log(eps); None turns pruning off (exact FoX).
@@ -27,6 +29,7 @@ class FoxTransformerConfig(TransformerConfig):
     fox_output_norm: bool = True
     fox_qk_norm: bool = True
     fox_kv_shift: bool = True
+    fox_qk_norm_eps: float = 1e-5
     fox_fgate_bias_init: float = 0.0
     acp_log_eps: Optional[float] = -10.0
     acp_logit_bound: str = "qk_norm"

@@ -145,7 +145,7 @@ class FoxSelfAttention(MegatronModule):
         cfg, hp = self.config, self.head_params
         norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
         prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, q.device)
-        return prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.layernorm_epsilon, prev_kv)
+        return prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
 
     def infer(self, hidden_states, cache):
         """Incremental inference (no autograd, TP = 1): hidden_states [s, b, h] of the new

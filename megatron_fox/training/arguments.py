@@ -42,6 +42,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_output_gate": (bool, True, "FoX-Pro output gate"),
     "fox_output_norm": (bool, True, "FoX-Pro per-head output RMS norm"),
     "fox_qk_norm": (bool, True, "FoX-Pro QK-norm"),
+    "fox_qk_norm_eps": (float, 1e-5, "epsilon of the QK-norm (the public FoX code's 1e-5)"),
     "fox_kv_shift": (bool, True, "FoX-Pro data-dependent k/v token shift"),
     "fox_fgate_bias_init": (float, 0.0, "initial forget-gate bias"),
     "fox_fuse_extras": (bool, True, "torch.compile the FoX-Pro shift/norm/gate work and SwiGLU (CUDA only)"),
@@ -85,6 +86,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
     "save": (str, None, "checkpoint directory to save to"),
     "load": (str, None, "checkpoint directory to resume from"),
+    "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
+                              "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
     "eval_interval": (int, None, "steps between validation passes"),
     "eval_iters": (int, 2, "validation steps a pass"),
@@ -209,6 +212,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("acp_logit_bound", f"must be qk_norm or data, got {args.acp_logit_bound!r}")
     if args.acp and args.acp_logit_bound == "qk_norm" and not args.fox_qk_norm:
         raise ConfigError("acp_logit_bound", "qk_norm needs fox_qk_norm true (or use data)")
+    if args.fox_qk_norm_eps < 0:
+        raise ConfigError("fox_qk_norm_eps", f"must be >= 0, got {args.fox_qk_norm_eps}")
     if args.acp_log_eps > 0:
         raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
     if args.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -227,6 +232,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
     if args.load is not None and not os.path.isdir(args.load):
         raise ConfigError("load", f"checkpoint directory {args.load} not found")
+    if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
+        raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
 
 
 def parse_or_exit(argv: Optional[list[str]] = None) -> argparse.Namespace:

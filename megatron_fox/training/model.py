@@ -53,6 +53,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         fox_output_gate=args.fox_output_gate,
         fox_output_norm=args.fox_output_norm,
         fox_qk_norm=args.fox_qk_norm,
+        fox_qk_norm_eps=args.fox_qk_norm_eps,
         fox_kv_shift=args.fox_kv_shift,
         fox_fgate_bias_init=args.fox_fgate_bias_init,
         fox_fuse_extras=args.fox_fuse_extras,
@@ -112,3 +113,26 @@ def attention_layers(model) -> list:
     from ..layers import FoxCoreAttention
 
     return [m for m in model.modules() if isinstance(m, FoxCoreAttention)]
+
+
+@torch.no_grad()
+def load_full_state_dict(model, path: str, args) -> None:
+    """Copy a full (TP = PP = 1) state dict file into this rank's stage and TP shard.
+    Raises ValueError naming the tensors that are missing, extra or of the wrong shape."""
+    from megatron.core import parallel_state as ps
+
+    from ..checkpoint import shard_state_dict
+    from ..checkpoint.public_fox import load_state_file
+
+    full = load_state_file(path)
+    shard = shard_state_dict(full, args.num_layers, ps.get_tensor_model_parallel_rank(),
+                             ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
+                             ps.get_pipeline_model_parallel_world_size())
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, extra = sorted(set(own) - set(shard)), sorted(set(shard) - set(own))
+    wrong = [k for k in own if k in shard and tuple(shard[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        raise ValueError(f"pretrained_checkpoint {path} does not fit the model: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}, wrong shape {[(k, tuple(shard[k].shape)) for k in wrong[:4]]}")
+    for name, t in own.items():
+        t.copy_(shard[name])

@@ -114,3 +114,33 @@ def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
                           "--prompt", "x", "--max-new-tokens", "8", "--max-length", "0"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "max_length" in bad.stderr
+
+
+def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
+    """tools/convert_checkpoint.py on a public-format file, then one training step from it
+    with lr 0: the saved weights are exactly the converted ones."""
+    from megatron_fox.checkpoint.public_fox import FoxLayout, from_public_fox
+
+    from checkpoint.test_public_fox import random_public_state  # tests/ is on sys.path (rootdir conftest)
+
+    public = random_public_state(shared_qk_norm=True, vocab=512)
+    torch.save(public, tmp_path / "pytorch_model.bin")
+    model_flags = [*TINY, "--untie-embeddings-and-output-weights", "--ffn-hidden-size", "96"]
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-public",
+                           "--input", str(tmp_path), "--output", str(tmp_path / "fox.pt"), *model_flags],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *model_flags, "--pretrained-checkpoint",
+                          str(tmp_path / "fox.pt"), "--train-iters", "1", "--lr", "0", "--min-lr", "0",
+                          "--save", str(tmp_path / "ckpt")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = torch.load(tmp_path / "ckpt" / "iter_0000001" / "mp_rank_00_000.pt", weights_only=False)["model"]
+    expected = from_public_fox(public, FoxLayout(2, 4, 4, 16, tied=False))
+    for name, t in expected.items():
+        assert torch.equal(saved[name], t), name
+    bad = subprocess.run([sys.executable, "-m", "megatron_fox.train", *TINY, "--pretrained-checkpoint",
+                          str(tmp_path / "fox.pt"), "--train-iters", "1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and "pretrained_checkpoint" in bad.stderr
