@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--evict-log-eps", type=_log_eps, default=-10.0, help="ACP eviction tolerance, or 'none'")
     p.add_argument("--max-length", type=int, default=None, help="prompt + generation bound (default: seq length)")
     p.add_argument("--gen-seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="also compare cached decoding (no eviction) with the full forward pass on the output")
     opts, rest = p.parse_known_args(argv)
 
     import torch
@@ -79,6 +81,27 @@ def main(argv=None) -> None:
     print(tokenizer.detokenize(out[0].tolist()))
     print(f"\n[checkpoint step {step}; {new} new tokens in {dt:.2f} s; cached keys per layer "
           f"{cache.cached_keys()}, evicted {cache.evicted_keys()}]", file=sys.stderr)
+    if opts.check:
+        err = _decode_error(gen, out, prompt.shape[1])
+        print(f"[check: max |decoded - full forward| / max |full forward| = {err:.2e}]", file=sys.stderr)
+        if err > 2e-2:
+            sys.exit(3)
+
+
+def _decode_error(gen, tokens, prompt_len):
+    """Relative max error of teacher-forced cached decoding (no eviction) against the full
+    forward pass of the model on the same tokens."""
+    import torch
+
+    from megatron_fox.inference import FoxGenerator
+
+    exact = FoxGenerator(gen.model, gen.max_length, evict_log_eps=None)
+    cache = exact.new_cache()
+    parts = [exact.forward(tokens[:, :prompt_len], cache)]
+    parts += [exact.forward(tokens[:, t:t + 1], cache) for t in range(prompt_len, tokens.shape[1])]
+    with torch.no_grad():
+        full = gen.model(tokens, None, None).float()
+    return ((torch.cat(parts, dim=1) - full).abs().max() / full.abs().max()).item()
 
 
 if __name__ == "__main__":

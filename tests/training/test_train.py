@@ -105,11 +105,11 @@ def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
                               str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
-                          "--prompt", "def main(", "--max-new-tokens", "8", "--evict-log-eps", "-10"],
+                          "--prompt", "def main(", "--max-new-tokens", "8", "--evict-log-eps", "-10", "--check"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("def main(")
-    assert "checkpoint step 3" in gen.stderr and "cached keys per layer" in gen.stderr
+    assert "checkpoint step 3" in gen.stderr and "cached keys per layer" in gen.stderr and "[check:" in gen.stderr
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
                           "--prompt", "x", "--max-new-tokens", "8", "--max-length", "0"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

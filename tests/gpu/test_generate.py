@@ -1,0 +1,31 @@
+"""Generation on the GPU: a bf16 model trained through the Megatron path, then
+tools/generate.py with ACP eviction and the cached-decoding-vs-full-forward check.
+
+Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA (the CPU CI skips it).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_megatron_path import FLAGS, train  # tests/gpu is on sys.path (no package)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_gpu_generate_after_training(tmp_path):
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "gen", ["--train-iters", "10", "--save", str(ckpt)])
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *FLAGS, "--load", str(ckpt),
+                          "--prompt", "import os\n", "--max-new-tokens", "48", "--check"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    print(gen.stderr[-1500:])
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("import os") and "[check:" in gen.stderr
