@@ -34,9 +34,9 @@ def init_distributed(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("megatron_fox.train: error: config key 'device': cuda asked for but not available", file=sys.stderr)
         sys.exit(2)
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one
+    if "RANK" not in os.environ:  # plain `python -m`: a world of one, on a port of its own
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=str(_free_port()))
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:

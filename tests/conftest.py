@@ -41,10 +41,16 @@ def megatron_world():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
-    # leave no process group behind: later tests fork workers that start their own
+    # leave no process group and no rendezvous address behind: later tests start their own
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

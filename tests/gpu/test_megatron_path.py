@@ -41,8 +41,9 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     assert [h["step"] for h in rest] == list(range(16, 31))
     print("uninterrupted", [round(h["loss"], 4) for h in full[15:]])
     print("resumed      ", [round(h["loss"], 4) for h in rest])
-    # bf16 on the GPU: the resumed run is checked to stay within 0.5% over 15 steps (the CPU
-    # fp32 test checks resume to 1e-6)
+    # bf16 on the GPU. Before Adam's step was restored on load (megatron_engine
+    # _restore_adam_step) the resumed run drifted by up to 0.3% over 15 steps; with it the
+    # resumed run should follow the uninterrupted one to rounding (the CPU fp32 test: 1e-6).
     assert rest[0]["loss"] == pytest.approx(full[15]["loss"], rel=1e-4)
     for a, b in zip(full[15:], rest):
-        assert a["loss"] == pytest.approx(b["loss"], rel=5e-3), (a["step"], a["loss"], b["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
