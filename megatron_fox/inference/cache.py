@@ -19,10 +19,16 @@ class LayerCache:
     """One layer's cache. k, v [B, N, groups, d]; c [B, heads, N] float32 prefix sums of the
     cached keys; c_last [B, heads] at the newest token; prev_kv the newest raw k, v
     [1, B, groups, d] (before shift and norm); delta [heads] the eviction threshold (None:
-    keep every key)."""
+    keep every key).
+
+    Storage grows by doubling and eviction only moves a start offset, so appending a token
+    costs O(1) amortised copies instead of a copy of the whole cache.
+    """
 
     def __init__(self, delta: Optional[torch.Tensor] = None):
-        self.k = self.v = self.c = self.c_last = None
+        self._k = self._v = self._c = None
+        self._start = self._end = 0
+        self.c_last = None
         self.prev_kv = None
         self.delta = delta
         self.evicted = 0
@@ -30,16 +36,41 @@ class LayerCache:
     @property
     def length(self) -> int:
         """Keys held now."""
-        return 0 if self.k is None else self.k.shape[1]
+        return self._end - self._start
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k[:, self._start:self._end]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v[:, self._start:self._end]
+
+    @property
+    def c(self) -> torch.Tensor:
+        return self._c[..., self._start:self._end]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
         """k, v [B, n, groups, d]; c [B, heads, n]."""
-        if self.k is None:
-            self.k, self.v, self.c = k.contiguous(), v.contiguous(), c.contiguous()
-        else:
-            self.k = torch.cat([self.k, k], dim=1)
-            self.v = torch.cat([self.v, v], dim=1)
-            self.c = torch.cat([self.c, c], dim=-1)
+        n = k.shape[1]
+        if self._k is None:
+            cap = max(16, 2 * n)
+            self._k = k.new_empty(k.shape[0], cap, *k.shape[2:])
+            self._v = v.new_empty(v.shape[0], cap, *v.shape[2:])
+            self._c = c.new_empty(*c.shape[:2], cap)
+        elif self._end + n > self._k.shape[1]:  # full: move the live keys into a buffer twice their size
+            live = self.length
+            cap = 2 * (live + n)
+            k_old, v_old, c_old = self.k, self.v, self.c
+            self._k = k_old.new_empty(k_old.shape[0], cap, *k_old.shape[2:])
+            self._v = v_old.new_empty(v_old.shape[0], cap, *v_old.shape[2:])
+            self._c = c_old.new_empty(*c_old.shape[:2], cap)
+            self._k[:, :live], self._v[:, :live], self._c[..., :live] = k_old, v_old, c_old
+            self._start, self._end = 0, live
+        self._k[:, self._end:self._end + n] = k
+        self._v[:, self._end:self._end + n] = v
+        self._c[..., self._end:self._end + n] = c
+        self._end += n
 
     def evict_pruned(self) -> int:
         """Drop the leading keys that every head has pruned for good; returns how many."""
@@ -47,9 +78,8 @@ class LayerCache:
             return 0
         n = evictable_prefix(self.c_last, self.c, self.delta)
         n = min(n, self.length - 1)  # the newest key always stays (c_last - c_last = 0 >= delta)
-        if n:
-            self.k, self.v, self.c = self.k[:, n:], self.v[:, n:], self.c[..., n:]
-            self.evicted += n
+        self._start += n
+        self.evicted += n
         return n
 
 

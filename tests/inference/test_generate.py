@@ -109,3 +109,32 @@ def test_bad_arguments(megatron_world):
         gen.generate(torch.zeros(1, 4, dtype=torch.long), 1, temperature=-1.0)
     with pytest.raises(ValueError, match="fox_qk_norm"):
         FoxGenerator(_model("--no-acp", "--no-fox-qk-norm"), 16, evict_log_eps=-10.0)
+
+
+def test_layer_cache_appends_and_evicts_like_a_list():
+    from megatron_fox.inference import LayerCache
+
+    cache = LayerCache(delta=torch.tensor([-1.0, -2.0]))
+    keys, vals, cs = [], [], []
+    c_now = torch.zeros(1, 2)
+    for step in range(60):
+        n = 5 if step == 0 else 1 + step % 3
+        k, v = torch.randn(1, n, 1, 4), torch.randn(1, n, 1, 4)
+        c = c_now[..., None] - 0.3 * torch.arange(1, n + 1)  # non-increasing prefix sums
+        c_now = c[..., -1]
+        cache.append(k, v, c)
+        cache.c_last = c_now
+        keys += list(k.unbind(1))
+        vals += list(v.unbind(1))
+        cs += list(c.unbind(-1))
+        gone = cache.evict_pruned()
+        # the rule by hand: leading keys with c_now - c_j < delta for both heads
+        expect = 0
+        while expect < len(cs) - 1 and bool(((c_now - cs[expect]) < torch.tensor([-1.0, -2.0])).all()):
+            expect += 1
+        assert gone == expect
+        keys, vals, cs = keys[gone:], vals[gone:], cs[gone:]
+        assert cache.length == len(keys)
+        assert torch.equal(cache.k, torch.stack(keys, 1)) and torch.equal(cache.v, torch.stack(vals, 1))
+        assert torch.equal(cache.c, torch.stack(cs, -1))
+    assert cache.evicted > 0
