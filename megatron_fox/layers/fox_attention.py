@@ -159,7 +159,7 @@ class FoxSelfAttention(MegatronModule):
         q, k_raw, v_raw, fgate, ogate, shift = self._split(mixed)
         q, k, v, log_fgate = self._prepare(q, k_raw, v_raw, fgate, shift, None, cache.prev_kv)
         if shift is not None:
-            cache.prev_kv = (k_raw[-1:], v_raw[-1:])
+            cache.prev_kv = (k_raw[-1:].clone(), v_raw[-1:].clone())  # not a view of the whole prompt
         c = cache.c_last[None] + torch.cumsum(log_fgate, dim=0) if cache.length else torch.cumsum(log_fgate, dim=0)
         prompt = cache.length == 0 and q.shape[0] > 1
         cache.append(k.transpose(0, 1), v.transpose(0, 1), c.permute(1, 2, 0))
