@@ -144,3 +144,31 @@ def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
                           str(tmp_path / "fox.pt"), "--train-iters", "1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "pretrained_checkpoint" in bad.stderr
+
+
+def test_eval_positions_acp_against_exact(tmp_path, cache):
+    """tools/eval_positions.py: loss by in-document position with ACP on and off on a model
+    with fast-forgetting gates (ACP prunes): bins add up, and ACP changes no bin by more
+    than a trace."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    flags = [*TINY, "--fox-fgate-bias-init", "-3"]
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *flags, "--train-iters", "3", "--save",
+                          str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "pos.json"
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *flags, "--load",
+                         str(ckpt), "--dataset", "train", "--eval-samples", "4", "--bins", "6", "--compare-acp",
+                         "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows, summary = res["rows"], res["summary"]
+    assert res["step"] == 3 and rows[0]["positions"][0] == 0 and rows[-1]["positions"][1] == 64
+    tokens = sum(r["tokens"] for r in rows)
+    assert 0.9 * 4 * 64 <= tokens <= 4 * 64
+    for name in ("acp", "exact"):
+        mean = sum(r[f"loss_{name}"] * r["tokens"] for r in rows) / tokens
+        assert mean == pytest.approx(summary[name], rel=1e-9)
+    assert summary["max_abs_diff_by_bin"] < 1e-3

@@ -1,0 +1,121 @@
+"""Loss by position in the document: the long-context evaluation of the FoX papers.
+
+    python tools/eval_positions.py --config configs/fox_pro_125m.yaml --load checkpoints/125m \\
+        --eval-samples 64 --bins 12 --compare-acp --json loss_by_position.json
+
+Runs the model (one process, TP = PP = CP = 1) over samples of the validation split (or
+--dataset train), takes each token's loss, and averages it over log-spaced bins of its
+position inside its document (documents restart the position, as they restart attention
+and the forget gate). --compare-acp evaluates the same tokens with ACP off too and reports
+the difference per bin: ACP should not change the loss at any position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def position_bins(max_len: int, bins: int) -> list[int]:
+    """Edges [0, 1, ..., max_len] of at most `bins` log-spaced bins over positions."""
+    edges = sorted({0} | {int(round(math.exp(math.log(max_len) * i / bins))) for i in range(bins + 1)})
+    return [e for e in edges if e < max_len] + [max_len]
+
+
+def loss_by_position(model, dataset, args, eod: int, samples: int, edges: list[int]):
+    """Per-bin (sum of token losses, token count) over the first `samples` samples."""
+    import torch
+
+    from megatron_fox.training.step import collate, model_forward, with_documents
+
+    sums, counts = torch.zeros(len(edges) - 1, dtype=torch.float64), torch.zeros(len(edges) - 1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    bounds = torch.tensor(edges[1:-1])
+    for i in range(samples):
+        batch = with_documents(collate([dataset[i % len(dataset)]]), eod)
+        cu = batch["cu_seqlens"].long()
+        s = batch["tokens"].shape[1]
+        t = torch.arange(s)
+        pos = t - cu[torch.searchsorted(cu, t, right=True) - 1]  # position inside its document
+        with torch.no_grad():
+            loss = model_forward(model, {k: v.to(device) for k, v in batch.items()}, args, eod)[0].double().cpu()
+        mask = batch["loss_mask"][0].bool()
+        which = torch.bucketize(pos, bounds, right=True)
+        sums.index_add_(0, which[mask], loss[mask])
+        counts.index_add_(0, which[mask], torch.ones_like(loss[mask]))
+    return sums, counts
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval-samples", type=int, default=32)
+    p.add_argument("--bins", type=int, default=12)
+    p.add_argument("--dataset", choices=["valid", "train"], default="valid")
+    p.add_argument("--compare-acp", action="store_true", help="also evaluate with ACP off; report the difference")
+    p.add_argument("--json", default=None)
+    opts, rest = p.parse_known_args(argv)
+
+    from megatron_fox.train import _make_engine, build_data, init_distributed
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.model import (
+        build_model,
+        load_full_state_dict,
+        padded_vocab_size,
+        transformer_config,
+    )
+
+    args = parse_args(rest)
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        if getattr(args, key) != 1:
+            p.error(f"--{key.replace('_', '-')} must be 1 here (one process)")
+    if opts.eval_samples < 1 or opts.bins < 1:
+        p.error("--eval-samples and --bins must be >= 1")
+    if opts.dataset == "valid":  # make the builder carve out enough validation samples
+        args.eval_interval, args.eval_iters = max(1, args.train_iters), -(-opts.eval_samples // args.global_batch_size)
+    device = init_distributed(args)
+    train_ds, valid_ds, tokenizer = build_data(args)
+    dataset = valid_ds if opts.dataset == "valid" else train_ds
+    if dataset is None or len(dataset) == 0:
+        p.error(f"the {opts.dataset} split is empty (see --split)")
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(
+        args.vocab_size or tokenizer.vocab_size, args))
+    if args.pretrained_checkpoint:
+        load_full_state_dict(model, args.pretrained_checkpoint, args)
+    engine = _make_engine(model, args, tokenizer.eod, device)
+    step = engine.load(args.load) if args.load else 0
+    engine.model.eval()
+    edges = position_bins(args.seq_length, opts.bins)
+    runs = {"acp" if args.acp else "exact": model.config.acp_log_eps}
+    if opts.compare_acp and args.acp:
+        runs["exact"] = None
+    results = {}
+    for name, log_eps in runs.items():
+        model.config.acp_log_eps = log_eps  # every layer reads the shared config at forward time
+        sums, counts = loss_by_position(engine.model, dataset, args, tokenizer.eod, opts.eval_samples, edges)
+        results[name] = {"loss": (sums / counts.clamp_min(1)).tolist(), "tokens": counts.long().tolist(),
+                         "overall": (sums.sum() / counts.sum()).item()}
+    rows = [{"positions": [edges[b], edges[b + 1]], "tokens": results[next(iter(results))]["tokens"][b],
+             **{f"loss_{n}": r["loss"][b] for n, r in results.items()}} for b in range(len(edges) - 1)]
+    print(f"checkpoint step {step}; {opts.eval_samples} samples of {args.seq_length} tokens ({opts.dataset})")
+    print("| positions | tokens | " + " | ".join(f"loss ({n})" for n in results) + " |")
+    print("|---|---|" + "---|" * len(results))
+    for r in rows:
+        print(f"| {r['positions'][0]}-{r['positions'][1] - 1} | {r['tokens']} | "
+              + " | ".join(f"{r[f'loss_{n}']:.4f}" for n in results) + " |")
+    summary = {n: r["overall"] for n, r in results.items()}
+    if "acp" in results and "exact" in results:
+        summary["max_abs_diff_by_bin"] = max(abs(a - b) for a, b, c in zip(
+            results["acp"]["loss"], results["exact"]["loss"], results["acp"]["tokens"]) if c)
+    print("overall:", json.dumps(summary))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"step": step, "samples": opts.eval_samples, "rows": rows, "summary": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
