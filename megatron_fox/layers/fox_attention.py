@@ -88,7 +88,12 @@ class FoxSelfAttention(MegatronModule):
     def qk_norm_logit_bound(self) -> torch.Tensor:
         """|sm_scale q.k| <= U per local head, [heads] float32, from the QK-norm weights:
         |q_i| <= max|w_q| sqrt(d) and |k_j| <= max|w_k| sqrt(d) after the RMS norm, so
-        |q.k| / sqrt(d) <= max|w_q| max|w_k| sqrt(d)."""
+        |q.k| / sqrt(d) <= max|w_q| max|w_k| sqrt(d).
+
+        Recomputed at every call on purpose: Megatron's distributed optimizer writes updated
+        weights through `.data` and all-gathers into the parameter buffer, neither of which
+        bumps the tensors' version counters, so a cache keyed on them would go stale and a
+        stale (too small) bound would break ACP's guarantee."""
         if not self.config.fox_qk_norm:
             raise ValueError("a logit bound from the QK-norm weights needs fox_qk_norm=True")
         hp = self.head_params
