@@ -42,6 +42,14 @@ class FoxLayout:
                    not args.untie_embeddings_and_output_weights)
 
 
+# Per-layer tensors that only change name (public, ours); SwiGLU fc1 is [gate; up] in both.
+_SAME_TENSOR = (("attn.o_proj.weight", "self_attention.linear_proj.weight"),
+                ("attn_norm.weight", "input_layernorm.weight"),
+                ("mlp_norm.weight", "pre_mlp_layernorm.weight"),
+                ("mlp.gate_proj.weight", "mlp.linear_fc1.weight"),
+                ("mlp.down_proj.weight", "mlp.linear_fc2.weight"))
+
+
 def _take(state: dict, name: str) -> torch.Tensor:
     if name not in state:
         raise KeyError(f"public FoX checkpoint has no '{name}' (does the model config match its options?)")
@@ -95,11 +103,8 @@ def from_public_fox(public: dict, layout: FoxLayout) -> dict:
         if layout.output_norm:
             out[q_ + "self_attention.head_params.output_norm"] = _per_head(
                 _take(src, p + "attn.output_norm.weight"), H, d, p + "attn.output_norm.weight")
-        out[q_ + "self_attention.linear_proj.weight"] = _take(src, p + "attn.o_proj.weight")
-        out[q_ + "input_layernorm.weight"] = _take(src, p + "attn_norm.weight")
-        out[q_ + "pre_mlp_layernorm.weight"] = _take(src, p + "mlp_norm.weight")
-        out[q_ + "mlp.linear_fc1.weight"] = _take(src, p + "mlp.gate_proj.weight")
-        out[q_ + "mlp.linear_fc2.weight"] = _take(src, p + "mlp.down_proj.weight")
+        for theirs, ours in _SAME_TENSOR:
+            out[q_ + ours] = _take(src, p + theirs)
     if src:
         raise ValueError(f"public FoX checkpoint has tensors this layout does not use: {sorted(src)[:8]}")
     return out
@@ -143,11 +148,8 @@ def to_public_fox(state: dict, layout: FoxLayout, share_qk_norm: bool = False) -
             out[p + f"attn.{theirs}.weight"] = w.reshape(-1).clone()
         if layout.output_norm:
             out[p + "attn.output_norm.weight"] = _take(src, q_ + "self_attention.head_params.output_norm").reshape(-1)
-        out[p + "attn.o_proj.weight"] = _take(src, q_ + "self_attention.linear_proj.weight")
-        out[p + "attn_norm.weight"] = _take(src, q_ + "input_layernorm.weight")
-        out[p + "mlp_norm.weight"] = _take(src, q_ + "pre_mlp_layernorm.weight")
-        out[p + "mlp.gate_proj.weight"] = _take(src, q_ + "mlp.linear_fc1.weight")
-        out[p + "mlp.down_proj.weight"] = _take(src, q_ + "mlp.linear_fc2.weight")
+        for theirs, ours in _SAME_TENSOR:
+            out[p + theirs] = _take(src, q_ + ours)
     if src:
         raise ValueError(f"state dict has tensors this layout does not use: {sorted(src)[:8]}")
     return out
