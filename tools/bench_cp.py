@@ -7,9 +7,14 @@ and bytes skipped, and the ratio to the single-GPU op on the whole sequence.
 
     python tools/bench_cp.py --cp 2 4 8 --lengths 32768 65536 131072
 
-Multi-GPU mode (one process per GPU, NCCL): the real ring, timed end to end.
+Multi-GPU mode (one process per GPU, NCCL): the real ring, timed end to end (slowest rank),
+for exact FoX, ACP without chunk skipping (every chunk pair computed and sent) and ACP with
+it; bytes sent and not sent; rank 0 also times the one-GPU op on the whole sequence where it
+fits, giving the speed-up and scaling efficiency (single / (CP x ring)).
 
     torchrun --nproc_per_node 4 tools/bench_cp.py --multi-gpu --lengths 32768 65536 131072
+    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 tools/bench_cp.py --multi-gpu --device cpu \
+        --lengths 64 --heads 2 --head-dim 16 --iters 1      # smoke run on CPU (gloo)
 
 Setting as the kernel benchmark: 16 heads, head_dim 128, bf16, q/k RMS-normalised,
 logit_bound = sqrt(128), log_eps = -10, gate spectrum (b): half-lives 4..4096 tokens.
@@ -131,16 +136,38 @@ def single_gpu(args):
 
 
 def multi_gpu(args):
+    """The real ring under torchrun: fwd+bwd time (slowest rank) of exact FoX, ACP without
+    chunk skipping and ACP with it; bytes sent and not sent; rank 0 also times the one-device
+    op on the whole sequence where it fits, for the speed-up and scaling efficiency."""
     import torch.distributed as dist
 
-    from megatron_fox.ops import set_data_checks
+    from megatron_fox.ops import forgetting_attention, set_data_checks
     from megatron_fox.parallel import context_parallel_forgetting_attention, split_for_context_parallel
 
     set_data_checks(False)
-    dist.init_process_group("nccl")
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     r, P = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", r)))
-    dev = torch.device("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", r)))
+    dev = torch.device(args.device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(step, together=True):  # together: every rank times it (aligned by a barrier)
+        for _ in range(2):
+            out = step()
+        sync()
+        if together:
+            dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / args.iters * 1e3, out
+
     H, D = args.heads, args.head_dim
     rows = []
     for L in args.lengths:
@@ -150,31 +177,43 @@ def multi_gpu(args):
         do = torch.randn_like(q)
         parts = [split_for_context_parallel(t, 1, r, P).detach().requires_grad_() for t in (q, k, v, g)]
         do_part = split_for_context_parallel(do, 1, r, P)
-        for log_eps in (None, args.log_eps):
+        single = None
+        if r == 0:  # the one-device op on the whole sequence, ACP on (None if it does not fit)
+            full = [t.detach().requires_grad_() for t in (q, k, v, g)]
+
+            def one_device():
+                o = forgetting_attention(*full, log_eps=args.log_eps, logit_bound=math.sqrt(D))
+                torch.autograd.grad(o, full[:3], do)
+            try:
+                single, _ = timed(one_device, together=False)
+            except torch.OutOfMemoryError:
+                single = None
+            del full
+        dist.barrier()
+        for mode, log_eps, skip in (("exact", None, True), ("acp_no_chunk_skip", args.log_eps, False),
+                                    ("acp", args.log_eps, True)):
             def step():
                 o, stats = context_parallel_forgetting_attention(*parts, cp_group=dist.group.WORLD, log_eps=log_eps,
-                                                                 logit_bound=math.sqrt(D), return_stats=True)
+                                                                 logit_bound=math.sqrt(D), return_stats=True,
+                                                                 skip_chunks=skip)
                 torch.autograd.grad(o, parts[:3], do_part)
                 return stats
 
-            for _ in range(3):
-                stats = step()
-            torch.cuda.synchronize()
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / args.iters * 1e3
+            ms, stats = timed(step)
             t = torch.tensor([ms], device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent], device=dev, dtype=torch.float64)
             dist.all_reduce(b)
-            rows.append({"L": L, "cp": P, "log_eps": log_eps, "fwd_bwd_ms": round(t.item(), 2),
-                         "bytes_sent": int(b[0]), "bytes_not_sent": int(b[1])})
+            row = {"L": L, "cp": P, "mode": mode, "fwd_bwd_ms": round(t.item(), 2), "bytes_sent": int(b[0]),
+                   "bytes_not_sent": int(b[1]), "single_device_acp_ms": None if single is None else round(single, 2)}
+            if single is not None and mode == "acp":
+                row["speedup"] = round(single / t.item(), 2)
+                row["scaling_efficiency"] = round(single / (P * t.item()), 3)
+            rows.append(row)
             if r == 0:
-                print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
     dist.destroy_process_group()
     return rows
 
@@ -191,10 +230,12 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cpu: smoke run at tiny sizes (TRITON_INTERPRET=1 or reference)")
     args = p.parse_args(argv)
+    if args.device not in ("cuda", "cpu"):
+        p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --device cpu for a smoke run)")
     rows = multi_gpu(args) if args.multi_gpu else single_gpu(args)
-    if args.json:
+    if args.json and (not args.multi_gpu or int(os.environ.get("RANK", "0")) == 0):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
 

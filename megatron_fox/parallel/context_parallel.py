@@ -217,6 +217,7 @@ def context_parallel_forgetting_attention(
     logit_bound=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     return_stats: bool = False,
+    skip_chunks: bool = True,
 ):
     """FoX attention over a sequence split across the ranks of cp_group.
 
@@ -226,7 +227,9 @@ def context_parallel_forgetting_attention(
     cu_seqlens: packed documents of the whole (global) row, batch 1, offsets [0, ..., 2cP]:
     attention and the forget gate restart at each document, across chunk borders too.
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
-    return_stats, a ContextParallelStats.
+    return_stats, a ContextParallelStats. skip_chunks=False computes and sends every causal
+    chunk pair even where ACP prunes all of it (the kernels still skip blocks): the baseline
+    the chunk skipping is measured against.
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
@@ -253,7 +256,8 @@ def context_parallel_forgetting_attention(
             else:
                 U = torch.full((B, H), logit_bound, device=q.device)
             delta = -(2.0 * U + math.log(L)) + log_eps
-            live, heads = skip_table(offsets, chunk_sums, delta)
+            if skip_chunks:
+                live, heads = skip_table(offsets, chunk_sums, delta)
     if docs is not None:  # a chunk pair no document spans is dead
         n = T2 // 2
         last_doc_end = docs[1][n - 1::n].tolist()  # end of the document of each chunk's last key
