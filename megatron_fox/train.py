@@ -59,18 +59,24 @@ def init_distributed(args) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
+def data_paths(args) -> tuple[str, str]:
+    """(indexed dataset prefix, SentencePiece model): --data-path/--tokenizer-model, else the
+    embedded default corpus (built once and cached, under a file lock)."""
+    from .training.data import default_cache_dir, prepare_default_corpus
+
+    if args.data_path is not None:
+        return args.data_path, args.tokenizer_model
+    cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
+    return prepare_default_corpus(cache, vocab_size=args.default_vocab_size, max_bytes=args.default_corpus_bytes)
+
+
 def build_data(args):
     """(train dataset, valid dataset, tokenizer). Every rank calls this together: the corpus
     cache is built under a file lock, Megatron's dataset builder has its own barriers."""
-    from .training.data import build_gpt_datasets, default_cache_dir, prepare_default_corpus
+    from .training.data import build_gpt_datasets
     from .training.tokenizer import SentencePieceTokenizer
 
-    if args.data_path is None:
-        cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
-        prefix, tok = prepare_default_corpus(cache, vocab_size=args.default_vocab_size,
-                                             max_bytes=args.default_corpus_bytes)
-    else:
-        prefix, tok = args.data_path, args.tokenizer_model
+    prefix, tok = data_paths(args)
     tokenizer = SentencePieceTokenizer(tok)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     n_eval = evals * args.global_batch_size
@@ -88,6 +94,23 @@ def _make_engine(model, args, eod, device):
     from .training.torch_engine import TorchEngine
 
     return TorchEngine(model, args, eod)
+
+
+def build_model_and_engine(args, device, tokenizer):
+    """(this rank's model, its engine, the step resumed by --load or 0). The model starts
+    from --pretrained-checkpoint when given (a bad file exits 2 naming the key)."""
+    from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
+
+    vocab = padded_vocab_size(args.vocab_size or tokenizer.vocab_size, args)
+    model = build_model(args, transformer_config(args, device), vocab)
+    if args.pretrained_checkpoint:
+        try:
+            load_full_state_dict(model, args.pretrained_checkpoint, args)
+        except (ValueError, KeyError) as e:
+            print(f"megatron_fox: error: config key 'pretrained_checkpoint': {e}", file=sys.stderr)
+            sys.exit(2)
+    engine = _make_engine(model, args, tokenizer.eod, device)
+    return model, engine, engine.load(args.load) if args.load else 0
 
 
 def _skipped_by_layer(model) -> dict[int, float]:
@@ -112,23 +135,13 @@ def run(args, on_step=None) -> list[dict]:
     on_step(step, record), if given, is called after every training step (profilers)."""
     from tqdm import tqdm
 
-    from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
     from .training.step import global_batch
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
     train_ds, valid_ds, tokenizer = build_data(args)
-    vocab = padded_vocab_size(args.vocab_size or tokenizer.vocab_size, args)
-    config = transformer_config(args, device)
-    model = build_model(args, config, vocab)
-    if args.pretrained_checkpoint:
-        try:
-            load_full_state_dict(model, args.pretrained_checkpoint, args)
-        except (ValueError, KeyError) as e:
-            print(f"megatron_fox.train: error: config key 'pretrained_checkpoint': {e}", file=sys.stderr)
-            sys.exit(2)
-    engine = _make_engine(model, args, tokenizer.eod, device)
-    start = engine.load(args.load) if args.load else 0
+    model, engine, start = build_model_and_engine(args, device, tokenizer)
+    vocab = model.vocab_size
     writer = None
     if rank0 and args.tensorboard_dir:
         try:

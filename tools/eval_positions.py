@@ -60,14 +60,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     opts, rest = p.parse_known_args(argv)
 
-    from megatron_fox.train import _make_engine, build_data, init_distributed
+    from megatron_fox.train import build_data, build_model_and_engine, init_distributed
     from megatron_fox.training.arguments import parse_args
-    from megatron_fox.training.model import (
-        build_model,
-        load_full_state_dict,
-        padded_vocab_size,
-        transformer_config,
-    )
 
     args = parse_args(rest)
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -82,12 +76,7 @@ def main(argv=None) -> None:
     dataset = valid_ds if opts.dataset == "valid" else train_ds
     if dataset is None or len(dataset) == 0:
         p.error(f"the {opts.dataset} split is empty (see --split)")
-    model = build_model(args, transformer_config(args, device), padded_vocab_size(
-        args.vocab_size or tokenizer.vocab_size, args))
-    if args.pretrained_checkpoint:
-        load_full_state_dict(model, args.pretrained_checkpoint, args)
-    engine = _make_engine(model, args, tokenizer.eod, device)
-    step = engine.load(args.load) if args.load else 0
+    model, engine, step = build_model_and_engine(args, device, tokenizer)
     engine.model.eval()
     edges = position_bins(args.seq_length, opts.bins)
     runs = {"acp" if args.acp else "exact": model.config.acp_log_eps}

@@ -44,27 +44,17 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_fox.inference import FoxGenerator
-    from megatron_fox.train import _make_engine, init_distributed
+    from megatron_fox.train import build_model_and_engine, data_paths, init_distributed
     from megatron_fox.training.arguments import parse_args
-    from megatron_fox.training.data import default_cache_dir, prepare_default_corpus
-    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
     from megatron_fox.training.tokenizer import SentencePieceTokenizer
 
     args = parse_args(rest)
-    if args.load is None:
-        p.error("--load is required (a checkpoint directory written by megatron_fox.train --save)")
+    if args.load is None and args.pretrained_checkpoint is None:
+        p.error("--load (a checkpoint directory written by megatron_fox.train --save) or "
+                "--pretrained-checkpoint (a full state dict) is required")
     device = init_distributed(args)
-    if args.data_path is None:
-        cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
-        _, tok_path = prepare_default_corpus(cache, vocab_size=args.default_vocab_size,
-                                             max_bytes=args.default_corpus_bytes)
-    else:
-        tok_path = args.tokenizer_model
-    tokenizer = SentencePieceTokenizer(tok_path)
-    model = build_model(args, transformer_config(args, device), padded_vocab_size(
-        args.vocab_size or tokenizer.vocab_size, args))
-    engine = _make_engine(model, args, tokenizer.eod, device)
-    step = engine.load(args.load)
+    tokenizer = SentencePieceTokenizer(data_paths(args)[1])
+    _, engine, step = build_model_and_engine(args, device, tokenizer)
     max_length = args.seq_length if opts.max_length is None else opts.max_length
     try:
         gen = FoxGenerator(engine.model, max_length, evict_log_eps=opts.evict_log_eps)
