@@ -23,28 +23,26 @@ import torch
 
 
 def _profiled(run, args, top=28):
-    """Train under torch.profiler (CUDA activity, steps 5-7 recorded); print the kernels by
-    total time a step and how busy the GPU was over those steps' wall time."""
+    """Train under torch.profiler (CUDA activity, steps 5-7 recorded): the kernels by total
+    time a step and how busy the GPU was over those steps' wall time. Then cProfile over
+    steps 9-11 (apart, so its overhead does not enter the busy figure): the host-side Python
+    functions by own time (needs --train-iters >= 11)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3))
+    host = cProfile.Profile()
     marks = []
 
     def on_step(step, record):
         marks.append(time.perf_counter())
         prof.step()
-
-    host = cProfile.Profile()
-
-    def on_step_host(step, record):
-        on_step(step, record)
-        if step == 4:  # steps 5-7: the host side too (Python functions by own time)
+        if step == 8:
             host.enable()
-        elif step == 7:
+        elif step == 11:
             host.disable()
 
     with prof:
-        hist = run(args, on_step=on_step_host)
+        hist = run(args, on_step=on_step)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernel_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
     step_ms = statistics.median(1e3 * (b - a) for a, b in zip(marks[3:6], marks[4:7]))
@@ -52,7 +50,10 @@ def _profiled(run, args, top=28):
           f"CUDA kernels {kernel_ms:.1f} ms a step ({100 * kernel_ms / step_ms:.0f}% busy)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"  {e.self_device_time_total / 3 / 1e3:8.2f} ms  x{e.count // 3:<5d} {e.key[:100]}")
-    print("host (Python) time of the same steps, by function's own time:")
+    if len(marks) < 11:
+        print("host profile skipped: it needs --train-iters >= 11")
+        return hist
+    print("host (Python) time of steps 9-11, by function's own time:")
     out = io.StringIO()
     pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(top)
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[-6000:])
@@ -70,7 +71,7 @@ def main(argv=None):
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the tokens/s median")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true",
-                   help="profile steps 5-7 of each run: top CUDA kernels, GPU busy time, and Python host time (cProfile)")
+                   help="profile each run: top CUDA kernels and GPU busy time (steps 5-7), Python host time (steps 9-11)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags after --")
     args = p.parse_args(argv)
     from megatron_fox.train import run
