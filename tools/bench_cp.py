@@ -9,8 +9,9 @@ and bytes skipped, and the ratio to the single-GPU op on the whole sequence.
 
 Multi-GPU mode (one process per GPU, NCCL): the real ring, timed end to end (slowest rank),
 for exact FoX, ACP without chunk skipping (every chunk pair computed and sent) and ACP with
-it; bytes sent and not sent; rank 0 also times the one-GPU op on the whole sequence where it
-fits, giving the speed-up and scaling efficiency (single / (CP x ring)).
+it; bytes sent and not sent; NCCL kernel time and the part of it not overlapped by compute
+(one profiled call, busiest rank); rank 0 also times the one-GPU op on the whole sequence
+where it fits, giving the speed-up and scaling efficiency (single / (CP x ring)).
 
     torchrun --nproc_per_node 4 tools/bench_cp.py --multi-gpu --lengths 32768 65536 131072
     TRITON_INTERPRET=1 torchrun --nproc_per_node 2 tools/bench_cp.py --multi-gpu --device cpu \
@@ -130,7 +131,8 @@ def single_gpu(args):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['L']} | {r['cp']} | {r['whole_ms']} | {r['critical_ms']} | {r['speedup']} | {r['efficiency']} | "
-              f"{r['slowest_rank_ms']} | {r['speedup_async']} | {r['rank_steps_skipped']}/{r['rank_steps']} | {r['bytes_sent'] / 2**20:.0f} | "
+              f"{r['slowest_rank_ms']} | {r['speedup_async']} | {r['rank_steps_skipped']}/{r['rank_steps']} | "
+              f"{r['bytes_sent'] / 2**20:.0f} | "
               f"{r['bytes_not_sent'] / 2**20:.0f} |")
     return rows
 
@@ -169,7 +171,7 @@ def multi_gpu(args):
         return (time.perf_counter() - t0) / args.iters * 1e3, out
 
     H, D = args.heads, args.head_dim
-    rows = []
+    rows, check = [], args.check
     for L in args.lengths:
         torch.manual_seed(0)
         q, k, v = make_inputs(1, L, H, D, dev)
@@ -200,22 +202,105 @@ def multi_gpu(args):
                 return stats
 
             ms, stats = timed(step)
-            t = torch.tensor([ms], device=dev)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            comm = comm_overlap(step) if cuda else (0.0, 0.0)
+            t = torch.tensor([ms, *comm], device=dev, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # slowest rank; most communication
             b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent], device=dev, dtype=torch.float64)
             dist.all_reduce(b)
-            row = {"L": L, "cp": P, "mode": mode, "fwd_bwd_ms": round(t.item(), 2), "bytes_sent": int(b[0]),
-                   "bytes_not_sent": int(b[1]), "single_device_acp_ms": None if single is None else round(single, 2)}
+            ms = t[0].item()
+            row = {"L": L, "cp": P, "mode": mode, "fwd_bwd_ms": round(ms, 2), "bytes_sent": int(b[0]),
+                   "bytes_not_sent": int(b[1]), "comm_ms": round(t[1].item(), 2),
+                   "comm_exposed_ms": round(t[2].item(), 2),
+                   "comm_hidden": round(1 - t[2].item() / t[1].item(), 3) if t[1].item() > 0 else None,
+                   "single_device_acp_ms": None if single is None else round(single, 2)}
+            if check:
+                row.update(check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, r, P))
+                if cuda:
+                    row["host_syncs"] = host_syncs(step)
             if single is not None and mode == "acp":
-                row["speedup"] = round(single / t.item(), 2)
-                row["scaling_efficiency"] = round(single / (P * t.item()), 3)
+                row["speedup"] = round(single / ms, 2)
+                row["scaling_efficiency"] = round(single / (P * ms), 3)
             rows.append(row)
             if r == 0:
                 print(json.dumps(row), flush=True)
+        check = False  # the first length only
         if cuda:
             torch.cuda.empty_cache()
+    if r == 0:
+        name = torch.cuda.get_device_name() if cuda else "CPU"
+        print(f"\n{P} x {name}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+        print("| L | CP | mode | fwd+bwd ms | MB sent | MB not sent | comm ms | exposed ms | hidden |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for w in rows:
+            print(f"| {w['L']} | {w['cp']} | {w['mode']} | {w['fwd_bwd_ms']} | {w['bytes_sent'] / 2**20:.0f} | "
+                  f"{w['bytes_not_sent'] / 2**20:.0f} | {w['comm_ms']} | {w['comm_exposed_ms']} | {w['comm_hidden']} |")
     dist.destroy_process_group()
     return rows
+
+
+def comm_overlap(step) -> tuple[float, float]:
+    """One profiled call of step: (ms of NCCL kernels, ms of them with no other kernel running
+    on this GPU at the same time). NCCL kernel time includes waiting for the peer, so
+    `exposed` is what the ring costs on top of compute on this rank."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower())
+               for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = []  # union of the non-NCCL kernel intervals, merged
+    for a, b, _ in sorted(x for x in kernels if not x[2]):
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
+    total = hidden = 0.0
+    for a, b, is_comm in kernels:
+        if is_comm:
+            total += b - a
+            hidden += sum(max(0.0, min(b, y) - max(a, x)) for x, y in busy)
+    return total / 1e3, (total - hidden) / 1e3
+
+
+def host_syncs(step) -> list:
+    """The stream-synchronising calls one step makes on this rank (torch's sync debug mode):
+    each stalls the host until the GPU catches up, and with it the overlap of the ring."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message)[:80] for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+def check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, r, P) -> dict:
+    """Max error of this rank's ring output and gradients against the one-device op on the
+    whole sequence (same log_eps and bound), relative to the reference's max; max over ranks."""
+    import torch.distributed as dist
+
+    from megatron_fox.ops import forgetting_attention
+    from megatron_fox.parallel import context_parallel_forgetting_attention, split_for_context_parallel
+
+    D = q.shape[-1]
+    full = [t.detach().requires_grad_() for t in (q, k, v, g)]
+    ref = forgetting_attention(*full, log_eps=log_eps, logit_bound=math.sqrt(D))
+    ref_grads = torch.autograd.grad(ref, full[:3], do)
+    o = context_parallel_forgetting_attention(*parts, cp_group=dist.group.WORLD, log_eps=log_eps,
+                                              logit_bound=math.sqrt(D))
+    grads = torch.autograd.grad(o, parts[:3], do_part)
+    errs = []
+    for mine, whole in zip((o, *grads), (ref, *ref_grads)):
+        part = split_for_context_parallel(whole, 1, r, P)
+        errs.append(((mine.float() - part.float()).abs().max() / whole.float().abs().max()).item())
+    e = torch.tensor(errs, device=q.device)
+    dist.all_reduce(e, op=dist.ReduceOp.MAX)
+    return {"rel_err_" + n: float(f"{x:.2e}") for n, x in zip(("o", "dq", "dk", "dv"), e.tolist())}
 
 
 def main(argv=None):
@@ -227,6 +312,8 @@ def main(argv=None):
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--multi-gpu", action="store_true", help="real ring under torchrun (NCCL)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--check", action="store_true",
+                   help="multi-GPU: at the first length, compare the ring's output and gradients with the one-device op")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda", help="cpu: smoke run at tiny sizes (TRITON_INTERPRET=1 or reference)")
     args = p.parse_args(argv)

@@ -9,8 +9,10 @@ differentiable all-gather.
 
 Schedule: step s = 0 computes this rank's own blocks; at step s >= 1 rank r gets the K, V
 and prefix sums of rank (r - s) mod P and sends its own to (r + s) mod P (a permutation per
-step, so every link carries one chunk pair). Partial outputs merge by log-sum-exp; the
-backward sends dK, dV and the key-side gradient of c back to the owner.
+step, so every link carries one chunk pair). Each rank sends its own chunks directly (no
+relay), so step s+1's transfer is posted before step s computes and overlaps it. Partial
+outputs merge by log-sum-exp; the backward sends dK, dV and the key-side gradient of c back
+to the owner while the next step computes.
 
 Skipping: with the global threshold delta (U all-reduced with max), a (query chunk i, key
 chunk j) pair is skipped when offset_i - (offset_j + sum_j) < delta for every (batch,
@@ -32,7 +34,8 @@ import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import check_inputs, document_maps
-from .exchange import _block_docs, _exchange_grads, _exchange_kv, _needed, all_gather_autograd
+from .exchange import (_block_docs, _needed, all_gather_autograd, head_indices, start_grad_exchange,
+                       start_kv_exchange)
 from .layout import chunk_ids, chunk_owner
 
 
@@ -84,9 +87,18 @@ class _RingAttention(torch.autograd.Function):
                 lse_acc[..., rows] = lse_new
 
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
-        run_blocks(_needed(r, r, P, plan["live"]), own, r)
+        # our first diagonal block (always live) is queued before the host waits for the
+        # skip table, so the GPU stays busy; step 1's K/V (posted next: NCCL waits for the
+        # work queued so far) then travel while our other own blocks compute; step s+1's
+        # while step s computes
+        run_blocks([(0, 0, True)], own, r)
+        plan["resolve"]()
+        nxt = start_kv_exchange(own, 1, plan, stats) if P > 1 else None
+        run_blocks(_needed(r, r, P, plan["live"])[1:], own, r)
         for s in range(1, P):
-            kv = _exchange_kv(own, s, plan, stats)
+            kv = nxt.wait()
+            if s + 1 < P:
+                nxt = start_kv_exchange(own, s + 1, plan, stats)
             blocks = _needed(r, (r - s) % P, P, plan["live"])
             stats.steps += 1
             if not blocks:
@@ -129,20 +141,32 @@ class _RingAttention(torch.autograd.Function):
                         acc += g.float()
             return grads
 
-        for h, g in enumerate(run_blocks(_needed(r, r, P, plan["live"]), own, r)):
-            if g is not None:
-                dk[:, sl[h]] += g[0]
-                dv[:, sl[h]] += g[1]
-                dc[..., sl[h]] += g[2]
-        for s in range(1, P):
-            kv = _exchange_kv(own, s, plan)
-            grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv, (r - s) % P)
-            back = _exchange_grads(grads, own, s, plan)
-            for h, g in enumerate(back):
+        def add_key_grads(per_half):
+            for h, g in enumerate(per_half):
                 if g is not None:
                     dk[:, sl[h]] += g[0]
                     dv[:, sl[h]] += g[1]
                     dc[..., sl[h]] += g[2]
+
+        # K/V of step s+1 travel while step s computes; step s's key gradients travel back
+        # while step s+1 computes (the NCCL stream runs posts in order: kv s+1, grads s, ...).
+        # Our own blocks are split: the first diagonal block covers step 1's transfer, the
+        # others the last gradients' trip back.
+        nxt = start_kv_exchange(own, 1, plan) if P > 1 else None
+        own_blocks = _needed(r, r, P, plan["live"])
+        add_key_grads(run_blocks(own_blocks[:1], own, r))
+        back = None
+        for s in range(1, P):
+            kv = nxt.wait()
+            if s + 1 < P:
+                nxt = start_kv_exchange(own, s + 1, plan)
+            grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv, (r - s) % P)
+            if back is not None:
+                add_key_grads(back.wait())
+            back = start_grad_exchange(grads, own, s, plan)
+        add_key_grads(run_blocks(own_blocks[1:], own, r))
+        if back is not None:
+            add_key_grads(back.wait())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
 
 
@@ -185,24 +209,52 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     return c, offsets.detach(), chunk_sums.detach()
 
 
+def dead_heads(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """[H, 2P, 2P] bool on the device: pair (i, j) is dead for head h when
+    offset_i - (offset_j + sum_j) < delta for every batch row (every pair of positions of
+    the two chunks is then below the threshold). offsets, chunk_sums [B, H, 2P], delta [B, H]."""
+    ends = offsets + chunk_sums
+    gap = offsets[..., :, None] - ends[..., None, :] - delta[..., None, None]  # [B, H, 2P, 2P]
+    return (gap < 0).all(dim=0)
+
+
+def _live_from_dead(dead) -> tuple[list, dict]:
+    """Host side of the table: dead [H][2P][2P] nested lists -> (live, heads), see skip_table."""
+    H, n = len(dead), len(dead[0])
+    live = [[j <= i and (j == i or not all(dead[h][i][j] for h in range(H))) for j in range(n)] for i in range(n)]
+    heads = {(i, j): {h for h in range(H) if not dead[h][i][j]} for i in range(n) for j in range(i) if live[i][j]}
+    return live, heads
+
+
 def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Tensor):
     """Which (query chunk i, key chunk j <= i) pairs and which of their heads are live.
 
-    offsets, chunk_sums [B, H, 2P] (c before each chunk, sum of log f in it), delta [B, H].
-    Pair (i, j) is dead for a head when offset_i - (offset_j + sum_j) < delta for every batch
-    row (every pair of positions is then below the threshold). Returns (live [2P][2P] bools:
-    some head live, diagonal always; heads {(i, j): set of live heads} for live j < i).
+    offsets, chunk_sums [B, H, 2P] (c before each chunk, sum of log f in it), delta [B, H];
+    the test per head is `dead_heads`. Returns (live [2P][2P] bools: some head live, diagonal
+    always; heads {(i, j): set of live heads} for live j < i).
     """
-    n = offsets.shape[-1]
-    ends = offsets + chunk_sums
-    gap = offsets[..., :, None] - ends[..., None, :] - delta[..., None, None]  # [B, H, 2P, 2P]
-    dead = (gap < 0).all(dim=0)  # [H, 2P, 2P]
-    skip = dead.all(dim=0).tolist()
-    live = [[j <= i and (j == i or not skip[i][j]) for j in range(n)] for i in range(n)]
-    alive = (~dead).tolist()
-    heads = {(i, j): {h for h in range(len(alive)) if alive[h][i][j]}
-             for i in range(n) for j in range(i) if live[i][j]}
-    return live, heads
+    return _live_from_dead(dead_heads(offsets, chunk_sums, delta).tolist())
+
+
+class _ToHost:
+    """Device tensors copied to the host without stalling the stream: on CUDA the copies go
+    to pinned buffers behind an event, and get() waits for that event only, so work queued
+    after construction (our own blocks) keeps the GPU busy while the host plans."""
+
+    def __init__(self, tensors):
+        self._event = None
+        if tensors and tensors[0].device.type == "cuda":
+            self._out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._out = list(tensors)
+
+    def get(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self._out]
 
 
 def context_parallel_forgetting_attention(
@@ -240,9 +292,8 @@ def context_parallel_forgetting_attention(
         raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
     docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
-    delta = None
+    delta, dead = None, None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
-    live, heads = causal, None
     if log_eps is not None:
         with torch.no_grad():
             if logit_bound is None:
@@ -257,24 +308,35 @@ def context_parallel_forgetting_attention(
                 U = torch.full((B, H), logit_bound, device=q.device)
             delta = -(2.0 * U + math.log(L)) + log_eps
             if skip_chunks:
-                live, heads = skip_table(offsets, chunk_sums, delta)
-    if docs is not None:  # a chunk pair no document spans is dead
-        n = T2 // 2
-        last_doc_end = docs[1][n - 1::n].tolist()  # end of the document of each chunk's last key
-        live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
-                for i in range(2 * P)]
+                dead = dead_heads(offsets, chunk_sums, delta)
+    n = T2 // 2
+    # the table is data-dependent: its copy to the host starts now and is waited for only
+    # once our own blocks are queued (the ring's first step needs it; own blocks do not)
+    table = _ToHost([t for t in (dead, None if docs is None else docs[1][n - 1::n]) if t is not None])
     stats = ContextParallelStats()
-    flops = 0.0
-    for qc in chunk_ids(r, P):
-        for j in range(qc + 1):
-            stats.blocks += 1
-            flops += 0.5 if j == qc else 1.0  # a diagonal block is half a full one
-            if not live[qc][j]:
-                stats.blocks_skipped += 1
-                stats.skipped_pairs.append((qc, j))
-    stats.skipped_fraction = stats.blocks_skipped / flops
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
-            "sm_scale": sm_scale, "delta": delta, "live": live, "causal": causal, "stats": stats,
-            "heads": heads, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": T2 // 2}
+            "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,
+            "heads": None, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": n}
+
+    def resolve():
+        host = table.get()
+        live, heads = _live_from_dead(host.pop(0)) if dead is not None else (causal, None)
+        if docs is not None:  # a chunk pair no document spans is dead
+            last_doc_end = host.pop(0)  # end of the document of each chunk's last key
+            live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
+                    for i in range(2 * P)]
+        flops = 0.0
+        for qc in chunk_ids(r, P):
+            for j in range(qc + 1):
+                stats.blocks += 1
+                flops += 0.5 if j == qc else 1.0  # a diagonal block is half a full one
+                if not live[qc][j]:
+                    stats.blocks_skipped += 1
+                    stats.skipped_pairs.append((qc, j))
+        stats.skipped_fraction = stats.blocks_skipped / flops
+        plan.update(live=live, heads=heads)
+        head_indices(plan, q.device)
+
+    plan["resolve"] = resolve
     o = _RingAttention.apply(q, k, v, c, plan)
     return (o, stats) if return_stats else o

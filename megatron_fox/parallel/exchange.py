@@ -78,11 +78,38 @@ def _heads_needed(q_rank, kv_rank, half, plan):
     return kv_idx, q_idx
 
 
-def _select(tensors, sel, device):
+def head_indices(plan, device) -> None:
+    """Put every head selection this rank's ring uses on the device now, in plan["index"]
+    (copies from pinned memory, queued without stalling the host)."""
+    P, r = plan["size"], plan["rank"]
+    for s in range(1, P):
+        for q_rank, kv_rank in (((r + s) % P, r), (r, (r - s) % P)):
+            for h in (0, 1):
+                sel = _heads_needed(q_rank, kv_rank, h, plan)
+                if sel is not None:
+                    _index(plan, sel, device)
+
+
+def _to_device(values: list, device) -> torch.Tensor:
+    """An index list on the device without a stream sync (a copy from pageable host memory
+    waits for the stream; from pinned memory it is queued like a kernel)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _index(plan, sel, device):
+    key = (tuple(sel[0]), tuple(sel[1]))
+    cache = plan.setdefault("index", {})
+    if key not in cache:
+        cache[key] = tuple(_to_device(i, device) for i in sel)
+    return cache[key]
+
+
+def _select(tensors, sel, plan, device):
     """The selected heads of (k, v, c) as contiguous tensors (k, v: dim 2; c: dim 1)."""
     if sel is None:
         return [t.contiguous() for t in tensors]
-    kv_idx, q_idx = (torch.tensor(i, device=device) for i in sel)
+    kv_idx, q_idx = _index(plan, sel, device)
     k, v, c = tensors
     return [k.index_select(2, kv_idx).contiguous(), v.index_select(2, kv_idx).contiguous(),
             c.index_select(1, q_idx).contiguous()]
@@ -101,68 +128,90 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _receive(bufs_for, src_rank, plan):
-    """Post receives from src_rank of each needed half's selected heads.
-    bufs_for: [(half, sel, dtypes)] -> (requests, [(half, sel, buffers)])."""
-    reqs, pending = [], []
-    for h, sel, like, dtypes in bufs_for:
+class Transfer:
+    """The point-to-point ops of one ring step, posted as one batch (NCCL groups the sends
+    and receives, so a pair of ranks that both send and receive cannot deadlock); compute
+    issued after posting overlaps the transfer. wait() returns what `finish` makes of the
+    received buffers; the current stream waits for the transfer, the host does not (NCCL)."""
+
+    def __init__(self, ops, finish, keep):
+        self._reqs = dist.batch_isend_irecv(ops) if ops else []
+        self._finish, self._keep = finish, keep  # keep: send buffers alive until done
+
+    def wait(self):
+        for req in self._reqs:
+            req.wait()
+        self._keep = None
+        return self._finish()
+
+
+def _post(sends, wanted, src_rank, plan):
+    """P2P ops sending `sends` [(tensor, dst_rank)] and receiving, from src_rank, each wanted
+    half's selected heads: wanted [(half, sel, like, dtypes)] -> (ops, [(half, sel, buffers)])."""
+    ops = [dist.P2POp(dist.isend, t, plan["ranks"][dst], group=plan["group"]) for t, dst in sends]
+    pending = []
+    for h, sel, like, dtypes in wanted:
         bufs = [torch.empty(shp, dtype=dt, device=like[0].device) for shp, dt in zip(_wire_shapes(like, sel), dtypes)]
-        reqs += [dist.irecv(b, plan["ranks"][src_rank], group=plan["group"]) for b in bufs]
+        ops += [dist.P2POp(dist.irecv, b, plan["ranks"][src_rank], group=plan["group"]) for b in bufs]
         pending.append((h, sel, bufs))
-    return reqs, pending
+    return ops, pending
 
 
-def _full_heads(bufs, like, sel, dtypes, fills):
+def _full_heads(bufs, like, sel, plan, dtypes, fills):
     """Received head subsets back at full head count (other heads set to `fills`)."""
     if sel is None:
         return list(bufs)
-    kv_idx, q_idx = (torch.tensor(i, device=like[0].device) for i in sel)
+    kv_idx, q_idx = _index(plan, sel, like[0].device)
     dims, idx = (2, 2, 1), (kv_idx, kv_idx, q_idx)
     return [torch.full(t.shape, fill, dtype=dt, device=t.device).index_copy_(d, i, b)
             for t, b, dt, fill, d, i in zip(like, bufs, dtypes, fills, dims, idx)]
 
 
-def _exchange_kv(own, s, plan, stats=None):
+def start_kv_exchange(own, s, plan, stats=None) -> Transfer:
     """Step s: send our needed halves (needed heads only) to (r+s), receive (r-s)'s.
-    Returns {half: (k, v, c)} at full head count; heads not sent get c = +1e30, so every
-    pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read.
+    wait() gives {half: (k, v, c)} at full head count; heads not sent get c = +1e30, so
+    every pair of theirs is pruned (after centering, c_q - c_k = -1e30) and never read.
     With stats, counts the bytes sent and those a causal ring would send."""
     P, r = plan["size"], plan["rank"]
     dst, src = (r + s) % P, (r - s) % P
     dev = own[0][0].device
-    reqs = []
+    sends = []
     for h in _halves_needed(dst, r, P, plan["live"]):
-        parts = _select(own[h], _heads_needed(dst, r, h, plan), dev)
-        reqs += [dist.isend(t, plan["ranks"][dst], group=plan["group"]) for t in parts]
+        parts = _select(own[h], _heads_needed(dst, r, h, plan), plan, dev)
+        sends += [(t, dst) for t in parts]
         if stats is not None:
             stats.bytes_sent += _nbytes(parts)
     if stats is not None:
         stats.bytes_causal_ring += len(_halves_needed(dst, r, P, plan["causal"])) * _nbytes(own[0])
     wanted = [(h, _heads_needed(r, src, h, plan), own[h], [t.dtype for t in own[h]])
               for h in _halves_needed(r, src, P, plan["live"])]
-    more, pending = _receive(wanted, src, plan)
-    for req in reqs + more:
-        req.wait()
-    return {h: tuple(_full_heads(bufs, own[h], sel, [t.dtype for t in own[h]], (0.0, 0.0, 1e30)))
-            for h, sel, bufs in pending}
+    ops, pending = _post(sends, wanted, src, plan)
+
+    def finish():
+        return {h: tuple(_full_heads(bufs, own[h], sel, plan, [t.dtype for t in own[h]], (0.0, 0.0, 1e30)))
+                for h, sel, bufs in pending}
+    return Transfer(ops, finish, sends)
 
 
-def _exchange_grads(grads, own, s, plan):
+def start_grad_exchange(grads, own, s, plan) -> Transfer:
     """Send the key-side gradients of (r-s)'s halves back to it (needed heads only);
-    receive ours from (r+s) as float32, zero for heads not sent."""
+    wait() gives ours from (r+s) [half 0, half 1], zero for heads not sent, None for a
+    half nobody used. dK and dV travel in K's and V's dtype (half the bytes of float32
+    under bf16; the owner sums the partials in float32), the prefix-sum gradient in float32."""
     P, r = plan["size"], plan["rank"]
     src, dst = (r - s) % P, (r + s) % P
     dev = own[0][0].device
-    reqs = []
+    wire = [own[0][0].dtype, own[0][1].dtype, torch.float32]
+    sends = []
     for h in _halves_needed(r, src, P, plan["live"]):
-        parts = _select(grads[h], _heads_needed(r, src, h, plan), dev)
-        reqs += [dist.isend(t, plan["ranks"][src], group=plan["group"]) for t in parts]
-    fp32 = [torch.float32] * 3
-    wanted = [(h, _heads_needed(dst, r, h, plan), own[h], fp32) for h in _halves_needed(dst, r, P, plan["live"])]
-    more, pending = _receive(wanted, dst, plan)
-    for req in reqs + more:
-        req.wait()
-    back = [None, None]
-    for h, sel, bufs in pending:
-        back[h] = _full_heads(bufs, own[h], sel, fp32, (0.0, 0.0, 0.0))
-    return back
+        parts = _select(grads[h], _heads_needed(r, src, h, plan), plan, dev)
+        sends += [(t.to(dt), src) for t, dt in zip(parts, wire)]
+    wanted = [(h, _heads_needed(dst, r, h, plan), own[h], wire) for h in _halves_needed(dst, r, P, plan["live"])]
+    ops, pending = _post(sends, wanted, dst, plan)
+
+    def finish():
+        back = [None, None]
+        for h, sel, bufs in pending:
+            back[h] = _full_heads(bufs, own[h], sel, plan, wire, (0.0, 0.0, 0.0))
+        return back
+    return Transfer(ops, finish, sends)
