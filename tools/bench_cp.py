@@ -245,9 +245,10 @@ def comm_overlap(step) -> tuple[float, float]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
+    for _ in range(2):  # the first profiled call pays the profiler's own start-up: keep the second
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
     kernels = [(e.time_range.start, e.time_range.end, "nccl" in e.name.lower())
                for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy = []  # union of the non-NCCL kernel intervals, merged

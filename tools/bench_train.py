@@ -11,13 +11,16 @@ last 10 steps, and the fraction of attention FLOPs ACP skipped.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import pstats
 import gc
 import json
+import os
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -29,20 +32,32 @@ def _profiled(run, args, top=28):
     functions by own time (needs --train-iters >= 11)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3))
+    # repeat=1: one window; with the default (0) the cycle restarts and the averages would
+    # hold whatever the last, possibly partial, window recorded
+    prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=1, active=3, repeat=1))
     host = cProfile.Profile()
-    marks = []
+    marks, syncs = [], warnings.catch_warnings(record=True)
 
     def on_step(step, record):
         marks.append(time.perf_counter())
         prof.step()
-        if step == 8:
+        if step == 7:  # step 8 runs in torch's sync debug mode: every stream sync it makes is listed
+            syncs.caught = syncs.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif step == 8:
+            torch.cuda.set_sync_debug_mode(0)
+            syncs.__exit__(None, None, None)
             host.enable()
         elif step == 11:
             host.disable()
 
     with prof:
         hist = run(args, on_step=on_step)
+    found = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in getattr(syncs, "caught", [])
+                                if "synchroniz" in str(w.message).lower())
+    print(f"stream syncs in step 8: {sum(found.values())}" + "".join(f"\n  {n:4d} x {where}" for where, n in
+                                                                  found.most_common(12)))
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernel_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
     step_ms = statistics.median(1e3 * (b - a) for a, b in zip(marks[3:6], marks[4:7]))

@@ -13,6 +13,9 @@ import torch
 
 from test_megatron_path import FLAGS, train  # tests/gpu is on sys.path (no package)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from workers import tool_env  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(
     os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,7 +25,7 @@ def test_gpu_generate_after_training(tmp_path):
     os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "gen", ["--train-iters", "10", "--save", str(ckpt)])
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env = tool_env()
     gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *FLAGS, "--load", str(ckpt),
                           "--prompt", "import os\n", "--max-new-tokens", "48", "--check"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

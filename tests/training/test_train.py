@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from .workers import ROOT, launch
+from .workers import ROOT, launch, tool_env
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
@@ -64,7 +64,7 @@ def test_two_process_training_matches_single(cache, tmp_path, flags):
 
 
 def _run_cli(args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env = tool_env()
     return subprocess.run([sys.executable, "-m", "megatron_fox.train", *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=120)
 
@@ -100,7 +100,7 @@ def test_context_parallel_training_matches_single(cache, tmp_path):
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
     ckpt = tmp_path / "ckpt"
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env = tool_env()
     trained = subprocess.run([sys.executable, "-m", "megatron_fox.train", *TINY, "--train-iters", "3", "--save",
                               str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -126,7 +126,7 @@ def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
     public = random_public_state(shared_qk_norm=True, vocab=512)
     torch.save(public, tmp_path / "pytorch_model.bin")
     model_flags = [*TINY, "--untie-embeddings-and-output-weights", "--ffn-hidden-size", "96"]
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env = tool_env()
     conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-public",
                            "--input", str(tmp_path), "--output", str(tmp_path / "fox.pt"), *model_flags],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -154,7 +154,7 @@ def test_eval_positions_acp_against_exact(tmp_path, cache):
 
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--fox-fgate-bias-init", "-3"]
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    env = tool_env()
     run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *flags, "--train-iters", "3", "--save",
                           str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

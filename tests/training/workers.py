@@ -18,6 +18,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
+def tool_env() -> dict:
+    """Environment for a subprocess running this checkout's code: the repository first on
+    PYTHONPATH, whatever was there after it (wheels installed with --target, say)."""
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+
+
 def model_flags(opts: dict) -> list[str]:
     """Flags of the small model the equivalence tests use."""
     flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",

@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import torch
 
+from .._memo import memo_on_first_tensor
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Data-dependent checks (log_fgate <= 0, cu_seqlens monotone) need one device->host
@@ -168,6 +170,7 @@ def _check_values(log_fgate, logit_bound, cu_seqlens, T):
         raise ValueError(f"cu_seqlens must start at 0, end at seq ({T}) and be strictly increasing")
 
 
+@memo_on_first_tensor
 def document_maps(cu_seqlens: Optional[torch.Tensor], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token document start and (exclusive) end, int32 [T] each."""
     if cu_seqlens is None:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .._memo import memo_on_first_tensor
+
 
 def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
                 prev0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -28,6 +30,7 @@ def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[
     return (x.float() + a * (prev.float() - x.float())).to(x.dtype)
 
 
+@memo_on_first_tensor
 def document_start_mask(cu_seqlens: torch.Tensor, seq: int, batch: int) -> torch.Tensor:
     """[seq, batch] bool, True where a document starts; cu_seqlens index the batch-major
     flattening of a [batch, seq] micro-batch (the token_shift doc_start argument)."""
