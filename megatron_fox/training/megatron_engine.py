@@ -74,17 +74,20 @@ def _tolerate_step_in_optimizer_state() -> None:
 
 
 def _restore_adam_step(optimizer, steps: int) -> None:
-    """Set torch Adam's per-parameter step (its bias correction) to the optimizer steps
-    taken. The checkpoint does not hold it (see above): left at 0, the first updates after
-    a resume were up to 2.4x too large (bias correction of step 1), a loss drift of ~0.3%
-    over 15 steps. Every training step is an optimizer step here (a failed one raises)."""
+    """Give each parameter of torch Adam its own step tensor (its bias correction), set to
+    the optimizer steps taken. Without Apex/TE, megatron-core 0.19.2's load hands one step
+    tensor to every parameter's state; torch Adam increments each parameter's step in place,
+    so a shared tensor advanced by the number of parameters per update and the bias
+    correction was wrong after a resume (a loss drift of ~0.3% over 15 steps, GPU test).
+    Every training step is an optimizer step here (a failed one raises)."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = sub.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
-                step = inner.state.get(p, {}).get("step")
+                state = inner.state.get(p, {})
+                step = state.get("step")
                 if isinstance(step, torch.Tensor):
-                    step.fill_(float(steps))
+                    state["step"] = torch.full_like(step, float(steps))
 
 
 class MegatronEngine:
