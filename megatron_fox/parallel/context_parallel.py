@@ -57,7 +57,10 @@ class ContextParallelStats:
     bytes_not_sent: int = 0
     bytes_causal_ring: int = 0
     skipped_pairs: list = field(default_factory=list)
-    skipped_fraction: float = 0.0  # of this rank's causal attention FLOPs, at chunk granularity
+    # of this rank's causal attention FLOPs, in whole chunk pairs ACP prunes (pairs skipped
+    # because no document spans them count in blocks_skipped only; the kernels' own
+    # block-level pruning inside live pairs is not counted here)
+    skipped_fraction: float = 0.0
 
 
 class _RingAttention(torch.autograd.Function):
@@ -321,19 +324,21 @@ def context_parallel_forgetting_attention(
     def resolve():
         host = table.get()
         live, heads = _live_from_dead(host.pop(0)) if dead is not None else (causal, None)
+        by_acp = live
         if docs is not None:  # a chunk pair no document spans is dead
             last_doc_end = host.pop(0)  # end of the document of each chunk's last key
             live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
                     for i in range(2 * P)]
-        flops = 0.0
+        flops = pruned = 0.0
         for qc in chunk_ids(r, P):
             for j in range(qc + 1):
                 stats.blocks += 1
                 flops += 0.5 if j == qc else 1.0  # a diagonal block is half a full one
+                pruned += 0.0 if by_acp[qc][j] else 1.0
                 if not live[qc][j]:
                     stats.blocks_skipped += 1
                     stats.skipped_pairs.append((qc, j))
-        stats.skipped_fraction = stats.blocks_skipped / flops
+        stats.skipped_fraction = pruned / flops
         plan.update(live=live, heads=heads)
         head_indices(plan, q.device)
 

@@ -60,10 +60,12 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound
         close(gather_from_context_parallel([o["grads"][i] for o in outs], 1), ref_grads[i], f"d{name}")
     skipped = sum(o["stats"]["blocks_skipped"] for o in outs)
     not_sent = sum(o["stats"]["bytes_not_sent"] for o in outs)
+    if log_eps is None or not skip_chunks:  # nothing pruned by ACP, documents or not
+        assert all(o["stats"]["skipped_fraction"] == 0.0 for o in outs)
     if (log_eps is None or not skip_chunks) and not docs:  # nothing skipped at chunk level
         assert skipped == 0 and not_sent == 0
     elif not docs:
         if gate < 0:  # every head forgets fast: far chunk pairs pruned for all heads
-            assert skipped > 0
+            assert skipped > 0 and max(o["stats"]["skipped_fraction"] for o in outs) > 0
         if world == 4:  # far pairs pruned at least for the fast heads: their K, V are not sent
             assert not_sent > 0
