@@ -205,11 +205,13 @@ def multi_gpu(args):
             comm = comm_overlap(step) if cuda else (0.0, 0.0)
             t = torch.tensor([ms, *comm], device=dev, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # slowest rank; most communication
-            b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent], device=dev, dtype=torch.float64)
+            b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent, stats.steps_skipped, stats.steps], device=dev,
+                             dtype=torch.float64)
             dist.all_reduce(b)
             ms = t[0].item()
             row = {"L": L, "cp": P, "mode": mode, "fwd_bwd_ms": round(ms, 2), "bytes_sent": int(b[0]),
-                   "bytes_not_sent": int(b[1]), "comm_ms": round(t[1].item(), 2),
+                   "bytes_not_sent": int(b[1]), "rank_steps_skipped": f"{int(b[2])}/{int(b[3])}",
+                   "comm_ms": round(t[1].item(), 2),
                    "comm_exposed_ms": round(t[2].item(), 2),
                    "comm_hidden": round(1 - t[2].item() / t[1].item(), 3) if t[1].item() > 0 else None,
                    "single_device_acp_ms": None if single is None else round(single, 2)}
@@ -229,10 +231,11 @@ def multi_gpu(args):
     if r == 0:
         name = torch.cuda.get_device_name() if cuda else "CPU"
         print(f"\n{P} x {name}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
-        print("| L | CP | mode | fwd+bwd ms | MB sent | MB not sent | comm ms | exposed ms | hidden |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| L | CP | mode | fwd+bwd ms | rank-steps skipped | MB sent | MB not sent | comm ms | exposed ms | hidden |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for w in rows:
-            print(f"| {w['L']} | {w['cp']} | {w['mode']} | {w['fwd_bwd_ms']} | {w['bytes_sent'] / 2**20:.0f} | "
+            print(f"| {w['L']} | {w['cp']} | {w['mode']} | {w['fwd_bwd_ms']} | {w['rank_steps_skipped']} | "
+                  f"{w['bytes_sent'] / 2**20:.0f} | "
                   f"{w['bytes_not_sent'] / 2**20:.0f} | {w['comm_ms']} | {w['comm_exposed_ms']} | {w['comm_hidden']} |")
     dist.destroy_process_group()
     return rows

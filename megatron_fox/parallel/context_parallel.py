@@ -57,6 +57,9 @@ class ContextParallelStats:
     bytes_not_sent: int = 0
     bytes_causal_ring: int = 0
     skipped_pairs: list = field(default_factory=list)
+    # per ring step s = 1..P-1: K/V/prefix-sum bytes this rank received, and whether it computed
+    bytes_received_by_step: list = field(default_factory=list)
+    computed_by_step: list = field(default_factory=list)
     # of this rank's causal attention FLOPs, in whole chunk pairs ACP prunes (pairs skipped
     # because no document spans them count in blocks_skipped only; the kernels' own
     # block-level pruning inside live pairs is not counted here)
@@ -104,6 +107,7 @@ class _RingAttention(torch.autograd.Function):
                 nxt = start_kv_exchange(own, s + 1, plan, stats)
             blocks = _needed(r, (r - s) % P, P, plan["live"])
             stats.steps += 1
+            stats.computed_by_step.append(bool(blocks))
             if not blocks:
                 stats.steps_skipped += 1
             run_blocks(blocks, kv, (r - s) % P)

@@ -186,6 +186,8 @@ def start_kv_exchange(own, s, plan, stats=None) -> Transfer:
     wanted = [(h, _heads_needed(r, src, h, plan), own[h], [t.dtype for t in own[h]])
               for h in _halves_needed(r, src, P, plan["live"])]
     ops, pending = _post(sends, wanted, src, plan)
+    if stats is not None:
+        stats.bytes_received_by_step.append(sum(_nbytes(bufs) for _, _, bufs in pending))
 
     def finish():
         return {h: tuple(_full_heads(bufs, own[h], sel, plan, [t.dtype for t in own[h]], (0.0, 0.0, 1e30)))

@@ -69,3 +69,10 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound
             assert skipped > 0 and max(o["stats"]["skipped_fraction"] for o in outs) > 0
         if world == 4:  # far pairs pruned at least for the fast heads: their K, V are not sent
             assert not_sent > 0
+        if world == 4 and gate < 0:  # only neighbouring chunks interact: whole steps skipped
+            assert sum(o["stats"]["steps_skipped"] for o in outs) > 0
+    for o in outs:  # a step a rank skips moves no bytes to it; a step it computes does
+        st = o["stats"]
+        assert len(st["bytes_received_by_step"]) == len(st["computed_by_step"]) == world - 1
+        for got, computed in zip(st["bytes_received_by_step"], st["computed_by_step"]):
+            assert (got > 0) == computed, (got, computed)
