@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import check_inputs, document_maps
+from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, head_indices, start_grad_exchange,
                        start_kv_exchange)
 from .layout import chunk_ids, chunk_owner
@@ -85,12 +86,7 @@ class _RingAttention(torch.autograd.Function):
                                               causal=causal, delta=plan["delta"],
                                               **_block_docs(plan, r, qh, kv_rank, kh))
                 rows = slice(qh * half, (qh + 1) * half)
-                lse_old = lse_acc[..., rows]
-                lse_new = torch.logaddexp(lse_old, lse_b)
-                w_old = torch.exp(lse_old - lse_new).nan_to_num(0.0).transpose(1, 2)[..., None]
-                w_new = torch.exp(lse_b - lse_new).nan_to_num(0.0).transpose(1, 2)[..., None]
-                o_acc[:, rows] = o_acc[:, rows] * w_old + o_b.float() * w_new
-                lse_acc[..., rows] = lse_new
+                merge_partial_(o_acc[:, rows], lse_acc[..., rows], o_b, lse_b)
 
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
         # our first diagonal block (always live) is queued before the host waits for the
