@@ -307,6 +307,27 @@ def check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, r, P) -> d
     return {"rel_err_" + n: float(f"{x:.2e}") for n, x in zip(("o", "dq", "dk", "dv"), e.tolist())}
 
 
+def merge_bench(args):
+    """Time one log-sum-exp merge of a chunk's partial output (the ring does one per block
+    in the forward): the Triton kernel against the plain PyTorch passes, per L and CP."""
+    from megatron_fox.ops.forgetting_attn.merge import merge_partial_, merge_reference_
+
+    dev = torch.device(args.device)
+    rows = []
+    for L in args.lengths:
+        for P in args.cp:
+            n = L // (2 * P)
+            o_acc = torch.randn(1, n, args.heads, args.head_dim, device=dev)
+            lse = torch.randn(1, args.heads, n, device=dev)
+            o_b = torch.randn(1, n, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
+            lse_b = torch.randn(1, args.heads, n, device=dev)
+            t = {name: _bench(lambda f=f: f(o_acc, lse, o_b, lse_b))
+                 for name, f in (("torch_ms", merge_reference_), ("triton_ms", merge_partial_))}
+            rows.append({"L": L, "cp": P, "chunk": n, **{k: round(v, 3) for k, v in t.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8])
@@ -315,6 +336,7 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--multi-gpu", action="store_true", help="real ring under torchrun (NCCL)")
+    p.add_argument("--merge", action="store_true", help="time the partial-output merge alone (one GPU)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--check", action="store_true",
                    help="multi-GPU: at the first length, compare the ring's output and gradients with the one-device op")
@@ -325,7 +347,7 @@ def main(argv=None):
         p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --device cpu for a smoke run)")
-    rows = multi_gpu(args) if args.multi_gpu else single_gpu(args)
+    rows = multi_gpu(args) if args.multi_gpu else merge_bench(args) if args.merge else single_gpu(args)
     if args.json and (not args.multi_gpu or int(os.environ.get("RANK", "0")) == 0):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
