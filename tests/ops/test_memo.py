@@ -32,3 +32,16 @@ def test_document_maps_match_a_loop():
         for t in range(50):
             d = max(i for i in range(len(cu) - 1) if cu[i] <= t)
             assert (start[t].item(), end[t].item()) == (cu[d].item(), cu[d + 1].item())
+
+
+def test_document_start_mask_matches_offsets():
+    from megatron_fox.ops.token_shift import document_start_mask
+
+    b, s = 3, 7
+    cu = torch.tensor([0, 2, 7, 9, 15, 21], dtype=torch.int32)  # batch-major flattening of [3, 7]
+    mask = document_start_mask(cu, s, b)
+    assert mask.shape == (s, b)
+    flat = {int(x) for x in cu[:-1]}
+    for j in range(b):
+        for i in range(s):
+            assert bool(mask[i, j]) == (j * s + i in flat)

@@ -35,7 +35,7 @@ def document_start_mask(cu_seqlens: torch.Tensor, seq: int, batch: int) -> torch
     """[seq, batch] bool, True where a document starts; cu_seqlens index the batch-major
     flattening of a [batch, seq] micro-batch (the token_shift doc_start argument)."""
     mask = torch.zeros(batch * seq, dtype=torch.bool, device=cu_seqlens.device)
-    mask[cu_seqlens[:-1].long()] = True
+    mask.index_fill_(0, cu_seqlens[:-1].long(), True)  # a Python scalar: no host-to-device copy (sync)
     return mask.view(batch, seq).t()
 
 
