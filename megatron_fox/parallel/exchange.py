@@ -141,6 +141,9 @@ class Transfer:
     def wait(self):
         for req in self._reqs:
             req.wait()
+        # drop the finished works now: a gloo work still referenced at interpreter exit
+        # frees its tensors after Python is gone (an abort at teardown)
+        self._reqs = []
         self._keep = None
         return self._finish()
 
