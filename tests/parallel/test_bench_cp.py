@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from workers import ROOT, tool_env  # noqa: E402
 
 
 def test_bench_cp_multi_process_check(tmp_path):
     out = tmp_path / "cp.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(tool_env(), TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "tools", "bench_cp.py"), "--multi-gpu", "--device", "cpu", "--check",
                           "--lengths", "64", "--heads", "2", "--head-dim", "16", "--iters", "1", "--json", str(out)],
