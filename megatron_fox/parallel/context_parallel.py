@@ -25,6 +25,8 @@ live pair travel (exchange.py); layout helpers are in layout.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import check_inputs, document_maps
 from ..ops.forgetting_attn.merge import merge_partial_
-from .exchange import (_block_docs, _needed, all_gather_autograd, head_indices, start_grad_exchange,
+from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
                        start_kv_exchange)
 from .layout import chunk_ids, chunk_owner
 
@@ -89,18 +91,21 @@ class _RingAttention(torch.autograd.Function):
                 merge_partial_(o_acc[:, rows], lse_acc[..., rows], o_b, lse_b)
 
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
-        # our first diagonal block (always live) is queued before the host waits for the
-        # skip table, so the GPU stays busy; step 1's K/V (posted next: NCCL waits for the
-        # work queued so far) then travel while our other own blocks compute; step s+1's
-        # while step s computes
-        run_blocks([(0, 0, True)], own, r)
-        plan["resolve"]()
-        nxt = start_kv_exchange(own, 1, plan, stats) if P > 1 else None
-        run_blocks(_needed(r, r, P, plan["live"])[1:], own, r)
+        # K/V are posted from the comm stream, which waits only for what is queued now (our
+        # K, V and prefix sums), so no transfer waits for compute. Our own blocks (all of them:
+        # a chunk pair the table calls dead has every kernel block pruned) are queued before
+        # the host waits for the skip table, so the GPU stays busy while it waits and plans;
+        # step 1's K/V then travel while the own blocks compute, step s+1's while step s does.
+        posting = _posting_context(plan)
+        run_blocks(_needed(r, r, P, plan["causal"]), own, r)
+        with posting():
+            plan["resolve"]()
+            nxt = start_kv_exchange(own, 1, plan, stats) if P > 1 else None
         for s in range(1, P):
             kv = nxt.wait()
             if s + 1 < P:
-                nxt = start_kv_exchange(own, s + 1, plan, stats)
+                with posting():
+                    nxt = start_kv_exchange(own, s + 1, plan, stats)
             blocks = _needed(r, (r - s) % P, P, plan["live"])
             stats.steps += 1
             stats.computed_by_step.append(bool(blocks))
@@ -151,18 +156,22 @@ class _RingAttention(torch.autograd.Function):
                     dv[:, sl[h]] += g[1]
                     dc[..., sl[h]] += g[2]
 
-        # K/V of step s+1 travel while step s computes; step s's key gradients travel back
-        # while step s+1 computes (the NCCL stream runs posts in order: kv s+1, grads s, ...).
-        # Our own blocks are split: the first diagonal block covers step 1's transfer, the
+        # K/V of step s+1 travel while step s computes (posted from the comm stream, as in
+        # the forward); step s's key gradients travel back while step s+1 computes (posted
+        # from this stream: they wait for their own compute). Our own blocks (the same as
+        # the forward's) are split: the first diagonal block covers step 1's transfer, the
         # others the last gradients' trip back.
-        nxt = start_kv_exchange(own, 1, plan) if P > 1 else None
-        own_blocks = _needed(r, r, P, plan["live"])
+        posting = _posting_context(plan)
+        with posting():
+            nxt = start_kv_exchange(own, 1, plan) if P > 1 else None
+        own_blocks = _needed(r, r, P, plan["causal"])
         add_key_grads(run_blocks(own_blocks[:1], own, r))
         back = None
         for s in range(1, P):
             kv = nxt.wait()
             if s + 1 < P:
-                nxt = start_kv_exchange(own, s + 1, plan)
+                with posting():
+                    nxt = start_kv_exchange(own, s + 1, plan)
             grads = run_blocks(_needed(r, (r - s) % P, P, plan["live"]), kv, (r - s) % P)
             if back is not None:
                 add_key_grads(back.wait())
@@ -171,6 +180,17 @@ class _RingAttention(torch.autograd.Function):
         if back is not None:
             add_key_grads(back.wait())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dc, None
+
+
+def _posting_context(plan):
+    """A context manager factory: code under it runs on the comm stream, which first waits
+    for everything queued on the compute stream up to this call (nothing later). Off CUDA
+    it does nothing."""
+    stream = plan["comm"]
+    if stream is None:
+        return contextlib.nullcontext
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return functools.partial(torch.cuda.stream, stream)
 
 
 def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
@@ -319,7 +339,9 @@ def context_parallel_forgetting_attention(
     stats = ContextParallelStats()
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,
-            "heads": None, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": n}
+            "heads": None, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": n,
+            "comm": comm_stream(q.device),
+            "compute_stream": torch.cuda.current_stream(q.device) if q.is_cuda else None}
 
     def resolve():
         host = table.get()
@@ -329,6 +351,9 @@ def context_parallel_forgetting_attention(
             last_doc_end = host.pop(0)  # end of the document of each chunk's last key
             live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
                     for i in range(2 * P)]
+        ca, cb = chunk_ids(r, P)
+        live = [row[:] for row in live]
+        live[cb][ca] = True  # our own pair goes to the kernels anyway (they prune inside it)
         flops = pruned = 0.0
         for qc in chunk_ids(r, P):
             for j in range(qc + 1):

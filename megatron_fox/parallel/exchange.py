@@ -90,18 +90,24 @@ def head_indices(plan, device) -> None:
                     _index(plan, sel, device)
 
 
-def _to_device(values: list, device) -> torch.Tensor:
+def _to_device(values: list, device, read_on=None) -> torch.Tensor:
     """An index list on the device without a stream sync (a copy from pageable host memory
-    waits for the stream; from pinned memory it is queued like a kernel)."""
+    waits for the stream; from pinned memory it is queued like a kernel). read_on: another
+    stream that will read it (the allocator must not reuse it before that stream is done)."""
     t = torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    if device.type != "cuda":
+        return t
+    out = t.pin_memory().to(device, non_blocking=True)
+    if read_on is not None:
+        out.record_stream(read_on)
+    return out
 
 
 def _index(plan, sel, device):
     key = (tuple(sel[0]), tuple(sel[1]))
     cache = plan.setdefault("index", {})
     if key not in cache:
-        cache[key] = tuple(_to_device(i, device) for i in sel)
+        cache[key] = tuple(_to_device(i, device, plan.get("compute_stream")) for i in sel)
     return cache[key]
 
 
@@ -134,18 +140,37 @@ class Transfer:
     issued after posting overlaps the transfer. wait() returns what `finish` makes of the
     received buffers; the current stream waits for the transfer, the host does not (NCCL)."""
 
-    def __init__(self, ops, finish, keep):
+    def __init__(self, ops, finish, keep, received=()):
         self._reqs = dist.batch_isend_irecv(ops) if ops else []
         self._finish, self._keep = finish, keep  # keep: send buffers alive until done
+        self._received = received
 
     def wait(self):
         for req in self._reqs:
             req.wait()
+        for t in self._received:  # allocated on the stream that posted; read on this one
+            if t.is_cuda:
+                t.record_stream(torch.cuda.current_stream(t.device))
         # drop the finished works now: a gloo work still referenced at interpreter exit
         # frees its tensors after Python is gone (an abort at teardown)
         self._reqs = []
-        self._keep = None
+        self._keep = self._received = None
         return self._finish()
+
+
+_COMM_STREAMS: dict = {}
+
+
+def comm_stream(device: torch.device):
+    """The side stream K/V transfers are posted from (one per device), or None off CUDA. NCCL
+    makes a transfer wait for the work queued on the stream it is posted from; posted from
+    here, after an event of the compute stream, it waits only for what that event covers."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _COMM_STREAMS:
+        _COMM_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _COMM_STREAMS[idx]
 
 
 def _post(sends, wanted, src_rank, plan):
@@ -195,7 +220,7 @@ def start_kv_exchange(own, s, plan, stats=None) -> Transfer:
     def finish():
         return {h: tuple(_full_heads(bufs, own[h], sel, plan, [t.dtype for t in own[h]], (0.0, 0.0, 1e30)))
                 for h, sel, bufs in pending}
-    return Transfer(ops, finish, sends)
+    return Transfer(ops, finish, sends, [b for _, _, bufs in pending for b in bufs])
 
 
 def start_grad_exchange(grads, own, s, plan) -> Transfer:

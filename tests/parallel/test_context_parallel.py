@@ -65,8 +65,11 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound
     if (log_eps is None or not skip_chunks) and not docs:  # nothing skipped at chunk level
         assert skipped == 0 and not_sent == 0
     elif not docs:
-        if gate < 0:  # every head forgets fast: far chunk pairs pruned for all heads
-            assert skipped > 0 and max(o["stats"]["skipped_fraction"] for o in outs) > 0
+        if gate < 0:  # every head forgets fast: far chunk pairs pruned for all heads (at CP=2
+            # only a rank's own far pair, which still goes to the kernels: counted as pruned,
+            # not as skipped)
+            assert max(o["stats"]["skipped_fraction"] for o in outs) > 0
+            assert skipped > 0 or world == 2
         if world == 4:  # far pairs pruned at least for the fast heads: their K, V are not sent
             assert not_sent > 0
         if world == 4 and gate < 0:  # only neighbouring chunks interact: whole steps skipped
