@@ -24,6 +24,7 @@ logit_bound = sqrt(128), log_eps = -10, gate spectrum (b): half-lives 4..4096 to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -144,7 +145,7 @@ def multi_gpu(args):
     import torch.distributed as dist
 
     from megatron_fox.ops import forgetting_attention, set_data_checks
-    from megatron_fox.parallel import context_parallel_forgetting_attention, split_for_context_parallel
+    from megatron_fox.parallel import split_for_context_parallel
 
     set_data_checks(False)
     cuda = args.device == "cuda"
@@ -192,12 +193,9 @@ def multi_gpu(args):
                 single = None
             del full
         dist.barrier()
-        for mode, log_eps, skip in (("exact", None, True), ("acp_no_chunk_skip", args.log_eps, False),
-                                    ("acp", args.log_eps, True)):
+        for mode, log_eps, attn in _modes(args, parts, D):
             def step():
-                o, stats = context_parallel_forgetting_attention(*parts, cp_group=dist.group.WORLD, log_eps=log_eps,
-                                                                 logit_bound=math.sqrt(D), return_stats=True,
-                                                                 skip_chunks=skip)
+                o, stats = attn()
                 torch.autograd.grad(o, parts[:3], do_part)
                 return stats
 
@@ -205,8 +203,8 @@ def multi_gpu(args):
             comm = comm_overlap(step) if cuda else (0.0, 0.0)
             t = torch.tensor([ms, *comm], device=dev, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # slowest rank; most communication
-            b = torch.tensor([stats.bytes_sent, stats.bytes_not_sent, stats.steps_skipped, stats.steps], device=dev,
-                             dtype=torch.float64)
+            b = torch.tensor([stats.bytes_sent, getattr(stats, "bytes_not_sent", 0), getattr(stats, "steps_skipped", 0),
+                              getattr(stats, "steps", 0)], device=dev, dtype=torch.float64)
             dist.all_reduce(b)
             ms = t[0].item()
             row = {"L": L, "cp": P, "mode": mode, "fwd_bwd_ms": round(ms, 2), "bytes_sent": int(b[0]),
@@ -216,10 +214,10 @@ def multi_gpu(args):
                    "comm_hidden": round(1 - t[2].item() / t[1].item(), 3) if t[1].item() > 0 else None,
                    "single_device_acp_ms": None if single is None else round(single, 2)}
             if check:
-                row.update(check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, r, P))
+                row.update(check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, attn, r, P))
                 if cuda:
                     row["host_syncs"] = host_syncs(step)
-            if single is not None and mode == "acp":
+            if single is not None and mode in ("acp", "a2a_acp"):
                 row["speedup"] = round(single / ms, 2)
                 row["scaling_efficiency"] = round(single / (P * ms), 3)
             rows.append(row)
@@ -239,6 +237,29 @@ def multi_gpu(args):
                   f"{w['bytes_not_sent'] / 2**20:.0f} | {w['comm_ms']} | {w['comm_exposed_ms']} | {w['comm_hidden']} |")
     dist.destroy_process_group()
     return rows
+
+
+def _modes(args, parts, D):
+    """(name, log_eps, call) for each way of running the layer: the ring (p2p) exact, with ACP
+    but every chunk pair sent, with chunk skipping; head-parallel (a2a) exact, with ACP and
+    heads dealt evenly, with heads dealt by estimated ACP cost. call() -> (o, stats)."""
+    import torch.distributed as dist
+
+    from megatron_fox.parallel import context_parallel_forgetting_attention, head_parallel_forgetting_attention
+
+    kw = dict(cp_group=dist.group.WORLD, logit_bound=math.sqrt(D), return_stats=True)
+    eps = args.log_eps
+    modes = []
+    if "p2p" in args.cp_comm_type:
+        modes += [(name, le, functools.partial(context_parallel_forgetting_attention, *parts, log_eps=le,
+                                               skip_chunks=skip, **kw))
+                  for name, le, skip in (("exact", None, True), ("acp_no_chunk_skip", eps, False), ("acp", eps, True))]
+    if "a2a" in args.cp_comm_type:
+        modes += [(name, le, functools.partial(head_parallel_forgetting_attention, *parts, log_eps=le, balance=bal,
+                                               **kw))
+                  for name, le, bal in (("a2a_exact", None, False), ("a2a_acp_unbalanced", eps, False),
+                                        ("a2a_acp", eps, True))]
+    return modes
 
 
 def comm_overlap(step) -> tuple[float, float]:
@@ -283,20 +304,19 @@ def host_syncs(step) -> list:
     return [str(w.message)[:80] for w in caught if "synchroniz" in str(w.message).lower()]
 
 
-def check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, r, P) -> dict:
-    """Max error of this rank's ring output and gradients against the one-device op on the
+def check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, attn, r, P) -> dict:
+    """Max error of this rank's output (attn() -> (o, stats)) and gradients against the one-device op on the
     whole sequence (same log_eps and bound), relative to the reference's max; max over ranks."""
     import torch.distributed as dist
 
     from megatron_fox.ops import forgetting_attention
-    from megatron_fox.parallel import context_parallel_forgetting_attention, split_for_context_parallel
+    from megatron_fox.parallel import split_for_context_parallel
 
     D = q.shape[-1]
     full = [t.detach().requires_grad_() for t in (q, k, v, g)]
     ref = forgetting_attention(*full, log_eps=log_eps, logit_bound=math.sqrt(D))
     ref_grads = torch.autograd.grad(ref, full[:3], do)
-    o = context_parallel_forgetting_attention(*parts, cp_group=dist.group.WORLD, log_eps=log_eps,
-                                              logit_bound=math.sqrt(D))
+    o, _ = attn()
     grads = torch.autograd.grad(o, parts[:3], do_part)
     errs = []
     for mine, whole in zip((o, *grads), (ref, *ref_grads)):
@@ -336,6 +356,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--multi-gpu", action="store_true", help="real ring under torchrun (NCCL)")
+    p.add_argument("--cp-comm-type", nargs="+", choices=["p2p", "a2a"], default=["p2p", "a2a"],
+                   help="--multi-gpu: ring (p2p) and/or head-parallel (a2a) context parallelism")
     p.add_argument("--merge", action="store_true", help="time the partial-output merge alone (one GPU)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--check", action="store_true",

@@ -59,24 +59,32 @@ class FoxCoreAttention(MegatronModule):
         return out.transpose(0, 1)
 
     def _context_parallel(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
-        """The ring op over the context-parallel group; with documents one sample at a time
-        (its offsets are per packed row)."""
+        """The context-parallel op of config.cp_comm_type (p2p: the ring; a2a: head-parallel)
+        over the context-parallel group; with documents one sample at a time (its offsets are
+        per packed row)."""
         from megatron.core import parallel_state
 
-        from ..parallel import context_parallel_forgetting_attention, sample_cu_seqlens
+        from ..parallel import context_parallel_forgetting_attention, head_parallel_forgetting_attention, sample_cu_seqlens
 
         cfg = self.config
+        comm = cfg.cp_comm_type or "p2p"
+        if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
+            comm = comm[self.layer_number - 1]
+        ops = {"p2p": context_parallel_forgetting_attention, "a2a": head_parallel_forgetting_attention}
+        if comm not in ops:
+            raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()
         s, b = q.shape[:2]
         samples = [slice(None)] if cu_seqlens is None else [slice(i, i + 1) for i in range(b)]
         outs, fractions = [], []
         for i, rows in enumerate(samples):
             cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size)
-            out, stats = context_parallel_forgetting_attention(
+            out, stats = ops[comm](
                 q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1), v[:, rows].transpose(0, 1),
                 log_fgate[:, rows].transpose(0, 1).contiguous(), cp_group=group, log_eps=cfg.acp_log_eps,
                 logit_bound=logit_bound, cu_seqlens=cu, return_stats=True)
             outs.append(out)
             fractions.append(stats.skipped_fraction)
-        self._stats = SimpleNamespace(skipped_fraction=torch.tensor(sum(fractions) / len(fractions)))
+        mean = sum(fractions) / len(fractions)  # a float (p2p) or a device tensor (a2a)
+        self._stats = SimpleNamespace(skipped_fraction=torch.as_tensor(mean))
         return torch.cat(outs, dim=0).transpose(0, 1)

@@ -8,13 +8,17 @@ from .context_parallel import (
     skip_table,
 )
 from .exchange import all_gather_autograd
+from .head_parallel import HeadParallelStats, assign_heads, head_parallel_forgetting_attention
 from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
 
 __all__ = [
     "ContextParallelStats",
+    "HeadParallelStats",
     "all_gather_autograd",
+    "assign_heads",
     "context_parallel_forgetting_attention",
     "gather_from_context_parallel",
+    "head_parallel_forgetting_attention",
     "global_prefix_sums",
     "local_document_starts",
     "sample_cu_seqlens",

@@ -90,7 +90,7 @@ def head_indices(plan, device) -> None:
                     _index(plan, sel, device)
 
 
-def _to_device(values: list, device, read_on=None) -> torch.Tensor:
+def index_on_device(values: list, device, read_on=None) -> torch.Tensor:
     """An index list on the device without a stream sync (a copy from pageable host memory
     waits for the stream; from pinned memory it is queued like a kernel). read_on: another
     stream that will read it (the allocator must not reuse it before that stream is done)."""
@@ -107,7 +107,7 @@ def _index(plan, sel, device):
     key = (tuple(sel[0]), tuple(sel[1]))
     cache = plan.setdefault("index", {})
     if key not in cache:
-        cache[key] = tuple(_to_device(i, device, plan.get("compute_stream")) for i in sel)
+        cache[key] = tuple(index_on_device(i, device, plan.get("compute_stream")) for i in sel)
     return cache[key]
 
 

@@ -53,6 +53,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tensor_model_parallel_size": (int, 1, "tensor-parallel ranks"),
     "pipeline_model_parallel_size": (int, 1, "pipeline stages"),
     "context_parallel_size": (int, 1, "context-parallel ranks"),
+    "cp_comm_type": (str, "p2p", "context-parallel communication: p2p (ring, skips pruned chunks) | a2a "
+                                 "(heads over ranks, dealt by estimated ACP cost)"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
     # training
@@ -189,6 +191,11 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
     if args.num_layers % pp:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
+    if args.cp_comm_type not in ("p2p", "a2a"):
+        raise ConfigError("cp_comm_type", f"{args.cp_comm_type!r}: use p2p or a2a")
+    if cp > 1 and args.cp_comm_type == "a2a" and args.num_query_groups // tp < cp:
+        raise ConfigError("cp_comm_type", f"a2a needs num_query_groups / tensor_model_parallel_size "
+                                          f"({args.num_query_groups // tp}) >= context_parallel_size {cp}; use p2p")
     if cp > 1 and args.seq_length % (2 * cp):
         raise ConfigError("seq_length", f"{args.seq_length} not divisible by 2 * context_parallel_size ({2 * cp})")
     if args.sequence_parallel and tp == 1:

@@ -42,6 +42,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        cp_comm_type=args.cp_comm_type,
         sequence_parallel=args.sequence_parallel,
         bf16=args.bf16,
         params_dtype=dtype,

@@ -74,13 +74,15 @@ def shared_no_docs(tmp_path_factory):
     return _prepare(tmp_path_factory, "equiv_cp", ["--no-reset-attention-mask"])
 
 
-@pytest.mark.parametrize("name,tp,cp,world,docs", [("cp2", 1, 2, 2, False), ("cp2_docs", 1, 2, 2, True),
-                                                   ("tp2_cp2_docs", 2, 2, 4, True)])
-def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs):
+@pytest.mark.parametrize("name,tp,cp,world,docs,comm", [
+    ("cp2", 1, 2, 2, False, "p2p"), ("cp2_docs", 1, 2, 2, True, "p2p"), ("tp2_cp2_docs", 2, 2, 4, True, "p2p"),
+    ("cp2_a2a_docs", 1, 2, 2, True, "a2a")])
+def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs, comm):
     d, opts, ref = request.getfixturevalue("shared" if docs else "shared_no_docs")
     out = d / name
     out.mkdir()
-    launch("grads", world, dict(opts, out=str(out), tp=tp, cp=cp, sp=tp > 1))
+    extra = opts.get("extra", []) + ["--cp-comm-type", comm]
+    launch("grads", world, dict(opts, out=str(out), tp=tp, cp=cp, sp=tp > 1, extra=extra))
     outs = [torch.load(os.path.join(out, f"out_{r}.pt")) for r in range(world)]
     # gradients are summed over context-parallel ranks by the engine: take CP rank 0 of each TP rank
     shards = {(o["tp"], 0): o["grads"] for o in outs if o["cp"] == 0}

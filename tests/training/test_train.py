@@ -74,6 +74,8 @@ def _run_cli(args, tmp_path):
     (["--seq-length", "100", "--context-parallel-size", "4"], "seq_length"),
     (["--data-path", "/nonexistent/corpus_text_document"], "data_path"),
     (["--acp-log-eps", "3"], "acp_log_eps"),
+    (["--cp-comm-type", "ring"], "cp_comm_type"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--num-query-groups", "1"], "cp_comm_type"),
     (["--global-batch-size", "3", "--micro-batch-size", "2"], "global_batch_size"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
@@ -90,10 +92,11 @@ def test_unknown_yaml_key_exits_2(tmp_path):
     assert r.returncode == 2 and "'num_layers_typo'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_context_parallel_training_matches_single(cache, tmp_path):
+@pytest.mark.parametrize("comm", ["p2p", "a2a"])
+def test_context_parallel_training_matches_single(cache, tmp_path, comm):
     common = ["--train-iters", "4", "--num-query-groups", "2"]  # packed documents (the default)
     single = train(tmp_path, "single", common)
-    multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2"], world=2)
+    multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2", "--cp-comm-type", comm], world=2)
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
 

@@ -115,6 +115,29 @@ def task_cp(opts):
     torch.save({"o": o.detach(), "grads": grads, "stats": stats.__dict__}, os.path.join(opts["out"], f"cp_{r}.pt"))
 
 
+def task_cp_a2a(opts):
+    """Head-parallel (a2a) op on this rank's chunks of the saved inputs; save out, grads, heads."""
+    import torch.distributed as dist
+
+    from megatron_fox.parallel import head_parallel_forgetting_attention, split_for_context_parallel
+
+    dist.init_process_group("gloo")
+    r, P = dist.get_rank(), dist.get_world_size()
+    data = torch.load(opts["inputs"])
+    parts = {n: split_for_context_parallel(data[n], 1, r, P).detach().requires_grad_() for n in ("q", "k", "v", "f")}
+    bound = opts.get("bound")
+    if opts.get("bound_per_head"):
+        bound = torch.tensor(opts["bound_per_head"])
+    o, stats = head_parallel_forgetting_attention(
+        parts["q"], parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=opts.get("log_eps"),
+        logit_bound=bound, return_stats=True, balance=opts.get("balance", True),
+        cu_seqlens=torch.tensor(opts["cu"], dtype=torch.int32) if opts.get("cu") else None)
+    do = split_for_context_parallel(data["do"], 1, r, P)
+    grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)
+    torch.save({"o": o.detach(), "grads": grads, "heads": stats.heads, "skipped": float(stats.skipped_fraction),
+                "bytes_sent": stats.bytes_sent}, os.path.join(opts["out"], f"cp_a2a_{r}.pt"))
+
+
 def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
     """Start `world` worker processes of `task`; raise with their stderr if one fails."""
     with socket.socket() as s:

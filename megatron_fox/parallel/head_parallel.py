@@ -1,0 +1,222 @@
+"""Head-parallel ("a2a", DeepSpeed-Ulysses style) context parallelism for the FoX op.
+
+Megatron's cp_comm_type "a2a": one all-to-all turns the sequence split (rank r holds chunks
+r and 2P-1-r of every head) into a head split (rank r holds the whole sequence of some
+heads), the single-GPU op runs on it, and a second all-to-all turns the output back. The
+backward runs the same exchanges in reverse. Nothing is approximated: each rank computes
+exactly the single-GPU op for its heads.
+
+Why it suits ACP: pruning makes the work per head very unequal (a head with a short memory
+costs ~L*W, a slow head ~L^2/2), and the load-balanced sequence layout evens out causal work,
+not pruned work. Here heads are dealt to ranks by their estimated pruned cost (largest
+first to the least loaded rank), so every rank gets about 1/P of the total. The estimate
+uses the mean log forget gate of each head: with a constant gate g a query keeps about
+W = delta / g keys (delta the ACP threshold), costing L*W - W^2/2 pairs.
+Grouped-query attention: a kv head and its query heads always go to the same rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..ops import forgetting_attention
+from ..ops.forgetting_attn.common import check_inputs, no_data_checks
+from .exchange import index_on_device
+from .layout import chunk_ids
+
+
+def assign_heads(costs: list, size: int) -> list:
+    """Deal items with the given costs to `size` bins, largest first to the lightest bin
+    (ties to the lower index). Returns, per bin, the sorted item indices. Deterministic, so
+    every rank computes the same assignment from the same costs."""
+    if len(costs) < size:
+        raise ValueError(f"cannot split {len(costs)} head groups over {size} ranks")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    bins, load = [[] for _ in range(size)], [0.0] * size
+    for i in order:
+        b = min(range(size), key=lambda j: (load[j], len(bins[j]), j))
+        bins[b].append(i)
+        load[b] += costs[i]
+    return [sorted(b) for b in bins]
+
+
+def _pos_of_chunk(size: int) -> list:
+    """Position of each global chunk in the rank-major concatenation of every rank's two chunks."""
+    pos = [0] * (2 * size)
+    for r in range(size):
+        a, b = chunk_ids(r, size)
+        pos[a], pos[b] = 2 * r, 2 * r + 1
+    return pos
+
+
+def seq_to_heads(x: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
+    """[B, T, N, D] this rank's two chunks of all N heads -> [B, P*T, n_r, D] the whole
+    sequence (natural order) of this rank's heads heads_by_rank[r]."""
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    B, T, N, D = x.shape
+    order = index_on_device([h for hs in heads_by_rank for h in hs], x.device)
+    send = x.permute(2, 0, 1, 3).index_select(0, order).contiguous()  # [N, B, T, D], heads by destination
+    n = len(heads_by_rank[r])
+    recv = send.new_empty(P * n, B, T, D)
+    dist.all_to_all_single(recv, send, [n] * P, [len(h) for h in heads_by_rank], group=group)
+    c = T // 2
+    chunks = recv.view(P, n, B, 2, c, D).permute(1, 2, 0, 3, 4, 5).reshape(n, B, 2 * P, c, D)
+    pos = index_on_device(_pos_of_chunk(P), x.device)
+    return chunks.index_select(2, pos).view(n, B, 2 * P * c, D).permute(1, 2, 0, 3).contiguous()
+
+
+def heads_to_seq(y: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
+    """Inverse of seq_to_heads: [B, P*T, n_r, D] -> [B, T, N, D]."""
+    P = dist.get_world_size(group)
+    B, L, n, D = y.shape
+    c = L // (2 * P)
+    chunk_at = [0] * (2 * P)
+    for chunk, p in enumerate(_pos_of_chunk(P)):
+        chunk_at[p] = chunk
+    send = y.permute(2, 0, 1, 3).reshape(n, B, 2 * P, c, D)
+    send = send.index_select(2, index_on_device(chunk_at, y.device))
+    send = send.view(n, B, P, 2 * c, D).permute(2, 0, 1, 3, 4).contiguous()  # [P, n, B, T, D]
+    sizes = [len(h) for h in heads_by_rank]
+    recv = y.new_empty(sum(sizes), B, 2 * c, D)
+    dist.all_to_all_single(recv, send.view(P * n, B, 2 * c, D), sizes, [n] * P, group=group)
+    order = [h for hs in heads_by_rank for h in hs]
+    inverse = [0] * len(order)
+    for i, h in enumerate(order):
+        inverse[h] = i
+    return recv.index_select(0, index_on_device(inverse, y.device)).permute(1, 2, 0, 3).contiguous()
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, heads_by_rank, group):
+        ctx.heads_by_rank, ctx.group = heads_by_rank, group
+        return seq_to_heads(x, heads_by_rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return heads_to_seq(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, heads_by_rank, group):
+        ctx.heads_by_rank, ctx.group = heads_by_rank, group
+        return heads_to_seq(y, heads_by_rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return seq_to_heads(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None
+
+
+def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bound) -> list:
+    """Estimated pruned attention pairs per query head, summed over the batch ([H] floats,
+    the same on every rank). One all-reduce of [B, H] gate sums (plus two of [B, H] norms
+    when U comes from the data) and one small device-to-host copy."""
+    P = dist.get_world_size(group)
+    B, T, H, _ = q.shape
+    L = T * P
+    with torch.no_grad():
+        mean_gate = log_fgate.float().sum(1)
+        dist.all_reduce(mean_gate, group=group)
+        mean_gate /= L
+        if logit_bound is None:
+            qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
+            kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
+            dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=group)
+            U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
+        elif isinstance(logit_bound, torch.Tensor):
+            U = logit_bound.float().to(q.device).view(1, H).expand(B, H)
+        else:
+            U = torch.full((B, H), float(logit_bound), device=q.device)
+        delta = -(2.0 * U + math.log(L)) + log_eps
+        window = (delta / mean_gate.clamp(max=-1e-30)).clamp(1.0, float(L))  # keys a query keeps
+        cost = (L * window - 0.5 * window * window).sum(0)
+    return cost.tolist()
+
+
+@dataclass
+class HeadParallelStats:
+    """What one call of the head-parallel op did on this rank.
+
+    heads: the query heads this rank computed. skipped_fraction: this rank's share of the
+    fraction of causal attention FLOPs ACP skipped (sum over its heads / H * P), so the mean
+    over the group's ranks is the fraction over all heads. bytes_sent: bytes this rank sent
+    in the forward's two all-to-alls (the backward sends as many).
+    """
+
+    heads: list
+    skipped_fraction: torch.Tensor
+    bytes_sent: int
+
+
+def head_parallel_forgetting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_fgate: torch.Tensor,
+    *,
+    cp_group,
+    sm_scale: Optional[float] = None,
+    log_eps: Optional[float] = None,
+    logit_bound=None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_stats: bool = False,
+    balance: bool = True,
+):
+    """FoX attention over a sequence split across cp_group, computed head-parallel.
+
+    Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
+    k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
+    the global document offsets (batch 1). Needs Hkv >= P. balance=False deals kv-head groups
+    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost. Returns this
+    rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats.
+    """
+    P = dist.get_world_size(cp_group)
+    B, T2, H, D = q.shape
+    L = T2 * P
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         cu_seqlens_total=L)
+    Hkv = k.shape[2]
+    if Hkv < P:
+        raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
+                         "(cp_comm_type 'a2a' needs kv heads >= context_parallel_size; use 'p2p')")
+    if T2 % 2:
+        raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
+    G = H // Hkv
+    if balance and log_eps is not None:
+        per_head = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=log_eps,
+                                        logit_bound=logit_bound)
+        groups = assign_heads([sum(per_head[g * G:(g + 1) * G]) for g in range(Hkv)], P)
+    else:
+        groups = [list(range(Hkv))[i * Hkv // P:(i + 1) * Hkv // P] for i in range(P)]
+    q_heads = [[g * G + j for g in gs for j in range(G)] for gs in groups]
+    r = dist.get_rank(cp_group)
+    mine = q_heads[r]
+    qh = _SeqToHeads.apply(q, q_heads, cp_group)
+    kh = _SeqToHeads.apply(k, groups, cp_group)
+    vh = _SeqToHeads.apply(v, groups, cp_group)
+    fh = _SeqToHeads.apply(log_fgate.unsqueeze(-1), q_heads, cp_group).squeeze(-1)
+    bound = logit_bound
+    if isinstance(logit_bound, torch.Tensor):
+        bound = logit_bound.to(q.device)[index_on_device(mine, q.device)]
+    with no_data_checks():  # checked above on every rank's part
+        out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
+                                   cu_seqlens=cu_seqlens, return_stats=return_stats)
+    if return_stats:
+        out, op_stats = out
+    o = _HeadsToSeq.apply(out, q_heads, cp_group)
+    if not return_stats:
+        return o
+    # inputs of the other ranks' heads go out (q, k, v, one float of log f per head), and
+    # the outputs of our heads at the other ranks' positions come back to them
+    others_q, others_kv = H - len(mine), Hkv - len(groups[r])
+    nbytes = B * T2 * (others_q * (D * q.element_size() + 4) + 2 * others_kv * D * k.element_size())
+    nbytes += B * (L - T2) * len(mine) * D * out.element_size()
+    fraction = op_stats.skipped_fraction_per_head.sum() * (P / H)
+    return o, HeadParallelStats(heads=mine, skipped_fraction=fraction, bytes_sent=nbytes)
