@@ -17,6 +17,7 @@ Grouped-query attention: a kv head and its query heads always go to the same ran
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -45,50 +46,57 @@ def assign_heads(costs: list, size: int) -> list:
     return [sorted(b) for b in bins]
 
 
-def _pos_of_chunk(size: int) -> list:
-    """Position of each global chunk in the rank-major concatenation of every rank's two chunks."""
-    pos = [0] * (2 * size)
-    for r in range(size):
-        a, b = chunk_ids(r, size)
-        pos[a], pos[b] = 2 * r, 2 * r + 1
-    return pos
+@functools.lru_cache(maxsize=256)
+def _heads_index(heads: tuple, device: torch.device) -> torch.Tensor:
+    return index_on_device(list(heads), device)
 
 
 def seq_to_heads(x: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
     """[B, T, N, D] this rank's two chunks of all N heads -> [B, P*T, n_r, D] the whole
-    sequence (natural order) of this rank's heads heads_by_rank[r]."""
+    sequence (natural order) of this rank's heads heads_by_rank[r].
+
+    One gather packs each destination's heads into a flat send buffer, one all-to-all moves
+    them, and 2P contiguous copies put the received chunks in sequence order."""
     P, r = dist.get_world_size(group), dist.get_rank(group)
     B, T, N, D = x.shape
-    order = index_on_device([h for hs in heads_by_rank for h in hs], x.device)
-    send = x.permute(2, 0, 1, 3).index_select(0, order).contiguous()  # [N, B, T, D], heads by destination
-    n = len(heads_by_rank[r])
-    recv = send.new_empty(P * n, B, T, D)
-    dist.all_to_all_single(recv, send, [n] * P, [len(h) for h in heads_by_rank], group=group)
-    c = T // 2
-    chunks = recv.view(P, n, B, 2, c, D).permute(1, 2, 0, 3, 4, 5).reshape(n, B, 2 * P, c, D)
-    pos = index_on_device(_pos_of_chunk(P), x.device)
-    return chunks.index_select(2, pos).view(n, B, 2 * P * c, D).permute(1, 2, 0, 3).contiguous()
+    c, sizes = T // 2, [len(h) for h in heads_by_rank]
+    n, per = sizes[r], B * T * D  # elements per head of one rank's part
+    send = x.new_empty(N * per)
+    off = 0
+    for hs in heads_by_rank:
+        torch.index_select(x, 2, _heads_index(tuple(hs), x.device),
+                           out=send[off:off + len(hs) * per].view(B, T, len(hs), D))
+        off += len(hs) * per
+    recv = x.new_empty(P * n * per)
+    dist.all_to_all_single(recv, send, [n * per] * P, [m * per for m in sizes], group=group)
+    src = recv.view(P, B, 2, c, n, D)
+    out = x.new_empty(B, 2 * P, c, n, D)
+    for s in range(P):
+        for half, chunk in enumerate(chunk_ids(s, P)):
+            out[:, chunk].copy_(src[s, :, half])
+    return out.view(B, 2 * P * c, n, D)
 
 
 def heads_to_seq(y: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
     """Inverse of seq_to_heads: [B, P*T, n_r, D] -> [B, T, N, D]."""
     P = dist.get_world_size(group)
     B, L, n, D = y.shape
-    c = L // (2 * P)
-    chunk_at = [0] * (2 * P)
-    for chunk, p in enumerate(_pos_of_chunk(P)):
-        chunk_at[p] = chunk
-    send = y.permute(2, 0, 1, 3).reshape(n, B, 2 * P, c, D)
-    send = send.index_select(2, index_on_device(chunk_at, y.device))
-    send = send.view(n, B, P, 2 * c, D).permute(2, 0, 1, 3, 4).contiguous()  # [P, n, B, T, D]
-    sizes = [len(h) for h in heads_by_rank]
-    recv = y.new_empty(sum(sizes), B, 2 * c, D)
-    dist.all_to_all_single(recv, send.view(P * n, B, 2 * c, D), sizes, [n] * P, group=group)
-    order = [h for hs in heads_by_rank for h in hs]
-    inverse = [0] * len(order)
-    for i, h in enumerate(order):
-        inverse[h] = i
-    return recv.index_select(0, index_on_device(inverse, y.device)).permute(1, 2, 0, 3).contiguous()
+    c, sizes = L // (2 * P), [len(h) for h in heads_by_rank]
+    T, N = 2 * c, sum(sizes)
+    per = B * T * D
+    chunks = y.view(B, 2 * P, c, n, D)
+    send = y.new_empty(P, B, 2, c, n, D)
+    for s in range(P):
+        for half, chunk in enumerate(chunk_ids(s, P)):
+            send[s, :, half].copy_(chunks[:, chunk])
+    recv = y.new_empty(N * per)
+    dist.all_to_all_single(recv, send.view(-1), [m * per for m in sizes], [n * per] * P, group=group)
+    out = y.new_empty(B, T, N, D)
+    off = 0
+    for hs in heads_by_rank:
+        out.index_copy_(2, _heads_index(tuple(hs), y.device), recv[off:off + len(hs) * per].view(B, T, len(hs), D))
+        off += len(hs) * per
+    return out
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -204,7 +212,7 @@ def head_parallel_forgetting_attention(
     fh = _SeqToHeads.apply(log_fgate.unsqueeze(-1), q_heads, cp_group).squeeze(-1)
     bound = logit_bound
     if isinstance(logit_bound, torch.Tensor):
-        bound = logit_bound.to(q.device)[index_on_device(mine, q.device)]
+        bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
     with no_data_checks():  # checked above on every rank's part
         out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
                                    cu_seqlens=cu_seqlens, return_stats=return_stats)

@@ -80,7 +80,7 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
         close(g, exact_grads[i], f"d{name} vs exact FoX", 2e-4)
     mean_skipped = sum(o["skipped"] for o in outs) / world
     assert mean_skipped == pytest.approx(float(stats.skipped_fraction), abs=1e-6)
-    if log_eps is not None:
+    if log_eps is not None and not docs:  # (short documents leave no whole block to prune)
         assert mean_skipped > 0  # the fast heads really skip
     # bytes: q, k, v, log f of the other ranks' heads out, our heads' outputs back
     for r, o in enumerate(outs):
