@@ -23,8 +23,6 @@ class FoxTransformerConfig(TransformerConfig):
     acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
     fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
     fox_fuse_extras: torch.compile the FoX-Pro elementwise work (shift, norms, gates) on CUDA.
-    fox_cp_skip_chunks: context-parallel ring (cp_comm_type p2p): skip the transfers and blocks
-        ACP prunes wholly: "auto" (only when the context-parallel group spans nodes), "on", "off".
     """
 
     fox_output_gate: bool = True
@@ -37,7 +35,6 @@ class FoxTransformerConfig(TransformerConfig):
     acp_logit_bound: str = "qk_norm"
     fox_collect_stats: bool = True
     fox_fuse_extras: bool = True
-    fox_cp_skip_chunks: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,7 +42,5 @@ class FoxTransformerConfig(TransformerConfig):
             raise ValueError(f"acp_logit_bound must be 'qk_norm' or 'data', got {self.acp_logit_bound!r}")
         if self.acp_logit_bound == "qk_norm" and self.acp_log_eps is not None and not self.fox_qk_norm:
             raise ValueError("acp_logit_bound='qk_norm' needs fox_qk_norm=True (else use 'data')")
-        if self.fox_cp_skip_chunks not in ("auto", "on", "off"):
-            raise ValueError(f"fox_cp_skip_chunks must be 'auto', 'on' or 'off', got {self.fox_cp_skip_chunks!r}")
         if self.acp_log_eps is not None and self.acp_log_eps > 0:
             raise ValueError(f"acp_log_eps must be <= 0 or None, got {self.acp_log_eps}")

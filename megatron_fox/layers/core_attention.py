@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 from typing import Optional
 
@@ -71,9 +70,7 @@ class FoxCoreAttention(MegatronModule):
         comm = cfg.cp_comm_type or "p2p"
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
-        skip = {"auto": "auto", "on": True, "off": False}[cfg.fox_cp_skip_chunks]
-        ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=skip),
-               "a2a": head_parallel_forgetting_attention}
+        ops = {"p2p": context_parallel_forgetting_attention, "a2a": head_parallel_forgetting_attention}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()

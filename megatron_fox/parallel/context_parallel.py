@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -281,15 +280,6 @@ class _ToHost:
         return [t.tolist() for t in self._out]
 
 
-def spans_nodes(group) -> bool:
-    """Whether the ranks of `group` sit on more than one node (torchrun/SLURM numbering:
-    LOCAL_WORLD_SIZE consecutive global ranks per node; unset: one node)."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    if per_node <= 0:
-        return False
-    return len({rank // per_node for rank in dist.get_process_group_ranks(group)}) > 1
-
-
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -302,7 +292,7 @@ def context_parallel_forgetting_attention(
     logit_bound=None,
     cu_seqlens: Optional[torch.Tensor] = None,
     return_stats: bool = False,
-    skip_chunks="auto",
+    skip_chunks: bool = True,
 ):
     """FoX attention over a sequence split across the ranks of cp_group.
 
@@ -312,20 +302,13 @@ def context_parallel_forgetting_attention(
     cu_seqlens: packed documents of the whole (global) row, batch 1, offsets [0, ..., 2cP]:
     attention and the forget gate restart at each document, across chunk borders too.
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
-    return_stats, a ContextParallelStats. skip_chunks: True skips what ACP prunes wholly (the
-    skip table costs one device-to-host wait a call), "auto" does so only when cp_group spans
-    more than one node (within a node NVLink hides the bytes saved, measured in
-    docs/benchmarks.md, and the wait costs time). skip_chunks=False computes and sends every causal
+    return_stats, a ContextParallelStats. skip_chunks=False computes and sends every causal
     chunk pair even where ACP prunes all of it (the kernels still skip blocks): the baseline
     the chunk skipping is measured against.
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     L = T2 * P
-    if skip_chunks == "auto":
-        skip_chunks = spans_nodes(cp_group)
-    elif not isinstance(skip_chunks, bool):
-        raise ValueError(f"skip_chunks: {skip_chunks!r}, use True, False or 'auto'")
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
                                          cu_seqlens_total=L)
     if T2 % 2:

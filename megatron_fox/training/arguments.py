@@ -55,8 +55,6 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "context_parallel_size": (int, 1, "context-parallel ranks"),
     "cp_comm_type": (str, "p2p", "context-parallel communication: p2p (ring, skips pruned chunks) | a2a "
                                  "(heads over ranks, dealt by estimated ACP cost)"),
-    "fox_cp_skip_chunks": (str, "auto", "p2p ring: skip transfers ACP prunes wholly: auto (when the CP group "
-                                        "spans nodes) | on | off"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
     # training
@@ -193,8 +191,6 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
     if args.num_layers % pp:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
-    if args.fox_cp_skip_chunks not in ("auto", "on", "off"):
-        raise ConfigError("fox_cp_skip_chunks", f"{args.fox_cp_skip_chunks!r}: use auto, on or off")
     if args.cp_comm_type not in ("p2p", "a2a"):
         raise ConfigError("cp_comm_type", f"{args.cp_comm_type!r}: use p2p or a2a")
     if cp > 1 and args.cp_comm_type == "a2a" and args.num_query_groups // tp < cp:
