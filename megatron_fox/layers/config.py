@@ -23,6 +23,8 @@ class FoxTransformerConfig(TransformerConfig):
     acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
     fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
     fox_fuse_extras: torch.compile the FoX-Pro elementwise work (shift, norms, gates) on CUDA.
+    fox_cp_skip_chunks: context-parallel ring (cp_comm_type p2p): skip the transfers and blocks
+        ACP prunes wholly (needs the skip table on the host: one wait per layer call).
     """
 
     fox_output_gate: bool = True
@@ -35,6 +37,7 @@ class FoxTransformerConfig(TransformerConfig):
     acp_logit_bound: str = "qk_norm"
     fox_collect_stats: bool = True
     fox_fuse_extras: bool = True
+    fox_cp_skip_chunks: bool = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Optional
 
@@ -70,7 +71,8 @@ class FoxCoreAttention(MegatronModule):
         comm = cfg.cp_comm_type or "p2p"
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
-        ops = {"p2p": context_parallel_forgetting_attention, "a2a": head_parallel_forgetting_attention}
+        ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks),
+               "a2a": head_parallel_forgetting_attention}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()

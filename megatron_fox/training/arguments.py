@@ -55,6 +55,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "context_parallel_size": (int, 1, "context-parallel ranks"),
     "cp_comm_type": (str, "p2p", "context-parallel communication: p2p (ring, skips pruned chunks) | a2a "
                                  "(heads over ranks, dealt by estimated ACP cost)"),
+    "fox_cp_skip_chunks": (bool, True, "p2p ring: skip the transfers and blocks ACP prunes wholly"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
     # training

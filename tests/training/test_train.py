@@ -92,11 +92,12 @@ def test_unknown_yaml_key_exits_2(tmp_path):
     assert r.returncode == 2 and "'num_layers_typo'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("comm", ["p2p", "a2a"])
-def test_context_parallel_training_matches_single(cache, tmp_path, comm):
+@pytest.mark.parametrize("flags", [["--cp-comm-type", "p2p"], ["--cp-comm-type", "p2p", "--no-fox-cp-skip-chunks"],
+                                   ["--cp-comm-type", "a2a"]])
+def test_context_parallel_training_matches_single(cache, tmp_path, flags):
     common = ["--train-iters", "4", "--num-query-groups", "2"]  # packed documents (the default)
     single = train(tmp_path, "single", common)
-    multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2", "--cp-comm-type", comm], world=2)
+    multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2", *flags], world=2)
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
 
