@@ -7,9 +7,10 @@ and bytes skipped, and the ratio to the single-GPU op on the whole sequence.
 
     python tools/bench_cp.py --cp 2 4 8 --lengths 32768 65536 131072
 
-Multi-GPU mode (one process per GPU, NCCL): the real ring, timed end to end (slowest rank),
-for exact FoX, ACP without chunk skipping (every chunk pair computed and sent) and ACP with
-it; bytes sent and not sent; NCCL kernel time and the part of it not overlapped by compute
+Multi-GPU mode (one process per GPU, NCCL): the real ring (--cp-comm-type p2p) timed end to
+end (slowest rank) for exact FoX, ACP without chunk skipping (every chunk pair computed and
+sent) and ACP with it, and the head-parallel op (a2a) for exact FoX, ACP with heads dealt
+evenly and ACP with heads dealt by estimated cost; bytes sent and not sent; NCCL kernel time and the part of it not overlapped by compute
 (one profiled call, busiest rank); rank 0 also times the one-GPU op on the whole sequence
 where it fits, giving the speed-up and scaling efficiency (single / (CP x ring)).
 
