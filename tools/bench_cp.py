@@ -10,9 +10,10 @@ and bytes skipped, and the ratio to the single-GPU op on the whole sequence.
 Multi-GPU mode (one process per GPU, NCCL): the real ring (--cp-comm-type p2p) timed end to
 end (slowest rank) for exact FoX, ACP without chunk skipping (every chunk pair computed and
 sent) and ACP with it, and the head-parallel op (a2a) for exact FoX, ACP with heads dealt
-evenly and ACP with heads dealt by estimated cost; bytes sent and not sent; NCCL kernel time and the part of it not overlapped by compute
-(one profiled call, busiest rank); rank 0 also times the one-GPU op on the whole sequence
-where it fits, giving the speed-up and scaling efficiency (single / (CP x ring)).
+evenly and ACP with heads dealt by estimated cost; bytes sent and not sent; NCCL kernel time
+and the part of it not overlapped by compute (one profiled call, busiest rank); rank 0 also
+times the one-GPU op on the whole sequence where it fits, giving the speed-up and scaling
+efficiency (single / (CP x time)).
 
     torchrun --nproc_per_node 4 tools/bench_cp.py --multi-gpu --lengths 32768 65536 131072
     TRITON_INTERPRET=1 torchrun --nproc_per_node 2 tools/bench_cp.py --multi-gpu --device cpu \
@@ -246,7 +247,8 @@ def _modes(args, parts, D):
     heads dealt evenly, with heads dealt by estimated ACP cost. call() -> (o, stats)."""
     import torch.distributed as dist
 
-    from megatron_fox.parallel import context_parallel_forgetting_attention, head_parallel_forgetting_attention
+    from megatron_fox.parallel import (HeadCostMemory, context_parallel_forgetting_attention,
+                                       head_parallel_forgetting_attention)
 
     kw = dict(cp_group=dist.group.WORLD, logit_bound=math.sqrt(D), return_stats=True)
     eps = args.log_eps
@@ -255,9 +257,9 @@ def _modes(args, parts, D):
         modes += [(name, le, functools.partial(context_parallel_forgetting_attention, *parts, log_eps=le,
                                                skip_chunks=skip, **kw))
                   for name, le, skip in (("exact", None, True), ("acp_no_chunk_skip", eps, False), ("acp", eps, True))]
-    if "a2a" in args.cp_comm_type:
+    if "a2a" in args.cp_comm_type:  # dealt by cost as in the layer: by the previous call's costs, no host wait
         modes += [(name, le, functools.partial(head_parallel_forgetting_attention, *parts, log_eps=le, balance=bal,
-                                               **kw))
+                                               cost_memory=HeadCostMemory() if bal else None, **kw))
                   for name, le, bal in (("a2a_exact", None, False), ("a2a_acp_unbalanced", eps, False),
                                         ("a2a_acp", eps, True))]
     return modes

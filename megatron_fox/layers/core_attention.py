@@ -26,6 +26,7 @@ class FoxCoreAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self._stats = None
+        self._head_costs = None  # context parallel a2a: head costs carried to the next call
 
     @property
     def skipped_fraction(self) -> Optional[torch.Tensor]:
@@ -65,14 +66,17 @@ class FoxCoreAttention(MegatronModule):
         per packed row)."""
         from megatron.core import parallel_state
 
-        from ..parallel import context_parallel_forgetting_attention, head_parallel_forgetting_attention, sample_cu_seqlens
+        from ..parallel import (HeadCostMemory, context_parallel_forgetting_attention, head_parallel_forgetting_attention,
+                                sample_cu_seqlens)
 
         cfg = self.config
         comm = cfg.cp_comm_type or "p2p"
+        if self._head_costs is None:
+            self._head_costs = HeadCostMemory()
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
         ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks),
-               "a2a": head_parallel_forgetting_attention}
+               "a2a": functools.partial(head_parallel_forgetting_attention, cost_memory=self._head_costs)}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()

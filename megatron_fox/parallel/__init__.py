@@ -8,11 +8,12 @@ from .context_parallel import (
     skip_table,
 )
 from .exchange import all_gather_autograd
-from .head_parallel import HeadParallelStats, assign_heads, head_parallel_forgetting_attention
+from .head_parallel import HeadCostMemory, HeadParallelStats, assign_heads, head_parallel_forgetting_attention
 from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
 
 __all__ = [
     "ContextParallelStats",
+    "HeadCostMemory",
     "HeadParallelStats",
     "all_gather_autograd",
     "assign_heads",

@@ -121,10 +121,10 @@ class _HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None
 
 
-def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bound) -> list:
-    """Estimated pruned attention pairs per query head, summed over the batch ([H] floats,
-    the same on every rank). One all-reduce of [B, H] gate sums (plus two of [B, H] norms
-    when U comes from the data) and one small device-to-host copy."""
+def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bound) -> torch.Tensor:
+    """Estimated pruned attention pairs per query head, summed over the batch ([H] float64 on
+    the device, the same on every rank). One all-reduce of [B, H] gate sums (plus two of
+    [B, H] norms when U comes from the data); no host wait."""
     P = dist.get_world_size(group)
     B, T, H, _ = q.shape
     L = T * P
@@ -144,8 +144,31 @@ def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bou
             U = torch.full((B, H), float(logit_bound), device=q.device)
         delta = -(2.0 * U + math.log(L)) + log_eps
         window = (delta / mean_gate.clamp(max=-1e-30)).clamp(1.0, float(L))  # keys a query keeps
-        cost = (L * window - 0.5 * window * window).sum(0)
-    return cost.tolist()
+        return (L * window - 0.5 * window * window).sum(0).double()
+
+
+class HeadCostMemory:
+    """Head costs carried from one call of a layer to its next, so that dealing heads needs
+    no host wait: each call starts copying its costs to pinned host memory and deals by the
+    previous call's (already on the host). Any dealing is exact; only balance depends on it,
+    and gates change little from one step to the next. The first call waits for its own."""
+
+    def __init__(self):
+        self._pending = None  # (host tensor, event or None)
+
+    def costs_for_dealing(self, costs: torch.Tensor) -> list:
+        if costs.is_cuda:
+            host = torch.empty(costs.shape, dtype=costs.dtype, pin_memory=True)
+            host.copy_(costs, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = costs.clone(), None
+        previous, self._pending = self._pending, (host, ready)
+        host, ready = previous if previous is not None else self._pending
+        if ready is not None:
+            ready.synchronize()  # the previous call's copy: long done, unless this is the first call
+        return host.tolist()
 
 
 @dataclass
@@ -176,13 +199,15 @@ def head_parallel_forgetting_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     return_stats: bool = False,
     balance: bool = True,
+    cost_memory: Optional[HeadCostMemory] = None,
 ):
     """FoX attention over a sequence split across cp_group, computed head-parallel.
 
     Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
     k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
     the global document offsets (batch 1). Needs Hkv >= P. balance=False deals kv-head groups
-    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost. Returns this
+    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost. cost_memory (one
+    per layer) deals by the previous call's costs, so the call does not wait for the GPU. Returns this
     rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats.
     """
     P = dist.get_world_size(cp_group)
@@ -198,8 +223,9 @@ def head_parallel_forgetting_attention(
         raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
     G = H // Hkv
     if balance and log_eps is not None:
-        per_head = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=log_eps,
-                                        logit_bound=logit_bound)
+        costs = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=log_eps,
+                                     logit_bound=logit_bound)
+        per_head = costs.tolist() if cost_memory is None else cost_memory.costs_for_dealing(costs)
         groups = assign_heads([sum(per_head[g * G:(g + 1) * G]) for g in range(Hkv)], P)
     else:
         groups = [list(range(Hkv))[i * Hkv // P:(i + 1) * Hkv // P] for i in range(P)]

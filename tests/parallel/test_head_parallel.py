@@ -119,3 +119,43 @@ def test_too_few_kv_heads_named(monkeypatch):
     q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="^k: 2 kv heads"):
         head_parallel_forgetting_attention(q, k, k.clone(), torch.zeros(1, 8, 4), cp_group=None)
+
+
+def _dealing(f, bound, log_eps, world):
+    """Heads per rank that costs from gates f [1, T, H] give (MHA), recomputed here."""
+    T = f.shape[1]
+    delta = -(2.0 * bound + math.log(T)) + log_eps
+    window = (delta / f[0].double().mean(0).clamp(max=-1e-30)).clamp(1.0, T)
+    return assign_heads((T * window - 0.5 * window * window).tolist(), world)
+
+
+def test_cost_memory_deals_by_previous_call(tmp_path):
+    """With a HeadCostMemory the second call deals heads by the first call's costs (no host
+    wait) and is still exact."""
+    world, B, H, D = 4, 1, 8, 64
+    T = 16 * 2 * world
+    q = F.rms_norm(torch.randn(B, T, H, D), (D,))
+    k = F.rms_norm(torch.randn(B, T, H, D), (D,))
+    v = torch.randn(B, T, H, D)
+    shift = torch.linspace(-3.0, 6.0, H)
+    f = F.logsigmoid(torch.randn(B, T, H) * 0.1 + shift)
+    bound, log_eps = math.sqrt(D) * 1.0001, -10.0
+    gen = torch.Generator().manual_seed(0)
+    while True:  # first-call gates whose dealing differs from the real gates'
+        f_first = F.logsigmoid(torch.randn(B, T, H) * 0.1 + shift[torch.randperm(H, generator=gen)])
+        if _dealing(f_first, bound, log_eps, world) != _dealing(f, bound, log_eps, world):
+            break
+    do = torch.randn(B, T, H, D)
+    torch.save({"q": q, "k": k, "v": v, "f": f, "f_first": f_first, "do": do}, tmp_path / "in.pt")
+    launch("cp_a2a", world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "log_eps": log_eps,
+                             "bound": bound, "memory": True, "interpret": os.environ.get("TRITON_INTERPRET", "0")})
+    outs = [torch.load(tmp_path / f"cp_a2a_{r}.pt") for r in range(world)]
+    want = _dealing(f_first, bound, log_eps, world)
+    assert [o["first_heads"] for o in outs] == want
+    assert [o["heads"] for o in outs] == want  # not _dealing(f, ...): the previous call's costs
+    ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
+    same = forgetting_attention(*ins, log_eps=log_eps, logit_bound=bound)
+    same_grads = torch.autograd.grad(same, ins, do)
+    close(gather_from_context_parallel([o["o"] for o in outs], 1), same, "out", 2e-5)
+    for i, name in enumerate("q k v log_fgate".split()):
+        close(gather_from_context_parallel([o["grads"][i] for o in outs], 1), same_grads[i], f"d{name}", 2e-5)

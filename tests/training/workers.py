@@ -119,7 +119,7 @@ def task_cp_a2a(opts):
     """Head-parallel (a2a) op on this rank's chunks of the saved inputs; save out, grads, heads."""
     import torch.distributed as dist
 
-    from megatron_fox.parallel import head_parallel_forgetting_attention, split_for_context_parallel
+    from megatron_fox.parallel import HeadCostMemory, head_parallel_forgetting_attention, split_for_context_parallel
 
     dist.init_process_group("gloo")
     r, P = dist.get_rank(), dist.get_world_size()
@@ -128,14 +128,19 @@ def task_cp_a2a(opts):
     bound = opts.get("bound")
     if opts.get("bound_per_head"):
         bound = torch.tensor(opts["bound_per_head"])
-    o, stats = head_parallel_forgetting_attention(
-        parts["q"], parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=opts.get("log_eps"),
-        logit_bound=bound, return_stats=True, balance=opts.get("balance", True),
-        cu_seqlens=torch.tensor(opts["cu"], dtype=torch.int32) if opts.get("cu") else None)
+    kw = dict(cp_group=dist.group.WORLD, log_eps=opts.get("log_eps"), logit_bound=bound, return_stats=True,
+              balance=opts.get("balance", True),
+              cu_seqlens=torch.tensor(opts["cu"], dtype=torch.int32) if opts.get("cu") else None)
+    first_heads = None
+    if opts.get("memory"):  # a first call on other gates; the real call deals by its costs
+        kw["cost_memory"] = HeadCostMemory()
+        first = [parts[n].detach() for n in ("q", "k", "v")] + [split_for_context_parallel(data["f_first"], 1, r, P)]
+        first_heads = head_parallel_forgetting_attention(*first, **kw)[1].heads
+    o, stats = head_parallel_forgetting_attention(parts["q"], parts["k"], parts["v"], parts["f"], **kw)
     do = split_for_context_parallel(data["do"], 1, r, P)
     grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)
     torch.save({"o": o.detach(), "grads": grads, "heads": stats.heads, "skipped": float(stats.skipped_fraction),
-                "bytes_sent": stats.bytes_sent}, os.path.join(opts["out"], f"cp_a2a_{r}.pt"))
+                "bytes_sent": stats.bytes_sent, "first_heads": first_heads}, os.path.join(opts["out"], f"cp_a2a_{r}.pt"))
 
 
 def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
