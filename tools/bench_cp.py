@@ -237,7 +237,6 @@ def multi_gpu(args):
             print(f"| {w['L']} | {w['cp']} | {w['mode']} | {w['fwd_bwd_ms']} | {w['rank_steps_skipped']} | "
                   f"{w['bytes_sent'] / 2**20:.0f} | "
                   f"{w['bytes_not_sent'] / 2**20:.0f} | {w['comm_ms']} | {w['comm_exposed_ms']} | {w['comm_hidden']} |")
-    dist.destroy_process_group()
     return rows
 
 
@@ -376,6 +375,15 @@ def main(argv=None):
     if args.json and (not args.multi_gpu or int(os.environ.get("RANK", "0")) == 0):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.multi_gpu:
+        import torch.distributed as dist
+
+        dist.barrier()  # everything is written
+        if args.device == "cpu":  # gloo's threads can abort the interpreter's teardown ("terminate called")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
