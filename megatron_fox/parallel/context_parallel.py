@@ -280,6 +280,25 @@ class _ToHost:
         return [t.tolist() for t in self._out]
 
 
+def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> torch.Tensor:
+    """ACP threshold delta = -(2U + log L) + log_eps [B, H] of the whole sequence (L tokens)
+    from this rank's part: U from logit_bound (float or [H]) or, when None, from the data
+    (sm_scale * max||q|| * max||k|| all-reduced with max over the group)."""
+    B, _, H, _ = q.shape
+    with torch.no_grad():
+        if logit_bound is None:
+            qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
+            kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
+            dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=group)
+            U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
+        elif isinstance(logit_bound, torch.Tensor):
+            U = logit_bound.float().to(q.device).view(1, H).expand(B, H)
+        else:
+            U = torch.full((B, H), float(logit_bound), device=q.device)
+        return -(2.0 * U + math.log(L)) + log_eps
+
+
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -318,20 +337,9 @@ def context_parallel_forgetting_attention(
     delta, dead = None, None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
     if log_eps is not None:
-        with torch.no_grad():
-            if logit_bound is None:
-                qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
-                kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
-                dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=cp_group)
-                dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=cp_group)
-                U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
-            elif isinstance(logit_bound, torch.Tensor):
-                U = logit_bound.float().view(1, H).expand(B, H)
-            else:
-                U = torch.full((B, H), logit_bound, device=q.device)
-            delta = -(2.0 * U + math.log(L)) + log_eps
-            if skip_chunks:
-                dead = dead_heads(offsets, chunk_sums, delta)
+        delta = global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, cp_group)
+        if skip_chunks:
+            dead = dead_heads(offsets, chunk_sums, delta)
     n = T2 // 2
     # the table is data-dependent: its copy to the host starts now and is waited for only
     # once our own blocks are queued (the ring's first step needs it; own blocks do not)

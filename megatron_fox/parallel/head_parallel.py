@@ -18,7 +18,6 @@ Grouped-query attention: a kv head and its query heads always go to the same ran
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from ..ops import forgetting_attention
 from ..ops.forgetting_attn.common import check_inputs, no_data_checks
+from .context_parallel import global_pruning_threshold
 from .exchange import index_on_device
 from .layout import chunk_ids
 
@@ -126,23 +126,13 @@ def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bou
     the device, the same on every rank). One all-reduce of [B, H] gate sums (plus two of
     [B, H] norms when U comes from the data); no host wait."""
     P = dist.get_world_size(group)
-    B, T, H, _ = q.shape
+    T = q.shape[1]
     L = T * P
     with torch.no_grad():
         mean_gate = log_fgate.float().sum(1)
         dist.all_reduce(mean_gate, group=group)
         mean_gate /= L
-        if logit_bound is None:
-            qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
-            kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
-            dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=group)
-            dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=group)
-            U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
-        elif isinstance(logit_bound, torch.Tensor):
-            U = logit_bound.float().to(q.device).view(1, H).expand(B, H)
-        else:
-            U = torch.full((B, H), float(logit_bound), device=q.device)
-        delta = -(2.0 * U + math.log(L)) + log_eps
+        delta = global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group)
         window = (delta / mean_gate.clamp(max=-1e-30)).clamp(1.0, float(L))  # keys a query keeps
         return (L * window - 0.5 * window * window).sum(0).double()
 
