@@ -99,26 +99,18 @@ def heads_to_seq(y: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
     return out
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """seq_to_heads (to_heads=True) or heads_to_seq; the backward runs the other one."""
+
     @staticmethod
-    def forward(ctx, x, heads_by_rank, group):
-        ctx.heads_by_rank, ctx.group = heads_by_rank, group
-        return seq_to_heads(x, heads_by_rank, group)
+    def forward(ctx, x, to_heads, heads_by_rank, group):
+        ctx.to_heads, ctx.heads_by_rank, ctx.group = to_heads, heads_by_rank, group
+        return (seq_to_heads if to_heads else heads_to_seq)(x, heads_by_rank, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_seq(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, heads_by_rank, group):
-        ctx.heads_by_rank, ctx.group = heads_by_rank, group
-        return heads_to_seq(y, heads_by_rank, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return seq_to_heads(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None
+        inverse = heads_to_seq if ctx.to_heads else seq_to_heads
+        return inverse(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None, None
 
 
 def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bound) -> torch.Tensor:
@@ -222,10 +214,10 @@ def head_parallel_forgetting_attention(
     q_heads = [[g * G + j for g in gs for j in range(G)] for gs in groups]
     r = dist.get_rank(cp_group)
     mine = q_heads[r]
-    qh = _SeqToHeads.apply(q, q_heads, cp_group)
-    kh = _SeqToHeads.apply(k, groups, cp_group)
-    vh = _SeqToHeads.apply(v, groups, cp_group)
-    fh = _SeqToHeads.apply(log_fgate.unsqueeze(-1), q_heads, cp_group).squeeze(-1)
+    qh = _Exchange.apply(q, True, q_heads, cp_group)
+    kh = _Exchange.apply(k, True, groups, cp_group)
+    vh = _Exchange.apply(v, True, groups, cp_group)
+    fh = _Exchange.apply(log_fgate.unsqueeze(-1), True, q_heads, cp_group).squeeze(-1)
     bound = logit_bound
     if isinstance(logit_bound, torch.Tensor):
         bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
@@ -234,7 +226,7 @@ def head_parallel_forgetting_attention(
                                    cu_seqlens=cu_seqlens, return_stats=return_stats)
     if return_stats:
         out, op_stats = out
-    o = _HeadsToSeq.apply(out, q_heads, cp_group)
+    o = _Exchange.apply(out, False, q_heads, cp_group)
     if not return_stats:
         return o
     # inputs of the other ranks' heads go out (q, k, v, one float of log f per head), and
