@@ -74,11 +74,18 @@ def shared_no_docs(tmp_path_factory):
     return _prepare(tmp_path_factory, "equiv_cp", ["--no-reset-attention-mask"])
 
 
+@pytest.fixture(scope="module")
+def shared_4_groups(tmp_path_factory):
+    """Same as `shared` with 4 kv heads (a2a at TP=2 x CP=2 needs 2 per TP rank)."""
+    return _prepare(tmp_path_factory, "equiv_4g", ["--num-query-groups", "4"])
+
+
 @pytest.mark.parametrize("name,tp,cp,world,docs,comm", [
     ("cp2", 1, 2, 2, False, "p2p"), ("cp2_docs", 1, 2, 2, True, "p2p"), ("tp2_cp2_docs", 2, 2, 4, True, "p2p"),
-    ("cp2_a2a_docs", 1, 2, 2, True, "a2a")])
+    ("cp2_a2a_docs", 1, 2, 2, True, "a2a"), ("tp2_cp2_a2a_docs", 2, 2, 4, "4 groups", "a2a")])
 def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs, comm):
-    d, opts, ref = request.getfixturevalue("shared" if docs else "shared_no_docs")
+    fixture = "shared_4_groups" if docs == "4 groups" else "shared" if docs else "shared_no_docs"
+    d, opts, ref = request.getfixturevalue(fixture)
     out = d / name
     out.mkdir()
     extra = opts.get("extra", []) + ["--cp-comm-type", comm]
