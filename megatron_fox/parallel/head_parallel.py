@@ -51,130 +51,66 @@ def _heads_index(heads: tuple, device: torch.device) -> torch.Tensor:
     return index_on_device(list(heads), device)
 
 
-class _InFlight:
-    """An all-to-all in flight; wait() makes the current stream wait for it, then unpacks."""
+def seq_to_heads(x: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
+    """[B, T, N, D] this rank's two chunks of all N heads -> [B, P*T, n_r, D] the whole
+    sequence (natural order) of this rank's heads heads_by_rank[r].
 
-    def __init__(self, work, unpack):
-        self._work, self._unpack = work, unpack
-
-    def wait(self):
-        if self._work is not None:
-            self._work.wait()
-        return self._unpack()
-
-
-def start_seq_to_heads(x: torch.Tensor, heads_by_rank: list, group) -> _InFlight:
-    """Start turning [B, T, N, D] (this rank's two chunks of every head) into [B, P*T, n_r, D]
-    (the whole sequence, natural order, of heads_by_rank[r]); wait() returns it.
-
-    One gather per destination packs its heads into a flat send buffer, one all-to-all moves
+    One gather packs each destination's heads into a flat send buffer, one all-to-all moves
     them, and 2P contiguous copies put the received chunks in sequence order."""
     P, r = dist.get_world_size(group), dist.get_rank(group)
-    B, T, _, D = x.shape
+    B, T, N, D = x.shape
     c, sizes = T // 2, [len(h) for h in heads_by_rank]
     n, per = sizes[r], B * T * D  # elements per head of one rank's part
-    send = x.new_empty(sum(sizes) * per)
+    send = x.new_empty(N * per)
     off = 0
     for hs in heads_by_rank:
         torch.index_select(x, 2, _heads_index(tuple(hs), x.device),
                            out=send[off:off + len(hs) * per].view(B, T, len(hs), D))
         off += len(hs) * per
     recv = x.new_empty(P * n * per)
-    work = dist.all_to_all_single(recv, send, [n * per] * P, [m * per for m in sizes], group=group, async_op=True)
-
-    def unpack():
-        src = recv.view(P, B, 2, c, n, D)
-        out = x.new_empty(B, 2 * P, c, n, D)
-        for s in range(P):
-            for half, chunk in enumerate(chunk_ids(s, P)):
-                out[:, chunk].copy_(src[s, :, half])
-        return out.view(B, 2 * P * c, n, D)
-    return _InFlight(work, unpack)
+    dist.all_to_all_single(recv, send, [n * per] * P, [m * per for m in sizes], group=group)
+    src = recv.view(P, B, 2, c, n, D)
+    out = x.new_empty(B, 2 * P, c, n, D)
+    for s in range(P):
+        for half, chunk in enumerate(chunk_ids(s, P)):
+            out[:, chunk].copy_(src[s, :, half])
+    return out.view(B, 2 * P * c, n, D)
 
 
-def start_heads_to_seq(y: torch.Tensor, heads_by_rank: list, group, out: torch.Tensor) -> _InFlight:
-    """Inverse of start_seq_to_heads: [B, P*T, n_r, D] -> this rank's two chunks, written into
-    out [B, T, N, D] at the head indices of heads_by_rank (other heads of out untouched)."""
+def heads_to_seq(y: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
+    """Inverse of seq_to_heads: [B, P*T, n_r, D] -> [B, T, N, D]."""
     P = dist.get_world_size(group)
     B, L, n, D = y.shape
     c, sizes = L // (2 * P), [len(h) for h in heads_by_rank]
-    T = 2 * c
+    T, N = 2 * c, sum(sizes)
     per = B * T * D
     chunks = y.view(B, 2 * P, c, n, D)
     send = y.new_empty(P, B, 2, c, n, D)
     for s in range(P):
         for half, chunk in enumerate(chunk_ids(s, P)):
             send[s, :, half].copy_(chunks[:, chunk])
-    recv = y.new_empty(sum(sizes) * per)
-    work = dist.all_to_all_single(recv, send.view(-1), [m * per for m in sizes], [n * per] * P, group=group,
-                                  async_op=True)
-
-    def unpack():
-        off = 0
-        for hs in heads_by_rank:
-            out.index_copy_(2, _heads_index(tuple(hs), y.device), recv[off:off + len(hs) * per].view(B, T, len(hs), D))
-            off += len(hs) * per
-        return out
-    return _InFlight(work, unpack)
+    recv = y.new_empty(N * per)
+    dist.all_to_all_single(recv, send.view(-1), [m * per for m in sizes], [n * per] * P, group=group)
+    out = y.new_empty(B, T, N, D)
+    off = 0
+    for hs in heads_by_rank:
+        out.index_copy_(2, _heads_index(tuple(hs), y.device), recv[off:off + len(hs) * per].view(B, T, len(hs), D))
+        off += len(hs) * per
+    return out
 
 
-def seq_to_heads(x: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
-    """[B, T, N, D] this rank's two chunks of all N heads -> [B, P*T, n_r, D] the whole
-    sequence (natural order) of this rank's heads heads_by_rank[r]."""
-    return start_seq_to_heads(x, heads_by_rank, group).wait()
-
-
-def heads_to_seq(y: torch.Tensor, heads_by_rank: list, group) -> torch.Tensor:
-    """Inverse of seq_to_heads: [B, P*T, n_r, D] -> [B, T, N, D]."""
-    B, L, _, D = y.shape
-    out = y.new_empty(B, L // dist.get_world_size(group), sum(len(h) for h in heads_by_rank), D)
-    return start_heads_to_seq(y, heads_by_rank, group, out).wait()
-
-
-class _HeadParallelAttention(torch.autograd.Function):
-    """The op on each stage's heads (stages: a split of every rank's kv-head groups), with
-    the all-to-alls of stage i+1 in flight while stage i computes, forward and backward."""
+class _Exchange(torch.autograd.Function):
+    """seq_to_heads (to_heads=True) or heads_to_seq; the backward runs the other one."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_fgate, plan):
-        group, stages = plan["group"], plan["stages"]
-        inbound = [[start_seq_to_heads(t, hs, group) for t, hs in ((q, qh), (k, g), (v, g), (log_fgate[..., None], qh))]
-                   for qh, g in stages]
-        o, outbound, saved = torch.empty_like(q), [], []
-        for i, (qh, _) in enumerate(stages):
-            ins = [t.wait() for t in inbound[i]]
-            ins = [t.detach().requires_grad_() for t in (*ins[:3], ins[3][..., 0])]
-            with torch.enable_grad(), no_data_checks():  # inputs checked by the caller
-                res = forgetting_attention(*ins, sm_scale=plan["sm_scale"], log_eps=plan["log_eps"],
-                                           logit_bound=plan["bounds"][i], cu_seqlens=plan["cu_seqlens"],
-                                           return_stats=plan["return_stats"])
-            out_i = res[0] if plan["return_stats"] else res
-            plan["op_stats"].append(res[1] if plan["return_stats"] else None)
-            outbound.append(start_heads_to_seq(out_i.detach(), qh, group, o))
-            saved.append((ins, out_i))
-        for t in outbound:
-            t.wait()
-        ctx.plan, ctx.saved = plan, saved
-        ctx.shapes = (k.shape, log_fgate.shape)
-        return o
+    def forward(ctx, x, to_heads, heads_by_rank, group):
+        ctx.to_heads, ctx.heads_by_rank, ctx.group = to_heads, heads_by_rank, group
+        return (seq_to_heads if to_heads else heads_to_seq)(x, heads_by_rank, group)
 
     @staticmethod
-    def backward(ctx, do):
-        group, stages = ctx.plan["group"], ctx.plan["stages"]
-        inbound = [start_seq_to_heads(do.contiguous(), qh, group) for qh, _ in stages]
-        k_shape, f_shape = ctx.shapes
-        dq, dk, dv = do.new_empty(do.shape), do.new_empty(k_shape), do.new_empty(k_shape)
-        df = torch.empty(*f_shape, 1, dtype=torch.float32, device=do.device)
-        outbound = []
-        for i, (qh, g) in enumerate(stages):
-            ins, out_i = ctx.saved[i]
-            grads = torch.autograd.grad(out_i, ins, inbound[i].wait())
-            outbound += [start_heads_to_seq(t, hs, group, dst) for t, hs, dst in
-                         ((grads[0], qh, dq), (grads[1], g, dk), (grads[2], g, dv), (grads[3][..., None], qh, df))]
-        for t in outbound:
-            t.wait()
-        ctx.saved = None
-        return dq, dk, dv, df[..., 0], None
+    def backward(ctx, grad):
+        inverse = heads_to_seq if ctx.to_heads else seq_to_heads
+        return inverse(grad.contiguous(), ctx.heads_by_rank, ctx.group), None, None, None
 
 
 def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bound) -> torch.Tensor:
@@ -275,26 +211,28 @@ def head_parallel_forgetting_attention(
         groups = assign_heads([sum(per_head[g * G:(g + 1) * G]) for g in range(Hkv)], P)
     else:
         groups = [list(range(Hkv))[i * Hkv // P:(i + 1) * Hkv // P] for i in range(P)]
+    q_heads = [[g * G + j for g in gs for j in range(G)] for gs in groups]
     r = dist.get_rank(cp_group)
-    # two stages (half of every rank's groups each) when every rank has two groups to split
-    n_stages = 2 if min(len(gs) for gs in groups) >= 2 else 1
-    stages = []
-    for i in range(n_stages):
-        part = [gs[i * len(gs) // n_stages:(i + 1) * len(gs) // n_stages] for gs in groups]
-        stages.append(([[g * G + j for g in gs for j in range(G)] for gs in part], part))
-    mine = [h for qh, _ in stages for h in qh[r]]
-    bounds = [logit_bound] * n_stages
+    mine = q_heads[r]
+    qh = _Exchange.apply(q, True, q_heads, cp_group)
+    kh = _Exchange.apply(k, True, groups, cp_group)
+    vh = _Exchange.apply(v, True, groups, cp_group)
+    fh = _Exchange.apply(log_fgate.unsqueeze(-1), True, q_heads, cp_group).squeeze(-1)
+    bound = logit_bound
     if isinstance(logit_bound, torch.Tensor):
-        bounds = [logit_bound.to(q.device)[_heads_index(tuple(qh[r]), q.device)] for qh, _ in stages]
-    plan = {"group": cp_group, "stages": stages, "sm_scale": sm_scale, "log_eps": log_eps, "bounds": bounds,
-            "cu_seqlens": cu_seqlens, "return_stats": return_stats, "op_stats": []}
-    o = _HeadParallelAttention.apply(q, k, v, log_fgate, plan)
+        bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
+    with no_data_checks():  # checked above on every rank's part
+        out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
+                                   cu_seqlens=cu_seqlens, return_stats=return_stats)
+    if return_stats:
+        out, op_stats = out
+    o = _Exchange.apply(out, False, q_heads, cp_group)
     if not return_stats:
         return o
     # inputs of the other ranks' heads go out (q, k, v, one float of log f per head), and
     # the outputs of our heads at the other ranks' positions come back to them
     others_q, others_kv = H - len(mine), Hkv - len(groups[r])
     nbytes = B * T2 * (others_q * (D * q.element_size() + 4) + 2 * others_kv * D * k.element_size())
-    nbytes += B * (L - T2) * len(mine) * D * o.element_size()
-    fraction = sum(st.skipped_fraction_per_head.sum() for st in plan["op_stats"]) * (P / H)
-    return o, HeadParallelStats(heads=sorted(mine), skipped_fraction=fraction, bytes_sent=nbytes)
+    nbytes += B * (L - T2) * len(mine) * D * out.element_size()
+    fraction = op_stats.skipped_fraction_per_head.sum() * (P / H)
+    return o, HeadParallelStats(heads=mine, skipped_fraction=fraction, bytes_sent=nbytes)
