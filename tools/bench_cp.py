@@ -329,6 +329,44 @@ def check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, attn, r, P
     return {"rel_err_" + n: float(f"{x:.2e}") for n, x in zip(("o", "dq", "dk", "dv"), e.tolist())}
 
 
+def a2a_split_bench(args):
+    """One GPU: fwd+bwd of the op on the heads each rank gets when head-parallel (a2a)
+    context parallelism deals heads by estimated ACP cost, against the op on all heads /P:
+    how well the dealing balances the ranks' compute."""
+    from megatron_fox.ops import forgetting_attention, set_data_checks
+    from megatron_fox.ops.forgetting_attn.common import pruning_threshold
+    from megatron_fox.parallel import assign_heads
+    from megatron_fox.parallel.head_parallel import head_costs
+
+    set_data_checks(False)
+    dev, H, D = torch.device(args.device), args.heads, args.head_dim
+    rows = []
+    for L in args.lengths:
+        torch.manual_seed(0)
+        q, k, v = make_inputs(1, L, H, D, dev)
+        g = gate_spectrum(1, L, H, 4, 4096, dev)
+        do = torch.randn_like(q)
+        delta = pruning_threshold(torch.full((1, H), math.sqrt(D), device=dev), L, args.log_eps)
+        costs = head_costs(g.mean(1), delta, L).tolist()
+
+        def run(heads):
+            idx = torch.tensor(heads, device=dev)
+            ins = [t.index_select(2, idx).contiguous().requires_grad_() for t in (q, k, v, g)]
+            d = do.index_select(2, idx).contiguous()
+
+            def step():
+                o = forgetting_attention(*ins, log_eps=args.log_eps, logit_bound=math.sqrt(D))
+                torch.autograd.grad(o, ins[:3], d)
+            return _bench(step)
+        whole = run(list(range(H)))
+        for P in args.cp:
+            per_rank = [round(run(b), 2) for b in assign_heads(costs, P)]
+            rows.append({"L": L, "cp": P, "whole_ms": round(whole, 2), "per_rank_ms": per_rank,
+                         "max_over_whole_per_rank": round(max(per_rank) / (whole / P), 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def merge_bench(args):
     """Time one log-sum-exp merge of a chunk's partial output (the ring does one per block
     in the forward): the Triton kernel against the plain PyTorch passes, per L and CP."""
@@ -361,6 +399,8 @@ def main(argv=None):
     p.add_argument("--cp-comm-type", nargs="+", choices=["p2p", "a2a"], default=["p2p", "a2a"],
                    help="--multi-gpu: ring (p2p) and/or head-parallel (a2a) context parallelism")
     p.add_argument("--merge", action="store_true", help="time the partial-output merge alone (one GPU)")
+    p.add_argument("--a2a-split", action="store_true",
+                   help="one GPU: the op on each rank's heads as a2a deals them by cost (balance check)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--check", action="store_true",
                    help="multi-GPU: at the first length, compare the ring's output and gradients with the one-device op")
@@ -371,7 +411,10 @@ def main(argv=None):
         p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --device cpu for a smoke run)")
-    rows = multi_gpu(args) if args.multi_gpu else merge_bench(args) if args.merge else single_gpu(args)
+    if args.multi_gpu:
+        rows = multi_gpu(args)
+    else:
+        rows = merge_bench(args) if args.merge else a2a_split_bench(args) if args.a2a_split else single_gpu(args)
     if args.json and (not args.multi_gpu or int(os.environ.get("RANK", "0")) == 0):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
-from ..ops.forgetting_attn.common import check_inputs, document_maps
+from ..ops.forgetting_attn.common import check_inputs, document_maps, pruning_threshold
 from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
                        start_kv_exchange)
@@ -296,7 +295,7 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
             U = logit_bound.float().to(q.device).view(1, H).expand(B, H)
         else:
             U = torch.full((B, H), float(logit_bound), device=q.device)
-        return -(2.0 * U + math.log(L)) + log_eps
+        return pruning_threshold(U, L, log_eps)
 
 
 def context_parallel_forgetting_attention(

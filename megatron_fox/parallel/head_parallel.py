@@ -125,8 +125,14 @@ def estimated_head_costs(q, k, log_fgate, *, group, sm_scale, log_eps, logit_bou
         dist.all_reduce(mean_gate, group=group)
         mean_gate /= L
         delta = global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group)
-        window = (delta / mean_gate.clamp(max=-1e-30)).clamp(1.0, float(L))  # keys a query keeps
-        return (L * window - 0.5 * window * window).sum(0).double()
+        return head_costs(mean_gate, delta, L)
+
+
+def head_costs(mean_log_fgate: torch.Tensor, delta: torch.Tensor, L: int) -> torch.Tensor:
+    """Estimated pruned pairs per head, [B, H] mean log f and ACP threshold -> [H] float64:
+    with a constant gate g a query keeps W = delta / g keys (at most L), L*W - W^2/2 pairs."""
+    window = (delta / mean_log_fgate.clamp(max=-1e-30)).clamp(1.0, float(L))
+    return (L * window - 0.5 * window * window).sum(0).double()
 
 
 class HeadCostMemory:

@@ -29,3 +29,15 @@ def test_bench_cp_multi_process_check(tmp_path):
         assert r["rank_steps_skipped"] == ("0/2" if r["mode"] in ("exact", "acp_no_chunk_skip", "acp") else "0/0")
     for r in (rows[2], rows[5]):
         assert r["speedup"] > 0 and r["scaling_efficiency"] > 0
+
+
+def test_bench_cp_a2a_split_balances_heads(tmp_path):
+    """--a2a-split: every rank's heads timed; their sum is close to the whole op's time."""
+    out = tmp_path / "split.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_cp.py"), "--a2a-split", "--device", "cpu",
+                          "--lengths", "64", "--heads", "4", "--head-dim", "16", "--cp", "2", "--json", str(out)],
+                         capture_output=True, text=True, env=dict(tool_env(), TRITON_INTERPRET="1"), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["cp"] == 2 and len(row["per_rank_ms"]) == 2 and all(t > 0 for t in row["per_rank_ms"])
+    assert row["whole_ms"] > 0 and row["max_over_whole_per_rank"] > 0
