@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
-from ..ops.forgetting_attn.common import check_inputs, document_maps, pruning_threshold
+from ..ops.forgetting_attn.common import check_inputs, document_maps, logit_bound_per_head, pruning_threshold
 from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
                        start_kv_exchange)
@@ -258,7 +258,7 @@ def skip_table(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Ten
     return _live_from_dead(dead_heads(offsets, chunk_sums, delta).tolist())
 
 
-class _ToHost:
+class AsyncToHost:
     """Device tensors copied to the host without stalling the stream: on CUDA the copies go
     to pinned buffers behind an event, and get() waits for that event only, so work queued
     after construction (our own blocks) keeps the GPU busy while the host plans."""
@@ -283,18 +283,9 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
     """ACP threshold delta = -(2U + log L) + log_eps [B, H] of the whole sequence (L tokens)
     from this rank's part: U from logit_bound (float or [H]) or, when None, from the data
     (sm_scale * max||q|| * max||k|| all-reduced with max over the group)."""
-    B, _, H, _ = q.shape
     with torch.no_grad():
-        if logit_bound is None:
-            qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(1)
-            kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(1)
-            dist.all_reduce(qn, op=dist.ReduceOp.MAX, group=group)
-            dist.all_reduce(kn, op=dist.ReduceOp.MAX, group=group)
-            U = sm_scale * qn * kn.repeat_interleave(H // k.shape[2], dim=1)
-        elif isinstance(logit_bound, torch.Tensor):
-            U = logit_bound.float().to(q.device).view(1, H).expand(B, H)
-        else:
-            U = torch.full((B, H), float(logit_bound), device=q.device)
+        U = logit_bound_per_head(q, k, sm_scale, logit_bound,
+                                 reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
         return pruning_threshold(U, L, log_eps)
 
 
@@ -342,7 +333,7 @@ def context_parallel_forgetting_attention(
     n = T2 // 2
     # the table is data-dependent: its copy to the host starts now and is waited for only
     # once our own blocks are queued (the ring's first step needs it; own blocks do not)
-    table = _ToHost([t for t in (dead, None if docs is None else docs[1][n - 1::n]) if t is not None])
+    table = AsyncToHost([t for t in (dead, None if docs is None else docs[1][n - 1::n]) if t is not None])
     stats = ContextParallelStats()
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..ops import forgetting_attention
 from ..ops.forgetting_attn.common import check_inputs, no_data_checks
-from .context_parallel import global_pruning_threshold
+from .context_parallel import AsyncToHost, global_pruning_threshold
 from .exchange import index_on_device
 from .layout import chunk_ids
 
@@ -142,21 +142,12 @@ class HeadCostMemory:
     and gates change little from one step to the next. The first call waits for its own."""
 
     def __init__(self):
-        self._pending = None  # (host tensor, event or None)
+        self._pending = None  # the last call's costs on their way to the host
 
     def costs_for_dealing(self, costs: torch.Tensor) -> list:
-        if costs.is_cuda:
-            host = torch.empty(costs.shape, dtype=costs.dtype, pin_memory=True)
-            host.copy_(costs, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = costs.clone(), None
-        previous, self._pending = self._pending, (host, ready)
-        host, ready = previous if previous is not None else self._pending
-        if ready is not None:
-            ready.synchronize()  # the previous call's copy: long done, unless this is the first call
-        return host.tolist()
+        previous, self._pending = self._pending, AsyncToHost([costs])
+        # the previous call's copy is long done; only the first call waits for its own
+        return (previous or self._pending).get()[0]
 
 
 @dataclass
