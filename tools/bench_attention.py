@@ -86,6 +86,13 @@ def run_table(args):
         print(f"fla-core not importable ({e}); its rows are left out", file=sys.stderr)
         parallel_forgetting_attn = None
     bound = math.sqrt(D)
+    wanted = set(args.impls) if args.impls else None
+
+    def want(name):
+        return wanted is None or name in wanted
+
+    if not want("fla_forgetting_attn"):
+        parallel_forgetting_attn = None
     for L in args.lengths:
         B = max(1, args.tokens // L)
         fl = flops_fwd(B, L, H, D)
@@ -96,6 +103,8 @@ def run_table(args):
         for backend_name, backend in (("sdpa_flash", "FLASH_ATTENTION"), ("sdpa_cudnn", "CUDNN_ATTENTION")):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
+            if not want(backend_name):
+                continue
             try:
                 with sdpa_kernel(getattr(SDPBackend, backend)):
                     tf, ta = fwd_and_fwdbwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
@@ -109,9 +118,12 @@ def run_table(args):
             tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
             rows.append(row("fla_forgetting_attn", L, tf, ta, fl))
         g = spectra["b"]
-        tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-        rows.append(row("fox_exact", L, tf, ta, fl, 0.0))
+        if want("fox_exact"):
+            tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fox_exact", L, tf, ta, fl, 0.0))
         for name, g in spectra.items():
+            if not want(f"fox_acp_{name}"):
+                continue
             _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
             tf, ta = fwd_and_fwdbwd(
                 lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
@@ -138,12 +150,14 @@ def run_sweep(args):
     q, k, v = make_inputs(B, L, H, D, dev)
     g = gate_spectrum(B, L, H, 4, 4096, dev)
     base = kernel_config(D, dev)
-    fwd_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 4),
-                 Tile(64, 64, 4, 3), Tile(128, 32, 4, 3)]
-    dkdv_tiles = [Tile(64, 128, 8, 2), Tile(32, 128, 8, 2), Tile(64, 128, 8, 3), Tile(64, 64, 4, 2),
-                  Tile(32, 64, 4, 3), Tile(128, 128, 8, 2)]
-    dq_tiles = [Tile(128, 64, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 4, 2), Tile(128, 64, 8, 3),
-                Tile(64, 32, 4, 3), Tile(128, 128, 8, 2)]
+    fwd_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 8, 3, True), Tile(128, 128, 8, 3, True), Tile(128, 64, 8, 2, True),
+                 Tile(128, 64, 8, 4, True), Tile(128, 128, 8, 2, True), Tile(64, 64, 4, 3, True)]
+    dkdv_tiles = [Tile(64, 128, 8, 2), Tile(64, 128, 8, 2, True), Tile(64, 128, 8, 3, True), Tile(32, 128, 8, 2, True),
+                  Tile(128, 128, 8, 2, True), Tile(64, 64, 4, 2, True)]
+    dq_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 8, 3, True), Tile(128, 64, 8, 2, True), Tile(128, 128, 8, 2, True),
+                Tile(64, 64, 4, 3, True), Tile(128, 32, 8, 3, True)]
+    if args.head_dim <= 64:
+        fwd_tiles += [Tile(128, 64, 4, 3), Tile(128, 64, 4, 3, True), Tile(128, 128, 8, 3, False)]
     results = []
     for log_eps in (None, args.log_eps):
         kw = dict(log_eps=log_eps, logit_bound=math.sqrt(D))
@@ -250,11 +264,17 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
+    p.add_argument("--impls", nargs="+", default=None,
+                   choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b"],
+                   help="rows of the table to run (default: all)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"date {time.strftime('%Y-%m-%d')}", flush=True)
+    import megatron_fox
+    import triton
+
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"date {time.strftime('%Y-%m-%d')}  megatron_fox from {megatron_fox.__path__[0]}", flush=True)
     if args.check or args.profile:
         (run_check if args.check else run_profile)(args)
         return

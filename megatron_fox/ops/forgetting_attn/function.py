@@ -27,12 +27,14 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class Tile:
-    """A kernel's tile shape and launch parameters."""
+    """A kernel's tile shape and launch parameters; tma: load q/k/v/dO tiles through TMA
+    descriptors on GPUs that have them (Hopper and newer)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class KernelConfig:
 
 
 # Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md. 16-bit inputs.
+# TMA loads pay off in the forward and dQ kernels; the dK/dV kernel is faster without.
 _GPU_CONFIGS = {
-    64: KernelConfig(fwd=Tile(128, 64, 4, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
-    128: KernelConfig(fwd=Tile(128, 64, 8, 3), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
+    64: KernelConfig(fwd=Tile(128, 64, 4, 3, tma=True), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
+    128: KernelConfig(fwd=Tile(128, 128, 8, 3, tma=True), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3, tma=True)),
 }
 # float32 tiles take twice the shared memory: smaller tiles, two stages (fits 227 KB at d = 128).
 _GPU_FP32_CONFIG = KernelConfig(fwd=Tile(64, 64, 4, 2), dkdv=Tile(32, 64, 4, 2), dq=Tile(64, 32, 4, 2))
@@ -76,6 +79,45 @@ def kernel_config(head_dim: int, device: torch.device, dtype: torch.dtype = torc
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# TMA (tensor-memory-accelerator) loads of the q/k/v/dO tiles: where the kernel's Tile asks
+# for them, on Hopper and newer GPUs; MEGATRON_FOX_TMA=0 turns them off everywhere, =1 forces
+# them for every kernel (also under the interpreter).
+_TMA_ENV = os.environ.get("MEGATRON_FOX_TMA", "")
+_tma_override: Optional[bool] = None if _TMA_ENV == "" else _TMA_ENV == "1"
+
+
+def set_tma(enabled: Optional[bool]) -> None:
+    """Force TMA tile loads on (True) or off (False) in every kernel; None: as the tiles say."""
+    global _tma_override
+    _tma_override = enabled
+
+
+def _tma_possible(*tensors) -> bool:
+    """A 4-d descriptor needs a 16-byte aligned base and 16-byte multiples as strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _use_tma(tile: Tile, *tensors) -> bool:
+    if _tma_override is not None:
+        return _tma_override and _tma_possible(*tensors)
+    if not tile.tma or _interpreting() or not tensors[0].is_cuda:
+        return False
+    return torch.cuda.get_device_capability(tensors[0].device)[0] >= 9 and _tma_possible(*tensors)
+
+
+def _tiles(tma: bool, *pairs):
+    """(tensor, rows per tile) -> the kernel argument: a [1, rows, 1, D] descriptor or the tensor."""
+    if not tma:
+        return [t for t, _ in pairs]
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]]) for t, rows in pairs]
 
 
 def _strides(t):
@@ -122,12 +164,14 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
     lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     nbm = triton.cdiv(T, tile.block_m)
     dummy = start  # never read when VARLEN is off
+    tma = _use_tma(tile, q, k, v)
     fwd_kernel[(nbm, B * H)](
-        q, k, v, cq_kern, ck_kern, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
+        *_tiles(tma, (q, tile.block_m), (k, tile.block_n), (v, tile.block_n)),
+        cq_kern, ck_kern, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, H, nbm, plan.sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q), CAUSAL=causal,
+        VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q), CAUSAL=causal, TMA=tma,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return o, lse2, start
@@ -166,14 +210,16 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     t = cfg.dkdv
     end = boundary.query_block_end(cq, ck, plan.delta, plan.doc_end, t.block_m, t.block_n)
     nbn = triton.cdiv(T, t.block_n)
+    tma = _use_tma(t, q, k, v, do)
     doc_start = plan.doc_start if varlen else end
     doc_end = plan.doc_end if varlen else end
     dkdv_kernel[(nbn, B * Hkv)](
-        q, k, v, do, cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
+        *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
+        cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         T, H, nbn, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
-        CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
+        CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = cfg.dq
     if fwd_start is not None and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n):
@@ -181,12 +227,14 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     else:
         start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
     nbm = triton.cdiv(T, t.block_m)
+    tma = _use_tma(t, q, k, v, do)
     dq_kernel[(nbm, B * H)](
-        q, k, v, do, cq_kern, ck_kern, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
+        *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
+        cq_kern, ck_kern, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         T, H, nbm, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
-        CAUSAL=causal, num_warps=t.num_warps, num_stages=t.num_stages,
+        CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return dq, dk, dv, drow, dcol
 
@@ -212,7 +260,10 @@ class ForgettingAttentionFunction(torch.autograd.Function):
             dlse = dlse.contiguous()
         dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, dlse, lse2, c_global, c_global, c_doc, c_doc, ctx.plan,
                                            fwd_start=ctx.start)
-        # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i
+        # dc_i = rowsum_i(dS) - colsum_i(dS); d log f_l = sum_{i >= l, same document} dc_i.
+        # In exact arithmetic rowsum_i(dS) = dlse_i, but D comes from the rounded o: the
+        # computed row sums carry the same rounding as the column sums, and the two cancel
+        # in the reverse sum (taking dlse instead triples the bf16 error of d log f).
         dlogf = segmented_reverse_cumsum(drow - dcol, ctx.plan.doc_end)
         return dq, dk, dv, dlogf.transpose(1, 2), None
 

@@ -6,13 +6,15 @@ With P = softmax(S), dP = dO V^T, D_i = rowsum(dO_i * O_i) - dLSE_i:
 and d log f follows from dc by a reverse cumulative sum (done by the caller).
 Two kernels, as in FlashAttention-2: key-major for dK, dV and the column sums of dS
 (looping over the query heads of a key/value group), query-major for dQ and the row
-sums. Both skip the blocks that the forward pruning rule skips.
+sums. Both skip the blocks that the forward pruning rule skips. P is recomputed as exp2(x - (c_j - r) + (c_i - r -
+lse_i)) with r a per-program reference prefix sum: one multiply-add and one add per
+logit, on small numbers.
 """
 
 import triton
 import triton.language as tl
 
-from .triton_utils import key_ranges, load_key_block, mm, visible
+from .triton_utils import head_rows, key_ranges, load_key_block, load_rows, mm, visible
 
 
 @triton.jit
@@ -35,28 +37,25 @@ def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, 
 
 
 @triton.jit
-def _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, lse_base, dlt_base, DOCSTART,
-                      s_qt, s_dt, lo, hi, T, qk_scale,
+def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h, c_base, lse_base, dlt_base,
+                      DOCSTART, s_qt, s_dt, lo, hi, T, qk_scale,
                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
+                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     for mb in range(lo, hi):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = load_rows(q_src, b, h, mb * BLOCK_M, s_qt, T, BLOCK_M, HEAD_DIM, TMA, MASKED)
+        do = load_rows(do_src, b, h, mb * BLOCK_M, s_dt, T, BLOCK_M, HEAD_DIM, TMA, MASKED)
         if MASKED:
             row_ok = offs_m < T
-            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
             dlt = tl.load(dlt_base + offs_m, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * s_dt + offs_d[None, :])
-            cq = tl.load(c_base + offs_m) * 1.4426950408889634
+            cq = tl.load(c_base + offs_m)
             lse = tl.load(lse_base + offs_m)
             dlt = tl.load(dlt_base + offs_m)
-        s_t = mm(k, tl.trans(q), DOT_PREC) * qk_scale + (cq[None, :] - ck[:, None])
-        p_t = tl.exp2(s_t - lse[None, :])
+        row = (cq * 1.4426950408889634 - lse) - c_ref  # c_i - lse_i - r, base 2
+        p_t = tl.exp2(mm(k, tl.trans(q), DOT_PREC) * qk_scale - ck[:, None] + row[None, :])
         if MASKED and (CAUSAL or VARLEN):  # (else rows past T have lse = inf, so p = 0)
             if CAUSAL:
                 ok = offs_m[None, :] >= offs_n[:, None]
@@ -80,20 +79,22 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
                 s_dkb, s_dkt, s_dkh,
                 T, H, NBN, qk_scale, sm_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
+                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
-    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head."""
+    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head.
+    TMA: Q, K, V, DO are 4-d descriptors (see fwd_kernel)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     HKV = H // GROUP
-    b = (pid_bk // HKV).to(tl.int64)
+    b32 = pid_bk // HKV
+    b = b32.to(tl.int64)
     hk = pid_bk % HKV
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < T
-    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    k = load_rows(head_rows(K, b32, hk, s_kb, s_kh, TMA), b32, hk, n0, s_kt, T, BLOCK_N, HEAD_DIM, TMA, True)
+    v = load_rows(head_rows(V, b32, hk, s_vb, s_vh, TMA), b32, hk, n0, s_vt, T, BLOCK_N, HEAD_DIM, TMA, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -112,23 +113,24 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
         h = hk * GROUP + g
         bh = b * H + h
         c_base = CQ + bh * T
-        ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_db + h * s_dh
+        c_ref = tl.load(CK + bh * T + n0) * 1.4426950408889634
+        ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634 - c_ref
+        q_src = head_rows(Q, b32, h, s_qb, s_qh, TMA)
+        do_src = head_rows(DO, b32, h, s_db, s_dh, TMA)
         m_hi = tl.load(END + bh * NBN + pid_n)
         a = m_lo
         b_ = tl.minimum(tl.maximum(m_causal_full, a), m_hi)
         c_ = tl.minimum(tl.maximum(m_doc_full, b_), m_hi)
         dcol = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, offs_n, q_base, do_base, c_base, LSE + bh * T,
-                                         DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
-                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
+                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, TMA)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
+                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL, TMA)
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
+                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
+                                         BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, TMA)
         tl.store(DCOL + bh * T + offs_n, dcol, mask=key_ok)
     out = b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -136,16 +138,15 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
 
 
 @triton.jit
-def _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
+def _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src, b, hk, s_kt, s_vt,
                     lo, hi, T, qk_scale,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    tl.arange(0, HEAD_DIM)
+                    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, v, ck = load_key_block(k_base, v_base, c_base, offs_n, s_kt, s_vt, T, HEAD_DIM, MASKED)
-        s = mm(q, tl.trans(k), DOT_PREC) * qk_scale + (cq[:, None] - ck[None, :])
-        p = tl.exp2(s - lse[:, None])
+        k, v, ck = load_key_block(k_src, v_src, c_base, b, hk, nb * BLOCK_N, s_kt, s_vt, T, c_ref,
+                                  BLOCK_N, HEAD_DIM, TMA, MASKED)
+        p = tl.exp2(mm(q, tl.trans(k), DOT_PREC) * qk_scale - ck[None, :] + row[:, None])
         if MASKED:
             ok = visible(offs_m, offs_n, dstart, T, CAUSAL, VARLEN)
             p = tl.where(ok, p, 0.0)
@@ -162,11 +163,13 @@ def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
               s_dqb, s_dqt, s_dqh,
               T, H, NBM, qk_scale, sm_scale,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr):
-    """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS."""
+              VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
+    """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS.
+    TMA: Q, K, V, DO are 4-d descriptors (see fwd_kernel)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
+    b32 = pid_bh // H
+    b = b32.to(tl.int64)
     h = pid_bh % H
     hk = h // GROUP
     bh = pid_bh.to(tl.int64)
@@ -174,26 +177,31 @@ def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = load_rows(head_rows(Q, b32, h, s_qb, s_qh, TMA), b32, h, m0, s_qt, T, BLOCK_M, HEAD_DIM, TMA, True)
+    do = load_rows(head_rows(DO, b32, h, s_db, s_dh, TMA), b32, h, m0, s_dt, T, BLOCK_M, HEAD_DIM, TMA, True)
     cq = tl.load(CQ + bh * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    c_ref = tl.load(CQ + bh * T + m0) * 1.4426950408889634
     c_base = CK + bh * T
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
+    row = (cq - lse) - c_ref  # c_i - lse_i - r, base 2
     dlt = tl.load(DLT + bh * T + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
+    k_src = head_rows(K, b32, hk, s_kb, s_kh, TMA)
+    v_src = head_rows(V, b32, hk, s_vb, s_vh, TMA)
 
     a, b_, c_, n_hi, dstart = key_ranges(START, DOCSTART, bh, NBM, pid_m, m0, offs_m, row_ok, T,
                                          BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     drow = tl.zeros([BLOCK_M], dtype=tl.float32)
     if VARLEN:
-        dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                                   a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
-    dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                               b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL)
-    dq, drow = _dq_block_range(dq, drow, q, do, cq, lse, dlt, offs_m, dstart, c_base, k_base, v_base, s_kt, s_vt,
-                               c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL)
+        dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+                                   b32, hk, s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN,
+                                   DOT_PREC, CAUSAL, TMA)
+    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+                               b32, hk, s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN,
+                               DOT_PREC, CAUSAL, TMA)
+    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+                               b32, hk, s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN,
+                               DOT_PREC, CAUSAL, TMA)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DROW + bh * T + offs_m, drow, mask=row_ok)

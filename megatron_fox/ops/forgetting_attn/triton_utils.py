@@ -15,20 +15,46 @@ def mm(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def load_key_block(k_base, v_base, c_base, offs_n, s_kt, s_vt, T,
-                   HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """K, V tiles [BLOCK_N, D] and the keys' prefix sums in base 2 [BLOCK_N]; MASKED guards
-    the sequence end (unmasked tiles are known to be inside it)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        in_seq = offs_n < T
-        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        ck = tl.load(c_base + offs_n, mask=in_seq, other=0.0) * 1.4426950408889634
+def head_rows(X, b, h, s_b, s_h, TMA: tl.constexpr):
+    """Where one (batch, head) of X [B, T, H, D] is read from: X itself when it is a TMA
+    descriptor (TMA), else a pointer to row 0 of that head."""
+    if TMA:
+        src = X
     else:
-        k = tl.load(k_base + offs_n[:, None] * s_kt + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :])
-        ck = tl.load(c_base + offs_n) * 1.4426950408889634
+        src = X + b.to(tl.int64) * s_b + h * s_h
+    return src
+
+
+@triton.jit
+def load_rows(src, b, h, t0, s_t, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+              TMA: tl.constexpr, MASKED: tl.constexpr):
+    """Rows t0 .. t0 + BLOCK of one head, [BLOCK, D], zero past T. src from `head_rows`;
+    the descriptor's block is [1, BLOCK, 1, D] and its bounds zero-fill. MASKED guards the
+    sequence end on the pointer path (unmasked tiles are known to be inside it)."""
+    if TMA:
+        x = tl.reshape(src.load([b, t0, h, 0]), [BLOCK, HEAD_DIM])
+    else:
+        offs = t0 + tl.arange(0, BLOCK)
+        ptrs = src + offs[:, None] * s_t + tl.arange(0, HEAD_DIM)[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=(offs < T)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def load_key_block(k_src, v_src, c_base, b, hk, n0, s_kt, s_vt, T, c_ref,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
+    """K, V tiles [BLOCK_N, D] of keys n0 .. n0 + BLOCK_N and their prefix sums in base 2
+    minus c_ref [BLOCK_N]."""
+    k = load_rows(k_src, b, hk, n0, s_kt, T, BLOCK_N, HEAD_DIM, TMA, MASKED)
+    v = load_rows(v_src, b, hk, n0, s_vt, T, BLOCK_N, HEAD_DIM, TMA, MASKED)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        ck = tl.load(c_base + offs_n, mask=offs_n < T, other=0.0) * 1.4426950408889634 - c_ref
+    else:
+        ck = tl.load(c_base + offs_n) * 1.4426950408889634 - c_ref
     return k, v, ck
 
 
