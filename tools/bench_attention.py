@@ -158,6 +158,10 @@ def run_sweep(args):
                 Tile(64, 64, 4, 3, True), Tile(128, 32, 8, 3, True)]
     if args.head_dim <= 64:
         fwd_tiles += [Tile(128, 64, 4, 3), Tile(128, 64, 4, 3, True), Tile(128, 128, 8, 3, False)]
+    if args.sweep_only:
+        fwd_tiles = fwd_tiles if "fwd" in args.sweep_only else []
+        dkdv_tiles = dkdv_tiles if "dkdv" in args.sweep_only else []
+        dq_tiles = dq_tiles if "dq" in args.sweep_only else []
     results = []
     for log_eps in (None, args.log_eps):
         kw = dict(log_eps=log_eps, logit_bound=math.sqrt(D))
@@ -261,6 +265,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--log-eps", type=float, default=-10.0)
     p.add_argument("--sweep", action="store_true", help="tile sweep at the first length")
+    p.add_argument("--sweep-only", nargs="+", choices=["fwd", "dkdv", "dq"], default=None,
+                   help="kernels the sweep covers (default: all three)")
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
