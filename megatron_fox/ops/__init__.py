@@ -12,6 +12,7 @@ from .forgetting_attn import (
     no_data_checks,
     set_data_checks,
     set_kernel_config,
+    set_tma,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "no_data_checks",
     "set_data_checks",
     "set_kernel_config",
+    "set_tma",
 ]

@@ -2,7 +2,7 @@
 
 from .common import AttentionStats, no_data_checks, set_data_checks
 from .decode import evictable_prefix, forgetting_attention_decode
-from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config
+from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config, set_tma
 from .reference import forgetting_attention_reference
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "no_data_checks",
     "set_data_checks",
     "set_kernel_config",
+    "set_tma",
 ]
