@@ -144,28 +144,45 @@ def task_cp_a2a(opts):
 
 
 def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
-    """Start `world` worker processes of `task`; raise with their stderr if one fails."""
+    """Start `world` worker processes of `task`; raise with their stderr if one fails.
+
+    Output goes to files, not pipes, and each worker is waited for by its exit: a process
+    a worker leaves behind (it skips interpreter teardown) cannot keep the caller waiting
+    for the end of a pipe."""
+    import tempfile
+    import time
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
+    logs = tempfile.TemporaryDirectory(prefix=f"mf_{task}_")
+    procs, errs = [], []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"),
                    PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        err = open(os.path.join(logs.name, f"rank{rank}.err"), "w+")
+        errs.append(err)
         procs.append(subprocess.Popen([sys.executable, __file__, task, json.dumps(opts)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.DEVNULL, stderr=err, text=True))
+    deadline = time.monotonic() + timeout
     errors = []
-    for rank, p in enumerate(procs):
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{task}: rank {rank} timed out")
-        if p.returncode != 0:
-            errors.append(f"rank {rank} exit {p.returncode}:\n{err[-3000:]}")
+    try:
+        for rank, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise RuntimeError(f"{task}: rank {rank} timed out")
+            if p.returncode != 0:
+                errs[rank].seek(0)
+                errors.append(f"rank {rank} exit {p.returncode}:\n{errs[rank].read()[-3000:]}")
+    finally:
+        for f in errs:
+            f.close()
+        logs.cleanup()
     if errors:
         raise RuntimeError(f"{task} failed:\n" + "\n".join(errors))
 
