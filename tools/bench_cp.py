@@ -219,7 +219,7 @@ def multi_gpu(args):
                 row.update(check_against_one_device(q, k, v, g, do, parts, do_part, log_eps, attn, r, P))
                 if cuda:
                     row["host_syncs"] = host_syncs(step)
-            if single is not None and mode in ("acp", "a2a_acp"):
+            if single is not None and mode in ("acp", "acp_memory", "a2a_acp"):
                 row["speedup"] = round(single / ms, 2)
                 row["scaling_efficiency"] = round(single / (P * ms), 3)
             rows.append(row)
@@ -242,11 +242,13 @@ def multi_gpu(args):
 
 def _modes(args, parts, D):
     """(name, log_eps, call) for each way of running the layer: the ring (p2p) exact, with ACP
-    but every chunk pair sent, with chunk skipping; head-parallel (a2a) exact, with ACP and
-    heads dealt evenly, with heads dealt by estimated ACP cost. call() -> (o, stats)."""
+    but every chunk pair sent, with chunk skipping every call (waiting for the skip table),
+    with chunk skipping as the layer does it (acp_memory: wait and skip only after a call
+    with a dead chunk pair); head-parallel (a2a) exact, with ACP and heads dealt evenly, with
+    heads dealt by estimated ACP cost. call() -> (o, stats)."""
     import torch.distributed as dist
 
-    from megatron_fox.parallel import (HeadCostMemory, context_parallel_forgetting_attention,
+    from megatron_fox.parallel import (ChunkSkipMemory, HeadCostMemory, context_parallel_forgetting_attention,
                                        head_parallel_forgetting_attention)
 
     kw = dict(cp_group=dist.group.WORLD, logit_bound=math.sqrt(D), return_stats=True)
@@ -256,6 +258,8 @@ def _modes(args, parts, D):
         modes += [(name, le, functools.partial(context_parallel_forgetting_attention, *parts, log_eps=le,
                                                skip_chunks=skip, **kw))
                   for name, le, skip in (("exact", None, True), ("acp_no_chunk_skip", eps, False), ("acp", eps, True))]
+        modes.append(("acp_memory", eps, functools.partial(context_parallel_forgetting_attention, *parts, log_eps=eps,
+                                                           skip_memory=ChunkSkipMemory(), **kw)))
     if "a2a" in args.cp_comm_type:  # dealt by cost as in the layer: by the previous call's costs, no host wait
         modes += [(name, le, functools.partial(head_parallel_forgetting_attention, *parts, log_eps=le, balance=bal,
                                                cost_memory=HeadCostMemory() if bal else None, **kw))

@@ -24,7 +24,8 @@ class FoxTransformerConfig(TransformerConfig):
     fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
     fox_fuse_extras: torch.compile the FoX-Pro elementwise work (shift, norms, gates) on CUDA.
     fox_cp_skip_chunks: context-parallel ring (cp_comm_type p2p): skip the transfers and blocks
-        ACP prunes wholly (needs the skip table on the host: one wait per layer call).
+        ACP prunes wholly. Waiting for the skip table on the host happens only in calls whose
+        layer had a dead chunk pair in its previous call (ChunkSkipMemory).
     """
 
     fox_output_gate: bool = True

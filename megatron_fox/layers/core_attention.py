@@ -27,6 +27,7 @@ class FoxCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self._stats = None
         self._head_costs = None  # context parallel a2a: head costs carried to the next call
+        self._skip_memory = None  # context parallel p2p: whether the last call had dead chunk pairs
 
     @property
     def skipped_fraction(self) -> Optional[torch.Tensor]:
@@ -66,16 +67,18 @@ class FoxCoreAttention(MegatronModule):
         per packed row)."""
         from megatron.core import parallel_state
 
-        from ..parallel import (HeadCostMemory, context_parallel_forgetting_attention, head_parallel_forgetting_attention,
-                                sample_cu_seqlens)
+        from ..parallel import (ChunkSkipMemory, HeadCostMemory, context_parallel_forgetting_attention,
+                                head_parallel_forgetting_attention, sample_cu_seqlens)
 
         cfg = self.config
         comm = cfg.cp_comm_type or "p2p"
         if self._head_costs is None:
             self._head_costs = HeadCostMemory()
+            self._skip_memory = ChunkSkipMemory()
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
-        ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks),
+        ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks,
+                                        skip_memory=self._skip_memory),
                "a2a": functools.partial(head_parallel_forgetting_attention, cost_memory=self._head_costs)}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")

@@ -1,6 +1,7 @@
 """Context parallelism for the FoX op (sequence split over ranks, pruned chunks skipped)."""
 
 from .context_parallel import (
+    ChunkSkipMemory,
     ContextParallelStats,
     context_parallel_forgetting_attention,
     global_prefix_sums,
@@ -12,6 +13,7 @@ from .head_parallel import HeadCostMemory, HeadParallelStats, assign_heads, head
 from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
 
 __all__ = [
+    "ChunkSkipMemory",
     "ContextParallelStats",
     "HeadCostMemory",
     "HeadParallelStats",

@@ -64,8 +64,45 @@ class ContextParallelStats:
     computed_by_step: list = field(default_factory=list)
     # of this rank's causal attention FLOPs, in whole chunk pairs ACP prunes (pairs skipped
     # because no document spans them count in blocks_skipped only; the kernels' own
-    # block-level pruning inside live pairs is not counted here)
+    # block-level pruning inside live pairs is not counted here). A float, or a 0-dim device
+    # tensor when the call did not wait for the skip table (see ChunkSkipMemory).
     skipped_fraction: float = 0.0
+    # the call waited for the skip table and skipped what it says (False: every causal pair
+    # sent and computed, as with skip_chunks=False)
+    table_waited: bool = False
+
+
+class ChunkSkipMemory:
+    """Whether to skip chunks, carried from one call of a layer to its next.
+
+    Skipping needs the skip table on the host: one wait per call, and per-head selection of
+    K/V, which on one NVLink host costs more than the bytes it saves unless whole chunk pairs
+    die. So a call skips (waits for its table) only when the previous call's table had a
+    dead chunk pair; otherwise it sends and computes every causal pair (the kernels still
+    prune blocks inside them) and leaves its own table on its way to the host for the next
+    call. Both ways are exact; the tables are the same on every rank of the group, so all
+    ranks choose alike. The first call skips."""
+
+    def __init__(self):
+        self._skip = True
+        self._pending = None  # (table copy, n, P) of a call that did not wait
+
+    def skip_this_call(self) -> bool:
+        if self._pending is not None:
+            table, live_of = self._pending
+            self._pending = None
+            self._skip = _any_dead_pair(live_of(table.get()))
+        return self._skip
+
+    def remember(self, live: list) -> None:
+        self._skip = _any_dead_pair(live)
+
+    def defer(self, table, live_of) -> None:
+        self._pending = (table, live_of)
+
+
+def _any_dead_pair(live: list) -> bool:
+    return any(not live[i][j] for i in range(len(live)) for j in range(i))
 
 
 class _RingAttention(torch.autograd.Function):
@@ -240,6 +277,17 @@ def dead_heads(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Ten
     return (gap < 0).all(dim=0)
 
 
+def _pruned_share(dead: torch.Tensor, r: int, P: int) -> torch.Tensor:
+    """0-dim device tensor: the share of rank r's causal attention FLOPs in chunk pairs that
+    are dead for every head (dead [H, 2P, 2P] from dead_heads)."""
+    weight = torch.zeros(2 * P, 2 * P, dtype=torch.float32)
+    for qc in chunk_ids(r, P):
+        weight[qc, :qc] = 1.0
+        weight[qc, qc] = 0.5  # a diagonal block is half a full one
+    weight = weight.to(dead.device)
+    return (dead.all(0).float() * weight).sum() / weight.sum()
+
+
 def _live_from_dead(dead) -> tuple[list, dict]:
     """Host side of the table: dead [H][2P][2P] nested lists -> (live, heads), see skip_table."""
     H, n = len(dead), len(dead[0])
@@ -302,6 +350,7 @@ def context_parallel_forgetting_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     return_stats: bool = False,
     skip_chunks: bool = True,
+    skip_memory: Optional[ChunkSkipMemory] = None,
 ):
     """FoX attention over a sequence split across the ranks of cp_group.
 
@@ -313,7 +362,8 @@ def context_parallel_forgetting_attention(
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
     return_stats, a ContextParallelStats. skip_chunks=False computes and sends every causal
     chunk pair even where ACP prunes all of it (the kernels still skip blocks): the baseline
-    the chunk skipping is measured against.
+    the chunk skipping is measured against. skip_memory (one per layer): skip only when the
+    previous call of the layer had a dead chunk pair, see ChunkSkipMemory.
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
@@ -341,14 +391,27 @@ def context_parallel_forgetting_attention(
             "comm": comm_stream(q.device),
             "compute_stream": torch.cuda.current_stream(q.device) if q.is_cuda else None}
 
-    def resolve():
-        host = table.get()
+    def table_live(host):
+        """Host table -> (live [2P][2P] with documents, live by ACP alone, heads)."""
+        host = list(host)
         live, heads = _live_from_dead(host.pop(0)) if dead is not None else (causal, None)
         by_acp = live
         if docs is not None:  # a chunk pair no document spans is dead
             last_doc_end = host.pop(0)  # end of the document of each chunk's last key
             live = [[live[i][j] and (i == j or last_doc_end[j] > i * n) for j in range(2 * P)]
                     for i in range(2 * P)]
+        return live, by_acp, heads
+
+    wait = skip_memory is None or (dead is None and docs is None) or skip_memory.skip_this_call()
+
+    def resolve():
+        if wait:
+            live, by_acp, heads = table_live(table.get())
+            if skip_memory is not None:
+                skip_memory.remember(live)
+        else:  # every causal pair, as skip_chunks=False; the table waits for the next call
+            skip_memory.defer(table, lambda host: table_live(host)[0])
+            live, by_acp, heads = causal, causal, None
         ca, cb = chunk_ids(r, P)
         live = [row[:] for row in live]
         live[cb][ca] = True  # our own pair goes to the kernels anyway (they prune inside it)
@@ -362,6 +425,9 @@ def context_parallel_forgetting_attention(
                     stats.blocks_skipped += 1
                     stats.skipped_pairs.append((qc, j))
         stats.skipped_fraction = pruned / flops
+        if not wait and dead is not None:  # ACP's whole-pair share, without a host wait
+            stats.skipped_fraction = _pruned_share(dead, r, P)
+        stats.table_waited = wait
         plan.update(live=live, heads=heads)
         head_indices(plan, q.device)
 

@@ -79,3 +79,41 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound
         assert len(st["bytes_received_by_step"]) == len(st["computed_by_step"]) == world - 1
         for got, computed in zip(st["bytes_received_by_step"], st["computed_by_step"]):
             assert (got > 0) == computed, (got, computed)
+
+
+def test_skip_memory_waits_only_after_dead_pairs(tmp_path):
+    """A layer's ChunkSkipMemory: the first call waits for the skip table and skips; a call
+    waits again only when the previous call had a dead chunk pair, else it sends and computes
+    every causal pair. Every call equals the single-process op, right prediction or not."""
+    world, B, T, H, D = 4, 1, 16 * 8, 4, 64
+    kinds = ["fast", "slow", "slow", "fast", "fast"]  # fast: every head forgets fast
+    calls = []
+    for kind in kinds:
+        q = F.rms_norm(torch.randn(B, T, H, D), (D,))
+        k = F.rms_norm(torch.randn(B, T, H, D), (D,))
+        shift = torch.tensor([-2.0] * H if kind == "fast" else [-2.0, -2.0, 5.0, 5.0])
+        calls.append({"q": q, "k": k, "v": torch.randn(B, T, H, D), "do": torch.randn(B, T, H, D),
+                      "f": F.logsigmoid(torch.randn(B, T, H) * 0.1 + shift)})
+    torch.save(calls, tmp_path / "in.pt")
+    launch("cp_memory", world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "bound": math.sqrt(D) * 1.0001,
+                                "interpret": os.environ.get("TRITON_INTERPRET", "0")})
+    ranks = [torch.load(tmp_path / f"cp_memory_{r}.pt") for r in range(world)]
+    # call 1: first (waits); 2: after dead pairs (waits, finds none); 3: after none (no wait);
+    # 4: after none (no wait, although its own pairs die: still exact); 5: after 4's dead pairs
+    expected = [True, True, False, False, True]
+    for i, data in enumerate(calls):
+        outs = [rank[i] for rank in ranks]
+        assert [o["waited"] for o in outs] == [expected[i]] * world, (i, [o["waited"] for o in outs])
+        skipped = sum(o["skipped"] for o in outs)
+        if expected[i] and kinds[i] == "fast":
+            assert skipped > 0 and sum(o["not_sent"] for o in outs) > 0
+        if not expected[i]:  # every causal pair sent and computed
+            assert skipped == 0 and all(o["not_sent"] == 0 for o in outs)
+        if kinds[i] == "fast":  # ACP's whole-pair share is reported either way
+            assert max(o["fraction"] for o in outs) > 0
+        ins = [data[n].clone().requires_grad_() for n in ("q", "k", "v", "f")]
+        ref = forgetting_attention(*ins, log_eps=None)
+        ref_grads = torch.autograd.grad(ref, ins, data["do"])
+        close(gather_from_context_parallel([o["o"] for o in outs], 1), ref, f"call {i + 1} out")
+        for j, name in enumerate("q k v log_fgate".split()):
+            close(gather_from_context_parallel([o["grads"][j] for o in outs], 1), ref_grads[j], f"call {i + 1} d{name}")

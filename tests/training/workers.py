@@ -115,6 +115,29 @@ def task_cp(opts):
     torch.save({"o": o.detach(), "grads": grads, "stats": stats.__dict__}, os.path.join(opts["out"], f"cp_{r}.pt"))
 
 
+def task_cp_memory(opts):
+    """The ring op called several times with one ChunkSkipMemory (as a layer does), on the
+    saved inputs of each call; save each call's out, grads and whether it waited/skipped."""
+    import torch.distributed as dist
+
+    from megatron_fox.parallel import ChunkSkipMemory, context_parallel_forgetting_attention, split_for_context_parallel
+
+    dist.init_process_group("gloo")
+    r, P = dist.get_rank(), dist.get_world_size()
+    memory = ChunkSkipMemory()
+    calls = []
+    for data in torch.load(opts["inputs"]):
+        parts = {n: split_for_context_parallel(data[n], 1, r, P).detach().requires_grad_() for n in ("q", "k", "v", "f")}
+        o, stats = context_parallel_forgetting_attention(
+            parts["q"], parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=-10.0,
+            logit_bound=opts["bound"], return_stats=True, skip_memory=memory)
+        do = split_for_context_parallel(data["do"], 1, r, P)
+        grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)
+        calls.append({"o": o.detach(), "grads": grads, "waited": stats.table_waited, "skipped": stats.blocks_skipped,
+                      "not_sent": stats.bytes_not_sent, "fraction": float(stats.skipped_fraction)})
+    torch.save(calls, os.path.join(opts["out"], f"cp_memory_{r}.pt"))
+
+
 def task_cp_a2a(opts):
     """Head-parallel (a2a) op on this rank's chunks of the saved inputs; save out, grads, heads."""
     import torch.distributed as dist
