@@ -279,13 +279,20 @@ def dead_heads(offsets: torch.Tensor, chunk_sums: torch.Tensor, delta: torch.Ten
 
 def _pruned_share(dead: torch.Tensor, r: int, P: int) -> torch.Tensor:
     """0-dim device tensor: the share of rank r's causal attention FLOPs in chunk pairs that
-    are dead for every head (dead [H, 2P, 2P] from dead_heads)."""
+    are dead for every head (dead [H, 2P, 2P] from dead_heads). No host wait."""
+    weight = _pair_weights(r, P, dead.device)
+    return (dead.all(0).float() * weight).sum() / weight.sum()
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_weights(r: int, P: int, device: torch.device) -> torch.Tensor:
+    """[2P, 2P] FLOP weights of rank r's causal chunk pairs (a diagonal one is half a full
+    one), made once per device: a pageable host-to-device copy would wait for the stream."""
     weight = torch.zeros(2 * P, 2 * P, dtype=torch.float32)
     for qc in chunk_ids(r, P):
         weight[qc, :qc] = 1.0
-        weight[qc, qc] = 0.5  # a diagonal block is half a full one
-    weight = weight.to(dead.device)
-    return (dead.all(0).float() * weight).sum() / weight.sum()
+        weight[qc, qc] = 0.5
+    return weight.to(device)
 
 
 def _live_from_dead(dead) -> tuple[list, dict]:
