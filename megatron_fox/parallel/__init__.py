@@ -1,16 +1,15 @@
 """Context parallelism for the FoX op (sequence split over ranks, pruned chunks skipped)."""
 
 from .context_parallel import (
-    ChunkSkipMemory,
     ContextParallelStats,
     context_parallel_forgetting_attention,
     global_prefix_sums,
     shift_across_chunks,
-    skip_table,
 )
 from .exchange import all_gather_autograd
 from .head_parallel import HeadCostMemory, HeadParallelStats, assign_heads, head_parallel_forgetting_attention
 from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
+from .skipping import ChunkSkipMemory, skip_table
 
 __all__ = [
     "ChunkSkipMemory",

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from ..ops import forgetting_attention
 from ..ops.forgetting_attn.common import check_inputs, no_data_checks
-from .context_parallel import AsyncToHost, global_pruning_threshold
+from .context_parallel import global_pruning_threshold
+from .skipping import AsyncToHost
 from .exchange import index_on_device
 from .layout import chunk_ids
 
