@@ -72,9 +72,8 @@ class FoxCoreAttention(MegatronModule):
 
         cfg = self.config
         comm = cfg.cp_comm_type or "p2p"
-        if self._head_costs is None:
-            self._head_costs = HeadCostMemory()
-            self._skip_memory = ChunkSkipMemory()
+        if self._head_costs is None:  # the per-layer state both ops carry to the next call
+            self._head_costs, self._skip_memory = HeadCostMemory(), ChunkSkipMemory()
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
         ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks,

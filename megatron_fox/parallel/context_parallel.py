@@ -247,6 +247,18 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
         return pruning_threshold(U, L, log_eps)
 
 
+def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group):
+    """The op's input checks for this rank's two chunks of a sequence split over `group`
+    (cu_seqlens then spans the whole sequence) -> (sm_scale, logit_bound, L the global length)."""
+    T2 = q.shape[1]
+    L = T2 * dist.get_world_size(group)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         cu_seqlens_total=L)
+    if T2 % 2:
+        raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
+    return sm_scale, logit_bound, L
+
+
 def context_parallel_forgetting_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -277,11 +289,8 @@ def context_parallel_forgetting_attention(
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
-    L = T2 * P
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                         cu_seqlens_total=L)
-    if T2 % 2:
-        raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
+    sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                                 cp_group)
     docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta, dead = None, None
@@ -334,9 +343,8 @@ def context_parallel_forgetting_attention(
                 if not live[qc][j]:
                     stats.blocks_skipped += 1
                     stats.skipped_pairs.append((qc, j))
-        stats.skipped_fraction = pruned / flops
-        if not wait and dead is not None:  # ACP's whole-pair share, without a host wait
-            stats.skipped_fraction = pruned_share(dead, r, P)
+        # without the table on the host, ACP's whole-pair share comes from the device
+        stats.skipped_fraction = pruned / flops if wait or dead is None else pruned_share(dead, r, P)
         stats.table_waited = wait
         plan.update(live=live, heads=heads)
         head_indices(plan, q.device)

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from ..ops import forgetting_attention
-from ..ops.forgetting_attn.common import check_inputs, no_data_checks
-from .context_parallel import global_pruning_threshold
-from .skipping import AsyncToHost
+from ..ops.forgetting_attn.common import no_data_checks
+from .context_parallel import check_rank_inputs, global_pruning_threshold
 from .exchange import index_on_device
 from .layout import chunk_ids
+from .skipping import AsyncToHost
 
 
 def assign_heads(costs: list, size: int) -> list:
@@ -192,15 +192,12 @@ def head_parallel_forgetting_attention(
     """
     P = dist.get_world_size(cp_group)
     B, T2, H, D = q.shape
-    L = T2 * P
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                         cu_seqlens_total=L)
+    sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                                 cp_group)
     Hkv = k.shape[2]
     if Hkv < P:
         raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
                          "(cp_comm_type 'a2a' needs kv heads >= context_parallel_size; use 'p2p')")
-    if T2 % 2:
-        raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
     G = H // Hkv
     if balance and log_eps is not None:
         costs = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=log_eps,

@@ -121,6 +121,18 @@ def test_too_few_kv_heads_named(monkeypatch):
         head_parallel_forgetting_attention(q, k, k.clone(), torch.zeros(1, 8, 4), cp_group=None)
 
 
+def test_odd_rank_sequence_named(monkeypatch):
+    """Both context-parallel ops share one input check: this rank's part must be two equal chunks."""
+    from megatron_fox.parallel import context_parallel_forgetting_attention
+
+    monkeypatch.setattr(hp.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(hp.dist, "get_rank", lambda group=None: 0)
+    q = torch.randn(1, 7, 4, 16)
+    for op in (head_parallel_forgetting_attention, context_parallel_forgetting_attention):
+        with pytest.raises(ValueError, match=r"^q: this rank's sequence \(7\) must hold two equal chunks"):
+            op(q, q.clone(), q.clone(), torch.zeros(1, 7, 4), cp_group=None)
+
+
 def _dealing(f, bound, log_eps, world):
     """Heads per rank that costs from gates f [1, T, H] give (MHA), recomputed here."""
     T = f.shape[1]
