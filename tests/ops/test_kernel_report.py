@@ -1,0 +1,44 @@
+"""tools/kernel_report.py: occupancy arithmetic against hand-worked Hopper figures, and the
+compiled kernels' structure (sm_90 code built on the CPU with Triton's own ptxas)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tools")
+sys.path.insert(0, TOOLS)
+import kernel_report  # noqa: E402
+
+
+@pytest.mark.parametrize("regs, warps, smem, expect", [
+    (255, 8, 131840, 1),  # 255 regs -> 8192 per warp; 8 warps take all 64K registers
+    (255, 4, 82944, 2),   # 32K registers per CTA -> 2; shared memory 2 x 83 KB fits in 228 KB
+    (255, 4, 120000, 1),  # registers would allow 2, shared memory only 1
+    (128, 4, 0, 4),       # 4096 registers per warp -> 4 CTAs of 4 warps
+    (32, 1, 0, 32),       # the 32-CTA cap binds before registers (64) and threads (64)
+    (40, 2, 0, 25),       # 40 x 32 = 1280 -> 1280 registers per warp (unit 256): 65536 / 2560 = 25
+    (64, 16, 0, 2),       # 2048 threads -> 4 CTAs, registers (2048 per warp) -> 2
+])
+def test_ctas_per_sm(regs, warps, smem, expect):
+    assert kernel_report.ctas_per_sm(regs, warps, smem) == expect
+
+
+def test_default_tiles_pipeline_their_loads():
+    """The tiles in use for head_dim 128 on sm_90: every q/k/v/dO tile load inside a loop is
+    asynchronous (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM.
+    Compiled in a process without the interpreter (which replaces the kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reports = {r["kernel"]: r for r in map(json.loads, run.stdout.splitlines())}
+    # (range loops without packed documents, MMAs per loop)
+    for name, (loops, mmas_per_loop) in {"fwd": (2, 2), "dkdv": (3, 4), "dq": (2, 3)}.items():
+        rep = reports[name]
+        assert rep["sync_tile_loads"] == 0, rep
+        assert rep["async_tile_loads"] == 2 * loops, rep  # two streamed tiles per loop
+        assert rep["mmas"] == mmas_per_loop * loops, rep
+        assert rep["ctas_per_sm"] >= 1 and rep["regs"] <= 255 and rep["smem_bytes"] <= 232448, rep

@@ -1,0 +1,162 @@
+"""What the Triton compiler makes of the attention kernels, without a GPU.
+
+    python tools/kernel_report.py                          # tiles in use, head_dim 128, sm_90
+    python tools/kernel_report.py --head-dim 64
+    python tools/kernel_report.py --kernel dkdv --tile 32 64 4 3     # any tile: block_m block_n warps stages
+    python tools/kernel_report.py --kernel fwd --tile 128 128 8 3 --tma
+
+Compiles each kernel for the target (ptxas ships with Triton, so a CPU machine will do),
+with the argument specialisation a real launch gets at long sequences (pointers and
+integers divisible by 16), and prints per kernel: registers per thread, bytes of stack
+(spilled registers), shared memory, how many CTAs of it fit on one SM, how many 128-wide
+tile loads inside loops the software pipeliner made asynchronous (cp.async or TMA) and how
+many stayed synchronous, and the warpgroup MMAs in loops with the waits that stop a warpgroup until every MMA
+in flight is done (`pendings = 0`). These explain most of what the profiler shows (see
+docs/kernel_notes.md); they are not timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from megatron_fox.ops.forgetting_attn import triton_bwd, triton_fwd  # noqa: E402
+from megatron_fox.ops.forgetting_attn.function import Tile, kernel_config  # noqa: E402
+
+KERNELS = {"fwd": triton_fwd.fwd_kernel, "dkdv": triton_bwd.dkdv_kernel, "dq": triton_bwd.dq_kernel}
+_FLOAT_POINTERS = {"CQ", "CK", "LSE", "DLT", "DCOL", "DROW"}
+_INT_POINTERS = {"START", "END", "DOCSTART", "DOCEND"}
+_OUTPUTS = {"O", "DQ", "DK", "DV"}  # same dtype as q
+_TILE_INPUTS = {"Q": "block_m", "K": "block_n", "V": "block_n", "DO": "block_m"}
+_FLOAT_SCALARS = {"qk_scale", "sm_scale"}
+
+# Per-SM limits of Hopper (sm_90): 64K 32-bit registers allocated per warp in units of 256,
+# 228 KB of shared memory of which each CTA also takes 1 KB, 2048 threads, 32 CTAs.
+_SM90 = dict(regs=65536, reg_unit=256, smem=233472, smem_per_cta=1024, threads=2048, ctas=32)
+
+
+def ctas_per_sm(regs: int, num_warps: int, smem: int, limits: dict = _SM90) -> int:
+    """CTAs of a kernel that fit on one SM at once, from its registers per thread, warps and
+    shared memory (bytes)."""
+    per_warp = -(-regs * 32 // limits["reg_unit"]) * limits["reg_unit"]
+    by_regs = limits["regs"] // (per_warp * num_warps)
+    by_smem = limits["smem"] // (smem + limits["smem_per_cta"])
+    by_threads = limits["threads"] // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, limits["ctas"])
+
+
+def compile_kernel(name: str, tile: Tile, head_dim: int = 128, dtype: str = "bf16", arch: int = 90):
+    """Compile one kernel (fwd, dkdv, dq) for sm_<arch>: causal, no packed documents, no GQA."""
+    fn = KERNELS[name]
+    const = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, VARLEN=False,
+                 DOT_PREC="tf32", CAUSAL=True, TMA=tile.tma)
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in const:
+            signature[arg] = "constexpr"
+            continue
+        if arg in _TILE_INPUTS and tile.tma:
+            rows = getattr(tile, _TILE_INPUTS[arg])
+            signature[arg] = f"tensordesc<{dtype}[1,{rows},1,{head_dim}]>"
+            continue
+        if arg in _TILE_INPUTS or arg in _OUTPUTS:
+            signature[arg] = "*" + dtype
+        elif arg in _FLOAT_POINTERS:
+            signature[arg] = "*fp32"
+        elif arg in _INT_POINTERS:
+            signature[arg] = "*i32"
+        elif arg in _FLOAT_SCALARS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"  # lengths, head counts, strides
+        attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes) of the one kernel in a cubin, read by cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
+    return int(regs), int(stack)
+
+
+def _loop_lines(ir: str) -> list[str]:
+    """Lines of the IR inside some scf.for body (regions open on a line ending in '{' and
+    close on a line starting with '}')."""
+    stack, inside = [], []
+    for line in ir.splitlines():
+        text = line.split(" loc(")[0].rstrip()
+        if text.lstrip().startswith("}"):
+            if stack:
+                stack.pop()
+            continue
+        if any(stack):
+            inside.append(text)
+        if text.endswith("{"):
+            stack.append("scf.for" in text)
+    return inside
+
+
+def report(compiled, tile: Tile) -> dict:
+    """Registers, spills, shared memory, CTAs/SM, pipelined loads and MMA waits of a compiled kernel."""
+    regs, stack = _resources(compiled.asm["cubin"])
+    ir = compiled.asm["ttgir"]
+    loops = "\n".join(_loop_lines(ir))
+    smem = compiled.metadata.shared
+    return dict(
+        regs=regs, stack_bytes=stack, smem_bytes=smem, ctas_per_sm=ctas_per_sm(regs, tile.num_warps, smem),
+        async_tile_loads=len(re.findall(r"async_copy_global_to_local .*x\d+x(?:bf16|f16|f32)", loops))
+        + len(re.findall(r"async_tma_copy_global_to_local", loops)),
+        sync_tile_loads=len(re.findall(r"= tt\.load .*: tensor<\d+x\d+x!tt\.ptr<(?:bf16|f16|f32)>", loops))
+        + len(re.findall(r"= tt\.descriptor_load", loops)),
+        mmas=len(re.findall(r"ttng\.warp_group_dot ", loops)),
+        waits_all=len(re.findall(r"warp_group_dot_wait .*pendings = 0", loops)),
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", choices=list(KERNELS), nargs="+", default=list(KERNELS))
+    p.add_argument("--tile", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"), default=None,
+                   help="tile to compile (default: the one the op uses for this head_dim)")
+    p.add_argument("--tma", action="store_true", help="with --tile: TMA descriptor loads")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--json", action="store_true", help="one JSON object per kernel")
+    args = p.parse_args(argv)
+    if args.arch != 90:
+        p.error("--arch: only 90 (Hopper) has its per-SM limits here")
+    config = kernel_config(args.head_dim, torch.device("cuda"))
+    for name in args.kernel:
+        tile = Tile(*args.tile, tma=args.tma) if args.tile else getattr(config, name)
+        row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim,
+                   **report(compile_kernel(name, tile, args.head_dim, arch=args.arch), tile))
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            t = row.pop("tile")
+            print(f"{name:5s} tile {t['block_m']}x{t['block_n']} warps {t['num_warps']} stages {t['num_stages']}"
+                  f"{' tma' if t['tma'] else ''}: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                                             if k not in ("kernel", "head_dim")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
