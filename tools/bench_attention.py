@@ -152,8 +152,8 @@ def run_sweep(args):
     base = kernel_config(D, dev)
     fwd_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 8, 3, True), Tile(128, 128, 8, 3, True), Tile(128, 64, 8, 2, True),
                  Tile(128, 64, 8, 4, True), Tile(128, 128, 8, 2, True), Tile(64, 64, 4, 3, True)]
-    dkdv_tiles = [Tile(64, 128, 8, 2), Tile(64, 128, 8, 2, True), Tile(64, 128, 8, 3, True), Tile(32, 128, 8, 2, True),
-                  Tile(128, 128, 8, 2, True), Tile(64, 64, 4, 2, True)]
+    dkdv_tiles = [Tile(64, 128, 8, 2), Tile(64, 128, 8, 3), Tile(32, 128, 8, 2), Tile(32, 128, 8, 3),
+                  Tile(32, 64, 4, 3), Tile(64, 64, 4, 2), Tile(64, 128, 8, 2, True)]
     dq_tiles = [Tile(128, 64, 8, 3), Tile(128, 64, 8, 3, True), Tile(128, 64, 8, 2, True), Tile(128, 128, 8, 2, True),
                 Tile(64, 64, 4, 3, True), Tile(128, 32, 8, 3, True)]
     if args.head_dim <= 64:

@@ -65,8 +65,10 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h
                 dstart = tl.load(DOCSTART + offs_m, mask=row_ok, other=0)
                 ok = ok & (offs_n[:, None] >= dstart[None, :])
             p_t = tl.where(ok, p_t, 0.0)
-        dv += mm(p_t.to(do.dtype), do, DOT_PREC)
         dp_t = mm(v, tl.trans(do), DOT_PREC)
+        # dV after dP^T: Triton waits for every MMA in flight after a fresh product, so dV
+        # issued here runs on under the dS arithmetic instead of being waited for with dP^T.
+        dv += mm(p_t.to(do.dtype), do, DOT_PREC)
         ds_t = p_t * (dp_t - dlt[None, :])
         dk += mm(ds_t.to(q.dtype), q, DOT_PREC)
         dcol += tl.sum(ds_t, 1)
