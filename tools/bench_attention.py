@@ -40,10 +40,14 @@ def make_inputs(B, L, H, D, device, dtype=torch.bfloat16):
     return q, k, v
 
 
-def bench(fn, warmup=10, rep=40):
+def bench(fn, warmup=50, rep=400):
+    """Median ms of fn over ~rep ms of runs (do_bench flushes L2 before each). At least 10
+    runs: with a 40 ms budget, as before 2026-11-26 (later), a 16k fwd+bwd ran only once or
+    twice and two tables of the same code differed by up to ~20%."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    est = do_bench(fn, warmup=1, rep=1, return_mode="median")
+    return do_bench(fn, warmup=warmup, rep=max(rep, 10 * est), return_mode="median")
 
 
 def fwd_and_fwdbwd(run, inputs):
