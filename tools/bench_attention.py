@@ -41,9 +41,8 @@ def make_inputs(B, L, H, D, device, dtype=torch.bfloat16):
 
 
 def bench(fn, warmup=50, rep=400):
-    """Median ms of fn over ~rep ms of runs (do_bench flushes L2 before each). At least 10
-    runs: with a 40 ms budget, as before 2026-11-26 (later), a 16k fwd+bwd ran only once or
-    twice and two tables of the same code differed by up to ~20%."""
+    """Median ms of fn over rep ms of runs and at least 10 of them (do_bench flushes L2
+    before each); fewer runs of a long step left tables of the same code ~20% apart."""
     from triton.testing import do_bench
 
     est = do_bench(fn, warmup=1, rep=1, return_mode="median")
