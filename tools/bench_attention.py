@@ -240,7 +240,8 @@ def run_check(args):
     worst = 0.0
     for (B, L, H, Hkv, D, dtype, varlen, log_eps) in [
         (2, 1000, 4, 2, 128, torch.bfloat16, False, None), (2, 1000, 4, 2, 128, torch.bfloat16, False, -10.0),
-        (1, 1500, 4, 4, 64, torch.bfloat16, True, -10.0), (1, 777, 2, 1, 128, torch.float32, True, None),
+        (1, 1500, 4, 4, 64, torch.bfloat16, True, -10.0), (2, 1000, 4, 2, 64, torch.bfloat16, False, None),
+        (1, 777, 2, 1, 128, torch.float32, True, None),
         (1, 2048, 2, 2, 128, torch.float16, False, -10.0),
     ]:
         q = torch.randn(B, L, H, D, device=dev, dtype=dtype, requires_grad=True)

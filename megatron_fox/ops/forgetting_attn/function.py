@@ -50,7 +50,7 @@ class KernelConfig:
 # Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md. 16-bit inputs.
 # TMA loads pay off in the forward and dQ kernels; the dK/dV kernel is faster without.
 _GPU_CONFIGS = {
-    64: KernelConfig(fwd=Tile(128, 64, 4, 3, tma=True), dkdv=Tile(64, 128, 8, 2), dq=Tile(128, 64, 8, 3)),
+    64: KernelConfig(fwd=Tile(128, 64, 4, 3, tma=True), dkdv=Tile(64, 64, 4, 2), dq=Tile(64, 64, 4, 3, tma=True)),
     128: KernelConfig(fwd=Tile(128, 128, 8, 3, tma=True), dkdv=Tile(64, 128, 8, 3), dq=Tile(128, 64, 8, 3, tma=True)),
 }
 # float32 tiles take twice the shared memory: smaller tiles, two stages (fits 227 KB at d = 128).
