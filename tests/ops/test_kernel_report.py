@@ -26,13 +26,14 @@ def test_ctas_per_sm(regs, warps, smem, expect):
     assert kernel_report.ctas_per_sm(regs, warps, smem) == expect
 
 
-def test_default_tiles_pipeline_their_loads():
-    """The tiles in use for head_dim 128 on sm_90: every q/k/v/dO tile load inside a loop is
-    asynchronous (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM.
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_tiles_pipeline_their_loads(head_dim):
+    """The tiles in use on sm_90: every q/k/v/dO tile load inside a loop is asynchronous
+    (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM.
     Compiled in a process without the interpreter (which replaces the kernels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json",
+                          "--head-dim", str(head_dim)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     reports = {r["kernel"]: r for r in map(json.loads, run.stdout.splitlines())}
     # (range loops without packed documents, MMAs per loop)
