@@ -115,6 +115,41 @@ def _loop_lines(ir: str) -> list[str]:
     return inside
 
 
+def loop_schedules(ir: str) -> list[str]:
+    """Per innermost loop of the IR, in program order, what a warpgroup does each iteration:
+    `tiles` (waits for its pipelined tile loads), `mma` (a fresh product), `mma+=` (one that
+    accumulates into a loop-carried value and may stay in flight), `wait(n)` (waits until at
+    most n MMAs are in flight), `exp2` (a tile of exponentials), `sum` (a reduction)."""
+    out, stack = [], []  # stack entries: [is_for, events, has_inner_for]
+    for line in ir.splitlines():
+        text = line.split(" loc(")[0].strip()
+        if text.startswith("}"):
+            if stack:
+                is_for, events, inner = stack.pop()
+                if is_for and not inner:
+                    out.append(", ".join(events))
+            continue
+        event = None
+        if "ttng.warp_group_dot " in text:
+            event = "mma" if re.search(r"warp_group_dot [^,]+, [^,]+, %cst", text) else "mma+="
+        elif "warp_group_dot_wait" in text:
+            event = "wait(" + re.search(r"pendings = (\d+)", text).group(1) + ")"
+        elif re.search(r"math\.exp2 .*tensor<\d+x\d+x", text):
+            event = "exp2"
+        elif '"tt.reduce"' in text:
+            event = "sum"
+        elif "ttg.async_wait" in text or "ttng.wait_barrier" in text:
+            event = "tiles"
+        if event and stack:
+            stack[-1][1].append(event)
+        if text.endswith("{"):
+            if "scf.for" in text:
+                for entry in stack:
+                    entry[2] = entry[2] or entry[0]
+            stack.append([("scf.for" in text), [], False])
+    return out
+
+
 def report(compiled, tile: Tile) -> dict:
     """Registers, spills, shared memory, CTAs/SM, pipelined loads and MMA waits of a compiled kernel."""
     regs, stack = _resources(compiled.asm["cubin"])
@@ -141,21 +176,26 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--json", action="store_true", help="one JSON object per kernel")
+    p.add_argument("--schedule", action="store_true", help="also print each inner loop's MMA/wait order")
     args = p.parse_args(argv)
     if args.arch != 90:
         p.error("--arch: only 90 (Hopper) has its per-SM limits here")
     config = kernel_config(args.head_dim, torch.device("cuda"))
     for name in args.kernel:
         tile = Tile(*args.tile, tma=args.tma) if args.tile else getattr(config, name)
-        row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim,
-                   **report(compile_kernel(name, tile, args.head_dim, arch=args.arch), tile))
+        compiled = compile_kernel(name, tile, args.head_dim, arch=args.arch)
+        row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile))
+        if args.schedule:
+            row["loops"] = loop_schedules(compiled.asm["ttgir"])
         if args.json:
             print(json.dumps(row), flush=True)
         else:
             t = row.pop("tile")
             print(f"{name:5s} tile {t['block_m']}x{t['block_n']} warps {t['num_warps']} stages {t['num_stages']}"
                   f"{' tma' if t['tma'] else ''}: " + ", ".join(f"{k} {v}" for k, v in row.items()
-                                                             if k not in ("kernel", "head_dim")), flush=True)
+                                                             if k not in ("kernel", "head_dim", "loops")), flush=True)
+            for i, loop in enumerate(row.get("loops", [])):
+                print(f"      loop {i + 1}: {loop}")
 
 
 if __name__ == "__main__":

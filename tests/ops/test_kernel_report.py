@@ -43,3 +43,17 @@ def test_default_tiles_pipeline_their_loads(head_dim):
         assert rep["async_tile_loads"] == 2 * loops, rep  # two streamed tiles per loop
         assert rep["mmas"] == mmas_per_loop * loops, rep
         assert rep["ctas_per_sm"] >= 1 and rep["regs"] <= 255 and rep["smem_bytes"] <= 232448, rep
+
+
+def test_dkdv_loop_keeps_dv_in_flight():
+    """The dK/dV loop issues dV after dP^T's wait (docs/kernel_notes.md step 13): in every
+    inner loop, S^T and dP^T are each waited for, then dV and dK accumulate with no wait
+    between them, so dV runs on under the dS arithmetic."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json", "--schedule",
+                          "--kernel", "dkdv"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loops = json.loads(run.stdout.splitlines()[0])["loops"]
+    assert len(loops) == 3, loops
+    for loop in loops:
+        assert "mma, wait(0), exp2, mma, wait(0), mma+=, mma+=" in loop, loop
