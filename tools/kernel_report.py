@@ -4,15 +4,17 @@
     python tools/kernel_report.py --head-dim 64
     python tools/kernel_report.py --kernel dkdv --tile 32 64 4 3     # any tile: block_m block_n warps stages
     python tools/kernel_report.py --kernel fwd --tile 128 128 8 3 --tma
+    python tools/kernel_report.py --kernel dkdv --schedule   # order of MMAs and waits per loop
 
 Compiles each kernel for the target (ptxas ships with Triton, so a CPU machine will do),
 with the argument specialisation a real launch gets at long sequences (pointers and
 integers divisible by 16), and prints per kernel: registers per thread, bytes of stack
-(spilled registers), shared memory, how many CTAs of it fit on one SM, how many 128-wide
-tile loads inside loops the software pipeliner made asynchronous (cp.async or TMA) and how
-many stayed synchronous, and the warpgroup MMAs in loops with the waits that stop a warpgroup until every MMA
-in flight is done (`pendings = 0`). These explain most of what the profiler shows (see
-docs/kernel_notes.md); they are not timings.
+(spilled registers), shared memory, how many CTAs of it fit on one SM, how many tile loads
+inside loops the software pipeliner made asynchronous (cp.async or TMA) and how many stayed
+synchronous, the warpgroup MMAs in loops and the waits among them that stop a warpgroup
+until every MMA in flight is done (`pendings = 0`); with --schedule also each inner loop's
+order of tile waits, MMAs, MMA waits, exponentials and sums. These explain most of what
+the profiler shows (see docs/kernel_notes.md); they are not timings.
 """
 
 from __future__ import annotations
