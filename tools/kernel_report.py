@@ -100,21 +100,43 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(regs), int(stack)
 
 
-def _loop_lines(ir: str) -> list[str]:
-    """Lines of the IR inside some scf.for body (regions open on a line ending in '{' and
-    close on a line starting with '}')."""
-    stack, inside = [], []
+def _inner_loops(ir: str) -> list[list[str]]:
+    """The lines of each innermost scf.for body of the IR, in program order (regions open
+    on a line ending in '{' and close on a line starting with '}'). The kernels compiled
+    here (GROUP = 1) have no nested loops, so these are all their loops."""
+    out, stack = [], []  # stack entries: [is_for, lines, has_inner_for]
     for line in ir.splitlines():
-        text = line.split(" loc(")[0].rstrip()
-        if text.lstrip().startswith("}"):
+        text = line.split(" loc(")[0].strip()
+        if text.startswith("}"):
             if stack:
-                stack.pop()
+                is_for, lines, inner = stack.pop()
+                if is_for and not inner:
+                    out.append(lines)
             continue
-        if any(stack):
-            inside.append(text)
+        if stack:
+            stack[-1][1].append(text)
         if text.endswith("{"):
-            stack.append("scf.for" in text)
-    return inside
+            is_for = "scf.for" in text
+            if is_for:
+                for entry in stack:
+                    entry[2] = entry[2] or entry[0]
+            stack.append([is_for, [], False])
+    return out
+
+
+def _event(text: str):
+    """What one IR line does for `loop_schedules`, or None."""
+    if "ttng.warp_group_dot " in text:
+        return "mma" if re.search(r"warp_group_dot [^,]+, [^,]+, %cst", text) else "mma+="
+    if "warp_group_dot_wait" in text:
+        return "wait(" + re.search(r"pendings = (\d+)", text).group(1) + ")"
+    if re.search(r"math\.exp2 .*tensor<\d+x\d+x", text):
+        return "exp2"
+    if '"tt.reduce"' in text:
+        return "sum"
+    if "ttg.async_wait" in text or "ttng.wait_barrier" in text:
+        return "tiles"
+    return None
 
 
 def loop_schedules(ir: str) -> list[str]:
@@ -122,41 +144,14 @@ def loop_schedules(ir: str) -> list[str]:
     `tiles` (waits for its pipelined tile loads), `mma` (a fresh product), `mma+=` (one that
     accumulates into a loop-carried value and may stay in flight), `wait(n)` (waits until at
     most n MMAs are in flight), `exp2` (a tile of exponentials), `sum` (a reduction)."""
-    out, stack = [], []  # stack entries: [is_for, events, has_inner_for]
-    for line in ir.splitlines():
-        text = line.split(" loc(")[0].strip()
-        if text.startswith("}"):
-            if stack:
-                is_for, events, inner = stack.pop()
-                if is_for and not inner:
-                    out.append(", ".join(events))
-            continue
-        event = None
-        if "ttng.warp_group_dot " in text:
-            event = "mma" if re.search(r"warp_group_dot [^,]+, [^,]+, %cst", text) else "mma+="
-        elif "warp_group_dot_wait" in text:
-            event = "wait(" + re.search(r"pendings = (\d+)", text).group(1) + ")"
-        elif re.search(r"math\.exp2 .*tensor<\d+x\d+x", text):
-            event = "exp2"
-        elif '"tt.reduce"' in text:
-            event = "sum"
-        elif "ttg.async_wait" in text or "ttng.wait_barrier" in text:
-            event = "tiles"
-        if event and stack:
-            stack[-1][1].append(event)
-        if text.endswith("{"):
-            if "scf.for" in text:
-                for entry in stack:
-                    entry[2] = entry[2] or entry[0]
-            stack.append([("scf.for" in text), [], False])
-    return out
+    return [", ".join(e for e in map(_event, body) if e) for body in _inner_loops(ir)]
 
 
 def report(compiled, tile: Tile) -> dict:
     """Registers, spills, shared memory, CTAs/SM, pipelined loads and MMA waits of a compiled kernel."""
     regs, stack = _resources(compiled.asm["cubin"])
     ir = compiled.asm["ttgir"]
-    loops = "\n".join(_loop_lines(ir))
+    loops = "\n".join(line for body in _inner_loops(ir) for line in body)
     smem = compiled.metadata.shared
     return dict(
         regs=regs, stack_bytes=stack, smem_bytes=smem, ctas_per_sm=ctas_per_sm(regs, tile.num_warps, smem),

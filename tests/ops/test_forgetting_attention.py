@@ -208,4 +208,3 @@ def test_tma_tile_loads(case, device, monkeypatch):
     finally:
         function.set_tma(None)
     assert used == [True, True, True], used  # forward, dK/dV, dQ
-

@@ -13,6 +13,16 @@ sys.path.insert(0, TOOLS)
 import kernel_report  # noqa: E402
 
 
+def _run_report(*args) -> list:
+    """kernel_report.py --json in a process without the interpreter (which replaces the
+    kernels): one dict per kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
 @pytest.mark.parametrize("regs, warps, smem, expect", [
     (255, 8, 131840, 1),  # 255 regs -> 8192 per warp; 8 warps take all 64K registers
     (255, 4, 82944, 2),   # 32K registers per CTA -> 2; shared memory 2 x 83 KB fits in 228 KB
@@ -29,13 +39,8 @@ def test_ctas_per_sm(regs, warps, smem, expect):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_tiles_pipeline_their_loads(head_dim):
     """The tiles in use on sm_90: every q/k/v/dO tile load inside a loop is asynchronous
-    (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM.
-    Compiled in a process without the interpreter (which replaces the kernels)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json",
-                          "--head-dim", str(head_dim)], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    reports = {r["kernel"]: r for r in map(json.loads, run.stdout.splitlines())}
+    (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM."""
+    reports = {r["kernel"]: r for r in _run_report("--head-dim", str(head_dim))}
     # (range loops without packed documents, MMAs per loop)
     for name, (loops, mmas_per_loop) in {"fwd": (2, 2), "dkdv": (3, 4), "dq": (2, 3)}.items():
         rep = reports[name]
@@ -49,11 +54,7 @@ def test_dkdv_loop_keeps_dv_in_flight():
     """The dK/dV loop issues dV after dP^T's wait (docs/kernel_notes.md step 13): in every
     inner loop, S^T and dP^T are each waited for, then dV and dK accumulate with no wait
     between them, so dV runs on under the dS arithmetic."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, os.path.join(TOOLS, "kernel_report.py"), "--json", "--schedule",
-                          "--kernel", "dkdv"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    loops = json.loads(run.stdout.splitlines()[0])["loops"]
+    loops = _run_report("--schedule", "--kernel", "dkdv")[0]["loops"]
     assert len(loops) == 3, loops
     for loop in loops:
         assert "mma, wait(0), exp2, mma, wait(0), mma+=, mma+=" in loop, loop
