@@ -37,7 +37,7 @@ from megatron_fox.ops.forgetting_attn import triton_bwd, triton_fwd  # noqa: E40
 from megatron_fox.ops.forgetting_attn.function import Tile, kernel_config  # noqa: E402
 
 KERNELS = {"fwd": triton_fwd.fwd_kernel, "dkdv": triton_bwd.dkdv_kernel, "dq": triton_bwd.dq_kernel}
-_FLOAT_POINTERS = {"CQ", "CK", "LSE", "DLT", "DCOL", "DROW"}
+_FLOAT_POINTERS = {"CQ", "CK", "LSE", "ROW", "DLT", "DCOL", "DROW"}
 _INT_POINTERS = {"START", "END", "DOCSTART", "DOCEND"}
 _OUTPUTS = {"O", "DQ", "DK", "DV"}  # same dtype as q
 _TILE_INPUTS = {"Q": "block_m", "K": "block_n", "V": "block_n", "DO": "block_m"}

@@ -194,9 +194,10 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     varlen = plan.doc_start is not None
     do = _last_dim_contiguous(do)
     dlt = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    row = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     pre_block = 64
     bwd_preprocess_kernel[(triton.cdiv(T, pre_block), B * H)](
-        o, do, dlse if dlse is not None else dlt, dlt, *_strides(o), *_strides(do), T, H,
+        o, do, dlse if dlse is not None else dlt, cq_kern, lse2, dlt, row, *_strides(o), *_strides(do), T, H,
         HEAD_DIM=D, BLOCK=pre_block, HAS_DLSE=dlse is not None,
     )
     dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
@@ -215,7 +216,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     doc_end = plan.doc_end if varlen else end
     dkdv_kernel[(nbn, B * Hkv)](
         *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
-        cq_kern, ck_kern, lse2, dlt, end, doc_start, doc_end, dk, dv, dcol,
+        ck_kern, row, dlt, end, doc_start, doc_end, dk, dv, dcol,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         T, H, nbn, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
@@ -230,7 +231,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     tma = _use_tma(t, q, k, v, do)
     dq_kernel[(nbm, B * H)](
         *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
-        cq_kern, ck_kern, lse2, dlt, start, plan.doc_start if varlen else start, dq, drow,
+        cq_kern, ck_kern, row, dlt, start, plan.doc_start if varlen else start, dq, drow,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         T, H, nbm, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,

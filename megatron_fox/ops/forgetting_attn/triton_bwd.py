@@ -8,7 +8,8 @@ Two kernels, as in FlashAttention-2: key-major for dK, dV and the column sums of
 (looping over the query heads of a key/value group), query-major for dQ and the row
 sums. Both skip the blocks that the forward pruning rule skips. P is recomputed as exp2(x - (c_j - r) + (c_i - r -
 lse_i)) with r a per-program reference prefix sum: one multiply-add and one add per
-logit, on small numbers.
+logit, on small numbers. The row term c_i - lse_i is formed once per row by the
+preprocessing kernel, so the key-major loop loads two row vectors (it and D) per block.
 """
 
 import triton
@@ -18,9 +19,10 @@ from .triton_utils import head_rows, key_ranges, load_key_block, load_rows, mm, 
 
 
 @triton.jit
-def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H,
+def bwd_preprocess_kernel(O, DO, DLSE, CQ, LSE, DLT, ROW, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, T, H,
                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """DLT[bh, t] = sum_d O*dO - dLSE (float32, [B*H, T])."""
+    """DLT[bh, t] = sum_d O*dO - dLSE and ROW[bh, t] = c_t log2(e) - LSE (base 2), both
+    float32 [B*H, T]; CQ the prefix sums at the query positions (natural log)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -34,10 +36,13 @@ def bwd_preprocess_kernel(O, DO, DLSE, DLT, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, 
     if HAS_DLSE:
         dlt -= tl.load(DLSE + pid_bh.to(tl.int64) * T + offs_t, mask=ok, other=0.0)
     tl.store(DLT + pid_bh.to(tl.int64) * T + offs_t, dlt, mask=ok)
+    base = pid_bh.to(tl.int64) * T + offs_t
+    row = tl.load(CQ + base, mask=ok, other=0.0) * 1.4426950408889634 - tl.load(LSE + base, mask=ok, other=0.0)
+    tl.store(ROW + base, row, mask=ok)
 
 
 @triton.jit
-def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h, c_base, lse_base, dlt_base,
+def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h, row_base, dlt_base,
                       DOCSTART, s_qt, s_dt, lo, hi, T, qk_scale,
                       BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                       VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
@@ -47,16 +52,13 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h
         do = load_rows(do_src, b, h, mb * BLOCK_M, s_dt, T, BLOCK_M, HEAD_DIM, TMA, MASKED)
         if MASKED:
             row_ok = offs_m < T
-            cq = tl.load(c_base + offs_m, mask=row_ok, other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+            row = tl.load(row_base + offs_m, mask=row_ok, other=float("-inf")) - c_ref  # c_i - lse_i - r
             dlt = tl.load(dlt_base + offs_m, mask=row_ok, other=0.0)
         else:
-            cq = tl.load(c_base + offs_m)
-            lse = tl.load(lse_base + offs_m)
+            row = tl.load(row_base + offs_m) - c_ref
             dlt = tl.load(dlt_base + offs_m)
-        row = (cq * 1.4426950408889634 - lse) - c_ref  # c_i - lse_i - r, base 2
         p_t = tl.exp2(mm(k, tl.trans(q), DOT_PREC) * qk_scale - ck[:, None] + row[None, :])
-        if MASKED and (CAUSAL or VARLEN):  # (else rows past T have lse = inf, so p = 0)
+        if MASKED and (CAUSAL or VARLEN):  # (else rows past T have row = -inf, so p = 0)
             if CAUSAL:
                 ok = offs_m[None, :] >= offs_n[:, None]
             else:
@@ -76,14 +78,15 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h
 
 
 @triton.jit
-def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
+def dkdv_kernel(Q, K, V, DO, CK, ROW, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                 s_dkb, s_dkt, s_dkh,
                 T, H, NBN, qk_scale, sm_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
-    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head.
+    same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head; ROW and
+    DLT from `bwd_preprocess_kernel`.
     TMA: Q, K, V, DO are 4-d descriptors (see fwd_kernel)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -114,7 +117,6 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        c_base = CQ + bh * T
         c_ref = tl.load(CK + bh * T + n0) * 1.4426950408889634
         ck = tl.load(CK + bh * T + offs_n, mask=key_ok, other=0.0) * 1.4426950408889634 - c_ref
         q_src = head_rows(Q, b32, h, s_qb, s_qh, TMA)
@@ -124,14 +126,14 @@ def dkdv_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, END, DOCSTART, DOCEND, DK, DV, DC
         b_ = tl.minimum(tl.maximum(m_causal_full, a), m_hi)
         c_ = tl.minimum(tl.maximum(m_doc_full, b_), m_hi)
         dcol = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
-                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h,
+                                         ROW + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, a, b_, T, qk_scale,
                                          BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, TMA)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
-                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h,
+                                         ROW + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, b_, c_, T, qk_scale,
                                          BLOCK_M, HEAD_DIM, False, VARLEN, DOT_PREC, CAUSAL, TMA)
-        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h, c_base,
-                                         LSE + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
+        dk, dv, dcol = _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b32, h,
+                                         ROW + bh * T, DLT + bh * T, DOCSTART, s_qt, s_dt, c_, m_hi, T, qk_scale,
                                          BLOCK_M, HEAD_DIM, True, VARLEN, DOT_PREC, CAUSAL, TMA)
         tl.store(DCOL + bh * T + offs_n, dcol, mask=key_ok)
     out = b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkt + offs_d[None, :]
@@ -160,7 +162,7 @@ def _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_
 
 
 @triton.jit
-def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
+def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
               s_dqb, s_dqt, s_dqh,
               T, H, NBM, qk_scale, sm_scale,
@@ -181,11 +183,9 @@ def dq_kernel(Q, K, V, DO, CQ, CK, LSE, DLT, START, DOCSTART, DQ, DROW,
     row_ok = offs_m < T
     q = load_rows(head_rows(Q, b32, h, s_qb, s_qh, TMA), b32, h, m0, s_qt, T, BLOCK_M, HEAD_DIM, TMA, True)
     do = load_rows(head_rows(DO, b32, h, s_db, s_dh, TMA), b32, h, m0, s_dt, T, BLOCK_M, HEAD_DIM, TMA, True)
-    cq = tl.load(CQ + bh * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     c_ref = tl.load(CQ + bh * T + m0) * 1.4426950408889634
     c_base = CK + bh * T
-    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
-    row = (cq - lse) - c_ref  # c_i - lse_i - r, base 2
+    row = tl.load(ROW + bh * T + offs_m, mask=row_ok, other=float("-inf")) - c_ref  # c_i - lse_i - r, base 2
     dlt = tl.load(DLT + bh * T + offs_m, mask=row_ok, other=0.0)
     k_src = head_rows(K, b32, hk, s_kb, s_kh, TMA)
     v_src = head_rows(V, b32, hk, s_vb, s_vh, TMA)
