@@ -72,6 +72,9 @@ def compile_kernel(name: str, tile: Tile, head_dim: int = 128, dtype: str = "bf1
             rows = getattr(tile, _TILE_INPUTS[arg])
             signature[arg] = f"tensordesc<{dtype}[1,{rows},1,{head_dim}]>"
             continue
+        if arg == "CK" and tile.tma and name != "dkdv":  # key prefix sums: [B*H, T] descriptor
+            signature[arg] = f"tensordesc<fp32[1,{tile.block_n}]>"
+            continue
         if arg in _TILE_INPUTS or arg in _OUTPUTS:
             signature[arg] = "*" + dtype
         elif arg in _FLOAT_POINTERS:

@@ -38,14 +38,16 @@ def test_ctas_per_sm(regs, warps, smem, expect):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_tiles_pipeline_their_loads(head_dim):
-    """The tiles in use on sm_90: every q/k/v/dO tile load inside a loop is asynchronous
-    (cp.async or TMA), each loop holds the kernel's MMAs, the kernel fits on an SM."""
+    """The tiles in use on sm_90: every q/k/v/dO tile load inside a loop (and with TMA the
+    prefix-sum block) is asynchronous (cp.async or TMA), each loop holds the kernel's MMAs,
+    the kernel fits on an SM."""
     reports = {r["kernel"]: r for r in _run_report("--head-dim", str(head_dim))}
     # (range loops without packed documents, MMAs per loop)
     for name, (loops, mmas_per_loop) in {"fwd": (2, 2), "dkdv": (3, 4), "dq": (2, 3)}.items():
         rep = reports[name]
         assert rep["sync_tile_loads"] == 0, rep
-        assert rep["async_tile_loads"] == 2 * loops, rep  # two streamed tiles per loop
+        # two streamed tiles per loop, and with TMA also the keys' prefix sums (a [1, n] block)
+        assert rep["async_tile_loads"] == (3 if rep["tile"]["tma"] and name != "dkdv" else 2) * loops, rep
         assert rep["mmas"] == mmas_per_loop * loops, rep
         assert rep["ctas_per_sm"] >= 1 and rep["regs"] <= 255 and rep["smem_bytes"] <= 232448, rep
 

@@ -121,6 +121,24 @@ def _tiles(tma: bool, *pairs):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]]) for t, rows in pairs]
 
 
+def _prefix_source(tma: bool, c, block: int):
+    """Prefix sums [B, H, T] (contiguous float32) as the kernels read them: with TMA a
+    [B*H, T] descriptor with [1, block] blocks, else the tensor. TMA wants a 16-byte
+    aligned base and row stride: where T is not a multiple of 4 (or the view is
+    misaligned) the rows go to a padded copy (B*H*T floats, negligible next to attention)."""
+    if not tma:
+        return c
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = c.reshape(-1, c.shape[-1])
+    T = rows.shape[1]
+    if T % 4 or rows.data_ptr() % 16:
+        padded = torch.zeros(rows.shape[0], -(-T // 4) * 4, dtype=rows.dtype, device=rows.device)
+        padded[:, :T] = rows
+        rows = padded[:, :T]
+    return TensorDescriptor(rows, [rows.shape[0], T], [rows.stride(0), 1], [1, block])
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -168,7 +186,7 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
     tma = _use_tma(tile, q, k, v)
     fwd_kernel[(nbm, B * H)](
         *_tiles(tma, (q, tile.block_m), (k, tile.block_n), (v, tile.block_n)),
-        cq_kern, ck_kern, start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
+        cq_kern, _prefix_source(tma, ck_kern, tile.block_n), start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, H, nbm, plan.sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
@@ -232,7 +250,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     tma = _use_tma(t, q, k, v, do)
     dq_kernel[(nbm, B * H)](
         *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
-        cq_kern, ck_kern, row, dlt, start, plan.doc_start if varlen else start, dq, drow,
+        cq_kern, _prefix_source(tma, ck_kern, t.block_n), row, dlt, start, plan.doc_start if varlen else start, dq, drow,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         T, H, nbm, qk_scale, plan.sm_scale,
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,

@@ -15,7 +15,7 @@ preprocessing kernel, so the key-major loop loads two row vectors (it and D) per
 import triton
 import triton.language as tl
 
-from .triton_utils import head_rows, key_ranges, load_key_block, load_rows, mm, visible
+from .triton_utils import head_prefix, head_rows, key_ranges, load_key_block, load_rows, mm, visible
 
 
 @triton.jit
@@ -142,13 +142,13 @@ def dkdv_kernel(Q, K, V, DO, CK, ROW, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
 
 
 @triton.jit
-def _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src, b, hk, s_kt, s_vt,
+def _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_src, c_off, k_src, v_src, b, hk, s_kt, s_vt,
                     lo, hi, T, qk_scale,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, v, ck = load_key_block(k_src, v_src, c_base, b, hk, nb * BLOCK_N, s_kt, s_vt, T, c_ref,
+        k, v, ck = load_key_block(k_src, v_src, c_src, c_off, b, hk, nb * BLOCK_N, s_kt, s_vt, T, c_ref,
                                   BLOCK_N, HEAD_DIM, TMA, MASKED)
         p = tl.exp2(mm(q, tl.trans(k), DOT_PREC) * qk_scale - ck[None, :] + row[:, None])
         if MASKED:
@@ -169,7 +169,7 @@ def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS.
-    TMA: Q, K, V, DO are 4-d descriptors (see fwd_kernel)."""
+    TMA: Q, K, V, DO are 4-d descriptors and CK a 2-d one (see fwd_kernel)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
     b32 = pid_bh // H
@@ -184,7 +184,7 @@ def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
     q = load_rows(head_rows(Q, b32, h, s_qb, s_qh, TMA), b32, h, m0, s_qt, T, BLOCK_M, HEAD_DIM, TMA, True)
     do = load_rows(head_rows(DO, b32, h, s_db, s_dh, TMA), b32, h, m0, s_dt, T, BLOCK_M, HEAD_DIM, TMA, True)
     c_ref = tl.load(CQ + bh * T + m0) * 1.4426950408889634
-    c_base = CK + bh * T
+    c_src, c_off = head_prefix(CK, pid_bh, T, TMA)
     row = tl.load(ROW + bh * T + offs_m, mask=row_ok, other=float("-inf")) - c_ref  # c_i - lse_i - r, base 2
     dlt = tl.load(DLT + bh * T + offs_m, mask=row_ok, other=0.0)
     k_src = head_rows(K, b32, hk, s_kb, s_kh, TMA)
@@ -195,13 +195,13 @@ def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     drow = tl.zeros([BLOCK_M], dtype=tl.float32)
     if VARLEN:
-        dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+        dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_src, c_off, k_src, v_src,
                                    b32, hk, s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN,
                                    DOT_PREC, CAUSAL, TMA)
-    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_src, c_off, k_src, v_src,
                                b32, hk, s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False, VARLEN,
                                DOT_PREC, CAUSAL, TMA)
-    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_base, k_src, v_src,
+    dq, drow = _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_src, c_off, k_src, v_src,
                                b32, hk, s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True, VARLEN,
                                DOT_PREC, CAUSAL, TMA)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqt + offs_d[None, :],

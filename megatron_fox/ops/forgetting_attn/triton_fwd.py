@@ -13,19 +13,19 @@ by `START` (document start and ACP boundary) and is split into ranges that need 
 import triton
 import triton.language as tl
 
-from .triton_utils import head_rows, key_ranges, load_key_block, load_rows, mm, visible
+from .triton_utils import head_prefix, head_rows, key_ranges, load_key_block, load_rows, mm, visible
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_base, k_src, v_src, b, hk, s_kt, s_vt,
+def _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_src, c_off, k_src, v_src, b, hk, s_kt, s_vt,
                      lo, hi, T, qk_scale,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                      VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     for nb in range(lo, hi):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, v, ck = load_key_block(k_src, v_src, c_base, b, hk, nb * BLOCK_N, s_kt, s_vt, T, c_ref,
+        k, v, ck = load_key_block(k_src, v_src, c_src, c_off, b, hk, nb * BLOCK_N, s_kt, s_vt, T, c_ref,
                                   BLOCK_N, HEAD_DIM, TMA, MASKED)
         s = mm(q, tl.trans(k), DOT_PREC) * qk_scale - ck[None, :]
         if MASKED:
@@ -48,7 +48,8 @@ def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided; TMA: 4-d descriptors with blocks [1,
     BLOCK_M or BLOCK_N, 1, D]), CQ/CK [B*H, T] prefix sums of the query and key positions
-    (natural log; the same tensor for self-attention), START [B*H, NBM] first key block,
+    (natural log; the same tensor for self-attention; TMA: CK a [B*H, T] descriptor with
+    [1, BLOCK_N] blocks), START [B*H, NBM] first key block,
     DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2). CAUSAL=False: every key of the block
     is visible (a past chunk of context parallelism)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
@@ -64,7 +65,7 @@ def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
     q = load_rows(head_rows(Q, b32, h, s_qb, s_qh, TMA), b32, h, m0, s_qt, T, BLOCK_M, HEAD_DIM, TMA, True)
     cq = tl.load(CQ + pid_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     c_ref = tl.load(CQ + pid_bh.to(tl.int64) * T + m0) * 1.4426950408889634
-    c_base = CK + pid_bh.to(tl.int64) * T
+    c_src, c_off = head_prefix(CK, pid_bh, T, TMA)
     k_src = head_rows(K, b32, hk, s_kb, s_kh, TMA)
     v_src = head_rows(V, b32, hk, s_vb, s_vh, TMA)
 
@@ -75,13 +76,13 @@ def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if VARLEN:
-        acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_base, k_src, v_src,
+        acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_src, c_off, k_src, v_src,
                                          b32, hk, s_kt, s_vt, a, b_, T, qk_scale, BLOCK_N, HEAD_DIM, True,
                                          VARLEN, DOT_PREC, CAUSAL, TMA)
-    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_base, k_src, v_src,
+    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_src, c_off, k_src, v_src,
                                      b32, hk, s_kt, s_vt, b_, c_, T, qk_scale, BLOCK_N, HEAD_DIM, False,
                                      VARLEN, DOT_PREC, CAUSAL, TMA)
-    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_base, k_src, v_src,
+    acc, m_i, l_i = _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_src, c_off, k_src, v_src,
                                      b32, hk, s_kt, s_vt, c_, n_hi, T, qk_scale, BLOCK_N, HEAD_DIM, True,
                                      VARLEN, DOT_PREC, CAUSAL, TMA)
     # A past chunk (CAUSAL=False) can be pruned whole for a query block: o = 0, lse = -inf.

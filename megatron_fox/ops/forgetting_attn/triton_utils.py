@@ -26,6 +26,20 @@ def head_rows(X, b, h, s_b, s_h, TMA: tl.constexpr):
 
 
 @triton.jit
+def head_prefix(C, bh, T, TMA: tl.constexpr):
+    """Where the prefix sums of one (batch, head) of C [B*H, T] are read from, as (source,
+    row): (C, bh) when C is a 2-d TMA descriptor with [1, BLOCK_N] blocks (TMA), else
+    (pointer to the row, 0)."""
+    if TMA:
+        src = C
+        off = bh
+    else:
+        src = C + bh.to(tl.int64) * T
+        off = 0
+    return src, off
+
+
+@triton.jit
 def load_rows(src, b, h, t0, s_t, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
               TMA: tl.constexpr, MASKED: tl.constexpr):
     """Rows t0 .. t0 + BLOCK of one head, [BLOCK, D], zero past T. src from `head_rows`;
@@ -44,17 +58,19 @@ def load_rows(src, b, h, t0, s_t, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def load_key_block(k_src, v_src, c_base, b, hk, n0, s_kt, s_vt, T, c_ref,
+def load_key_block(k_src, v_src, c_src, c_off, b, hk, n0, s_kt, s_vt, T, c_ref,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, MASKED: tl.constexpr):
     """K, V tiles [BLOCK_N, D] of keys n0 .. n0 + BLOCK_N and their prefix sums in base 2
-    minus c_ref [BLOCK_N]."""
+    minus c_ref [BLOCK_N] (c_src, c_off from `head_prefix`; TMA zero-fills past T)."""
     k = load_rows(k_src, b, hk, n0, s_kt, T, BLOCK_N, HEAD_DIM, TMA, MASKED)
     v = load_rows(v_src, b, hk, n0, s_vt, T, BLOCK_N, HEAD_DIM, TMA, MASKED)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        ck = tl.load(c_base + offs_n, mask=offs_n < T, other=0.0) * 1.4426950408889634 - c_ref
+    if TMA:
+        ck = tl.reshape(c_src.load([c_off, n0]), [BLOCK_N]) * 1.4426950408889634 - c_ref
+    elif MASKED:
+        ck = tl.load(c_src + offs_n, mask=offs_n < T, other=0.0) * 1.4426950408889634 - c_ref
     else:
-        ck = tl.load(c_base + offs_n) * 1.4426950408889634 - c_ref
+        ck = tl.load(c_src + offs_n) * 1.4426950408889634 - c_ref
     return k, v, ck
 
 
