@@ -186,7 +186,8 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
     tma = _use_tma(tile, q, k, v)
     fwd_kernel[(nbm, B * H)](
         *_tiles(tma, (q, tile.block_m), (k, tile.block_n), (v, tile.block_n)),
-        cq_kern, _prefix_source(tma, ck_kern, tile.block_n), start, plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
+        cq_kern, _prefix_source(tma, ck_kern, tile.block_n), start,
+        plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, H, nbm, plan.sm_scale * LOG2E,
         GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
