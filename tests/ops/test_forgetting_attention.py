@@ -171,10 +171,12 @@ def test_strided_megatron_layout(device):
     check_close(g, gr, torch.float32, "dq")
 
 
-@pytest.mark.parametrize("case", ["gqa_bf16_acp", "varlen_fp32", "strided"])
+@pytest.mark.parametrize("case", ["gqa_bf16_acp", "varlen_fp32", "strided", "aligned_rows"])
 def test_tma_tile_loads(case, device, monkeypatch):
-    """Every kernel reading its tiles through 4-d TMA descriptors (zero fill past T) gives
-    the reference's output and gradients, like the pointer path."""
+    """Every kernel reading its tiles through 4-d TMA descriptors (zero fill past T), and
+    the keys' prefix sums through a 2-d one (rows padded where T is not a multiple of 4;
+    read in place where it is: "aligned_rows"), gives the reference's output and
+    gradients, like the pointer path."""
     from megatron_fox.ops.forgetting_attn import function
 
     used = []
@@ -191,6 +193,9 @@ def test_tma_tile_loads(case, device, monkeypatch):
         if case == "gqa_bf16_acp":
             q, k, v, log_f = make_inputs(2, 45, 4, 2, 128, torch.bfloat16, device, gate_shift=-1.0)
             log_eps, dtype = -10.0, torch.bfloat16
+        elif case == "aligned_rows":
+            q, k, v, log_f = make_inputs(1, 48, 2, 2, 64, torch.float32, device, gate_shift=-1.0)
+            log_eps = -10.0
         elif case == "varlen_fp32":
             q, k, v, log_f = make_inputs(1, 70, 2, 1, 64, torch.float32, device)
             cu = torch.tensor([0, 9, 40, 70], dtype=torch.int32, device=device)
