@@ -243,6 +243,7 @@ def run_check(args):
         (1, 1500, 4, 4, 64, torch.bfloat16, True, -10.0), (2, 1000, 4, 2, 64, torch.bfloat16, False, None),
         (1, 777, 2, 1, 128, torch.float32, True, None),
         (1, 2048, 2, 2, 128, torch.float16, False, -10.0),
+        (2, 1001, 4, 4, 128, torch.bfloat16, False, -10.0),  # T % 4 != 0: padded prefix-sum rows (TMA)
     ]:
         q = torch.randn(B, L, H, D, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(B, L, Hkv, D, device=dev, dtype=dtype, requires_grad=True)
