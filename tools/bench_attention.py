@@ -8,6 +8,7 @@ constant per head with 10% noise, half-lives log-spaced over the heads: spectrum
     python tools/bench_attention.py                    # the table (needs a CUDA GPU)
     python tools/bench_attention.py --lengths 16384 --sweep   # tile sweep at one length
     python tools/bench_attention.py --check            # GPU correctness vs the reference
+    python tools/bench_attention.py --clocks           # also the SM clock while each fwd+bwd is timed
 
 TFLOP/s are dense-causal equivalents: forward 2 * 2 * B * H * L^2 / 2 * D, forward+backward
 3.5 times that (the same count for every row, so pruned rows show higher figures).
@@ -23,6 +24,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from gpu_clocks import ClockSampler
+
+_SAMPLE_CLOCKS = False  # --clocks: sample nvidia-smi while each fwd+bwd figure is timed
 
 
 def gate_spectrum(B, L, H, lo, hi, device, noise=0.1):
@@ -50,7 +55,8 @@ def bench(fn, warmup=50, rep=400):
 
 
 def fwd_and_fwdbwd(run, inputs):
-    """Median ms of run(*inputs) and of its forward+backward (autograd.grad, no accumulation)."""
+    """Median ms of run(*inputs) and of its forward+backward (autograd.grad, no accumulation),
+    and (with --clocks) the GPU clock summary while the latter was timed, else None."""
     for t in inputs:
         t.requires_grad_(True)
     with torch.no_grad():
@@ -62,18 +68,24 @@ def fwd_and_fwdbwd(run, inputs):
         o = run(*inputs)
         torch.autograd.grad(o, inputs, dout)
 
-    t_all = bench(step)
-    return t_fwd, t_all
+    if not _SAMPLE_CLOCKS:
+        return t_fwd, bench(step), None
+    with ClockSampler(torch.cuda.current_device()) as clocks:
+        t_all = bench(step)
+    return t_fwd, t_all, clocks.summary()
 
 
 def flops_fwd(B, L, H, D):
     return 4.0 * B * H * L * L / 2 * D
 
 
-def row(name, L, t_fwd, t_all, fl, skipped=None):
-    return {"impl": name, "L": L, "fwd_ms": round(t_fwd, 3), "fwdbwd_ms": round(t_all, 3),
-            "fwd_tflops": round(fl / t_fwd / 1e9, 1), "fwdbwd_tflops": round(3.5 * fl / t_all / 1e9, 1),
-            "skipped": None if skipped is None else round(skipped, 3)}
+def row(name, L, t_fwd, t_all, clocks, fl, skipped=None):
+    r = {"impl": name, "L": L, "fwd_ms": round(t_fwd, 3), "fwdbwd_ms": round(t_all, 3),
+         "fwd_tflops": round(fl / t_fwd / 1e9, 1), "fwdbwd_tflops": round(3.5 * fl / t_all / 1e9, 1),
+         "skipped": None if skipped is None else round(skipped, 3)}
+    if clocks is not None:
+        r["clocks"] = clocks
+    return r
 
 
 def run_table(args):
@@ -110,28 +122,28 @@ def run_table(args):
                 continue
             try:
                 with sdpa_kernel(getattr(SDPBackend, backend)):
-                    tf, ta = fwd_and_fwdbwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                    tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
                                             [qh, kh, vh])
-                rows.append(row(backend_name, L, tf, ta, fl))
+                rows.append(row(backend_name, L, tf, ta, ck, fl))
             except RuntimeError as e:
                 print(f"{backend_name} failed at L={L}: {e}", file=sys.stderr)
         del qh, kh, vh
         if parallel_forgetting_attn is not None:
             g = spectra["b"]
-            tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fla_forgetting_attn", L, tf, ta, fl))
+            tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fla_forgetting_attn", L, tf, ta, ck, fl))
         g = spectra["b"]
         if want("fox_exact"):
-            tf, ta = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fox_exact", L, tf, ta, fl, 0.0))
+            tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fox_exact", L, tf, ta, ck, fl, 0.0))
         for name, g in spectra.items():
             if not want(f"fox_acp_{name}"):
                 continue
             _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
-            tf, ta = fwd_and_fwdbwd(
+            tf, ta, ck = fwd_and_fwdbwd(
                 lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
                 [q, k, v, g])
-            rows.append(row(f"fox_acp_{name}", L, tf, ta, fl, stats.skipped_fraction.item()))
+            rows.append(row(f"fox_acp_{name}", L, tf, ta, ck, fl, stats.skipped_fraction.item()))
         for r in rows:
             if r["L"] == L:
                 print(json.dumps(r), flush=True)
@@ -275,10 +287,14 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
+    p.add_argument("--clocks", action="store_true",
+                   help="sample the SM clock and power (nvidia-smi) while each fwd+bwd figure is timed")
     p.add_argument("--impls", nargs="+", default=None,
                    choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b"],
                    help="rows of the table to run (default: all)")
     args = p.parse_args(argv)
+    global _SAMPLE_CLOCKS
+    _SAMPLE_CLOCKS = args.clocks
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     import megatron_fox
@@ -294,11 +310,15 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if not args.sweep:
-        print("\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped |")
-        print("|---|---|---|---|---|---|---|")
+        clock_cols = " SM MHz (median, min) | power-capped |" if args.clocks else ""
+        print(f"\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped |{clock_cols}")
+        print("|---|---|---|---|---|---|---|" + ("---|---|" if args.clocks else ""))
         for r in rows:
+            c = r.get("clocks")
+            clock_cells = (f" {c['sm_mhz_median']:.0f}, {c['sm_mhz_min']:.0f} | {c['power_capped']} |" if c else
+                           " | |") if args.clocks else ""
             print(f"| {r['impl']} | {r['L']} | {r['fwd_ms']} | {r['fwd_tflops']} | {r['fwdbwd_ms']} | "
-                  f"{r['fwdbwd_tflops']} | {'' if r['skipped'] is None else r['skipped']} |")
+                  f"{r['fwdbwd_tflops']} | {'' if r['skipped'] is None else r['skipped']} |{clock_cells}")
 
 
 if __name__ == "__main__":
