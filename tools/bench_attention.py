@@ -17,6 +17,7 @@ TFLOP/s are dense-causal equivalents: forward 2 * 2 * B * H * L^2 / 2 * D, forwa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -26,8 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from gpu_clocks import ClockSampler
-
-_SAMPLE_CLOCKS = False  # --clocks: sample nvidia-smi while each fwd+bwd figure is timed
 
 
 def gate_spectrum(B, L, H, lo, hi, device, noise=0.1):
@@ -54,9 +53,9 @@ def bench(fn, warmup=50, rep=400):
     return do_bench(fn, warmup=warmup, rep=max(rep, 10 * est), return_mode="median")
 
 
-def fwd_and_fwdbwd(run, inputs):
+def fwd_and_fwdbwd(run, inputs, clocks=False):
     """Median ms of run(*inputs) and of its forward+backward (autograd.grad, no accumulation),
-    and (with --clocks) the GPU clock summary while the latter was timed, else None."""
+    and with `clocks` the GPU clock summary while the latter was timed, else None."""
     for t in inputs:
         t.requires_grad_(True)
     with torch.no_grad():
@@ -68,11 +67,11 @@ def fwd_and_fwdbwd(run, inputs):
         o = run(*inputs)
         torch.autograd.grad(o, inputs, dout)
 
-    if not _SAMPLE_CLOCKS:
+    if not clocks:
         return t_fwd, bench(step), None
-    with ClockSampler(torch.cuda.current_device()) as clocks:
+    with ClockSampler(torch.cuda.current_device()) as sampler:
         t_all = bench(step)
-    return t_fwd, t_all, clocks.summary()
+    return t_fwd, t_all, sampler.summary()
 
 
 def flops_fwd(B, L, H, D):
@@ -106,6 +105,8 @@ def run_table(args):
     def want(name):
         return wanted is None or name in wanted
 
+    measure = functools.partial(fwd_and_fwdbwd, clocks=args.clocks)
+
     if not want("fla_forgetting_attn"):
         parallel_forgetting_attn = None
     for L in args.lengths:
@@ -122,28 +123,28 @@ def run_table(args):
                 continue
             try:
                 with sdpa_kernel(getattr(SDPBackend, backend)):
-                    tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-                                            [qh, kh, vh])
-                rows.append(row(backend_name, L, tf, ta, ck, fl))
+                    tf, ta, clk = measure(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                          [qh, kh, vh])
+                rows.append(row(backend_name, L, tf, ta, clk, fl))
             except RuntimeError as e:
                 print(f"{backend_name} failed at L={L}: {e}", file=sys.stderr)
         del qh, kh, vh
         if parallel_forgetting_attn is not None:
             g = spectra["b"]
-            tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fla_forgetting_attn", L, tf, ta, ck, fl))
+            tf, ta, clk = measure(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fla_forgetting_attn", L, tf, ta, clk, fl))
         g = spectra["b"]
         if want("fox_exact"):
-            tf, ta, ck = fwd_and_fwdbwd(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fox_exact", L, tf, ta, ck, fl, 0.0))
+            tf, ta, clk = measure(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
+            rows.append(row("fox_exact", L, tf, ta, clk, fl, 0.0))
         for name, g in spectra.items():
             if not want(f"fox_acp_{name}"):
                 continue
             _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
-            tf, ta, ck = fwd_and_fwdbwd(
+            tf, ta, clk = measure(
                 lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
                 [q, k, v, g])
-            rows.append(row(f"fox_acp_{name}", L, tf, ta, ck, fl, stats.skipped_fraction.item()))
+            rows.append(row(f"fox_acp_{name}", L, tf, ta, clk, fl, stats.skipped_fraction.item()))
         for r in rows:
             if r["L"] == L:
                 print(json.dumps(r), flush=True)
@@ -293,8 +294,6 @@ def main(argv=None):
                    choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b"],
                    help="rows of the table to run (default: all)")
     args = p.parse_args(argv)
-    global _SAMPLE_CLOCKS
-    _SAMPLE_CLOCKS = args.clocks
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     import megatron_fox
@@ -314,9 +313,10 @@ def main(argv=None):
         print(f"\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped |{clock_cols}")
         print("|---|---|---|---|---|---|---|" + ("---|---|" if args.clocks else ""))
         for r in rows:
-            c = r.get("clocks")
-            clock_cells = (f" {c['sm_mhz_median']:.0f}, {c['sm_mhz_min']:.0f} | {c['power_capped']} |" if c else
-                           " | |") if args.clocks else ""
+            clock_cells = ""
+            if args.clocks:
+                c = r.get("clocks")  # None where nvidia-smi gave no samples
+                clock_cells = f" {c['sm_mhz_median']:.0f}, {c['sm_mhz_min']:.0f} | {c['power_capped']} |" if c else " | |"
             print(f"| {r['impl']} | {r['L']} | {r['fwd_ms']} | {r['fwd_tflops']} | {r['fwdbwd_ms']} | "
                   f"{r['fwdbwd_tflops']} | {'' if r['skipped'] is None else r['skipped']} |{clock_cells}")
 
