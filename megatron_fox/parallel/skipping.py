@@ -90,7 +90,7 @@ class ChunkSkipMemory:
 
     def __init__(self):
         self._skip = True
-        self._pending = None  # (table copy, n, P) of a call that did not wait
+        self._pending = None  # (table copy, its live-table function) of a call that did not wait
 
     def skip_this_call(self) -> bool:
         if self._pending is not None:
