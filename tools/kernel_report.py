@@ -5,6 +5,7 @@
     python tools/kernel_report.py --kernel dkdv --tile 32 64 4 3     # any tile: block_m block_n warps stages
     python tools/kernel_report.py --kernel fwd --tile 128 128 8 3 --tma
     python tools/kernel_report.py --kernel dkdv --schedule   # order of MMAs and waits per loop
+    python tools/kernel_report.py --kernel gluon_fwd --schedule   # the Gluon (warp-specialised) forward
 
 Compiles each kernel for the target (ptxas ships with Triton, so a CPU machine will do),
 with the argument specialisation a real launch gets at long sequences (pointers and
@@ -92,6 +93,39 @@ def compile_kernel(name: str, tile: Tile, head_dim: int = 128, dtype: str = "bf1
                           options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
 
 
+def compile_gluon_forward(head_dim: int = 128, dtype: str = "bf16", arch: int = 90):
+    """Compile the Gluon forward (gluon_fwd.py) with the tile the op uses for this head_dim."""
+    import triton.experimental.gluon.language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from megatron_fox.ops.forgetting_attn import gluon_fwd
+
+    block_m, block_n, stages = gluon_fwd.TILES[head_dim]
+    elem = {"bf16": (torch.bfloat16, gl.bfloat16), "fp16": (torch.float16, gl.float16)}[dtype]
+    shaped = torch.empty(1, 256, 1, head_dim, dtype=elem[0])  # stands in for q/k/v: only dtype and strides count
+    rows = torch.empty(1, 256)
+
+    def desc(t, block, gdt):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
+        return mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
+
+    fn = gluon_fwd.gluon_fwd_kernel
+    const = dict(GROUP=1, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages)
+    descs = dict(q_desc=desc(shaped, [1, block_m // 2, 1, head_dim], elem[1]),
+                 k_desc=desc(shaped, [1, block_n, 1, head_dim], elem[1]),
+                 v_desc=desc(shaped, [1, block_n, 1, head_dim], elem[1]),
+                 c_desc=desc(rows, [1, block_n], gl.float32))
+    pointers = dict(CQ="*fp32", LSE="*fp32", START="*i32", OUT="*" + dtype)
+    signature = {a: "constexpr" if a in const else descs.get(a) or pointers.get(a)
+                 or ("fp32" if a == "qk_scale" else "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a in pointers}
+    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, maxnreg=168))
+
+
 def _resources(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, stack bytes) of the one kernel in a cubin, read by cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -105,11 +139,14 @@ def _resources(cubin: bytes) -> tuple[int, int]:
 
 def _inner_loops(ir: str) -> list[list[str]]:
     """The lines of each innermost scf.for body of the IR, in program order (regions open
-    on a line ending in '{' and close on a line starting with '}'). The kernels compiled
-    here (GROUP = 1) have no nested loops, so these are all their loops."""
+    on a line ending in '{' and close on a line starting with '}'; an else branch counts
+    as part of its if). The kernels compiled here (GROUP = 1) have no nested loops, so
+    these are all their loops."""
     out, stack = [], []  # stack entries: [is_for, lines, has_inner_for]
     for line in ir.splitlines():
         text = line.split(" loc(")[0].strip()
+        if text.startswith("}") and text.endswith("{"):  # "} else {": the same region goes on
+            continue
         if text.startswith("}"):
             if stack:
                 is_for, lines, inner = stack.pop()
@@ -169,7 +206,7 @@ def report(compiled, tile: Tile) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=list(KERNELS), nargs="+", default=list(KERNELS))
+    p.add_argument("--kernel", choices=[*KERNELS, "gluon_fwd"], nargs="+", default=list(KERNELS))
     p.add_argument("--tile", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"), default=None,
                    help="tile to compile (default: the one the op uses for this head_dim)")
     p.add_argument("--tma", action="store_true", help="with --tile: TMA descriptor loads")
@@ -182,9 +219,21 @@ def main(argv=None):
         p.error("--arch: only 90 (Hopper) has its per-SM limits here")
     config = kernel_config(args.head_dim, torch.device("cuda"))
     for name in args.kernel:
-        tile = Tile(*args.tile, tma=args.tma) if args.tile else getattr(config, name)
-        compiled = compile_kernel(name, tile, args.head_dim, arch=args.arch)
-        row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile))
+        if name == "gluon_fwd":
+            from megatron_fox.ops.forgetting_attn.gluon_fwd import TILES
+
+            if args.head_dim not in TILES:
+                p.error(f"--head-dim: the Gluon forward is built for head_dim {sorted(TILES)}")
+            block_m, block_n, stages = TILES[args.head_dim]
+            tile = Tile(block_m, block_n, 4, stages, tma=True)
+            compiled = compile_gluon_forward(args.head_dim, arch=args.arch)
+            row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile),
+                       partition_regs=sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
+                                                                       compiled.asm["ptx"])}))
+        else:
+            tile = Tile(*args.tile, tma=args.tma) if args.tile else getattr(config, name)
+            compiled = compile_kernel(name, tile, args.head_dim, arch=args.arch)
+            row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile))
         if args.schedule:
             row["loops"] = loop_schedules(compiled.asm["ttgir"])
         if args.json:

@@ -11,6 +11,7 @@ from .forgetting_attn import (
     kernel_config,
     no_data_checks,
     set_data_checks,
+    set_gluon_forward,
     set_kernel_config,
     set_tma,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "kernel_config",
     "no_data_checks",
     "set_data_checks",
+    "set_gluon_forward",
     "set_kernel_config",
     "set_tma",
 ]

@@ -60,3 +60,17 @@ def test_dkdv_loop_keeps_dv_in_flight():
     assert len(loops) == 3, loops
     for loop in loops:
         assert "mma, wait(0), exp2, mma, wait(0), mma+=, mma+=" in loop, loop
+
+
+def test_gluon_forward_builds_for_sm90():
+    """The Gluon forward (docs/kernel_notes.md step 21) for sm_90: no spills, within the SM's
+    shared memory, consumer warpgroups at 240 registers and the producer warp at 24; each
+    consumer's loop issues S and P V together and waits for S alone (wait(1)) before the
+    softmax, for P V only after it; the producer's loop only waits for free slots."""
+    rep = _run_report("--kernel", "gluon_fwd", "--schedule")[0]
+    assert rep["stack_bytes"] == 0 and rep["smem_bytes"] <= 232448, rep
+    assert {24, 240} <= set(rep["partition_regs"]), rep
+    consumers = [loop for loop in rep["loops"] if "mma" in loop]
+    assert len(consumers) == 2 and len(rep["loops"]) == 3, rep["loops"]
+    for loop in consumers:
+        assert "mma, mma+=, wait(1), " in loop and loop.endswith("exp2, sum, wait(0)"), loop

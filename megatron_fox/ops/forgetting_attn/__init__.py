@@ -2,7 +2,15 @@
 
 from .common import AttentionStats, no_data_checks, set_data_checks
 from .decode import evictable_prefix, forgetting_attention_decode
-from .function import KernelConfig, Tile, forgetting_attention, kernel_config, set_kernel_config, set_tma
+from .function import (
+    KernelConfig,
+    Tile,
+    forgetting_attention,
+    kernel_config,
+    set_gluon_forward,
+    set_kernel_config,
+    set_tma,
+)
 from .reference import forgetting_attention_reference
 
 __all__ = [
@@ -16,6 +24,7 @@ __all__ = [
     "kernel_config",
     "no_data_checks",
     "set_data_checks",
+    "set_gluon_forward",
     "set_kernel_config",
     "set_tma",
 ]

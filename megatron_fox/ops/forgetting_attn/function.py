@@ -130,13 +130,19 @@ def _prefix_source(tma: bool, c, block: int):
         return c
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    rows = _prefix_rows(c)
+    return TensorDescriptor(rows, list(rows.shape), [rows.stride(0), 1], [1, block])
+
+
+def _prefix_rows(c):
+    """[B, H, T] -> [B*H, T] view with a 16-byte aligned base and row stride (TMA's terms)."""
     rows = c.reshape(-1, c.shape[-1])
     T = rows.shape[1]
     if T % 4 or rows.data_ptr() % 16:
         padded = torch.zeros(rows.shape[0], -(-T // 4) * 4, dtype=rows.dtype, device=rows.device)
         padded[:, :T] = rows
         rows = padded[:, :T]
-    return TensorDescriptor(rows, [rows.shape[0], T], [rows.stride(0), 1], [1, block])
+    return rows
 
 
 def _strides(t):
@@ -172,9 +178,40 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
     return _Plan(sm_scale, delta, doc_start, doc_end, config)
 
 
+# Hopper (sm_90) forward in Gluon with explicit warp roles (gluon_fwd.py): on by default where
+# it applies (16-bit, causal, no packed documents, head_dim 64 or 128, TMA-able strides);
+# MEGATRON_FOX_GLUON_FWD=0 or set_gluon_forward(False) keeps the Triton forward everywhere.
+_gluon_fwd_on = os.environ.get("MEGATRON_FOX_GLUON_FWD", "1") != "0"
+
+
+def set_gluon_forward(enabled: bool) -> None:
+    """Use the Gluon forward kernel on sm_90 where it applies (True, the default) or never."""
+    global _gluon_fwd_on
+    _gluon_fwd_on = bool(enabled)
+
+
+def _gluon_forward_ok(q, k, v, plan: _Plan, causal: bool) -> bool:
+    """The Gluon kernel applies here; it also needs the forward tile's block sizes (`start`
+    and the stats are read in them)."""
+    from .gluon_fwd import TILES
+
+    fwd = plan.config.fwd
+    blocks = TILES.get(q.shape[-1], (0, 0))[:2]
+    return (_gluon_fwd_on and causal and plan.doc_start is None and q.is_cuda and not _interpreting()
+            and q.dtype in (torch.float16, torch.bfloat16) and blocks == (fwd.block_m, fwd.block_n)
+            and torch.cuda.get_device_capability(q.device) == (9, 0) and _tma_possible(q, k, v))
+
+
 def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True):
     """Launch the forward kernel. cq/ck: prefix sums [B, H, T] at query/key positions for the
     pruning decisions; cq_kern/ck_kern: the (document-restarted) ones added to the logits."""
+    if _gluon_forward_ok(q, k, v, plan, causal):
+        from .gluon_fwd import TILES, launch_forward
+
+        block_m, block_n, _ = TILES[q.shape[-1]]
+        start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, block_m, block_n)
+        o, lse2 = launch_forward(q, k, v, cq_kern, _prefix_rows(ck_kern), start, plan.sm_scale * LOG2E)
+        return o, lse2, start
     B, T, H, D = q.shape
     group = H // k.shape[2]
     tile = plan.config.fwd
