@@ -154,11 +154,14 @@ def run_table(args):
 
 
 def run_sweep(args):
-    """Time each candidate tile of the three kernels at one length (spectrum b, exact and ACP)."""
-    from megatron_fox.ops import KernelConfig, Tile, forgetting_attention, set_data_checks, set_kernel_config
+    """Time each candidate tile of the three Triton kernels at one length (spectrum b, exact
+    and ACP); the Gluon forward is off meanwhile (it would replace 128 x 128 forward tiles)."""
+    from megatron_fox.ops import (KernelConfig, Tile, forgetting_attention, set_data_checks, set_gluon_forward,
+                                  set_kernel_config)
     from megatron_fox.ops.forgetting_attn.function import kernel_config
 
     set_data_checks(False)
+    set_gluon_forward(False)
     dev = torch.device("cuda")
     H, D = args.heads, args.head_dim
     L = args.lengths[0]
@@ -206,6 +209,7 @@ def run_sweep(args):
                 results.append({"kernel": f"bwd({kernel})", "tile": t.__dict__, "log_eps": log_eps, "ms": round(ms, 3)})
                 print(json.dumps(results[-1]), flush=True)
     set_kernel_config(None)
+    set_gluon_forward(True)
     return results
 
 
