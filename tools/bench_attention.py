@@ -161,7 +161,7 @@ def run_sweep(args):
     from megatron_fox.ops.forgetting_attn.function import kernel_config
 
     set_data_checks(False)
-    set_gluon_forward(False)
+    gluon_was = set_gluon_forward(False)
     dev = torch.device("cuda")
     H, D = args.heads, args.head_dim
     L = args.lengths[0]
@@ -209,7 +209,7 @@ def run_sweep(args):
                 results.append({"kernel": f"bwd({kernel})", "tile": t.__dict__, "log_eps": log_eps, "ms": round(ms, 3)})
                 print(json.dumps(results[-1]), flush=True)
     set_kernel_config(None)
-    set_gluon_forward(True)
+    set_gluon_forward(gluon_was)
     return results
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run(q, k, v, g, log_eps, gluon):
-    set_gluon_forward(gluon)
+    previous = set_gluon_forward(gluon)
     try:
         ins = [t.detach().clone().requires_grad_() for t in (q, k, v, g)]
         o, lse = forgetting_attention(*ins, log_eps=log_eps, return_lse=True)
@@ -26,7 +26,7 @@ def _run(q, k, v, g, log_eps, gluon):
         dlse = torch.randn_like(lse, generator=torch.Generator(o.device).manual_seed(2))
         return [o, lse, *torch.autograd.grad((o, lse), ins, (do, dlse))]
     finally:
-        set_gluon_forward(True)
+        set_gluon_forward(previous)
 
 
 @pytest.mark.parametrize("B, T, H, Hkv, D, dtype, log_eps", [

@@ -184,10 +184,12 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
 _gluon_fwd_on = os.environ.get("MEGATRON_FOX_GLUON_FWD", "1") != "0"
 
 
-def set_gluon_forward(enabled: bool) -> None:
-    """Use the Gluon forward kernel on sm_90 where it applies (True, the default) or never."""
+def set_gluon_forward(enabled: bool) -> bool:
+    """Use the Gluon forward kernel on sm_90 where it applies (True, the default) or never;
+    returns the previous setting."""
     global _gluon_fwd_on
-    _gluon_fwd_on = bool(enabled)
+    previous, _gluon_fwd_on = _gluon_fwd_on, bool(enabled)
+    return previous
 
 
 def _gluon_forward_ok(q, k, v, plan: _Plan, causal: bool) -> bool:
