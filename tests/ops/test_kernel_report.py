@@ -74,3 +74,19 @@ def test_gluon_forward_builds_for_sm90():
     assert len(consumers) == 2 and len(rep["loops"]) == 3, rep["loops"]
     for loop in consumers:
         assert "mma, mma+=, wait(1), " in loop and loop.endswith("exp2, sum, wait(0)"), loop
+
+
+def test_gluon_forward_falls_back_without_gluon(monkeypatch):
+    """Where the Gluon module cannot be imported (another Triton), the op warns once and
+    dispatches to the Triton forward: no Gluon tiles, so _gluon_forward_ok stays False."""
+    from megatron_fox.ops.forgetting_attn import function
+
+    monkeypatch.setitem(sys.modules, "megatron_fox.ops.forgetting_attn.gluon_fwd", None)
+    function._gluon_tiles.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Gluon forward unavailable"):
+            assert function._gluon_tiles() == {}
+    finally:
+        function._gluon_tiles.cache_clear()
+    monkeypatch.undo()
+    assert 128 in function._gluon_tiles()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -192,11 +194,25 @@ def set_gluon_forward(enabled: bool) -> bool:
     return previous
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_tiles() -> dict:
+    """The Gluon forward's tiles, or {} where this Triton has no Gluon API it can build on
+    (the kernel is written against Triton 3.6; the Triton forward then runs)."""
+    try:
+        from .gluon_fwd import TILES
+    except (ImportError, AttributeError) as e:
+        warnings.warn(f"megatron_fox: Gluon forward unavailable with triton {triton.__version__} ({e}); "
+                      "using the Triton forward", stacklevel=2)
+        return {}
+    return TILES
+
+
 def _gluon_forward_ok(q, k, v, plan: _Plan, causal: bool) -> bool:
     """The Gluon kernel applies here; it also needs the forward tile's block sizes (`start`
     and the stats are read in them)."""
-    from .gluon_fwd import TILES
-
+    if not _gluon_fwd_on:
+        return False
+    TILES = _gluon_tiles()
     fwd = plan.config.fwd
     blocks = TILES.get(q.shape[-1], (0, 0))[:2]
     return (_gluon_fwd_on and causal and plan.doc_start is None and q.is_cuda and not _interpreting()
