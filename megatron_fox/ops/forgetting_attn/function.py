@@ -181,7 +181,7 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
 
 
 # Hopper (sm_90) forward in Gluon with explicit warp roles (gluon_fwd.py): on by default where
-# it applies (16-bit, causal, no packed documents, head_dim 64 or 128, TMA-able strides);
+# it applies (16-bit, causal, no packed documents, a head_dim in its TILES, TMA-able strides);
 # MEGATRON_FOX_GLUON_FWD=0 or set_gluon_forward(False) keeps the Triton forward everywhere.
 _gluon_fwd_on = os.environ.get("MEGATRON_FOX_GLUON_FWD", "1") != "0"
 
@@ -212,10 +212,9 @@ def _gluon_forward_ok(q, k, v, plan: _Plan, causal: bool) -> bool:
     and the stats are read in them)."""
     if not _gluon_fwd_on:
         return False
-    TILES = _gluon_tiles()
     fwd = plan.config.fwd
-    blocks = TILES.get(q.shape[-1], (0, 0))[:2]
-    return (_gluon_fwd_on and causal and plan.doc_start is None and q.is_cuda and not _interpreting()
+    blocks = _gluon_tiles().get(q.shape[-1], (0, 0))[:2]
+    return (causal and plan.doc_start is None and q.is_cuda and not _interpreting()
             and q.dtype in (torch.float16, torch.bfloat16) and blocks == (fwd.block_m, fwd.block_n)
             and torch.cuda.get_device_capability(q.device) == (9, 0) and _tma_possible(q, k, v))
 
@@ -224,9 +223,9 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
     """Launch the forward kernel. cq/ck: prefix sums [B, H, T] at query/key positions for the
     pruning decisions; cq_kern/ck_kern: the (document-restarted) ones added to the logits."""
     if _gluon_forward_ok(q, k, v, plan, causal):
-        from .gluon_fwd import TILES, launch_forward
+        from .gluon_fwd import launch_forward
 
-        block_m, block_n, _ = TILES[q.shape[-1]]
+        block_m, block_n, _ = _gluon_tiles()[q.shape[-1]]
         start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, block_m, block_n)
         o, lse2 = launch_forward(q, k, v, cq_kern, _prefix_rows(ck_kern), start, plan.sm_scale * LOG2E)
         return o, lse2, start
