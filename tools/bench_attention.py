@@ -3,7 +3,8 @@
 Setting (issue 3): 64k tokens a step (batch = 65536 / L), 16 heads, head_dim 128, bf16,
 q and k RMS-normalised so U = sqrt(head_dim) bounds |logit|, log_eps = -10. Forget gates
 constant per head with 10% noise, half-lives log-spaced over the heads: spectrum (a)
-16..L tokens, spectrum (b) 4..4096 tokens.
+16..L tokens, spectrum (b) 4..4096 tokens. Rows fox_acp_*_lse: the backward prunes by the
+rows' log-sum-exp (backward_pruning="lse"), its skipped fraction in the last column.
 
     python tools/bench_attention.py                    # the table (needs a CUDA GPU)
     python tools/bench_attention.py --lengths 16384 --sweep   # tile sweep at one length
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import sys
@@ -78,10 +80,12 @@ def flops_fwd(B, L, H, D):
     return 4.0 * B * H * L * L / 2 * D
 
 
-def row(name, L, t_fwd, t_all, clocks, fl, skipped=None):
+def row(name, L, t_fwd, t_all, clocks, fl, skipped=None, bwd_skipped=None):
+    """skipped: fraction of causal pairs the forward skips; bwd_skipped: the backward (dQ tile)."""
     r = {"impl": name, "L": L, "fwd_ms": round(t_fwd, 3), "fwdbwd_ms": round(t_all, 3),
          "fwd_tflops": round(fl / t_fwd / 1e9, 1), "fwdbwd_tflops": round(3.5 * fl / t_all / 1e9, 1),
-         "skipped": None if skipped is None else round(skipped, 3)}
+         "skipped": None if skipped is None else round(skipped, 3),
+         "bwd_skipped": None if bwd_skipped is None else round(bwd_skipped, 3)}
     if clocks is not None:
         r["clocks"] = clocks
     return r
@@ -137,14 +141,15 @@ def run_table(args):
         if want("fox_exact"):
             tf, ta, clk = measure(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
             rows.append(row("fox_exact", L, tf, ta, clk, fl, 0.0))
-        for name, g in spectra.items():
-            if not want(f"fox_acp_{name}"):
+        for (name, g), (suffix, pruning) in itertools.product(spectra.items(), (("", "bound"), ("_lse", "lse"))):
+            impl = f"fox_acp_{name}{suffix}"
+            if not want(impl):
                 continue
-            _, stats = forgetting_attention(q, k, v, g, log_eps=args.log_eps, logit_bound=bound, return_stats=True)
-            tf, ta, clk = measure(
-                lambda a, b, c, gg: forgetting_attention(a, b, c, gg, log_eps=args.log_eps, logit_bound=bound),
-                [q, k, v, g])
-            rows.append(row(f"fox_acp_{name}", L, tf, ta, clk, fl, stats.skipped_fraction.item()))
+            acp = dict(log_eps=args.log_eps, logit_bound=bound, backward_pruning=pruning)
+            _, stats = forgetting_attention(q, k, v, g, return_stats=True, **acp)
+            tf, ta, clk = measure(lambda a, b, c, gg: forgetting_attention(a, b, c, gg, **acp), [q, k, v, g])
+            rows.append(row(impl, L, tf, ta, clk, fl, stats.skipped_fraction.item(),
+                            stats.backward_skipped_fraction.item()))
         for r in rows:
             if r["L"] == L:
                 print(json.dumps(r), flush=True)
@@ -228,9 +233,10 @@ def run_profile(args):
         g = gate_spectrum(B, L, H, 4, 4096, dev)
         for t in (q, k, v):
             t.requires_grad_(True)
-        for log_eps in (None, args.log_eps):
+        for log_eps, pruning in ((None, "bound"), (args.log_eps, "bound"), (args.log_eps, "lse")):
             def step():
-                o = forgetting_attention(q, k, v, g, log_eps=log_eps, logit_bound=math.sqrt(D))
+                o = forgetting_attention(q, k, v, g, log_eps=log_eps, logit_bound=math.sqrt(D),
+                                         backward_pruning=pruning)
                 torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
             for _ in range(3):
                 step()
@@ -244,7 +250,7 @@ def run_profile(args):
                 if e.device_time_total > 0:
                     per[e.key] = e.device_time_total / 5 / 1e3
             total = sum(per.values())
-            print(f"L={L} log_eps={log_eps}: CUDA time per fwd+bwd {total:.2f} ms")
+            print(f"L={L} log_eps={log_eps} backward_pruning={pruning}: CUDA time per fwd+bwd {total:.2f} ms")
             for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:8]:
                 print(f"  {ms:8.3f} ms  {name[:90]}")
 
@@ -295,7 +301,8 @@ def main(argv=None):
     p.add_argument("--clocks", action="store_true",
                    help="sample the SM clock and power (nvidia-smi) while each fwd+bwd figure is timed")
     p.add_argument("--impls", nargs="+", default=None,
-                   choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b"],
+                   choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b",
+                            "fox_acp_a_lse", "fox_acp_b_lse"],
                    help="rows of the table to run (default: all)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -314,15 +321,19 @@ def main(argv=None):
             json.dump(rows, f, indent=1)
     if not args.sweep:
         clock_cols = " SM MHz (median, min) | power-capped |" if args.clocks else ""
-        print(f"\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped |{clock_cols}")
-        print("|---|---|---|---|---|---|---|" + ("---|---|" if args.clocks else ""))
+        print(f"\n| impl | L | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | skipped | bwd skipped |{clock_cols}")
+        print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.clocks else ""))
         for r in rows:
             clock_cells = ""
             if args.clocks:
                 c = r.get("clocks")  # None where nvidia-smi gave no samples
                 clock_cells = f" {c['sm_mhz_median']:.0f}, {c['sm_mhz_min']:.0f} | {c['power_capped']} |" if c else " | |"
             print(f"| {r['impl']} | {r['L']} | {r['fwd_ms']} | {r['fwd_tflops']} | {r['fwdbwd_ms']} | "
-                  f"{r['fwdbwd_tflops']} | {'' if r['skipped'] is None else r['skipped']} |{clock_cells}")
+                  f"{r['fwdbwd_tflops']} | {_cell(r['skipped'])} | {_cell(r['bwd_skipped'])} |{clock_cells}")
+
+
+def _cell(x):
+    return "" if x is None else x
 
 
 if __name__ == "__main__":

@@ -213,3 +213,51 @@ def test_tma_tile_loads(case, device, monkeypatch):
     finally:
         function.set_tma(None)
     assert used == [True, True, True], used  # forward, dK/dV, dQ
+
+
+def test_backward_pruning_by_lse(device):
+    """backward_pruning="lse": the backward skips more than the forward, every pair it skips
+    weighs < eps / T on the exact softmax, and the gradients stay within the exact FoX ones."""
+    from megatron_fox.ops.forgetting_attn import boundary
+    from megatron_fox.ops.forgetting_attn.function import kernel_config
+
+    B, T, H, D, log_eps = 1, (192 if device.type == "cpu" else 1024), 4, 64, -10.0
+    # q and k nearly parallel: every logit near the bound U, so the guarantee is tight
+    u = torch.randn(D, device=device)
+    q, k = (F.rms_norm(u + 0.05 * torch.randn(B, T, H, D, device=device), (D,)) for _ in range(2))
+    q, k = q.requires_grad_(), k.requires_grad_()
+    v = torch.randn(B, T, H, D, device=device, requires_grad=True)
+    shift = torch.tensor([-1.3, 1.05, 2.5, 6.0], device=device)  # log f ~ -1.6, -0.3, -0.08, 0 per token
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device) * 0.1 + shift).requires_grad_()
+    out, lse, stats = forgetting_attention(q, k, v, log_f, log_eps=log_eps, return_lse=True, return_stats=True,
+                                           backward_pruning="lse")
+    # the dQ kernel's boundary, rebuilt from the op's lse
+    U = torch.linalg.vector_norm(q.detach(), dim=-1).amax(1) * torch.linalg.vector_norm(k.detach(), dim=-1).amax(1)
+    U = U / math.sqrt(D)
+    delta = -(2 * U + math.log(T)) + log_eps
+    tile = kernel_config(D, device, q.dtype).dq
+    c = torch.cumsum(log_f.detach(), 1).transpose(1, 2).contiguous()
+    thr = boundary.lse_threshold(delta, U, lse.detach(), tile.block_m)
+    start_bwd = boundary.key_block_start(c, c, thr, None, tile.block_m, tile.block_n)
+    start_fwd = boundary.key_block_start(c, c, delta, None, tile.block_m, tile.block_n)
+    assert (start_bwd >= start_fwd).all() and (start_bwd > start_fwd).any()
+    key_start = (start_bwd.long() * tile.block_n).repeat_interleave(tile.block_m, dim=-1)[..., :T]
+    assert (softmax_weight_before(q, k, log_f.detach(), key_start) <= math.exp(log_eps)).all()
+    # and each skipped pair alone weighs < eps / T (the per-pair bound behind the row sum)
+    s = torch.einsum("bihd,bjhd->bhij", q.detach().double(), k.detach().double()) / math.sqrt(D)
+    s = s + c.double()[..., :, None] - c.double()[..., None, :]
+    j = torch.arange(T, device=device)
+    p = torch.softmax(s.masked_fill(j[None, :] > j[:, None], -math.inf), -1)
+    skipped = j[None, None, None, :] < key_start[..., None]
+    assert p[skipped].max().item() < math.exp(log_eps) / T
+    causal = j[None, :] <= j[:, None]
+    assert stats.backward_skipped_fraction.item() == pytest.approx(
+        (skipped & causal).sum().item() / (causal.sum().item() * B * H), rel=1e-9)
+    assert stats.backward_skipped_fraction.item() > stats.skipped_fraction.item()
+    ref = forgetting_attention_reference(q, k, v, log_f, dtype=torch.float64)
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
+                           grads(ref, (q, k, v, log_f), dout)):
+        check_close(g, gr, torch.float32, f"d{name}")
+    with pytest.raises(ValueError, match="backward_pruning"):
+        forgetting_attention(q, k, v, log_f, log_eps=log_eps, backward_pruning="rowmax")

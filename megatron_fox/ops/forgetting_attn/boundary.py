@@ -5,6 +5,11 @@ key block ending at column ne, max over the block of (c_i - c_j) is c[m0] - c[ne
 block is pruned when that is below delta. For fixed m0 the pruned key blocks form a
 prefix, for fixed ne the live query blocks form a prefix: one torch.searchsorted per
 call finds both boundaries for every (batch, head) at once.
+
+delta may also differ per query block ([B, H, nbm], the backward's threshold from the
+row log-sum-exp, `lse_threshold`). Then reach_m = c[m0] - delta_m is replaced by its
+running max from the right, which is non-increasing again: both searches stay one
+searchsorted and give the same set of live blocks, a superset of the exact one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -28,12 +34,22 @@ def _corners(T: int, block_m: int, block_n: int, device: torch.device):
     return q0, key_end
 
 
+def _reach(c_q: torch.Tensor, delta: torch.Tensor, q0: torch.Tensor) -> torch.Tensor:
+    """c[m0] - delta per query block, non-increasing along the blocks, [B, H, nbm]: a key
+    block ending at ne is live for query block m  <=>  c[ne] <= reach_m."""
+    if delta.dim() == 2:
+        return c_q[..., q0] - delta[..., None]  # c non-increasing: already ordered
+    reach = c_q[..., q0] - delta
+    return reach.flip(-1).cummax(-1).values.flip(-1)
+
+
 def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.Tensor],
                     doc_start: Optional[torch.Tensor], block_m: int, block_n: int) -> torch.Tensor:
     """First key block each query block computes, int32 [B, H, cdiv(T, block_m)].
 
     c_q, c_k [B, H, T] float32 prefix sums at the query and key positions (one tensor for
-    self-attention); delta [B, H] (None: no pruning); doc_start [T] int32.
+    self-attention); delta [B, H] or [B, H, cdiv(T, block_m)] (None: no pruning);
+    doc_start [T] int32.
     """
     B, H, T = c_q.shape
     nbm = _cdiv(T, block_m)
@@ -46,9 +62,8 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     if delta is None:
         return start.to(torch.int32).contiguous()
     neg_c_key_end = -c_k[..., key_end].contiguous()  # non-decreasing along blocks
-    # block pruned  <=>  c[q0] - c[ne] < delta  <=>  -c[ne] < delta - c[q0]
-    limit = (delta[..., None] - c_q[..., q0]).contiguous()
-    pruned = torch.searchsorted(neg_c_key_end, limit, right=False)
+    # block pruned  <=>  c[q0] - c[ne] < delta  <=>  -c[ne] < -reach
+    pruned = torch.searchsorted(neg_c_key_end, (-_reach(c_q, delta, q0)).contiguous(), right=False)
     if doc_start is None:
         return pruned.to(torch.int32)
     return torch.maximum(start, pruned).to(torch.int32).contiguous()
@@ -59,7 +74,8 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     """One past the last query block that sees each key block, int32 [B, H, cdiv(T, block_n)].
 
     The key-major backward loop for key block n runs over query blocks
-    [n*block_n // block_m, end[n]) (causal) or [0, end[n]) (a past chunk).
+    [n*block_n // block_m, end[n]) (causal) or [0, end[n]) (a past chunk). delta as in
+    `key_block_start` (per query block of block_m rows where 3-d).
     """
     B, H, T = c_q.shape
     nbm, nbn = _cdiv(T, block_m), _cdiv(T, block_n)
@@ -71,11 +87,28 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     end = end.view(1, 1, nbn).expand(B, H, nbn)
     if delta is None:
         return end.to(torch.int32).contiguous()
-    neg_c_q0 = -c_q[..., q0].contiguous()  # non-decreasing along query blocks
-    # block live  <=>  c[q0] - c[ne] >= delta  <=>  -c[q0] <= -(delta + c[ne])
-    limit = (-(delta[..., None] + c_k[..., key_end])).contiguous()
-    live = torch.searchsorted(neg_c_q0, limit, right=True)
+    # block live  <=>  c[ne] <= reach_m  <=>  -reach_m <= -c[ne]; -reach is non-decreasing
+    neg_reach = (-_reach(c_q, delta, q0)).contiguous()
+    live = torch.searchsorted(neg_reach, (-c_k[..., key_end]).contiguous(), right=True)
     return torch.minimum(end, live).to(torch.int32).contiguous()
+
+
+def lse_threshold(delta: torch.Tensor, bound: torch.Tensor, lse: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The backward's pruning threshold per query block, [B, H, cdiv(T, block_m)].
+
+    Once the forward has run, the row's softmax normaliser lse_i is known, and a pair's
+    weight is p_ij = exp(s_ij + c_i - c_j - lse_i) <= exp(U + c_i - c_j - lse_i). Pairs with
+    c_i - c_j < lse_i - U - log L + log_eps = delta + U + lse_i (delta = -(2U + log L) +
+    log_eps) weigh < eps / L each, < eps together per row. lse_i >= s_ii >= -U (the diagonal
+    is always computed), so this is never below delta and usually well above it.
+
+    delta, bound (U) [B, H]; lse [B, H, T] float32, natural log, of the forward's rows.
+    """
+    B, H, T = lse.shape
+    nbm = _cdiv(T, block_m)
+    rows = F.pad(lse, (0, nbm * block_m - T), value=float("inf")) if nbm * block_m != T else lse
+    lse_min = rows.view(B, H, nbm, block_m).amin(-1)
+    return torch.maximum(lse_min + (delta + bound)[..., None], delta[..., None])
 
 
 def skipped_pairs(start: torch.Tensor, block_m: int, block_n: int, T: int,

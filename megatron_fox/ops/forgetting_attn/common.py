@@ -49,13 +49,16 @@ class AttentionStats:
     query_block_start: [B, H, num_query_blocks] index of the first key computed for
         each query block (a multiple of the key block size).
     block_m, block_n: forward tile sizes the boundary refers to.
+    backward_skipped_fraction: the fraction the backward kernels skip; above
+        skipped_fraction with backward_pruning="lse", else the same.
 
-    The three tensors are computed on first access (`compute()` returns them), so a
+    The tensors are computed on first access (`compute()` returns the first three), so a
     training step that reads them only at its logging interval launches no extra kernels.
     """
 
-    def __init__(self, compute, block_m: int, block_n: int):
+    def __init__(self, compute, block_m: int, block_n: int, backward_compute=None):
         self._compute, self._values = compute, None
+        self._backward_compute, self._backward = backward_compute, None
         self.block_m, self.block_n = block_m, block_n
 
     @classmethod
@@ -80,6 +83,14 @@ class AttentionStats:
     @property
     def query_block_start(self) -> torch.Tensor:
         return self._get()[2]
+
+    @property
+    def backward_skipped_fraction(self) -> torch.Tensor:
+        if self._backward_compute is None:
+            return self.skipped_fraction
+        if self._backward is None:
+            self._backward = self._backward_compute()
+        return self._backward
 
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

@@ -164,20 +164,31 @@ class _Plan:
     doc_start: Optional[torch.Tensor]  # [T] int32
     doc_end: Optional[torch.Tensor]
     config: KernelConfig
+    bound: Optional[torch.Tensor] = None  # [B, H] logit bound U behind delta
+    backward_pruning: str = "bound"  # "lse": the backward prunes by boundary.lse_threshold
 
 
-def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config):
+def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
     T = q.shape[1]
     if cu_seqlens is not None:
         doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
     else:
         doc_start = doc_end = None
-    delta = None
+    delta = U = None
     if log_eps is not None:
         with torch.no_grad():
             U = logit_bound_per_head(q, k, sm_scale, logit_bound)
             delta = pruning_threshold(U, T, log_eps)
-    return _Plan(sm_scale, delta, doc_start, doc_end, config)
+    return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning)
+
+
+def _backward_delta(plan: _Plan, lse2, block_m: int):
+    """The threshold a backward kernel with query blocks of block_m rows prunes by: the
+    forward's delta [B, H], or with backward_pruning="lse" one per query block from the
+    rows' log-sum-exp (lse2 [B, H, T], base 2)."""
+    if plan.delta is None or plan.backward_pruning != "lse":
+        return plan.delta
+    return boundary.lse_threshold(plan.delta, plan.bound, lse2 * (1.0 / LOG2E), block_m)
 
 
 # Hopper (sm_90) forward in Gluon with explicit warp roles (gluon_fwd.py): on by default where
@@ -260,7 +271,8 @@ def _dot_precision(q):
 def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True,
               fwd_start=None):
     """Launch the backward kernels -> dq, dk, dv, row sums and column sums of dS [B, H, T].
-    fwd_start: the forward's key_block_start, reused by the dQ kernel when its tile matches."""
+    fwd_start: the forward's key_block_start, reused by the dQ kernel when its tile and
+    threshold match."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
@@ -283,7 +295,8 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
     prec = _dot_precision(q)
 
     t = cfg.dkdv
-    end = boundary.query_block_end(cq, ck, plan.delta, plan.doc_end, t.block_m, t.block_n)
+    end = boundary.query_block_end(cq, ck, _backward_delta(plan, lse2, t.block_m), plan.doc_end, t.block_m,
+                                   t.block_n)
     nbn = triton.cdiv(T, t.block_n)
     tma = _use_tma(t, q, k, v, do)
     doc_start = plan.doc_start if varlen else end
@@ -297,10 +310,11 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = cfg.dq
-    if fwd_start is not None and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n):
+    delta = _backward_delta(plan, lse2, t.block_m)
+    if fwd_start is not None and delta is plan.delta and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n):
         start = fwd_start
     else:
-        start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, t.block_m, t.block_n)
+        start = boundary.key_block_start(cq, ck, delta, plan.doc_start, t.block_m, t.block_n)
     nbm = triton.cdiv(T, t.block_m)
     tma = _use_tma(t, q, k, v, do)
     dq_kernel[(nbm, B * H)](
@@ -355,6 +369,7 @@ def forgetting_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     return_stats: bool = False,
     return_lse: bool = False,
+    backward_pruning: str = "bound",
 ):
     """Forgetting attention (FoX) with optional Adaptive Computation Pruning.
 
@@ -364,6 +379,9 @@ def forgetting_attention(
     offsets [0, ..., T]). log_eps=None computes exact FoX; otherwise key blocks whose
     pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
     float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
+    backward_pruning="lse" lets the backward, which knows each row's log-sum-exp, skip also
+    the pairs with c_i - c_j < lse_i - U - log T + log_eps (weight < eps / T each, the same
+    guarantee; `boundary.lse_threshold`); "bound" (default) prunes it like the forward.
 
     Returns o [B, T, H, D] (dtype of q); then, if asked, the row log-sum-exp [B, H, T]
     float32 (return_lse, differentiable) and an AttentionStats (return_stats).
@@ -371,28 +389,39 @@ def forgetting_attention(
     falls back to the plain-PyTorch reference.
     """
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    if backward_pruning not in ("bound", "lse"):
+        raise ValueError(f"backward_pruning must be 'bound' or 'lse', got {backward_pruning!r}")
     if q.device.type != "cuda" and not _interpreting():
         return _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
                                    return_stats, return_lse)
     config = kernel_config(q.shape[-1], q.device, q.dtype)
-    plan = _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config)
+    plan = _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning)
     o, lse, start = ForgettingAttentionFunction.apply(q, k, v, log_fgate, plan)
     out = [o]
     if return_lse:
         out.append(lse)
     if return_stats:
-        out.append(_stats(start, plan, q.shape[1]))
+        out.append(_stats(start, plan, q.shape[1], log_fgate.detach(), lse.detach()))
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _stats(start, plan: _Plan, T: int) -> AttentionStats:
+def _stats(start, plan: _Plan, T: int, log_fgate, lse) -> AttentionStats:
     tile = plan.config.fwd
 
     def compute():
         skipped, total = boundary.skipped_pairs(start, tile.block_m, tile.block_n, T, plan.doc_start)
         return skipped.sum() / total.sum(), skipped.sum(0) / total.sum(0), start.long() * tile.block_n
 
-    return AttentionStats(compute, tile.block_m, tile.block_n)
+    def backward():  # the dQ kernel's boundary, as _backward finds it
+        t = plan.config.dq
+        c, _ = forget_prefix_sums(log_fgate, plan.doc_start)
+        bwd_start = boundary.key_block_start(c, c, _backward_delta(plan, lse * LOG2E, t.block_m), plan.doc_start,
+                                             t.block_m, t.block_n)
+        skipped, total = boundary.skipped_pairs(bwd_start, t.block_m, t.block_n, T, plan.doc_start)
+        return skipped.sum() / total.sum()
+
+    lse_pruning = plan.delta is not None and plan.backward_pruning == "lse"
+    return AttentionStats(compute, tile.block_m, tile.block_n, backward if lse_pruning else None)
 
 
 def _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, return_stats, return_lse):
