@@ -113,14 +113,15 @@ def build_model_and_engine(args, device, tokenizer):
     return model, engine, engine.load(args.load) if args.load else 0
 
 
-def _skipped_by_layer(model) -> dict[int, float]:
-    """Fraction of attention FLOPs skipped in each layer's last forward, over all ranks."""
+def _skipped_by_layer(model, what: str = "skipped_fraction") -> dict[int, float]:
+    """Fraction of attention FLOPs skipped in each layer's last forward (or, with
+    what="backward_skipped_fraction", backward), over all ranks."""
     from .training.model import attention_layers
 
     local = {}
     for m in attention_layers(model):
-        if m.skipped_fraction is not None:
-            local[m.layer_number] = float(m.skipped_fraction)
+        if getattr(m, what) is not None:
+            local[m.layer_number] = float(getattr(m, what))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     merged: dict[int, list] = {}
@@ -175,14 +176,18 @@ def run(args, on_step=None) -> list[dict]:
             skipped = _skipped_by_layer(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
+            bwd = _skipped_by_layer(model, "backward_skipped_fraction")
+            out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
                           f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | ACP skipped {overall:.3f} "
+                          f"(backward {out['acp_bwd_skipped']:.3f}) "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                         writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)
+                    writer.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         writer.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
         if args.eval_interval and (it + 1) % args.eval_interval == 0:

@@ -1,4 +1,4 @@
-"""Training throughput and loss of a FoX config with ACP on and off, one GPU, same data.
+"""Training throughput and loss of a FoX config with ACP off and on (--acp-modes), one GPU, same data.
 
     python tools/bench_train.py --config configs/fox_pro_125m.yaml --lengths 4096 16384 \
         --tokens-per-step 131072 --train-iters 40
@@ -87,6 +87,8 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true",
                    help="profile each run: top CUDA kernels and GPU busy time (steps 5-7), Python host time (steps 9-11)")
+    p.add_argument("--acp-modes", nargs="+", default=["off", "lse"], choices=["off", "bound", "lse"],
+                   help="runs per length: ACP off, or on with the backward pruned by the bound or by the rows' lse")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags after --")
     args = p.parse_args(argv)
     from megatron_fox.train import run
@@ -94,12 +96,14 @@ def main(argv=None):
 
     rows = []
     for L in args.lengths:
-        for acp in (False, True):
+        for mode in args.acp_modes:
+            acp = mode != "off"
             flags = ["--config", args.config, "--seq-length", str(L), "--train-iters", str(args.train_iters),
                      "--global-batch-size", str(args.tokens_per_step // L),
                      "--micro-batch-size", str(max(1, args.micro_batch_tokens // L)),
                      "--lr-warmup-iters", "10", "--log-interval", str(args.train_iters), "--no-progress-bar",
                      "--acp" if acp else "--no-acp", "--default-vocab-size", "8192",
+                     "--acp-backward-pruning", "lse" if mode == "off" else mode,
                      "--default-corpus-bytes", "8000000"] + [a for a in args.extra if a != "--"]
             gc.collect()
             torch.cuda.empty_cache()
@@ -107,20 +111,21 @@ def main(argv=None):
             t0 = time.time()
             hist = _profiled(run, parse_args(flags)) if args.profile else run(parse_args(flags))
             rows.append({
-                "L": L, "acp": acp, "steps": len(hist),
+                "L": L, "acp": mode, "steps": len(hist),
                 "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in hist[args.warmup_steps:])),
                 "loss_last10": round(sum(h["loss"] for h in hist[-10:]) / 10, 4),
                 "final_loss": round(hist[-1]["loss"], 4),
                 "acp_skipped": round(hist[-1].get("acp_skipped", 0.0), 3),
+                "acp_bwd_skipped": round(hist[-1].get("acp_bwd_skipped", 0.0), 3),
                 "skipped_by_layer": {k: round(v, 3) for k, v in hist[-1].get("acp_skipped_by_layer", {}).items()},
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 "wall_s": round(time.time() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
-    print("| L | ACP | tokens/s | loss (mean last 10) | skipped | peak GB |\n|---|---|---|---|---|---|")
+    print("| L | ACP | tokens/s | loss (mean last 10) | skipped fwd / bwd | peak GB |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['L']} | {'on' if r['acp'] else 'off'} | {r['tokens_per_s']} | {r['loss_last10']} | "
-              f"{r['acp_skipped']} | {r['peak_mem_gb']} |")
+        print(f"| {r['L']} | {r['acp']} | {r['tokens_per_s']} | {r['loss_last10']} | "
+              f"{r['acp_skipped']} / {r['acp_bwd_skipped']} | {r['peak_mem_gb']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -21,6 +21,8 @@ class FoxTransformerConfig(TransformerConfig):
     fox_fgate_bias_init: initial bias of the forget-gate logit (0 -> f = 0.5).
     acp_log_eps: ACP tolerance log(eps); None turns pruning off (exact FoX).
     acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
+    acp_backward_pruning: "lse" (the backward also skips pairs its rows' log-sum-exp shows
+        below eps / L, `forgetting_attention(backward_pruning=...)`) or "bound" (as the forward).
     fox_collect_stats: record the fraction of attention FLOPs skipped per layer.
     fox_fuse_extras: torch.compile the FoX-Pro elementwise work (shift, norms, gates) on CUDA.
     fox_cp_skip_chunks: context-parallel ring (cp_comm_type p2p): skip the transfers and blocks
@@ -36,6 +38,7 @@ class FoxTransformerConfig(TransformerConfig):
     fox_fgate_bias_init: float = 0.0
     acp_log_eps: Optional[float] = -10.0
     acp_logit_bound: str = "qk_norm"
+    acp_backward_pruning: str = "lse"
     fox_collect_stats: bool = True
     fox_fuse_extras: bool = True
     fox_cp_skip_chunks: bool = True
@@ -46,5 +49,7 @@ class FoxTransformerConfig(TransformerConfig):
             raise ValueError(f"acp_logit_bound must be 'qk_norm' or 'data', got {self.acp_logit_bound!r}")
         if self.acp_logit_bound == "qk_norm" and self.acp_log_eps is not None and not self.fox_qk_norm:
             raise ValueError("acp_logit_bound='qk_norm' needs fox_qk_norm=True (else use 'data')")
+        if self.acp_backward_pruning not in ("lse", "bound"):
+            raise ValueError(f"acp_backward_pruning must be 'lse' or 'bound', got {self.acp_backward_pruning!r}")
         if self.acp_log_eps is not None and self.acp_log_eps > 0:
             raise ValueError(f"acp_log_eps must be <= 0 or None, got {self.acp_log_eps}")

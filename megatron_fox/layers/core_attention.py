@@ -19,7 +19,8 @@ class FoxCoreAttention(MegatronModule):
     micro-batch is packed into one row so that attention and the forget-gate sum restart
     at every document. With config.fox_collect_stats, `self.skipped_fraction` gives the
     fraction of attention FLOPs ACP skipped in the last forward (a device tensor, computed
-    only when read: no kernels or host sync in steps that do not log it).
+    only when read: no kernels or host sync in steps that do not log it);
+    `self.backward_skipped_fraction` the same for the backward (config.acp_backward_pruning).
     """
 
     def __init__(self, config, layer_number: int = 1, **kwargs):
@@ -32,6 +33,12 @@ class FoxCoreAttention(MegatronModule):
     @property
     def skipped_fraction(self) -> Optional[torch.Tensor]:
         return None if self._stats is None else self._stats.skipped_fraction.detach()
+
+    @property
+    def backward_skipped_fraction(self) -> Optional[torch.Tensor]:
+        if self._stats is None:
+            return None
+        return getattr(self._stats, "backward_skipped_fraction", self._stats.skipped_fraction).detach()
 
     def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d].
@@ -54,7 +61,8 @@ class FoxCoreAttention(MegatronModule):
             args = [q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                     log_fgate.transpose(0, 1).contiguous()]
         out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats)
+                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats,
+                                   backward_pruning=cfg.acp_backward_pruning)
         if cfg.fox_collect_stats:
             out, self._stats = out
         if cu_seqlens is not None and b > 1:
@@ -78,7 +86,8 @@ class FoxCoreAttention(MegatronModule):
             comm = comm[self.layer_number - 1]
         ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks,
                                         skip_memory=self._skip_memory),
-               "a2a": functools.partial(head_parallel_forgetting_attention, cost_memory=self._head_costs)}
+               "a2a": functools.partial(head_parallel_forgetting_attention, cost_memory=self._head_costs,
+                                        backward_pruning=cfg.acp_backward_pruning)}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()

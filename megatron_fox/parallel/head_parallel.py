@@ -180,6 +180,7 @@ def head_parallel_forgetting_attention(
     return_stats: bool = False,
     balance: bool = True,
     cost_memory: Optional[HeadCostMemory] = None,
+    backward_pruning: str = "bound",
 ):
     """FoX attention over a sequence split across cp_group, computed head-parallel.
 
@@ -188,7 +189,8 @@ def head_parallel_forgetting_attention(
     the global document offsets (batch 1). Needs Hkv >= P. balance=False deals kv-head groups
     in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost. cost_memory (one
     per layer) deals by the previous call's costs, so the call does not wait for the GPU. Returns this
-    rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats.
+    rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats. backward_pruning
+    as in `forgetting_attention` (each rank runs the op on whole sequences of its heads).
     """
     P = dist.get_world_size(cp_group)
     B, T2, H, D = q.shape
@@ -218,7 +220,7 @@ def head_parallel_forgetting_attention(
         bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
     with no_data_checks():  # checked above on every rank's part
         out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
-                                   cu_seqlens=cu_seqlens, return_stats=return_stats)
+                                   cu_seqlens=cu_seqlens, return_stats=return_stats, backward_pruning=backward_pruning)
     if return_stats:
         out, op_stats = out
     o = _Exchange.apply(out, False, q_heads, cp_group)

@@ -49,6 +49,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "acp": (bool, True, "Adaptive Computation Pruning on"),
     "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
     "acp_logit_bound": (str, "qk_norm", "qk_norm | data"),
+    "acp_backward_pruning": (str, "lse", "lse (the backward also prunes by the rows' log-sum-exp) | bound"),
     # parallelism
     "tensor_model_parallel_size": (int, 1, "tensor-parallel ranks"),
     "pipeline_model_parallel_size": (int, 1, "pipeline stages"),
@@ -222,6 +223,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("acp_logit_bound", "qk_norm needs fox_qk_norm true (or use data)")
     if args.fox_qk_norm_eps < 0:
         raise ConfigError("fox_qk_norm_eps", f"must be >= 0, got {args.fox_qk_norm_eps}")
+    if args.acp_backward_pruning not in ("lse", "bound"):
+        raise ConfigError("acp_backward_pruning", f"must be lse or bound, got {args.acp_backward_pruning!r}")
     if args.acp_log_eps > 0:
         raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
     if args.lr_decay_style not in ("cosine", "linear", "constant"):

@@ -61,6 +61,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         fox_cp_skip_chunks=args.fox_cp_skip_chunks,
         acp_log_eps=args.acp_log_eps if args.acp else None,
         acp_logit_bound=args.acp_logit_bound,
+        acp_backward_pruning=args.acp_backward_pruning,
     )
 
 

@@ -74,6 +74,7 @@ def _run_cli(args, tmp_path):
     (["--seq-length", "100", "--context-parallel-size", "4"], "seq_length"),
     (["--data-path", "/nonexistent/corpus_text_document"], "data_path"),
     (["--acp-log-eps", "3"], "acp_log_eps"),
+    (["--acp-backward-pruning", "rowmax"], "acp_backward_pruning"),
     (["--cp-comm-type", "ring"], "cp_comm_type"),
     (["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--num-query-groups", "1"], "cp_comm_type"),
     (["--global-batch-size", "3", "--micro-batch-size", "2"], "global_batch_size"),
