@@ -285,6 +285,38 @@ def run_check(args):
     print(f"worst relative error (16-bit cases): {worst:.2e}")
 
 
+def run_grad_error(args):
+    """Error of each mode's bf16 gradients at the benchmark's sizes (spectrum b, batch 1) against
+    exact FoX on float32 inputs (ieee dots), overall and over the first and last eighth of the
+    positions (d log f sums dS over every pair that straddles a position: far pairs pile up
+    at the start)."""
+    from megatron_fox.ops import forgetting_attention
+
+    dev = torch.device("cuda")
+    H, D = args.heads, args.head_dim
+    for L in args.lengths:
+        q, k, v = make_inputs(1, L, H, D, dev)
+        g = gate_spectrum(1, L, H, 4, 4096, dev)
+        do = torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16)
+
+        def grads(dtype, **acp):
+            ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)] + [g.clone().requires_grad_()]
+            o = forgetting_attention(*ins, **acp)
+            return torch.autograd.grad(o, ins, do.to(dtype))
+
+        ref = grads(torch.float32)
+        e = L // 8
+        for name, acp in (("exact", {}), ("acp_bound", dict(log_eps=args.log_eps, logit_bound=math.sqrt(D))),
+                          ("acp_lse", dict(log_eps=args.log_eps, logit_bound=math.sqrt(D), backward_pruning="lse"))):
+            cells = []
+            for gname, a, r in zip(("dq", "dk", "dv", "dlogf"), grads(torch.bfloat16, **acp), ref):
+                a, r = a.double(), r.double()
+                parts = [(a - r).norm() / r.norm(), (a[:, :e] - r[:, :e]).norm() / r[:, :e].norm(),
+                         (a[:, -e:] - r[:, -e:]).norm() / r[:, -e:].norm()]
+                cells.append(f"{gname} " + "/".join(f"{x.item():.2e}" for x in parts))
+            print(f"grad error L={L} {name} (all/first/last eighth): " + "  ".join(cells), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -296,6 +328,8 @@ def main(argv=None):
     p.add_argument("--sweep-only", nargs="+", choices=["fwd", "dkdv", "dq"], default=None,
                    help="kernels the sweep covers (default: all three)")
     p.add_argument("--check", action="store_true", help="correctness vs the reference, then exit")
+    p.add_argument("--grad-error", action="store_true",
+                   help="bf16 gradient error of exact / ACP bound / ACP lse against float32 exact, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
     p.add_argument("--clocks", action="store_true",
@@ -312,8 +346,8 @@ def main(argv=None):
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"date {time.strftime('%Y-%m-%d')}  megatron_fox from {megatron_fox.__path__[0]}", flush=True)
-    if args.check or args.profile:
-        (run_check if args.check else run_profile)(args)
+    if args.check or args.profile or args.grad_error:
+        (run_check if args.check else run_grad_error if args.grad_error else run_profile)(args)
         return
     rows = run_sweep(args) if args.sweep else run_table(args)
     if args.json:
