@@ -4,7 +4,9 @@ Setting (issue 3): 64k tokens a step (batch = 65536 / L), 16 heads, head_dim 128
 q and k RMS-normalised so U = sqrt(head_dim) bounds |logit|, log_eps = -10. Forget gates
 constant per head with 10% noise, half-lives log-spaced over the heads: spectrum (a)
 16..L tokens, spectrum (b) 4..4096 tokens. Rows fox_acp_*_lse: the backward prunes by the
-rows' log-sum-exp (backward_pruning="lse"), its skipped fraction in the last column.
+rows' log-sum-exp (backward_pruning="lse"), its skipped fraction in the last column;
+fox_exact's backward skips only blocks whose weights are zero in float32 (same gradients to
+the bit), fox_exact_noskip computes every causal block.
 
     python tools/bench_attention.py                    # the table (needs a CUDA GPU)
     python tools/bench_attention.py --lengths 16384 --sweep   # tile sweep at one length
@@ -92,7 +94,7 @@ def row(name, L, t_fwd, t_all, clocks, fl, skipped=None, bwd_skipped=None):
 
 
 def run_table(args):
-    from megatron_fox.ops import forgetting_attention, set_data_checks
+    from megatron_fox.ops import forgetting_attention, set_data_checks, set_zero_block_skipping
 
     set_data_checks(False)
     dev = torch.device("cuda")
@@ -138,9 +140,14 @@ def run_table(args):
             tf, ta, clk = measure(lambda a, b, c, gg: parallel_forgetting_attn(a, b, c, gg), [q, k, v, g])
             rows.append(row("fla_forgetting_attn", L, tf, ta, clk, fl))
         g = spectra["b"]
-        if want("fox_exact"):
+        for impl, skip_zero in (("fox_exact", True), ("fox_exact_noskip", False)):
+            if not want(impl):
+                continue
+            was = set_zero_block_skipping(skip_zero)
+            _, stats = forgetting_attention(q, k, v, g, return_stats=True)
             tf, ta, clk = measure(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-            rows.append(row("fox_exact", L, tf, ta, clk, fl, 0.0))
+            rows.append(row(impl, L, tf, ta, clk, fl, 0.0, stats.backward_skipped_fraction.item()))
+            set_zero_block_skipping(was)
         for (name, g), (suffix, pruning) in itertools.product(spectra.items(), (("", "bound"), ("_lse", "lse"))):
             impl = f"fox_acp_{name}{suffix}"
             if not want(impl):
@@ -289,8 +296,9 @@ def run_grad_error(args):
     """Error of each mode's bf16 gradients at the benchmark's sizes (spectrum b, batch 1) against
     exact FoX on float32 inputs (ieee dots), overall and over the first and last eighth of the
     positions (d log f sums dS over every pair that straddles a position: far pairs pile up
-    at the start)."""
-    from megatron_fox.ops import forgetting_attention
+    at the start). Also whether exact FoX with its zero blocks skipped gives the same bf16
+    gradients, to the bit, as computing them."""
+    from megatron_fox.ops import forgetting_attention, set_zero_block_skipping
 
     dev = torch.device("cuda")
     H, D = args.heads, args.head_dim
@@ -304,6 +312,12 @@ def run_grad_error(args):
             o = forgetting_attention(*ins, **acp)
             return torch.autograd.grad(o, ins, do.to(dtype))
 
+        was = set_zero_block_skipping(False)
+        dense = grads(torch.bfloat16)
+        set_zero_block_skipping(True)
+        same = [torch.equal(a, b) for a, b in zip(grads(torch.bfloat16), dense)]
+        set_zero_block_skipping(was)
+        print(f"exact FoX L={L}, zero blocks skipped vs computed: dq, dk, dv, dlogf bit-identical {same}", flush=True)
         ref = grads(torch.float32)
         e = L // 8
         for name, acp in (("exact", {}), ("acp_bound", dict(log_eps=args.log_eps, logit_bound=math.sqrt(D))),
@@ -335,8 +349,8 @@ def main(argv=None):
     p.add_argument("--clocks", action="store_true",
                    help="sample the SM clock and power (nvidia-smi) while each fwd+bwd figure is timed")
     p.add_argument("--impls", nargs="+", default=None,
-                   choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_acp_a", "fox_acp_b",
-                            "fox_acp_a_lse", "fox_acp_b_lse"],
+                   choices=["sdpa_flash", "sdpa_cudnn", "fla_forgetting_attn", "fox_exact", "fox_exact_noskip",
+                            "fox_acp_a", "fox_acp_b", "fox_acp_a_lse", "fox_acp_b_lse"],
                    help="rows of the table to run (default: all)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -14,6 +14,7 @@ from .forgetting_attn import (
     set_gluon_forward,
     set_kernel_config,
     set_tma,
+    set_zero_block_skipping,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "set_gluon_forward",
     "set_kernel_config",
     "set_tma",
+    "set_zero_block_skipping",
 ]

@@ -261,3 +261,31 @@ def test_backward_pruning_by_lse(device):
         check_close(g, gr, torch.float32, f"d{name}")
     with pytest.raises(ValueError, match="backward_pruning"):
         forgetting_attention(q, k, v, log_f, log_eps=log_eps, backward_pruning="rowmax")
+
+
+def test_exact_backward_skips_only_zero_blocks(device):
+    """Exact FoX: the backward skips blocks whose weights are zero in float32, and its
+    gradients equal those computed without skipping to the bit."""
+    from megatron_fox.ops import set_zero_block_skipping
+
+    B, T, H, D = 1, (192 if device.type == "cpu" else 2048), 2, 64
+    u = torch.randn(D, device=device)  # q and k nearly parallel: logits near the bound U
+    q, k = (F.rms_norm(u + 0.05 * torch.randn(B, T, H, D, device=device), (D,)).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, D, device=device, requires_grad=True)
+    # head 0: log f ~ -3 per token (zero blocks); head 1: ~ -0.3 (none within T, but visible
+    # weights a few dozen tokens back: a threshold too high would change its gradients)
+    shift = torch.tensor([-3.0, 1.05], device=device)
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device) * 0.1 + shift).requires_grad_()
+    dout = torch.randn(B, T, H, D, device=device)
+    results = {}
+    for skip in (False, True):
+        was = set_zero_block_skipping(skip)
+        try:
+            out, stats = forgetting_attention(q, k, v, log_f, return_stats=True)
+            results[skip] = (out, stats.backward_skipped_fraction.item(), grads(out, (q, k, v, log_f), dout))
+        finally:
+            set_zero_block_skipping(was)
+    assert results[False][1] == 0.0 and results[True][1] > 0.2
+    assert torch.equal(results[True][0], results[False][0])
+    for name, a, b in zip("q k v log_fgate".split(), results[True][2], results[False][2]):
+        assert torch.equal(a, b), name

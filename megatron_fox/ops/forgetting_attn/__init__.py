@@ -10,6 +10,7 @@ from .function import (
     set_gluon_forward,
     set_kernel_config,
     set_tma,
+    set_zero_block_skipping,
 )
 from .reference import forgetting_attention_reference
 
@@ -27,4 +28,5 @@ __all__ = [
     "set_gluon_forward",
     "set_kernel_config",
     "set_tma",
+    "set_zero_block_skipping",
 ]

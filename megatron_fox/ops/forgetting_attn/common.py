@@ -50,7 +50,8 @@ class AttentionStats:
         each query block (a multiple of the key block size).
     block_m, block_n: forward tile sizes the boundary refers to.
     backward_skipped_fraction: the fraction the backward kernels skip; above
-        skipped_fraction with backward_pruning="lse", else the same.
+        skipped_fraction with backward_pruning="lse" and, for exact FoX, the blocks whose
+        weights are zero in float32; else the same.
 
     The tensors are computed on first access (`compute()` returns the first three), so a
     training step that reads them only at its logging interval launches no extra kernels.
@@ -236,8 +237,8 @@ def logit_bound_per_head(q, k, sm_scale: float, logit_bound: Union[None, float, 
             return logit_bound.float().to(q.device).view(1, H).expand(B, H)
         return torch.full((B, H), logit_bound, dtype=torch.float32, device=q.device)
     group = H // k.shape[2]
-    qn = torch.linalg.vector_norm(q.float(), dim=-1).amax(dim=1)  # [B, H]
-    kn = torch.linalg.vector_norm(k.float(), dim=-1).amax(dim=1)  # [B, Hkv]
+    qn = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, H]
+    kn = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, Hkv]
     if reduce_max is not None:
         reduce_max(qn)
         reduce_max(kn)
