@@ -79,9 +79,11 @@ class FoxSelfAttention(MegatronModule):
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj")
 
     def logit_bound(self) -> Optional[torch.Tensor]:
-        """ACP's U per local head from the QK-norm weights, [heads] float32 (None: use the data)."""
+        """U per local head from the QK-norm weights, [heads] float32 (None: the op takes it from
+        the data): ACP's bound, and with ACP off the one exact FoX's backward finds its zero
+        blocks by."""
         cfg = self.config
-        if cfg.acp_log_eps is None or cfg.acp_logit_bound != "qk_norm":
+        if cfg.acp_logit_bound != "qk_norm" or not cfg.fox_qk_norm:
             return None
         return self.qk_norm_logit_bound()
 

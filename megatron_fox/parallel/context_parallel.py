@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import check_inputs, document_maps, logit_bound_per_head, pruning_threshold
+from ..ops.forgetting_attn.row_norm import max_row_norm
 from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
                        start_kv_exchange)
@@ -243,7 +244,8 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
     (sm_scale * max||q|| * max||k|| all-reduced with max over the group)."""
     with torch.no_grad():
         U = logit_bound_per_head(q, k, sm_scale, logit_bound,
-                                 reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group))
+                                 reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group),
+                                 max_norm=max_row_norm if q.is_cuda else None)
         return pruning_threshold(U, L, log_eps)
 
 

@@ -223,13 +223,14 @@ def segmented_reverse_cumsum(x: torch.Tensor, doc_end: Optional[torch.Tensor]) -
 
 
 def logit_bound_per_head(q, k, sm_scale: float, logit_bound: Union[None, float, torch.Tensor],
-                         reduce_max=None) -> torch.Tensor:
+                         reduce_max=None, max_norm=None) -> torch.Tensor:
     """U[b, h] >= max |sm_scale * q_i . k_j| over the (batch, head), float32 [B, H].
 
     Given: broadcast the caller's bound. Else from the data, by Cauchy-Schwarz:
     sm_scale * max_i ||q_i|| * max_j ||k_j|| (k of the head's key/value group).
     reduce_max: applied in place to the norm maxima ([B, H] and [B, Hkv]) before they are
     combined, e.g. a max all-reduce when q and k are parts of a longer sequence.
+    max_norm: x [B, T, H, D] -> max_t ||x[b, t, h]|| [B, H] float32 (a kernel; default torch).
     """
     B, T, H, _ = q.shape
     if logit_bound is not None:
@@ -237,8 +238,11 @@ def logit_bound_per_head(q, k, sm_scale: float, logit_bound: Union[None, float, 
             return logit_bound.float().to(q.device).view(1, H).expand(B, H)
         return torch.full((B, H), logit_bound, dtype=torch.float32, device=q.device)
     group = H // k.shape[2]
-    qn = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, H]
-    kn = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax(dim=1)  # [B, Hkv]
+    if max_norm is None:
+        def max_norm(x):
+            return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).amax(dim=1)
+    qn = max_norm(q)  # [B, H]
+    kn = max_norm(k)  # [B, Hkv]
     if reduce_max is not None:
         reduce_max(qn)
         reduce_max(kn)

@@ -21,6 +21,7 @@ from .common import (
     pruning_threshold,
     segmented_reverse_cumsum,
 )
+from .row_norm import max_row_norm
 from .triton_bwd import bwd_preprocess_kernel, dkdv_kernel, dq_kernel
 from .triton_fwd import fwd_kernel
 
@@ -177,7 +178,7 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
     delta = U = None
     if log_eps is not None or _skip_zero_on:
         with torch.no_grad():
-            U = logit_bound_per_head(q, k, sm_scale, logit_bound)
+            U = logit_bound_per_head(q, k, sm_scale, logit_bound, max_norm=max_row_norm if q.is_cuda else None)
     if log_eps is not None:
         delta = pruning_threshold(U, T, log_eps)
     return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning)
