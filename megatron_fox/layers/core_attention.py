@@ -85,7 +85,7 @@ class FoxCoreAttention(MegatronModule):
         if isinstance(comm, (list, tuple)):  # Megatron allows one type per layer
             comm = comm[self.layer_number - 1]
         ops = {"p2p": functools.partial(context_parallel_forgetting_attention, skip_chunks=cfg.fox_cp_skip_chunks,
-                                        skip_memory=self._skip_memory),
+                                        skip_memory=self._skip_memory, backward_pruning=cfg.acp_backward_pruning),
                "a2a": functools.partial(head_parallel_forgetting_attention, cost_memory=self._head_costs,
                                         backward_pruning=cfg.acp_backward_pruning)}
         if comm not in ops:

@@ -145,7 +145,7 @@ class _RingAttention(torch.autograd.Function):
                 kk, vv, cc = kv[kh]
                 gq, gk, gv, gcq, gck = block_backward(qs[qh], kk, vv, os_[qh], dos[qh], lses[qh], cs[qh], cc,
                                                       sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"],
-                                                      **_block_docs(plan, r, qh, kv_rank, kh))
+                                                      bound=plan["bound"], **_block_docs(plan, r, qh, kv_rank, kh))
                 dq[:, sl[qh]] += gq.float()
                 dc[..., sl[qh]] += gcq
                 if grads[kh] is None:
@@ -238,15 +238,19 @@ def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, to
     return c, offsets.detach(), chunk_sums.detach()
 
 
-def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> torch.Tensor:
-    """ACP threshold delta = -(2U + log L) + log_eps [B, H] of the whole sequence (L tokens)
-    from this rank's part: U from logit_bound (float or [H]) or, when None, from the data
-    (sm_scale * max||q|| * max||k|| all-reduced with max over the group)."""
+def global_logit_bound(q, k, sm_scale, logit_bound, group) -> torch.Tensor:
+    """U [B, H] of the whole sequence from this rank's part: logit_bound (float or [H]) or,
+    when None, from the data (sm_scale * max||q|| * max||k|| all-reduced with max over the group)."""
     with torch.no_grad():
-        U = logit_bound_per_head(q, k, sm_scale, logit_bound,
-                                 reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group),
-                                 max_norm=max_row_norm if q.is_cuda else None)
-        return pruning_threshold(U, L, log_eps)
+        return logit_bound_per_head(q, k, sm_scale, logit_bound,
+                                    reduce_max=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group),
+                                    max_norm=max_row_norm if q.is_cuda else None)
+
+
+def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> torch.Tensor:
+    """ACP threshold delta = -(2U + log L) + log_eps [B, H] of the whole sequence (L tokens),
+    U from `global_logit_bound`."""
+    return pruning_threshold(global_logit_bound(q, k, sm_scale, logit_bound, group), L, log_eps)
 
 
 def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group):
@@ -275,6 +279,7 @@ def context_parallel_forgetting_attention(
     return_stats: bool = False,
     skip_chunks: bool = True,
     skip_memory: Optional[ChunkSkipMemory] = None,
+    backward_pruning: str = "bound",
 ):
     """FoX attention over a sequence split across the ranks of cp_group.
 
@@ -287,18 +292,23 @@ def context_parallel_forgetting_attention(
     return_stats, a ContextParallelStats. skip_chunks=False computes and sends every causal
     chunk pair even where ACP prunes all of it (the kernels still skip blocks): the baseline
     the chunk skipping is measured against. skip_memory (one per layer): skip only when the
-    previous call of the layer had a dead chunk pair, see ChunkSkipMemory.
+    previous call of the layer had a dead chunk pair, see ChunkSkipMemory. backward_pruning
+    as in the op: with "lse" the kernels of the backward also prune by the merged rows' lse
+    (which chunk pairs are computed and sent stays the forward's decision).
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
                                                  cp_group)
+    if backward_pruning not in ("bound", "lse"):
+        raise ValueError(f"backward_pruning must be 'bound' or 'lse', got {backward_pruning!r}")
     docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
-    delta, dead = None, None
+    delta, dead, U = None, None, None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
     if log_eps is not None:
-        delta = global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, cp_group)
+        U = global_logit_bound(q, k, sm_scale, logit_bound, cp_group)
+        delta = pruning_threshold(U, L, log_eps)
         if skip_chunks:
             dead = dead_heads(offsets, chunk_sums, delta)
     n = T2 // 2
@@ -308,6 +318,7 @@ def context_parallel_forgetting_attention(
     stats = ContextParallelStats()
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,
+            "bound": U if backward_pruning == "lse" else None,
             "heads": None, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": n,
             "comm": comm_stream(q.device),
             "compute_stream": torch.cuda.current_stream(q.device) if q.is_cuda else None}

@@ -29,3 +29,40 @@ def test_block_forward_backward(causal, device):
     for name, g, gr in zip(["dq", "dk", "dv", "dc_q", "dc_k"], got, ref):
         assert gr.abs().max() > 0, name
         check_close(g, gr, torch.float32, name)
+
+
+def test_block_backward_prunes_by_lse(device, monkeypatch):
+    """With `bound` the block backward's kernels prune by the rows' lse: a per-query-block
+    threshold reaches the boundary search, fewer key blocks are computed, and the gradients
+    stay within the reference's (which prunes by delta alone)."""
+    import math
+
+    from megatron_fox.ops.forgetting_attn import boundary, function
+
+    B, T, H, Hkv, D = 1, 96, 2, 2, 64
+    q, k, v, _ = (t.detach() for t in make_inputs(B, T, H, Hkv, D, torch.float32, device, rms_norm=True))
+    c = torch.cumsum(F.logsigmoid(torch.randn(B, H, T, device=device) * 0.1 - 1.3), -1)  # ~ -1.6 a token
+    U = torch.full((B, H), math.sqrt(D) * 1.0001, device=device)
+    delta = -(2 * U + math.log(T)) - 10.0
+    o, lse, _ = block_forward(q, k, v, c, c, sm_scale=D ** -0.5, causal=True, delta=delta)
+    o, lse = o + 0.3 * torch.randn_like(o), lse + 0.7  # as if merged with other chunks
+    do = torch.randn_like(o)
+    starts = {}
+    real = boundary.key_block_start
+
+    def spy(c_q, c_k, d, *args):
+        out = real(c_q, c_k, d, *args)
+        if d is not None and d.shape[-1] == out.shape[-1] and d.dim() == 3:
+            starts["lse"] = out
+        elif d is not None:
+            starts.setdefault("bound", out)
+        return out
+
+    monkeypatch.setattr(function.boundary, "key_block_start", spy)
+    got = block_backward(q, k, v, o, do, lse, c, c, sm_scale=D ** -0.5, causal=True, delta=delta, bound=U)
+    ref = _reference_backward(q, k, v, o, do, lse, c - c[..., :1], c - c[..., :1], D ** -0.5, True, delta)
+    for name, g, gr in zip(["dq", "dk", "dv", "dc_q", "dc_k"], got, ref):
+        check_close(g, gr, torch.float32, name)
+    t = function.kernel_config(D, q.device, q.dtype).dq
+    bound_start = real(c, c, delta, None, t.block_m, t.block_n)
+    assert "lse" in starts and (starts["lse"] >= bound_start).all() and (starts["lse"] > bound_start).any()

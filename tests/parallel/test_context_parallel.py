@@ -35,6 +35,17 @@ def close(a, b, what):
     (4, -10.0, 4.0, False, False, True), (4, None, 1.0, False, False, True), (2, None, 2.0, True, False, True),
     (4, -10.0, 3.0, True, False, True), (4, -10.0, -2.0, False, True, True), (4, -10.0, -2.0, False, False, False)])
 def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound, skip_chunks):
+    _check_against_single_process(tmp_path, world, log_eps, gate, docs, data_bound, skip_chunks)
+
+
+@pytest.mark.parametrize("world,gate,docs", [(4, -2.0, False), (2, 1.0, True)])
+def test_lse_backward_pruning_matches_single_process(tmp_path, world, gate, docs):
+    """backward_pruning="lse": the ring's backward kernels also prune by the merged rows' lse."""
+    _check_against_single_process(tmp_path, world, -10.0, gate, docs, False, True, backward_pruning="lse")
+
+
+def _check_against_single_process(tmp_path, world, log_eps, gate, docs, data_bound, skip_chunks,
+                                  backward_pruning="bound"):
     B, T, H, Hkv, D = 1, 16 * 2 * world, 4, 2, 64
     q = F.rms_norm(torch.randn(B, T, H, D), (D,))
     k = F.rms_norm(torch.randn(B, T, Hkv, D), (D,))
@@ -50,7 +61,8 @@ def test_matches_single_process(tmp_path, world, log_eps, gate, docs, data_bound
         cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
         cu = [0] + [c for c in cuts if c < T] + [T]
     outs = run_cp(world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "log_eps": log_eps,
-                          "bound": bound, "cu": cu, "skip_chunks": skip_chunks})
+                          "bound": bound, "cu": cu, "skip_chunks": skip_chunks,
+                          "backward_pruning": backward_pruning})
     ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
     ref = forgetting_attention(*ins, log_eps=None,
                                cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))

@@ -109,6 +109,7 @@ def task_cp(opts):
     o, stats = context_parallel_forgetting_attention(
         parts["q"], parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=opts.get("log_eps"),
         logit_bound=opts.get("bound"), return_stats=True, skip_chunks=opts.get("skip_chunks", True),
+        backward_pruning=opts.get("backward_pruning", "bound"),
         cu_seqlens=torch.tensor(opts["cu"], dtype=torch.int32) if opts.get("cu") else None)
     do = split_for_context_parallel(data["do"], 1, r, P)
     grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)

@@ -25,8 +25,9 @@ def _use_triton(q) -> bool:
     return q.device.type == "cuda" or _interpreting()
 
 
-def _plan(q, sm_scale, delta, doc_start=None, doc_end=None):
-    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype))
+def _plan(q, sm_scale, delta, doc_start=None, doc_end=None, bound=None):
+    pruning = "lse" if bound is not None else "bound"
+    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype), bound, pruning)
 
 
 def _centered(c_q, c_k):
@@ -57,14 +58,16 @@ def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Op
 
 def block_backward(q, k, v, o, do, lse, c_q, c_k, *, sm_scale: float, causal: bool,
                    delta: Optional[torch.Tensor] = None, doc_start: Optional[torch.Tensor] = None,
-                   doc_end: Optional[torch.Tensor] = None):
-    """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows."""
+                   doc_end: Optional[torch.Tensor] = None, bound: Optional[torch.Tensor] = None):
+    """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows.
+    bound (U [B, H], with delta): the kernels also prune by the rows' lse
+    (`forgetting_attention(backward_pruning="lse")`); the plain-PyTorch path ignores it."""
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
         return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta, doc_start)
     q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
     dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, (lse * LOG2E).contiguous(), c_q, c_k, c_q, c_k,
-                                       _plan(q, sm_scale, delta, doc_start, doc_end), causal)
+                                       _plan(q, sm_scale, delta, doc_start, doc_end, bound), causal)
     return dq, dk, dv, drow, -dcol
 
 
