@@ -170,7 +170,7 @@ def run_sweep(args):
     and ACP); the Gluon forward is off meanwhile (it would replace 128 x 128 forward tiles)."""
     from megatron_fox.ops import (KernelConfig, Tile, forgetting_attention, set_data_checks, set_gluon_forward,
                                   set_kernel_config)
-    from megatron_fox.ops.forgetting_attn.function import kernel_config
+    from megatron_fox.ops.forgetting_attn.tiles import kernel_config
 
     set_data_checks(False)
     gluon_was = set_gluon_forward(False)

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from megatron_fox.ops.forgetting_attn import triton_bwd, triton_fwd  # noqa: E402
-from megatron_fox.ops.forgetting_attn.function import Tile, kernel_config  # noqa: E402
+from megatron_fox.ops.forgetting_attn.tiles import Tile, kernel_config  # noqa: E402
 
 KERNELS = {"fwd": triton_fwd.fwd_kernel, "dkdv": triton_bwd.dkdv_kernel, "dq": triton_bwd.dq_kernel}
 _FLOAT_POINTERS = {"CQ", "CK", "LSE", "ROW", "DLT", "DCOL", "DROW"}

@@ -37,7 +37,7 @@ def test_block_backward_prunes_by_lse(device, monkeypatch):
     stay within the reference's (which prunes by delta alone)."""
     import math
 
-    from megatron_fox.ops.forgetting_attn import boundary, function
+    from megatron_fox.ops.forgetting_attn import boundary, tiles
 
     B, T, H, Hkv, D = 1, 96, 2, 2, 64
     q, k, v, _ = (t.detach() for t in make_inputs(B, T, H, Hkv, D, torch.float32, device, rms_norm=True))
@@ -58,11 +58,11 @@ def test_block_backward_prunes_by_lse(device, monkeypatch):
             starts.setdefault("bound", out)
         return out
 
-    monkeypatch.setattr(function.boundary, "key_block_start", spy)
+    monkeypatch.setattr(boundary, "key_block_start", spy)
     got = block_backward(q, k, v, o, do, lse, c, c, sm_scale=D ** -0.5, causal=True, delta=delta, bound=U)
     ref = _reference_backward(q, k, v, o, do, lse, c - c[..., :1], c - c[..., :1], D ** -0.5, True, delta)
     for name, g, gr in zip(["dq", "dk", "dv", "dc_q", "dc_k"], got, ref):
         check_close(g, gr, torch.float32, name)
-    t = function.kernel_config(D, q.device, q.dtype).dq
+    t = tiles.kernel_config(D, q.device, q.dtype).dq
     bound_start = real(c, c, delta, None, t.block_m, t.block_n)
     assert "lse" in starts and (starts["lse"] >= bound_start).all() and (starts["lse"] > bound_start).any()

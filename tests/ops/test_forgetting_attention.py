@@ -177,7 +177,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
     the keys' prefix sums through a 2-d one (rows padded where T is not a multiple of 4;
     read in place where it is: "aligned_rows"), gives the reference's output and
     gradients, like the pointer path."""
-    from megatron_fox.ops.forgetting_attn import function
+    from megatron_fox.ops.forgetting_attn import function, tiles
 
     used = []
     real_tiles = function._tiles
@@ -187,7 +187,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
         return real_tiles(tma, *pairs)
 
     monkeypatch.setattr(function, "_tiles", spy)
-    function.set_tma(True)
+    tiles.set_tma(True)
     try:
         cu, log_eps, dtype = None, None, torch.float32
         if case == "gqa_bf16_acp":
@@ -211,7 +211,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
                                grads(ref, (q, k, v, log_f), dout)):
             check_close(g, gr, dtype, f"d{name}")
     finally:
-        function.set_tma(None)
+        tiles.set_tma(None)
     assert used == [True, True, True], used  # forward, dK/dV, dQ
 
 
@@ -219,7 +219,7 @@ def test_backward_pruning_by_lse(device):
     """backward_pruning="lse": the backward skips more than the forward, every pair it skips
     weighs < eps / T on the exact softmax, and the gradients stay within the exact FoX ones."""
     from megatron_fox.ops.forgetting_attn import boundary
-    from megatron_fox.ops.forgetting_attn.function import kernel_config
+    from megatron_fox.ops.forgetting_attn.tiles import kernel_config
 
     B, T, H, D, log_eps = 1, (192 if device.type == "cpu" else 1024), 4, 64, -10.0
     # q and k nearly parallel: every logit near the bound U, so the guarantee is tight

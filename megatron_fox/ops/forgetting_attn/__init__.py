@@ -2,16 +2,9 @@
 
 from .common import AttentionStats, no_data_checks, set_data_checks
 from .decode import evictable_prefix, forgetting_attention_decode
-from .function import (
-    KernelConfig,
-    Tile,
-    forgetting_attention,
-    kernel_config,
-    set_gluon_forward,
-    set_kernel_config,
-    set_tma,
-    set_zero_block_skipping,
-)
+from .function import forgetting_attention, set_gluon_forward
+from .plan import set_zero_block_skipping
+from .tiles import KernelConfig, Tile, kernel_config, set_kernel_config, set_tma
 from .reference import forgetting_attention_reference
 
 __all__ = [

@@ -18,7 +18,10 @@ from typing import Optional
 
 import torch
 
-from .function import LOG2E, _backward, _forward, _interpreting, _last_dim_contiguous, _Plan, kernel_config
+from .common import LOG2E
+from .function import _backward, _forward
+from .plan import _Plan
+from .tiles import _interpreting, _last_dim_contiguous, kernel_config
 
 
 def _use_triton(q) -> bool:

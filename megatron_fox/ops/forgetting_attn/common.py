@@ -16,6 +16,8 @@ import torch
 
 from .._memo import memo_on_first_tensor
 
+LOG2E = 1.4426950408889634
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Data-dependent checks (log_fgate <= 0, cu_seqlens monotone) need one device->host

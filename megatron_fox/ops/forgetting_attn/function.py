@@ -5,212 +5,27 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
 from . import boundary
-from .common import (
-    AttentionStats,
-    check_inputs,
-    document_maps,
-    forget_prefix_sums,
-    logit_bound_per_head,
-    pruning_threshold,
-    segmented_reverse_cumsum,
+from .common import LOG2E, AttentionStats, check_inputs, forget_prefix_sums, segmented_reverse_cumsum
+from .plan import _backward_delta, _Plan, _prepare
+from .tiles import (
+    _interpreting,
+    _last_dim_contiguous,
+    _prefix_rows,
+    _prefix_source,
+    _strides,
+    _tiles,
+    _tma_possible,
+    _use_tma,
+    kernel_config,
 )
-from .row_norm import max_row_norm
 from .triton_bwd import bwd_preprocess_kernel, dkdv_kernel, dq_kernel
 from .triton_fwd import fwd_kernel
-
-LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A kernel's tile shape and launch parameters; tma: load q/k/v/dO tiles through TMA
-    descriptors on GPUs that have them (Hopper and newer)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    tma: bool = False
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tiles of the three kernels: forward, key-major backward (dK/dV), query-major backward (dQ).
-    Every gradient is deterministic (no atomics)."""
-
-    fwd: Tile
-    dkdv: Tile
-    dq: Tile
-
-
-# Tuned on an H100 (tools/bench_attention.py --sweep); see docs/benchmarks.md and docs/kernel_notes.md
-# (step 18: the dK/dV tile at head_dim 128). 16-bit inputs.
-# TMA loads pay off in the forward and dQ kernels; the dK/dV kernel is faster without.
-_GPU_CONFIGS = {
-    64: KernelConfig(fwd=Tile(128, 64, 4, 3, tma=True), dkdv=Tile(64, 64, 4, 2), dq=Tile(64, 64, 4, 3, tma=True)),
-    128: KernelConfig(fwd=Tile(128, 128, 8, 3, tma=True), dkdv=Tile(64, 64, 4, 2), dq=Tile(128, 64, 8, 3, tma=True)),
-}
-# float32 tiles take twice the shared memory: smaller tiles, two stages (fits 227 KB at d = 128).
-_GPU_FP32_CONFIG = KernelConfig(fwd=Tile(64, 64, 4, 2), dkdv=Tile(32, 64, 4, 2), dq=Tile(64, 32, 4, 2))
-# Small tiles for the Triton interpreter (CPU tests): several blocks at tiny lengths.
-_INTERPRET_CONFIG = KernelConfig(fwd=Tile(16, 16, 1, 1), dkdv=Tile(16, 32, 1, 1), dq=Tile(32, 16, 1, 1))
-_override: Optional[KernelConfig] = None
-
-
-def set_kernel_config(config: Optional[KernelConfig]) -> None:
-    """Force the tiles of every kernel (None: back to the per-head_dim defaults)."""
-    global _override
-    _override = config
-
-
-def kernel_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
-    """Tiles used for this head_dim and input dtype on this device."""
-    if _override is not None:
-        return _override
-    if device.type != "cuda":
-        return _INTERPRET_CONFIG
-    if dtype == torch.float32:
-        return _GPU_FP32_CONFIG
-    return _GPU_CONFIGS[64 if head_dim <= 64 else 128]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# TMA (tensor-memory-accelerator) loads of the q/k/v/dO tiles: where the kernel's Tile asks
-# for them, on Hopper and newer GPUs; MEGATRON_FOX_TMA=0 turns them off everywhere, =1 forces
-# them for every kernel (also under the interpreter).
-_TMA_ENV = os.environ.get("MEGATRON_FOX_TMA", "")
-_tma_override: Optional[bool] = None if _TMA_ENV == "" else _TMA_ENV == "1"
-
-
-def set_tma(enabled: Optional[bool]) -> None:
-    """Force TMA tile loads on (True) or off (False) in every kernel; None: as the tiles say."""
-    global _tma_override
-    _tma_override = enabled
-
-
-def _tma_possible(*tensors) -> bool:
-    """A 4-d descriptor needs a 16-byte aligned base and 16-byte multiples as strides."""
-    for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
-            return False
-    return True
-
-
-def _use_tma(tile: Tile, *tensors) -> bool:
-    if _tma_override is not None:
-        return _tma_override and _tma_possible(*tensors)
-    if not tile.tma or _interpreting() or not tensors[0].is_cuda:
-        return False
-    return torch.cuda.get_device_capability(tensors[0].device)[0] >= 9 and _tma_possible(*tensors)
-
-
-def _tiles(tma: bool, *pairs):
-    """(tensor, rows per tile) -> the kernel argument: a [1, rows, 1, D] descriptor or the tensor."""
-    if not tma:
-        return [t for t, _ in pairs]
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]]) for t, rows in pairs]
-
-
-def _prefix_source(tma: bool, c, block: int):
-    """Prefix sums [B, H, T] (contiguous float32) as the kernels read them: with TMA a
-    [B*H, T] descriptor with [1, block] blocks, else the tensor. TMA wants a 16-byte
-    aligned base and row stride: where T is not a multiple of 4 (or the view is
-    misaligned) the rows go to a padded copy (B*H*T floats, negligible next to attention)."""
-    if not tma:
-        return c
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = _prefix_rows(c)
-    return TensorDescriptor(rows, list(rows.shape), [rows.stride(0), 1], [1, block])
-
-
-def _prefix_rows(c):
-    """[B, H, T] -> [B*H, T] view with a 16-byte aligned base and row stride (TMA's terms)."""
-    rows = c.reshape(-1, c.shape[-1])
-    T = rows.shape[1]
-    if T % 4 or rows.data_ptr() % 16:
-        padded = torch.zeros(rows.shape[0], -(-T // 4) * 4, dtype=rows.dtype, device=rows.device)
-        padded[:, :T] = rows
-        rows = padded[:, :T]
-    return rows
-
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-@dataclass
-class _Plan:
-    """What forward computes once and backward reuses (not tensors of the graph)."""
-
-    sm_scale: float
-    delta: Optional[torch.Tensor]  # [B, H] ACP threshold, None for exact
-    doc_start: Optional[torch.Tensor]  # [T] int32
-    doc_end: Optional[torch.Tensor]
-    config: KernelConfig
-    bound: Optional[torch.Tensor] = None  # [B, H] logit bound U (behind delta; exact FoX: for zero blocks)
-    backward_pruning: str = "bound"  # "lse": the backward prunes by boundary.lse_threshold
-
-
-def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
-    T = q.shape[1]
-    if cu_seqlens is not None:
-        doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
-    else:
-        doc_start = doc_end = None
-    delta = U = None
-    if log_eps is not None or _skip_zero_on:
-        with torch.no_grad():
-            U = logit_bound_per_head(q, k, sm_scale, logit_bound, max_norm=max_row_norm if q.is_cuda else None)
-    if log_eps is not None:
-        delta = pruning_threshold(U, T, log_eps)
-    return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning)
-
-
-# Exact FoX: the backward skips the key blocks in which every weight p_ij = exp(s_ij + c_i -
-# c_j - lse_i) < exp(ZERO_LOG_WEIGHT) = 2^-158.7, below float32's smallest denormal (2^-149)
-# with room for the rounding of the exponent: each such p is +0.0 in the kernels, adds exactly
-# nothing to dQ, dK, dV or the dS sums, so the gradients are the same to the bit.
-ZERO_LOG_WEIGHT = -110.0
-_skip_zero_on = os.environ.get("MEGATRON_FOX_SKIP_ZERO", "1") != "0"
-
-
-def set_zero_block_skipping(enabled: bool) -> bool:
-    """Let the exact (log_eps=None) backward skip blocks whose weights are all zero in float32
-    (True, the default; MEGATRON_FOX_SKIP_ZERO=0 turns it off); returns the previous setting."""
-    global _skip_zero_on
-    previous, _skip_zero_on = _skip_zero_on, bool(enabled)
-    return previous
-
-
-def _backward_delta(plan: _Plan, lse2, block_m: int):
-    """The threshold a backward kernel with query blocks of block_m rows prunes by, from the
-    rows' log-sum-exp (lse2 [B, H, T], base 2) where it can: with backward_pruning="lse" the
-    ACP rule of `boundary.lse_threshold`; for exact FoX only weights that are zero in float32
-    (delta = -2U + ZERO_LOG_WEIGHT, the forward's rule at log_eps - log L = ZERO_LOG_WEIGHT);
-    else the forward's delta [B, H] (None: nothing)."""
-    if plan.delta is None and plan.bound is not None:
-        return boundary.lse_threshold(ZERO_LOG_WEIGHT - 2.0 * plan.bound, plan.bound, lse2 * (1.0 / LOG2E), block_m)
-    if plan.delta is None or plan.backward_pruning != "lse":
-        return plan.delta
-    return boundary.lse_threshold(plan.delta, plan.bound, lse2 * (1.0 / LOG2E), block_m)
 
 
 # Hopper (sm_90) forward in Gluon with explicit warp roles (gluon_fwd.py): on by default where

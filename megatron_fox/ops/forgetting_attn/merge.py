@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .function import _interpreting
+from .tiles import _interpreting
 
 
 @triton.jit
