@@ -217,7 +217,8 @@ def forgetting_attention(
     pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
     float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
     Exact FoX still skips, in the backward, key blocks whose weights all round to zero in
-    float32 (`ZERO_LOG_WEIGHT`; the same gradients to the bit; `set_zero_block_skipping`).
+    float32 (`ZERO_LOG_WEIGHT`; the same gradients to the bit; `set_zero_block_skipping`),
+    found with U = logit_bound where given (it must bound the logits here too) or the data.
     backward_pruning="lse" lets the backward, which knows each row's log-sum-exp, skip also
     the pairs with c_i - c_j < lse_i - U - log T + log_eps (weight < eps / T each, the same
     guarantee; `boundary.lse_threshold`); "bound" (default) prunes it like the forward.
