@@ -180,8 +180,8 @@ def run(args, on_step=None) -> list[dict]:
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
-                          f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | attention skipped fwd {overall:.3f} "
-                          f"bwd {out['acp_bwd_skipped']:.3f} "
+                          f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | "
+                          f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
