@@ -113,22 +113,24 @@ def build_model_and_engine(args, device, tokenizer):
     return model, engine, engine.load(args.load) if args.load else 0
 
 
-def _skipped_by_layer(model, what: str = "skipped_fraction") -> dict[int, float]:
-    """Fraction of attention FLOPs skipped in each layer's last forward (or, with
-    what="backward_skipped_fraction", backward), over all ranks."""
+def _skipped_by_layer(model) -> tuple[dict[int, float], dict[int, float]]:
+    """Fraction of attention FLOPs skipped in each layer's last forward and in its backward,
+    over all ranks (one gather for both)."""
     from .training.model import attention_layers
 
     local = {}
     for m in attention_layers(model):
-        if getattr(m, what) is not None:
-            local[m.layer_number] = float(getattr(m, what))
+        if m.skipped_fraction is not None:
+            local[m.layer_number] = (float(m.skipped_fraction), float(m.backward_skipped_fraction))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     merged: dict[int, list] = {}
     for part in gathered:
-        for layer, frac in part.items():
-            merged.setdefault(layer, []).append(frac)
-    return {layer: sum(v) / len(v) for layer, v in sorted(merged.items())}
+        for layer, fracs in part.items():
+            merged.setdefault(layer, []).append(fracs)
+    fwd = {layer: sum(f for f, _ in v) / len(v) for layer, v in sorted(merged.items())}
+    bwd = {layer: sum(b for _, b in v) / len(v) for layer, v in sorted(merged.items())}
+    return fwd, bwd
 
 
 def run(args, on_step=None) -> list[dict]:
@@ -173,10 +175,9 @@ def run(args, on_step=None) -> list[dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
-            skipped = _skipped_by_layer(model)
+            skipped, bwd = _skipped_by_layer(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
-            bwd = _skipped_by_layer(model, "backward_skipped_fraction")
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
-from ..ops.forgetting_attn.common import check_inputs, document_maps, logit_bound_per_head, pruning_threshold
+from ..ops.forgetting_attn.common import (check_backward_pruning, check_inputs, document_maps, logit_bound_per_head,
+                                          pruning_threshold)
 from ..ops.forgetting_attn.row_norm import max_row_norm
 from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
@@ -300,8 +301,7 @@ def context_parallel_forgetting_attention(
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
                                                  cp_group)
-    if backward_pruning not in ("bound", "lse"):
-        raise ValueError(f"backward_pruning must be 'bound' or 'lse', got {backward_pruning!r}")
+    check_backward_pruning(backward_pruning)
     docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta, dead, U = None, None, None

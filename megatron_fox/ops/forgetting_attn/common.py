@@ -224,6 +224,12 @@ def segmented_reverse_cumsum(x: torch.Tensor, doc_end: Optional[torch.Tensor]) -
     return rc - after
 
 
+def check_backward_pruning(backward_pruning: str) -> None:
+    """The op's backward_pruning argument: "bound" or "lse" (ValueError naming it otherwise)."""
+    if backward_pruning not in ("bound", "lse"):
+        raise ValueError(f"backward_pruning must be 'bound' or 'lse', got {backward_pruning!r}")
+
+
 def logit_bound_per_head(q, k, sm_scale: float, logit_bound: Union[None, float, torch.Tensor],
                          reduce_max=None, max_norm=None) -> torch.Tensor:
     """U[b, h] >= max |sm_scale * q_i . k_j| over the (batch, head), float32 [B, H].

@@ -11,8 +11,15 @@ import torch
 import triton
 
 from . import boundary
-from .common import LOG2E, AttentionStats, check_inputs, forget_prefix_sums, segmented_reverse_cumsum
-from .plan import _backward_delta, _Plan, _prepare
+from .common import (
+    LOG2E,
+    AttentionStats,
+    check_backward_pruning,
+    check_inputs,
+    forget_prefix_sums,
+    segmented_reverse_cumsum,
+)
+from .plan import _backward_delta, _backward_prunes_by_lse, _Plan, _prepare
 from .tiles import (
     _interpreting,
     _last_dim_contiguous,
@@ -105,6 +112,13 @@ def _dot_precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+def _dq_start(plan: _Plan, cq, ck, lse2):
+    """First key block of each query block of the dQ kernel's tile, by the backward's threshold."""
+    t = plan.config.dq
+    return boundary.key_block_start(cq, ck, _backward_delta(plan, lse2, t.block_m), plan.doc_start,
+                                    t.block_m, t.block_n)
+
+
 def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True,
               fwd_start=None):
     """Launch the backward kernels -> dq, dk, dv, row sums and column sums of dS [B, H, T].
@@ -147,11 +161,11 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = cfg.dq
-    delta = _backward_delta(plan, lse2, t.block_m)
-    if fwd_start is not None and delta is plan.delta and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n):
+    if (fwd_start is not None and not _backward_prunes_by_lse(plan)
+            and (t.block_m, t.block_n) == (cfg.fwd.block_m, cfg.fwd.block_n)):
         start = fwd_start
     else:
-        start = boundary.key_block_start(cq, ck, delta, plan.doc_start, t.block_m, t.block_n)
+        start = _dq_start(plan, cq, ck, lse2)
     nbm = triton.cdiv(T, t.block_m)
     tma = _use_tma(t, q, k, v, do)
     dq_kernel[(nbm, B * H)](
@@ -229,8 +243,7 @@ def forgetting_attention(
     falls back to the plain-PyTorch reference.
     """
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
-    if backward_pruning not in ("bound", "lse"):
-        raise ValueError(f"backward_pruning must be 'bound' or 'lse', got {backward_pruning!r}")
+    check_backward_pruning(backward_pruning)
     if q.device.type != "cuda" and not _interpreting():
         return _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
                                    return_stats, return_lse)
@@ -255,13 +268,11 @@ def _stats(start, plan: _Plan, T: int, log_fgate, lse) -> AttentionStats:
     def backward():  # the dQ kernel's boundary, as _backward finds it
         t = plan.config.dq
         c, _ = forget_prefix_sums(log_fgate, plan.doc_start)
-        bwd_start = boundary.key_block_start(c, c, _backward_delta(plan, lse * LOG2E, t.block_m), plan.doc_start,
-                                             t.block_m, t.block_n)
-        skipped, total = boundary.skipped_pairs(bwd_start, t.block_m, t.block_n, T, plan.doc_start)
+        skipped, total = boundary.skipped_pairs(_dq_start(plan, c, c, lse * LOG2E), t.block_m, t.block_n, T,
+                                                plan.doc_start)
         return skipped.sum() / total.sum()
 
-    lse_pruning = plan.bound is not None and (plan.delta is None or plan.backward_pruning == "lse")
-    return AttentionStats(compute, tile.block_m, tile.block_n, backward if lse_pruning else None)
+    return AttentionStats(compute, tile.block_m, tile.block_n, backward if _backward_prunes_by_lse(plan) else None)
 
 
 def _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, return_stats, return_lse):

@@ -59,14 +59,19 @@ def set_zero_block_skipping(enabled: bool) -> bool:
     return previous
 
 
+def _backward_prunes_by_lse(plan: _Plan) -> bool:
+    """Whether the backward's threshold comes from the rows' lse: ACP with backward_pruning
+    "lse", or exact FoX skipping its zero blocks (U known)."""
+    return plan.bound is not None and (plan.delta is None or plan.backward_pruning == "lse")
+
+
 def _backward_delta(plan: _Plan, lse2, block_m: int):
     """The threshold a backward kernel with query blocks of block_m rows prunes by, from the
     rows' log-sum-exp (lse2 [B, H, T], base 2) where it can: with backward_pruning="lse" the
     ACP rule of `boundary.lse_threshold`; for exact FoX only weights that are zero in float32
     (delta = -2U + ZERO_LOG_WEIGHT, the forward's rule at log_eps - log L = ZERO_LOG_WEIGHT);
     else the forward's delta [B, H] (None: nothing)."""
-    if plan.delta is None and plan.bound is not None:
-        return boundary.lse_threshold(ZERO_LOG_WEIGHT - 2.0 * plan.bound, plan.bound, lse2 * (1.0 / LOG2E), block_m)
-    if plan.delta is None or plan.backward_pruning != "lse":
+    if not _backward_prunes_by_lse(plan):
         return plan.delta
-    return boundary.lse_threshold(plan.delta, plan.bound, lse2 * (1.0 / LOG2E), block_m)
+    delta = plan.delta if plan.delta is not None else ZERO_LOG_WEIGHT - 2.0 * plan.bound
+    return boundary.lse_threshold(delta, plan.bound, lse2 * (1.0 / LOG2E), block_m)

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import _last_dim_contiguous
+
 
 @triton.jit
 def max_sq_norm_kernel(X, OUT, T, H, s_b, s_t, s_h, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -24,8 +26,7 @@ def max_sq_norm_kernel(X, OUT, T, H, s_b, s_t, s_h, HEAD_DIM: tl.constexpr, BLOC
 def max_row_norm(x: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] (last dim contiguous, D a power of two) -> max_t ||x[b, t, h]||, float32 [B, H]."""
     B, T, H, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _last_dim_contiguous(x)
     out = torch.zeros(B * H, dtype=torch.float32, device=x.device)
     block_t = 64
     max_sq_norm_kernel[(triton.cdiv(T, block_t), B * H)](x, out, T, H, x.stride(0), x.stride(1), x.stride(2),
