@@ -188,6 +188,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
 
     monkeypatch.setattr(function, "_tiles", spy)
     tiles.set_tma(True)
+    gluon_was = function.set_gluon_forward(False)  # the Triton forward's loads (Gluon: tests/gpu)
     try:
         cu, log_eps, dtype = None, None, torch.float32
         if case == "gqa_bf16_acp":
@@ -212,6 +213,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
             check_close(g, gr, dtype, f"d{name}")
     finally:
         tiles.set_tma(None)
+        function.set_gluon_forward(gluon_was)
     assert used == [True, True, True], used  # forward, dK/dV, dQ
 
 
