@@ -5,8 +5,9 @@ q and k RMS-normalised so U = sqrt(head_dim) bounds |logit|, log_eps = -10. Forg
 constant per head with 10% noise, half-lives log-spaced over the heads: spectrum (a)
 16..L tokens, spectrum (b) 4..4096 tokens. Rows fox_acp_*_lse: the backward prunes by the
 rows' log-sum-exp (backward_pruning="lse"), its skipped fraction in the last column;
-fox_exact's backward skips only blocks whose weights are zero in float32 (same gradients to
-the bit), fox_exact_noskip computes every causal block.
+fox_exact skips only blocks whose weights are zero in float32 (the forward finds them by the
+diagonal logits, the backward by the rows' lse; same output and gradients to the bit),
+fox_exact_noskip computes every causal block.
 
     python tools/bench_attention.py                    # the table (needs a CUDA GPU)
     python tools/bench_attention.py --lengths 16384 --sweep   # tile sweep at one length
@@ -146,7 +147,8 @@ def run_table(args):
             was = set_zero_block_skipping(skip_zero)
             _, stats = forgetting_attention(q, k, v, g, return_stats=True)
             tf, ta, clk = measure(lambda a, b, c, gg: forgetting_attention(a, b, c, gg), [q, k, v, g])
-            rows.append(row(impl, L, tf, ta, clk, fl, 0.0, stats.backward_skipped_fraction.item()))
+            rows.append(row(impl, L, tf, ta, clk, fl, stats.skipped_fraction.item(),
+                            stats.backward_skipped_fraction.item()))
             set_zero_block_skipping(was)
         for (name, g), (suffix, pruning) in itertools.product(spectra.items(), (("", "bound"), ("_lse", "lse"))):
             impl = f"fox_acp_{name}{suffix}"
@@ -297,7 +299,7 @@ def run_grad_error(args):
     exact FoX on float32 inputs (ieee dots), overall and over the first and last eighth of the
     positions (d log f sums dS over every pair that straddles a position: far pairs pile up
     at the start). Also whether exact FoX with its zero blocks skipped gives the same bf16
-    gradients, to the bit, as computing them."""
+    output and gradients, to the bit, as computing them."""
     from megatron_fox.ops import forgetting_attention, set_zero_block_skipping
 
     dev = torch.device("cuda")
@@ -310,20 +312,21 @@ def run_grad_error(args):
         def grads(dtype, **acp):
             ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)] + [g.clone().requires_grad_()]
             o = forgetting_attention(*ins, **acp)
-            return torch.autograd.grad(o, ins, do.to(dtype))
+            return (o.detach(),) + torch.autograd.grad(o, ins, do.to(dtype))
 
         was = set_zero_block_skipping(False)
         dense = grads(torch.bfloat16)
         set_zero_block_skipping(True)
         same = [torch.equal(a, b) for a, b in zip(grads(torch.bfloat16), dense)]
         set_zero_block_skipping(was)
-        print(f"exact FoX L={L}, zero blocks skipped vs computed: dq, dk, dv, dlogf bit-identical {same}", flush=True)
-        ref = grads(torch.float32)
+        print(f"exact FoX L={L}, zero blocks skipped vs computed: o, dq, dk, dv, dlogf bit-identical {same}",
+              flush=True)
+        ref = grads(torch.float32)[1:]
         e = L // 8
         for name, acp in (("exact", {}), ("acp_bound", dict(log_eps=args.log_eps, logit_bound=math.sqrt(D))),
                           ("acp_lse", dict(log_eps=args.log_eps, logit_bound=math.sqrt(D), backward_pruning="lse"))):
             cells = []
-            for gname, a, r in zip(("dq", "dk", "dv", "dlogf"), grads(torch.bfloat16, **acp), ref):
+            for gname, a, r in zip(("dq", "dk", "dv", "dlogf"), grads(torch.bfloat16, **acp)[1:], ref):
                 a, r = a.double(), r.double()
                 parts = [(a - r).norm() / r.norm(), (a[:, :e] - r[:, :e]).norm() / r[:, :e].norm(),
                          (a[:, -e:] - r[:, -e:]).norm() / r[:, -e:].norm()]

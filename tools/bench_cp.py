@@ -251,7 +251,8 @@ def _modes(args, parts, D):
     from megatron_fox.parallel import (ChunkSkipMemory, HeadCostMemory, context_parallel_forgetting_attention,
                                        head_parallel_forgetting_attention)
 
-    kw = dict(cp_group=dist.group.WORLD, logit_bound=math.sqrt(D), return_stats=True)
+    kw = dict(cp_group=dist.group.WORLD, logit_bound=math.sqrt(D), return_stats=True,
+              backward_pruning=args.backward_pruning)
     eps = args.log_eps
     modes = []
     if "p2p" in args.cp_comm_type:
@@ -405,6 +406,8 @@ def main(argv=None):
     p.add_argument("--merge", action="store_true", help="time the partial-output merge alone (one GPU)")
     p.add_argument("--a2a-split", action="store_true",
                    help="one GPU: the op on each rank's heads as a2a deals them by cost (balance check)")
+    p.add_argument("--backward-pruning", choices=["bound", "lse"], default="bound",
+                   help="--multi-gpu: the backward kernels prune by the forward's rule or also by the rows' lse")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--check", action="store_true",
                    help="multi-GPU: at the first length, compare the ring's output and gradients with the one-device op")

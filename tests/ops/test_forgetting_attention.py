@@ -265,8 +265,9 @@ def test_backward_pruning_by_lse(device):
         forgetting_attention(q, k, v, log_f, log_eps=log_eps, backward_pruning="rowmax")
 
 
-def test_exact_backward_skips_only_zero_blocks(device):
-    """Exact FoX: the backward skips blocks whose weights are zero in float32, and its
+def test_exact_skips_only_zero_blocks(device):
+    """Exact FoX: forward and backward skip blocks whose weights are zero in float32 (the
+    forward finds them by the diagonal logits, the backward by the rows' lse), and output and
     gradients equal those computed without skipping to the bit."""
     from megatron_fox.ops import set_zero_block_skipping
 
@@ -284,10 +285,12 @@ def test_exact_backward_skips_only_zero_blocks(device):
         was = set_zero_block_skipping(skip)
         try:
             out, stats = forgetting_attention(q, k, v, log_f, return_stats=True)
-            results[skip] = (out, stats.backward_skipped_fraction.item(), grads(out, (q, k, v, log_f), dout))
+            results[skip] = (out, stats.backward_skipped_fraction.item(), grads(out, (q, k, v, log_f), dout),
+                             stats.skipped_fraction.item())
         finally:
             set_zero_block_skipping(was)
     assert results[False][1] == 0.0 and results[True][1] > 0.2
+    assert results[False][3] == 0.0 and results[True][3] > 0.2
     assert torch.equal(results[True][0], results[False][0])
     for name, a, b in zip("q k v log_fgate".split(), results[True][2], results[False][2]):
         assert torch.equal(a, b), name

@@ -51,9 +51,9 @@ class AttentionStats:
     query_block_start: [B, H, num_query_blocks] index of the first key computed for
         each query block (a multiple of the key block size).
     block_m, block_n: forward tile sizes the boundary refers to.
-    backward_skipped_fraction: the fraction the backward kernels skip; above
-        skipped_fraction with backward_pruning="lse" and, for exact FoX, the blocks whose
-        weights are zero in float32; else the same.
+    backward_skipped_fraction: the fraction the backward kernels skip; with
+        backward_pruning="lse" (and for exact FoX's blocks whose weights are zero in
+        float32) found from the rows' lse, usually above skipped_fraction; else the same.
 
     The tensors are computed on first access (`compute()` returns the first three), so a
     training step that reads them only at its logging interval launches no extra kernels.

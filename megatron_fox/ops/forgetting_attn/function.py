@@ -19,7 +19,7 @@ from .common import (
     forget_prefix_sums,
     segmented_reverse_cumsum,
 )
-from .plan import _backward_delta, _backward_prunes_by_lse, _Plan, _prepare
+from .plan import _backward_delta, _backward_prunes_by_lse, _forward_delta, _Plan, _prepare
 from .tiles import (
     _interpreting,
     _last_dim_contiguous,
@@ -81,13 +81,14 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
         from .gluon_fwd import launch_forward
 
         block_m, block_n, _ = _gluon_tiles()[q.shape[-1]]
-        start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, block_m, block_n)
+        start = boundary.key_block_start(cq, ck, _forward_delta(plan, block_m), plan.doc_start, block_m, block_n)
         o, lse2 = launch_forward(q, k, v, cq_kern, _prefix_rows(ck_kern), start, plan.sm_scale * LOG2E)
         return o, lse2, start
     B, T, H, D = q.shape
     group = H // k.shape[2]
     tile = plan.config.fwd
-    start = boundary.key_block_start(cq, ck, plan.delta, plan.doc_start, tile.block_m, tile.block_n)
+    start = boundary.key_block_start(cq, ck, _forward_delta(plan, tile.block_m), plan.doc_start, tile.block_m,
+                                     tile.block_n)
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     nbm = triton.cdiv(T, tile.block_m)
@@ -230,12 +231,14 @@ def forgetting_attention(
     offsets [0, ..., T]). log_eps=None computes exact FoX; otherwise key blocks whose
     pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
     float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
-    Exact FoX still skips, in the backward, key blocks whose weights all round to zero in
-    float32 (`ZERO_LOG_WEIGHT`; the same gradients to the bit; `set_zero_block_skipping`),
+    Exact FoX still skips key blocks whose weights all round to zero in float32
+    (`ZERO_LOG_WEIGHT`; the same output and gradients to the bit; `set_zero_block_skipping`),
     found with U = logit_bound where given (it must bound the logits here too) or the data.
     backward_pruning="lse" lets the backward, which knows each row's log-sum-exp, skip also
     the pairs with c_i - c_j < lse_i - U - log T + log_eps (weight < eps / T each, the same
     guarantee; `boundary.lse_threshold`); "bound" (default) prunes it like the forward.
+    (The exact forward, before lse is known, finds its zero blocks by the lower bound
+    lse_i >= s_ii = sm_scale q_i.k_i.)
 
     Returns o [B, T, H, D] (dtype of q); then, if asked, the row log-sum-exp [B, H, T]
     float32 (return_lse, differentiable) and an AttentionStats (return_stats).

@@ -1,5 +1,6 @@
 """What a call computes once and its backward reuses: the pruning thresholds of the forward
-and of the backward (ACP's rule, the rows' lse, exact FoX's zero blocks)."""
+and of the backward (ACP's rule, the rows' lse or the diagonal logits below it, exact FoX's
+zero blocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from . import boundary
 from .common import LOG2E, document_maps, logit_bound_per_head, pruning_threshold
-from .row_norm import max_row_norm
+from .row_norm import diagonal_logits, max_row_norm
 from .tiles import KernelConfig
 
 
@@ -26,6 +27,7 @@ class _Plan:
     config: KernelConfig
     bound: Optional[torch.Tensor] = None  # [B, H] logit bound U (behind delta; exact FoX: for zero blocks)
     backward_pruning: str = "bound"  # "lse": the backward prunes by boundary.lse_threshold
+    diagonal: Optional[torch.Tensor] = None  # [B, H, T] sm_scale q_i.k_i: exact FoX's forward prunes by it
 
 
 def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
@@ -34,13 +36,28 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
         doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
     else:
         doc_start = doc_end = None
-    delta = U = None
-    if log_eps is not None or _skip_zero_on:
-        with torch.no_grad():
+    delta = U = diagonal = None
+    with torch.no_grad():
+        if log_eps is None and _skip_zero_on and _forward_by_diagonal_on:
+            U, diagonal = _bound_and_diagonal(q, k, sm_scale, logit_bound)
+        elif log_eps is not None or _skip_zero_on:
             U = logit_bound_per_head(q, k, sm_scale, logit_bound, max_norm=max_row_norm if q.is_cuda else None)
     if log_eps is not None:
         delta = pruning_threshold(U, T, log_eps)
-    return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning)
+    return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning, diagonal)
+
+
+def _bound_and_diagonal(q, k, sm_scale, logit_bound):
+    """U [B, H] as `logit_bound_per_head` gives it and the diagonal logits [B, H, T], on CUDA
+    from one read of q and k (the row norms of the data bound come with the diagonal)."""
+    if not q.is_cuda:
+        group = q.shape[2] // k.shape[2]
+        diagonal = sm_scale * torch.einsum("bthd,bthd->bht", q.float(), k.float().repeat_interleave(group, 2))
+        return logit_bound_per_head(q, k, sm_scale, logit_bound), diagonal
+    if logit_bound is not None:
+        return logit_bound_per_head(q, k, sm_scale, logit_bound), diagonal_logits(q, k, sm_scale)
+    diagonal, qn, kn = diagonal_logits(q, k, sm_scale, norms=True)
+    return sm_scale * qn * kn.repeat_interleave(q.shape[2] // k.shape[2], dim=1), diagonal
 
 
 # Exact FoX: the backward skips the key blocks in which every weight p_ij = exp(s_ij + c_i -
@@ -65,6 +82,30 @@ def _backward_prunes_by_lse(plan: _Plan) -> bool:
     return plan.bound is not None and (plan.delta is None or plan.backward_pruning == "lse")
 
 
+# Exact FoX's forward skips its zero blocks by a lower bound of the rows' lse (unknown
+# before the forward): lse_i >= s_ii = sm_scale q_i.k_i (the diagonal term is always
+# computed). MEGATRON_FOX_FWD_DIAGONAL=0 keeps the exact forward on every block (A/B runs).
+# ACP's forward stays on delta: there the extra read of q and k cost what it saved (H100,
+# docs/kernel_notes.md step 27).
+_forward_by_diagonal_on = os.environ.get("MEGATRON_FOX_FWD_DIAGONAL", "1") != "0"
+
+
+def _forward_delta(plan: _Plan, block_m: int):
+    """The threshold a forward with query blocks of block_m rows prunes by: delta [B, H]
+    (None: nothing), or, with the diagonal logits known, `boundary.lse_threshold` of them:
+    a skipped pair's weight is exp(s_ij + c_i - c_j - lse_i) <= exp(U + c_i - c_j - s_ii),
+    below the float32 zero of ZERO_LOG_WEIGHT as in the backward."""
+    if plan.diagonal is None:
+        return plan.delta
+    return boundary.lse_threshold(_lse_base(plan), plan.bound, plan.diagonal, block_m)
+
+
+def _lse_base(plan: _Plan) -> torch.Tensor:
+    """The delta that `boundary.lse_threshold` lifts by U + lse: ACP's, or exact FoX's float32
+    zero (-2U + ZERO_LOG_WEIGHT, the ACP rule at log_eps - log L = ZERO_LOG_WEIGHT)."""
+    return plan.delta if plan.delta is not None else ZERO_LOG_WEIGHT - 2.0 * plan.bound
+
+
 def _backward_delta(plan: _Plan, lse2, block_m: int):
     """The threshold a backward kernel with query blocks of block_m rows prunes by, from the
     rows' log-sum-exp (lse2 [B, H, T], base 2) where it can: with backward_pruning="lse" the
@@ -73,5 +114,4 @@ def _backward_delta(plan: _Plan, lse2, block_m: int):
     else the forward's delta [B, H] (None: nothing)."""
     if not _backward_prunes_by_lse(plan):
         return plan.delta
-    delta = plan.delta if plan.delta is not None else ZERO_LOG_WEIGHT - 2.0 * plan.bound
-    return boundary.lse_threshold(delta, plan.bound, lse2 * (1.0 / LOG2E), block_m)
+    return boundary.lse_threshold(_lse_base(plan), plan.bound, lse2 * (1.0 / LOG2E), block_m)
