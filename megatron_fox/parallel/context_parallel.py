@@ -37,6 +37,7 @@ import torch.distributed as dist
 from ..ops.forgetting_attn.block import block_backward, block_forward
 from ..ops.forgetting_attn.common import (check_backward_pruning, check_inputs, document_maps, logit_bound_per_head,
                                           pruning_threshold)
+from ..ops.forgetting_attn.plan import forward_diagonal, skips_zero_blocks
 from ..ops.forgetting_attn.row_norm import max_row_norm
 from ..ops.forgetting_attn.merge import merge_partial_
 from .exchange import (_block_docs, _needed, all_gather_autograd, comm_stream, head_indices, start_grad_exchange,
@@ -91,8 +92,10 @@ class _RingAttention(torch.autograd.Function):
         def run_blocks(blocks, kv, kv_rank):
             for qh, kh, causal in blocks:
                 kk, vv, cc = kv[kh]
+                diagonal = plan["diagonal"]
                 o_b, lse_b, _ = block_forward(qs[qh], kk, vv, cs[qh], cc, sm_scale=plan["sm_scale"],
-                                              causal=causal, delta=plan["delta"],
+                                              causal=causal, delta=plan["delta"], bound=plan["bound"],
+                                              diagonal=None if diagonal is None else diagonal[qh],
                                               **_block_docs(plan, r, qh, kv_rank, kh))
                 rows = slice(qh * half, (qh + 1) * half)
                 merge_partial_(o_acc[:, rows], lse_acc[..., rows], o_b, lse_b)
@@ -139,6 +142,7 @@ class _RingAttention(torch.autograd.Function):
         dc = torch.zeros(c.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        thresholds = [{}, {}] if plan["bound"] is not None else [None, None]  # per query half, see block_backward
 
         def run_blocks(blocks, kv, kv_rank):
             grads = [None, None]
@@ -146,7 +150,8 @@ class _RingAttention(torch.autograd.Function):
                 kk, vv, cc = kv[kh]
                 gq, gk, gv, gcq, gck = block_backward(qs[qh], kk, vv, os_[qh], dos[qh], lses[qh], cs[qh], cc,
                                                       sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"],
-                                                      bound=plan["bound"], **_block_docs(plan, r, qh, kv_rank, kh))
+                                                      bound=plan["bound"], thresholds=thresholds[qh],
+                                                      **_block_docs(plan, r, qh, kv_rank, kh))
                 dq[:, sl[qh]] += gq.float()
                 dc[..., sl[qh]] += gcq
                 if grads[kh] is None:
@@ -295,7 +300,9 @@ def context_parallel_forgetting_attention(
     the chunk skipping is measured against. skip_memory (one per layer): skip only when the
     previous call of the layer had a dead chunk pair, see ChunkSkipMemory. backward_pruning
     as in the op: with "lse" the kernels of the backward also prune by the merged rows' lse
-    (which chunk pairs are computed and sent stays the forward's decision).
+    (which chunk pairs are computed and sent stays the forward's decision). Exact FoX
+    (log_eps=None) skips, as the op does, the kernel blocks whose weights are zero in float32
+    (`set_zero_block_skipping`); no chunk pair is skipped or left unsent for it.
     """
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
@@ -304,21 +311,25 @@ def context_parallel_forgetting_attention(
     check_backward_pruning(backward_pruning)
     docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
-    delta, dead, U = None, None, None
+    delta, dead, U, diagonal = None, None, None, None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
-    if log_eps is not None:
+    exact_zero = skips_zero_blocks(log_eps)  # exact FoX: the kernels skip blocks zero in float32
+    if log_eps is not None or exact_zero:
         U = global_logit_bound(q, k, sm_scale, logit_bound, cp_group)
+    n = T2 // 2
+    if exact_zero:  # by the diagonal logits below each row's lse in the forward, by lse in the backward
+        diagonal = [forward_diagonal(q[:, h * n:(h + 1) * n], k[:, h * n:(h + 1) * n], sm_scale) for h in (0, 1)]
+    if log_eps is not None:
         delta = pruning_threshold(U, L, log_eps)
         if skip_chunks:
             dead = dead_heads(offsets, chunk_sums, delta)
-    n = T2 // 2
     # the table is data-dependent: its copy to the host starts now and is waited for only
     # once our own blocks are queued (the ring's first step needs it; own blocks do not)
     table = AsyncToHost([t for t in (dead, None if docs is None else docs[1][n - 1::n]) if t is not None])
     stats = ContextParallelStats()
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,
-            "bound": U if backward_pruning == "lse" else None,
+            "bound": U if backward_pruning == "lse" or exact_zero else None, "diagonal": diagonal,
             "heads": None, "num_heads": H, "group_size": H // k.shape[2], "docs": docs, "chunk": n,
             "comm": comm_stream(q.device),
             "compute_stream": torch.cuda.current_stream(q.device) if q.is_cuda else None}

@@ -50,8 +50,8 @@ def test_block_backward_prunes_by_lse(device, monkeypatch):
     starts = {}
     real = boundary.key_block_start
 
-    def spy(c_q, c_k, d, *args):
-        out = real(c_q, c_k, d, *args)
+    def spy(c_q, c_k, d, *args, **kw):
+        out = real(c_q, c_k, d, *args, **kw)
         if d is not None and d.shape[-1] == out.shape[-1] and d.dim() == 3:
             starts["lse"] = out
         elif d is not None:
@@ -70,3 +70,31 @@ def test_block_backward_prunes_by_lse(device, monkeypatch):
     t = tiles.kernel_config(D, q.device, q.dtype).dq
     bound_start = real(c, c, delta, None, t.block_m, t.block_n)
     assert "lse" in starts and (starts["lse"] >= bound_start).all() and (starts["lse"] > bound_start).any()
+
+
+def test_block_backward_thresholds_shared_across_key_chunks(device):
+    """A ring reuses one query chunk's lse thresholds (`thresholds=`) for all its key chunks,
+    also after a chunk whose heads were not sent (c_k = +1e30, as exchange.py fills them):
+    every gradient equals the one computed without sharing."""
+    import math
+
+    B, T, H, Hkv, D = 1, 64, 2, 2, 64
+    q, k1, v1, _ = (t.detach() for t in make_inputs(B, T, H, Hkv, D, torch.float32, device, rms_norm=True))
+    _, k2, v2, _ = (t.detach() for t in make_inputs(B, T, H, Hkv, D, torch.float32, device, rms_norm=True))
+    c = torch.cumsum(F.logsigmoid(torch.randn(B, H, 3 * T, device=device) * 0.1 - 2.0), -1)
+    c_q = c[..., 2 * T:]
+    c_dead = c[..., T:2 * T].clone()
+    c_dead[:, 1] = 1e30  # head 1 of this key chunk not sent: all its pairs pruned
+    U = torch.full((B, H), math.sqrt(D) * 1.0001, device=device)
+    delta = -(2 * U + math.log(3 * T)) - 10.0
+    o, lse = torch.randn(B, T, H, D, device=device), torch.randn(B, H, T, device=device) + 3.0
+    do = torch.randn_like(o)
+    pairs = [(k2, v2, c_dead, False), (k1, v1, c[..., :T], False), (q, v1, c_q, True)]
+    shared = {}
+    for kk, vv, cc, causal in pairs:
+        kw = dict(sm_scale=D ** -0.5, causal=causal, delta=delta, bound=U)
+        alone = block_backward(q, kk, vv, o, do, lse, c_q, cc, **kw)
+        reused = block_backward(q, kk, vv, o, do, lse, c_q, cc, thresholds=shared, **kw)
+        for name, a, b in zip(["dq", "dk", "dv", "dc_q", "dc_k"], alone, reused):
+            assert torch.equal(a, b), name
+    assert len(shared) >= 1

@@ -71,7 +71,10 @@ def _check_against_single_process(tmp_path, world, log_eps, gate, docs, data_bou
     for i, name in enumerate("q k v log_fgate".split()):
         close(gather_from_context_parallel([o["grads"][i] for o in outs], 1), ref_grads[i], f"d{name}")
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels' path: the lse rule used exactly when asked
-        assert all((o["lse_thresholds"] > 0) == (backward_pruning == "lse") for o in outs)
+        # (or for exact FoX's blocks that are zero in float32)
+        assert all((o["lse_thresholds"] > 0) == (backward_pruning == "lse" or log_eps is None) for o in outs)
+        if log_eps is None and not docs and world == 4:  # the fast heads' far blocks are zero in float32
+            assert sum(o["start_blocks"] for o in outs) > 0
     skipped = sum(o["stats"]["blocks_skipped"] for o in outs)
     not_sent = sum(o["stats"]["bytes_not_sent"] for o in outs)
     if log_eps is None or not skip_chunks:  # nothing pruned by ACP, documents or not

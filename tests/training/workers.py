@@ -106,6 +106,9 @@ def task_cp(opts):
     lse_thresholds = []  # the backward's lse rule reached the kernels' boundary search
     real = boundary.lse_threshold
     boundary.lse_threshold = lambda *a: lse_thresholds.append(1) or real(*a)
+    starts = []  # first key block of each query block, every kernel launch
+    real_start = boundary.key_block_start
+    boundary.key_block_start = lambda *a, **kw: starts.append(int(real_start(*a, **kw).sum())) or real_start(*a, **kw)
     dist.init_process_group("gloo")
     r, P = dist.get_rank(), dist.get_world_size()
     data = torch.load(opts["inputs"])
@@ -117,7 +120,8 @@ def task_cp(opts):
         cu_seqlens=torch.tensor(opts["cu"], dtype=torch.int32) if opts.get("cu") else None)
     do = split_for_context_parallel(data["do"], 1, r, P)
     grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)
-    torch.save({"o": o.detach(), "grads": grads, "stats": stats.__dict__, "lse_thresholds": len(lse_thresholds)},
+    torch.save({"o": o.detach(), "grads": grads, "stats": stats.__dict__, "lse_thresholds": len(lse_thresholds),
+                "start_blocks": sum(starts)},
                os.path.join(opts["out"], f"cp_{r}.pt"))
 
 

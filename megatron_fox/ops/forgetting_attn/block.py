@@ -28,9 +28,10 @@ def _use_triton(q) -> bool:
     return q.device.type == "cuda" or _interpreting()
 
 
-def _plan(q, sm_scale, delta, doc_start=None, doc_end=None, bound=None):
+def _plan(q, sm_scale, delta, doc_start=None, doc_end=None, bound=None, thresholds=None):
     pruning = "lse" if bound is not None else "bound"
-    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype), bound, pruning)
+    return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype), bound, pruning,
+                 backward_thresholds=thresholds)
 
 
 def _centered(c_q, c_k):
@@ -41,9 +42,14 @@ def _centered(c_q, c_k):
 
 
 def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Optional[torch.Tensor] = None,
-                  doc_start: Optional[torch.Tensor] = None, doc_end: Optional[torch.Tensor] = None):
+                  doc_start: Optional[torch.Tensor] = None, doc_end: Optional[torch.Tensor] = None,
+                  bound: Optional[torch.Tensor] = None, diagonal: Optional[torch.Tensor] = None):
     """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] float32, first computed key block per
     query block [B, H, nbm] int32 (None for the reference path)).
+
+    Exact FoX (delta None) with bound (U [B, H]) and diagonal (sm_scale q_i.k_i [B, H, T] of
+    these query rows and their own keys, `plan.forward_diagonal`): skips the key blocks whose
+    weights are zero in float32 in the whole row, as the op's exact forward does.
 
     Packed documents (batch 1): doc_start [T] int32, for each query the first key index (in
     this key chunk's positions, clamped to [0, T]) of its document; doc_end [T] int32, for
@@ -55,22 +61,28 @@ def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Op
         o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta, doc_start)
         return o, lse, None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, _plan(q, sm_scale, delta, doc_start, doc_end), causal)
+    plan = _plan(q, sm_scale, delta, doc_start, doc_end, bound)
+    if delta is None and bound is not None:
+        plan.diagonal = diagonal
+    o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, plan, causal)
     return o, lse2 * (1.0 / LOG2E), start
 
 
 def block_backward(q, k, v, o, do, lse, c_q, c_k, *, sm_scale: float, causal: bool,
                    delta: Optional[torch.Tensor] = None, doc_start: Optional[torch.Tensor] = None,
-                   doc_end: Optional[torch.Tensor] = None, bound: Optional[torch.Tensor] = None):
+                   doc_end: Optional[torch.Tensor] = None, bound: Optional[torch.Tensor] = None,
+                   thresholds: Optional[dict] = None):
     """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows.
     bound (U [B, H], with delta): the kernels also prune by the rows' lse
-    (`forgetting_attention(backward_pruning="lse")`); the plain-PyTorch path ignores it."""
+    (`forgetting_attention(backward_pruning="lse")`); the plain-PyTorch path ignores it.
+    thresholds: a dict kept by the caller for one query chunk (same q rows, lse, delta and
+    bound) across its key chunks: the lse thresholds are computed once and reused from it."""
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
         return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta, doc_start)
     q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
     dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, (lse * LOG2E).contiguous(), c_q, c_k, c_q, c_k,
-                                       _plan(q, sm_scale, delta, doc_start, doc_end, bound), causal)
+                                       _plan(q, sm_scale, delta, doc_start, doc_end, bound, thresholds), causal)
     return dq, dk, dv, drow, -dcol
 
 

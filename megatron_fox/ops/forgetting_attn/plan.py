@@ -28,6 +28,9 @@ class _Plan:
     bound: Optional[torch.Tensor] = None  # [B, H] logit bound U (behind delta; exact FoX: for zero blocks)
     backward_pruning: str = "bound"  # "lse": the backward prunes by boundary.lse_threshold
     diagonal: Optional[torch.Tensor] = None  # [B, H, T] sm_scale q_i.k_i: exact FoX's forward prunes by it
+    # block_m -> the backward's ordered lse threshold; a dict the caller may share between
+    # calls with the same rows (lse, U, delta), e.g. a ring's key chunks of one query chunk
+    backward_thresholds: Optional[dict] = None
 
 
 def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
@@ -47,15 +50,29 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
     return _Plan(sm_scale, delta, doc_start, doc_end, config, U, backward_pruning, diagonal)
 
 
+def skips_zero_blocks(log_eps) -> bool:
+    """Whether a call with this log_eps skips exact FoX's blocks that are zero in float32."""
+    return log_eps is None and _skip_zero_on
+
+
+def forward_diagonal(q, k, sm_scale) -> Optional[torch.Tensor]:
+    """The diagonal logits sm_scale q_i.k_i [B, H, T] float32 that exact FoX's forward finds
+    its zero blocks by (q [B, T, H, D], k [B, T, Hkv, D] at the same positions); None where
+    MEGATRON_FOX_FWD_DIAGONAL=0."""
+    if not _forward_by_diagonal_on:
+        return None
+    with torch.no_grad():
+        if q.is_cuda:
+            return diagonal_logits(q, k, sm_scale)
+        group = q.shape[2] // k.shape[2]
+        return sm_scale * torch.einsum("bthd,bthd->bht", q.float(), k.float().repeat_interleave(group, 2))
+
+
 def _bound_and_diagonal(q, k, sm_scale, logit_bound):
     """U [B, H] as `logit_bound_per_head` gives it and the diagonal logits [B, H, T], on CUDA
     from one read of q and k (the row norms of the data bound come with the diagonal)."""
-    if not q.is_cuda:
-        group = q.shape[2] // k.shape[2]
-        diagonal = sm_scale * torch.einsum("bthd,bthd->bht", q.float(), k.float().repeat_interleave(group, 2))
-        return logit_bound_per_head(q, k, sm_scale, logit_bound), diagonal
-    if logit_bound is not None:
-        return logit_bound_per_head(q, k, sm_scale, logit_bound), diagonal_logits(q, k, sm_scale)
+    if not q.is_cuda or logit_bound is not None:
+        return logit_bound_per_head(q, k, sm_scale, logit_bound), forward_diagonal(q, k, sm_scale)
     diagonal, qn, kn = diagonal_logits(q, k, sm_scale, norms=True)
     return sm_scale * qn * kn.repeat_interleave(q.shape[2] // k.shape[2], dim=1), diagonal
 
@@ -111,7 +128,14 @@ def _backward_delta(plan: _Plan, lse2, block_m: int):
     rows' log-sum-exp (lse2 [B, H, T], base 2) where it can: with backward_pruning="lse" the
     ACP rule of `boundary.lse_threshold`; for exact FoX only weights that are zero in float32
     (delta = -2U + ZERO_LOG_WEIGHT, the forward's rule at log_eps - log L = ZERO_LOG_WEIGHT);
-    else the forward's delta [B, H] (None: nothing)."""
+    else the forward's delta [B, H] (None: nothing). It depends on the rows alone (not on c),
+    so plan.backward_thresholds may carry it from one call to the next."""
     if not _backward_prunes_by_lse(plan):
         return plan.delta
-    return boundary.lse_threshold(_lse_base(plan), plan.bound, lse2 * (1.0 / LOG2E), block_m)
+    cache = plan.backward_thresholds
+    if cache is not None and block_m in cache:
+        return cache[block_m]
+    thr = boundary.lse_threshold(_lse_base(plan), plan.bound, lse2 * (1.0 / LOG2E), block_m)
+    if cache is not None:
+        cache[block_m] = thr
+    return thr
