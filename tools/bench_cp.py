@@ -264,7 +264,7 @@ def _modes(args, parts, D):
     if "a2a" in args.cp_comm_type:  # dealt by cost as in the layer: by the previous call's costs, no host wait
         modes += [(name, le, functools.partial(head_parallel_forgetting_attention, *parts, log_eps=le, balance=bal,
                                                cost_memory=HeadCostMemory() if bal else None, **kw))
-                  for name, le, bal in (("a2a_exact", None, False), ("a2a_acp_unbalanced", eps, False),
+                  for name, le, bal in (("a2a_exact", None, True), ("a2a_acp_unbalanced", eps, False),
                                         ("a2a_acp", eps, True))]
     return modes
 

@@ -18,6 +18,7 @@ Grouped-query attention: a kv head and its query heads always go to the same ran
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from ..ops import forgetting_attention
 from ..ops.forgetting_attn.common import no_data_checks
+from ..ops.forgetting_attn.plan import ZERO_LOG_WEIGHT, skips_zero_blocks
 from .context_parallel import check_rank_inputs, global_pruning_threshold
 from .exchange import index_on_device
 from .layout import chunk_ids
@@ -187,7 +189,8 @@ def head_parallel_forgetting_attention(
     Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
     k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
     the global document offsets (batch 1). Needs Hkv >= P. balance=False deals kv-head groups
-    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost. cost_memory (one
+    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost (exact FoX: by the
+    blocks it keeps above float32's zero, see `set_zero_block_skipping`). cost_memory (one
     per layer) deals by the previous call's costs, so the call does not wait for the GPU. Returns this
     rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats. backward_pruning
     as in `forgetting_attention` (each rank runs the op on whole sequences of its heads).
@@ -201,8 +204,10 @@ def head_parallel_forgetting_attention(
         raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
                          "(cp_comm_type 'a2a' needs kv heads >= context_parallel_size; use 'p2p')")
     G = H // Hkv
-    if balance and log_eps is not None:
-        costs = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=log_eps,
+    # exact FoX skips the blocks below float32's zero: the ACP cost model at delta = -2U - 110
+    cost_eps = log_eps if log_eps is not None else ZERO_LOG_WEIGHT + math.log(L) if skips_zero_blocks(None) else None
+    if balance and cost_eps is not None:
+        costs = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=cost_eps,
                                      logit_bound=logit_bound)
         per_head = costs.tolist() if cost_memory is None else cost_memory.costs_for_dealing(costs)
         groups = assign_heads([sum(per_head[g * G:(g + 1) * G]) for g in range(Hkv)], P)

@@ -36,6 +36,7 @@ def close(a, b, what, rel):
     (4, 8, 4, -10.0, "data", True, True),
     (4, 8, 8, -10.0, "per_head", False, False),
     (2, 8, 2, -10.0, "scalar", False, True),
+    (2, 8, 8, None, "data", False, True),  # exact FoX: dealt by the cost above float32's zero
 ])
 def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, balance):
     B, T, D = 1, 16 * 2 * world, 64
@@ -65,6 +66,17 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
 
     heads = sorted(h for o in outs for h in o["heads"])
     assert heads == list(range(H)) and all(o["heads"] for o in outs)
+    if balance:  # dealt by estimated cost: ACP's pruned pairs, exact FoX's pairs above float32's zero
+        from megatron_fox.ops.forgetting_attn.common import logit_bound_per_head, pruning_threshold
+        from megatron_fox.ops.forgetting_attn.plan import ZERO_LOG_WEIGHT
+        from megatron_fox.parallel.head_parallel import head_costs
+
+        U = logit_bound_per_head(q, k, D ** -0.5, logit_bound)
+        delta = ZERO_LOG_WEIGHT - 2 * U if log_eps is None else pruning_threshold(U, T, log_eps)
+        costs = head_costs(f.mean(1), delta, T).tolist()
+        G = H // Hkv
+        groups = assign_heads([sum(costs[g * G:(g + 1) * G]) for g in range(Hkv)], world)
+        assert [sorted(o["heads"]) for o in outs] == [sorted(g * G + j for g in gs for j in range(G)) for gs in groups]
     ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
     same, stats = forgetting_attention(*ins, log_eps=log_eps, logit_bound=logit_bound, cu_seqlens=cu,
                                        return_stats=True)
