@@ -5,7 +5,9 @@
 
 Each (length, ACP) pair trains from the same seed on the same batches (the embedded corpus
 unless --data-path is given) and reports median tokens/s after warm-up, the mean loss of the
-last 10 steps, and the fraction of attention FLOPs ACP skipped.
+last 10 steps, and the fraction of attention FLOPs skipped in the forward and the backward.
+ACP off is exact FoX, which still skips the blocks whose weights are zero in float32 (the
+same numbers to the bit; MEGATRON_FOX_SKIP_ZERO=0 computes every block).
 """
 
 from __future__ import annotations
