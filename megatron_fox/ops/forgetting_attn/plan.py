@@ -28,7 +28,7 @@ class _Plan:
     bound: Optional[torch.Tensor] = None  # [B, H] logit bound U (behind delta; exact FoX: for zero blocks)
     backward_pruning: str = "bound"  # "lse": the backward prunes by boundary.lse_threshold
     diagonal: Optional[torch.Tensor] = None  # [B, H, T] sm_scale q_i.k_i: exact FoX's forward prunes by it
-    # block_m -> the backward's ordered lse threshold; a dict the caller may share between
+    # block_m -> the backward's lse threshold; a dict the caller may share between
     # calls with the same rows (lse, U, delta), e.g. a ring's key chunks of one query chunk
     backward_thresholds: Optional[dict] = None
 
