@@ -204,8 +204,9 @@ def head_parallel_forgetting_attention(
         raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
                          "(cp_comm_type 'a2a' needs kv heads >= context_parallel_size; use 'p2p')")
     G = H // Hkv
-    # exact FoX skips the blocks below float32's zero: the ACP cost model at delta = -2U - 110
-    cost_eps = log_eps if log_eps is not None else ZERO_LOG_WEIGHT + math.log(L) if skips_zero_blocks(None) else None
+    cost_eps = log_eps
+    if skips_zero_blocks(log_eps):  # exact FoX skips blocks below float32's zero: ACP's model at delta = -2U - 110
+        cost_eps = ZERO_LOG_WEIGHT + math.log(L)
     if balance and cost_eps is not None:
         costs = estimated_head_costs(q, k, log_fgate, group=cp_group, sm_scale=sm_scale, log_eps=cost_eps,
                                      logit_bound=logit_bound)

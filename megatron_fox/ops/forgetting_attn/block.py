@@ -28,10 +28,10 @@ def _use_triton(q) -> bool:
     return q.device.type == "cuda" or _interpreting()
 
 
-def _plan(q, sm_scale, delta, doc_start=None, doc_end=None, bound=None, thresholds=None):
+def _plan(q, sm_scale, delta, doc_start=None, doc_end=None, bound=None, thresholds=None, diagonal=None):
     pruning = "lse" if bound is not None else "bound"
     return _Plan(sm_scale, delta, doc_start, doc_end, kernel_config(q.shape[-1], q.device, q.dtype), bound, pruning,
-                 backward_thresholds=thresholds)
+                 diagonal=diagonal, backward_thresholds=thresholds)
 
 
 def _centered(c_q, c_k):
@@ -61,9 +61,8 @@ def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Op
         o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta, doc_start)
         return o, lse, None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    plan = _plan(q, sm_scale, delta, doc_start, doc_end, bound)
-    if delta is None and bound is not None:
-        plan.diagonal = diagonal
+    exact_zero = delta is None and bound is not None  # the diagonal serves only exact FoX's zero blocks
+    plan = _plan(q, sm_scale, delta, doc_start, doc_end, bound, diagonal=diagonal if exact_zero else None)
     o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, plan, causal)
     return o, lse2 * (1.0 / LOG2E), start
 

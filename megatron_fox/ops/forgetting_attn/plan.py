@@ -41,7 +41,7 @@ def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config
         doc_start = doc_end = None
     delta = U = diagonal = None
     with torch.no_grad():
-        if log_eps is None and _skip_zero_on and _forward_by_diagonal_on:
+        if skips_zero_blocks(log_eps) and _forward_by_diagonal_on:
             U, diagonal = _bound_and_diagonal(q, k, sm_scale, logit_bound)
         elif log_eps is not None or _skip_zero_on:
             U = logit_bound_per_head(q, k, sm_scale, logit_bound, max_norm=max_row_norm if q.is_cuda else None)
