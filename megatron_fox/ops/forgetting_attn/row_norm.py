@@ -11,17 +11,25 @@ from .tiles import _last_dim_contiguous
 
 
 @triton.jit
+def _tile_rows(BLOCK_T: tl.constexpr):
+    """The sequence rows of this program's tile (grid axis 0 walks the sequence)."""
+    return tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
+def _rows_f32(X, b, h, rows, T, s_b, s_t, s_h, HEAD_DIM: tl.constexpr):
+    """X[b, rows, h, :] as a float32 [BLOCK_T, HEAD_DIM] tile, rows >= T read as zero."""
+    cols = tl.arange(0, HEAD_DIM)
+    ptrs = X + b.to(tl.int64) * s_b + h * s_h + rows[:, None].to(tl.int64) * s_t + cols[None, :]
+    return tl.load(ptrs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def max_sq_norm_kernel(X, OUT, T, H, s_b, s_t, s_h, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
     """OUT[b*H + h] = max over this program's rows t of sum_d X[b, t, h, d]^2 (atomic max:
     OUT starts at zero, squares are >= 0, and max is order-free, so the result is exact)."""
-    pid_t = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, HEAD_DIM)
-    ptrs = X + b.to(tl.int64) * s_b + h * s_h + rows[:, None].to(tl.int64) * s_t + cols[None, :]
-    x = tl.load(ptrs, mask=rows[:, None] < T, other=0.0).to(tl.float32)
+    x = _rows_f32(X, bh // H, bh % H, _tile_rows(BLOCK_T), T, s_b, s_t, s_h, HEAD_DIM)
     tl.atomic_max(OUT + bh, tl.max(tl.sum(x * x, 1), 0))
 
 
@@ -42,17 +50,12 @@ def diagonal_logit_kernel(Q, K, OUT, QSQ, KSQ, T, H, sm_scale, s_qb, s_qt, s_qh,
     """OUT[b, h, t] = sm_scale * sum_d Q[b, t, h, d] * K[b, t, h // GROUP, d] in float32; with
     NORMS also QSQ[b*H + h] and KSQ[b*Hkv + h // GROUP] = the largest squared row norms (atomic
     max from zero, as in max_sq_norm_kernel), from the same read."""
-    pid_t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, HEAD_DIM)
-    live = rows[:, None] < T
-    qp = Q + b.to(tl.int64) * s_qb + h * s_qh + rows[:, None].to(tl.int64) * s_qt + cols[None, :]
-    kp = K + b.to(tl.int64) * s_kb + (h // GROUP) * s_kh + rows[:, None].to(tl.int64) * s_kt + cols[None, :]
-    q = tl.load(qp, mask=live, other=0.0).to(tl.float32)
-    k = tl.load(kp, mask=live, other=0.0).to(tl.float32)
+    rows = _tile_rows(BLOCK_T)
+    q = _rows_f32(Q, b, h, rows, T, s_qb, s_qt, s_qh, HEAD_DIM)
+    k = _rows_f32(K, b, h // GROUP, rows, T, s_kb, s_kt, s_kh, HEAD_DIM)
     tl.store(OUT + bh.to(tl.int64) * T + rows, tl.sum(q * k, 1) * sm_scale, mask=rows < T)
     if NORMS:
         tl.atomic_max(QSQ + bh, tl.max(tl.sum(q * q, 1), 0))
