@@ -115,3 +115,22 @@ def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int)
             merged = _merge([shards[(tp, pp)][name] for tp in range(tp_size)], rule)
             full[global_name(name, pp, per_stage)] = merged
     return full
+
+
+_MLP_HALF = ("pre_mlp_layernorm.", "mlp.")
+
+
+def gpt_to_hybrid_names(state: dict) -> dict:
+    """A FoX GPTModel state dict in HybridModel's names for the pattern "*-" * N: layer i's
+    norm and attention go to layer 2i ("*"), its pre-MLP norm and MLP to 2i + 1 ("-"), the
+    final norm from decoder.final_layernorm to decoder.final_norm; the rest is unchanged."""
+    out = {}
+    for name, value in state.items():
+        m = _LAYER.match(name)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            name = f"decoder.layers.{2 * i + rest.startswith(_MLP_HALF)}.{rest}"
+        elif name.startswith("decoder.final_layernorm."):
+            name = "decoder.final_norm." + name[len("decoder.final_layernorm."):]
+        out[name] = value
+    return out

@@ -35,6 +35,10 @@ class FoxGenerator:
 
     def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0):
         self.model = _unwrap(model)
+        if not hasattr(self.model, "decoder") or not all(
+                hasattr(layer.self_attention, "qk_norm_logit_bound") for layer in self.model.decoder.layers):
+            raise ValueError(f"model: generation walks a FoX GPTModel's layers (FoX attention and MLP in each), "
+                             f"got {type(self.model).__name__}")
         cfg = self.model.config
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(cfg, key, 1) != 1:

@@ -34,12 +34,44 @@ def _use_te(transformer_impl: str) -> bool:
 def get_fox_block_spec(config, transformer_impl: str = "auto", vp_stage=None) -> TransformerBlockSubmodules:
     """This pipeline stage's block: FoX layers and the final norm (RMSNorm that allows SP)."""
     layer = get_fox_layer_spec(transformer_impl)
-    if _use_te(transformer_impl):
-        from megatron.core.extensions.transformer_engine import TENorm as final_norm
-    else:
-        final_norm = FoxRMSNorm
+    final_norm = fox_modules(transformer_impl)[2]
     n = get_num_layers_to_build(config, vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
+
+
+def fox_modules(transformer_impl: str = "auto"):
+    """(column-parallel linear, row-parallel linear, norm) classes of the FoX layers:
+    Transformer Engine's where `_use_te(transformer_impl)`, else Megatron-Core's local ones
+    and FoxRMSNorm."""
+    if _use_te(transformer_impl):
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return TEColumnParallelLinear, TERowParallelLinear, TENorm
+    return ColumnParallelLinear, RowParallelLinear, FoxRMSNorm
+
+
+def fox_attention_submodules(transformer_impl: str = "auto") -> dict:
+    """The attention half of a FoX layer as TransformerLayerSubmodules keywords (input
+    norm, FoX self-attention, its bias-dropout-add)."""
+    col, row, norm = fox_modules(transformer_impl)
+    attention = ModuleSpec(
+        module=FoxSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=FoxSelfAttentionSubmodules(linear_qkv=col, core_attention=FoxCoreAttention, linear_proj=row),
+    )
+    return dict(input_layernorm=norm, self_attention=attention, self_attn_bda=get_bias_dropout_add)
+
+
+def fox_mlp_submodules(transformer_impl: str = "auto") -> dict:
+    """The MLP half of a FoX layer as TransformerLayerSubmodules keywords (pre-MLP norm,
+    MLP, its bias-dropout-add)."""
+    col, row, norm = fox_modules(transformer_impl)
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row))
+    return dict(pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)
 
 
 def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
@@ -50,29 +82,8 @@ def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
     The config (FoxTransformerConfig) decides output gate, QK-norm, KV-shift and ACP;
     normalization should be "RMSNorm" and gated_linear_unit with silu gives SwiGLU.
     """
-    if _use_te(transformer_impl):
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TENorm,
-            TERowParallelLinear,
-        )
-
-        col, row, norm = TEColumnParallelLinear, TERowParallelLinear, TENorm
-    else:
-        col, row, norm = ColumnParallelLinear, RowParallelLinear, FoxRMSNorm
-    attention = ModuleSpec(
-        module=FoxSelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=FoxSelfAttentionSubmodules(linear_qkv=col, core_attention=FoxCoreAttention, linear_proj=row),
-    )
     return ModuleSpec(
         module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=attention,
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ),
+        submodules=TransformerLayerSubmodules(**fox_attention_submodules(transformer_impl),
+                                              **fox_mlp_submodules(transformer_impl)),
     )

@@ -38,6 +38,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "make_vocab_size_divisible_by": (int, 128, "pad the vocabulary to a multiple of this"),
     "untie_embeddings_and_output_weights": (bool, True, "separate input and output embeddings"),
     "transformer_impl": (str, "auto", "auto | local | transformer_engine"),
+    "hybrid_layer_pattern": (str, None, "build Megatron-Core's HybridModel from this pattern instead of GPTModel: "
+                                        "'*' a FoX attention layer, '-' an MLP layer, one symbol a layer "
+                                        "('*-' * N is the N-layer FoX GPTModel); megatron-core >= 0.17"),
     # FoX / ACP
     "fox_output_gate": (bool, True, "FoX-Pro output gate"),
     "fox_output_norm": (bool, True, "FoX-Pro per-head output RMS norm"),
@@ -157,6 +160,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:
+    """The pattern fits the FoX hybrid stack, this run and the installed megatron-core."""
+    pattern = args.hybrid_layer_pattern
+    bad = sorted(set(pattern) - set("*-"))
+    if bad or not pattern:
+        raise ConfigError("hybrid_layer_pattern", f"{pattern!r}: the FoX hybrid stack has '*' (FoX attention) and "
+                                                  f"'-' (MLP) layers only" + (f", not {''.join(bad)!r}" if bad else ""))
+    if len(pattern) != args.num_layers:
+        raise ConfigError("hybrid_layer_pattern", f"{pattern!r} has {len(pattern)} layers, num_layers is "
+                                                  f"{args.num_layers} (one symbol a layer, as in Megatron-LM)")
+    if args.pipeline_model_parallel_size != 1:
+        raise ConfigError("hybrid_layer_pattern", "runs with pipeline_model_parallel_size 1")
+    try:
+        import megatron.core.models.hybrid.hybrid_model  # noqa: F401
+    except ImportError:
+        import megatron.core
+
+        raise ConfigError("hybrid_layer_pattern", f"needs megatron-core with HybridModel (>= 0.17, Python >= 3.12); "
+                                                  f"installed: {megatron.core.__version__}") from None
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -193,6 +217,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
     if args.num_layers % pp:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
+    if args.hybrid_layer_pattern is not None:
+        check_hybrid_layer_pattern(args)
     if args.cp_comm_type not in ("p2p", "a2a"):
         raise ConfigError("cp_comm_type", f"{args.cp_comm_type!r}: use p2p or a2a")
     if cp > 1 and args.cp_comm_type == "a2a" and args.num_query_groups // tp < cp:

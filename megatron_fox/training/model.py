@@ -66,19 +66,22 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
 
 
 def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> GPTModel:
-    """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none)."""
-    pre = parallel_state.is_pipeline_first_stage()
-    post = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=get_fox_block_spec(config, args.transformer_impl),
-        vocab_size=vocab_size,
-        max_sequence_length=args.seq_length,
-        pre_process=pre,
-        post_process=post,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="none",
-    )
+    """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none),
+    or with --hybrid-layer-pattern Megatron-Core's HybridModel on the FoX hybrid stack."""
+    common = dict(config=config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
+                  pre_process=parallel_state.is_pipeline_first_stage(),
+                  post_process=parallel_state.is_pipeline_last_stage(),
+                  share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                  position_embedding_type="none")
+    if args.hybrid_layer_pattern is not None:
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        from ..layers.hybrid import get_fox_hybrid_stack_spec
+
+        model = HybridModel(hybrid_stack_spec=get_fox_hybrid_stack_spec(args.transformer_impl),
+                            hybrid_layer_pattern=args.hybrid_layer_pattern, **common)
+    else:
+        model = GPTModel(transformer_layer_spec=get_fox_block_spec(config, args.transformer_impl), **common)
     init_layout_invariant(model, args)
     return model
 

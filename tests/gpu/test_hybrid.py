@@ -1,0 +1,77 @@
+"""FoX layers in Megatron-Core's HybridModel (megatron-core >= 0.17, so the GPU machine's
+0.19.2; the CPU CI's 0.16.1 has no HybridModel): the pattern "*-" * N with the weights of
+an N-layer FoX GPTModel gives its loss and gradients, and trains through the Megatron path.
+
+Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from test_megatron_path import train  # tests/gpu is on sys.path (no package)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available()
+    or importlib.util.find_spec("megatron.core.models.hybrid") is None,
+    reason="needs a CUDA GPU and megatron-core with HybridModel")
+
+TINY = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--ffn-hidden-size", "256", "--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "2",
+        "--vocab-size", "300", "--device", "cpu", "--transformer-impl", "local"]
+
+
+def _model(flags):
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    args = parse_args(TINY + flags)
+    return build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(300, args))
+
+
+def test_hybrid_pattern_equals_gpt_model(megatron_world):
+    from megatron_fox.checkpoint import gpt_to_hybrid_names
+
+    gpt = _model([])
+    hybrid = _model(["--num-layers", "4", "--hybrid-layer-pattern", "*-*-"])
+    with torch.no_grad():  # fast-forgetting gates: ACP prunes (default log_eps -10)
+        for layer in gpt.decoder.layers:
+            layer.self_attention.head_params.fgate_bias.uniform_(-3.0, 3.0)
+    state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+    mapped = gpt_to_hybrid_names(state)
+    expected = {k for k in hybrid.state_dict() if not k.endswith("_extra_state")}
+    assert set(mapped) == expected, set(mapped) ^ expected
+    hybrid.load_state_dict(mapped, strict=False)
+    gpt, hybrid = gpt.cuda(), hybrid.cuda()
+    tokens = torch.randint(0, 300, (2, 256), device="cuda")
+    labels = torch.roll(tokens, -1, dims=1)
+    losses = []
+    for model in (gpt, hybrid):  # bf16 kernels under autocast: the same ops in the same order
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens, None, None, labels=labels).float().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4), losses
+    grads = gpt_to_hybrid_names({k: p.grad for k, p in gpt.named_parameters()})
+    assert len(grads) == len(list(hybrid.parameters()))
+    for name, p in hybrid.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_hybrid_model_trains_and_resumes(tmp_path):
+    """The CUDA Megatron path (DDP, distributed optimizer, schedule, dist_checkpointing)
+    with a HybridModel: the loss falls and a resumed run follows the uninterrupted one."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    flags = ["--num-layers", "4", "--hybrid-layer-pattern", "*-*-", "--train-iters", "20"]
+    full = train(tmp_path, "hybrid_full", flags)
+    losses = [h["loss"] for h in full]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "hybrid_first", flags + ["--exit-interval", "10", "--save", str(ckpt)])
+    rest = train(tmp_path, "hybrid_rest", flags + ["--load", str(ckpt)])
+    assert [h["step"] for h in rest] == list(range(11, 21))
+    for a, b in zip(full[10:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
