@@ -25,11 +25,6 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .spec import fox_attention_submodules, fox_mlp_submodules, fox_modules
 
-# The pattern symbols the FoX hybrid stack fills, and the pipeline-stage separator.
-FOX_HYBRID_SYMBOLS = "*-"
-PIPE = "|"
-
-
 class FoxHybridStack(HybridStack):
     """Megatron's HybridStack whose final norm is `final_norm` (the FoX layers' norm class)
     instead of a hard-wired Transformer Engine norm."""

@@ -65,7 +65,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
     )
 
 
-def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> GPTModel:
+def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> torch.nn.Module:
     """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none),
     or with --hybrid-layer-pattern Megatron-Core's HybridModel on the FoX hybrid stack."""
     common = dict(config=config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
