@@ -1,5 +1,6 @@
-"""Token generation with a FoX GPTModel: prompt through the training op, then one token
-at a time over the per-layer caches, with ACP-based cache eviction.
+"""Token generation with a FoX GPTModel (or a HybridModel of FoX attention and MLP
+layers): prompt through the training op, then one token at a time over the per-layer
+caches, with ACP-based cache eviction.
 
 Walks the model's own modules (embedding, each TransformerLayer's norms, FoX attention and
 MLP, final norm, output layer) instead of Megatron's inference engine, so it works the same
@@ -35,10 +36,12 @@ class FoxGenerator:
 
     def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0):
         self.model = _unwrap(model)
-        if not hasattr(self.model, "decoder") or not all(
-                hasattr(layer.self_attention, "qk_norm_logit_bound") for layer in self.model.decoder.layers):
-            raise ValueError(f"model: generation walks a FoX GPTModel's layers (FoX attention and MLP in each), "
-                             f"got {type(self.model).__name__}")
+        self.layers = list(getattr(getattr(self.model, "decoder", None), "layers", []))
+        kinds = [(_is_attention(layer), _is_mlp(layer)) for layer in self.layers]
+        if not any(a for a, _ in kinds) or not all(a or m for a, m in kinds):
+            raise ValueError(f"model: generation walks FoX attention and MLP layers (a FoX GPTModel, or a "
+                             f"HybridModel of '*' and '-'), got {type(self.model).__name__}")
+        self.attention_layers = [layer for layer, (a, _) in zip(self.layers, kinds) if a]
         cfg = self.model.config
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(cfg, key, 1) != 1:
@@ -50,14 +53,14 @@ class FoxGenerator:
                              "(the eviction bound comes from the QK-norm weights); use None to keep every key")
         self.max_length = max_length
         self.evict_log_eps = evict_log_eps
-        self.layers = list(self.model.decoder.layers)
 
     def new_cache(self) -> InferenceCache:
+        """One cache per FoX attention layer."""
         thresholds = None
         if self.evict_log_eps is not None:
             thresholds = [pruning_threshold(layer.self_attention.qk_norm_logit_bound(), self.max_length,
-                                            self.evict_log_eps) for layer in self.layers]
-        return InferenceCache(len(self.layers), thresholds)
+                                            self.evict_log_eps) for layer in self.attention_layers]
+        return InferenceCache(len(self.attention_layers), thresholds)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -67,12 +70,16 @@ class FoxGenerator:
                              f"{self.max_length}")
         m = self.model
         x = m.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            out, bias = layer.self_attention.infer(layer.input_layernorm(x), layer_cache)
-            x = x + (out if bias is None else out + bias)
-            out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
-            x = x + (out if bias is None else out + bias)
-        x = m.decoder.final_layernorm(x)
+        caches = iter(cache.layers)
+        for layer in self.layers:  # a GPTModel layer has both halves, a HybridModel layer one
+            if _is_attention(layer):
+                out, bias = layer.self_attention.infer(layer.input_layernorm(x), next(caches))
+                x = x + (out if bias is None else out + bias)
+            if _is_mlp(layer):
+                out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
+                x = x + (out if bias is None else out + bias)
+        final_norm = m.decoder.final_layernorm if hasattr(m.decoder, "final_layernorm") else m.decoder.final_norm
+        x = final_norm(x)
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
         logits, _ = m.output_layer(x, weight=weight)
         cache.tokens += tokens.shape[1]
@@ -107,6 +114,15 @@ class FoxGenerator:
                 break
             logits = self.forward(nxt[:, None], cache)[:, -1]
         return out, cache
+
+
+def _is_attention(layer) -> bool:
+    """The layer holds FoX attention (what decoding keeps a cache for)."""
+    return hasattr(getattr(layer, "self_attention", None), "infer")
+
+
+def _is_mlp(layer) -> bool:
+    return hasattr(getattr(layer, "mlp", None), "linear_fc1")
 
 
 def _sample(logits, temperature, top_k, generator):

@@ -109,6 +109,10 @@ def test_bad_arguments(megatron_world):
         gen.generate(torch.zeros(1, 4, dtype=torch.long), 1, temperature=-1.0)
     with pytest.raises(ValueError, match="fox_qk_norm"):
         FoxGenerator(_model("--no-acp", "--no-fox-qk-norm"), 16, evict_log_eps=-10.0)
+    with pytest.raises(ValueError, match="model: .*Linear"):
+        FoxGenerator(torch.nn.Linear(4, 4), 16)
+    model.decoder.layers[1].mlp = torch.nn.Identity()  # a layer without its MLP still decodes its attention
+    assert len(FoxGenerator(model, 16, evict_log_eps=None).attention_layers) == 2
 
 
 def test_layer_cache_appends_and_evicts_like_a_list():
