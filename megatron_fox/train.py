@@ -59,15 +59,16 @@ def init_distributed(args) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
-def data_paths(args) -> tuple[str, str]:
-    """(indexed dataset prefix, SentencePiece model): --data-path/--tokenizer-model, else the
+def data_paths(args) -> tuple[list[str], str]:
+    """(indexed dataset prefixes, SentencePiece model): --data-path/--tokenizer-model, else the
     embedded default corpus (built once and cached, under a file lock)."""
     from .training.data import default_cache_dir, prepare_default_corpus
 
     if args.data_path is not None:
-        return args.data_path, args.tokenizer_model
+        return args.data_prefixes, args.tokenizer_model
     cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
-    return prepare_default_corpus(cache, vocab_size=args.default_vocab_size, max_bytes=args.default_corpus_bytes)
+    prefix, tok = prepare_default_corpus(cache, vocab_size=args.default_vocab_size, max_bytes=args.default_corpus_bytes)
+    return [prefix], tok
 
 
 def build_data(args):
@@ -76,13 +77,14 @@ def build_data(args):
     from .training.data import build_gpt_datasets
     from .training.tokenizer import SentencePieceTokenizer
 
-    prefix, tok = data_paths(args)
+    prefixes, tok = data_paths(args)
     tokenizer = SentencePieceTokenizer(tok)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     n_eval = evals * args.global_batch_size
-    train, valid, _ = build_gpt_datasets(prefix, tokenizer, args.seq_length,
+    train, valid, _ = build_gpt_datasets(prefixes, tokenizer, args.seq_length,
                                          (max(1, args.train_iters) * args.global_batch_size, n_eval, 0),
-                                         seed=args.seed, split=args.split, cache_path=args.data_cache_path)
+                                         seed=args.seed, split=args.split, cache_path=args.data_cache_path,
+                                         weights=args.data_weights)
     return train, valid, tokenizer
 
 

@@ -81,7 +81,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
-    "data_path": (str, None, "Megatron indexed dataset prefix; none: the embedded default corpus"),
+    "data_path": (list, None, "Megatron indexed dataset prefix, or a blend as in Megatron-LM: 'W1 PREFIX1 W2 "
+                              "PREFIX2 ...' (weights) or 'PREFIX1 PREFIX2 ...' (weighted by tokens); "
+                              "none: the embedded default corpus"),
     "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
@@ -111,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typ is list:
+            p.add_argument(flag, nargs="+", type=str, default=None, help=help_)
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     return p
@@ -130,7 +134,11 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if typ is str and isinstance(value, str):
         return value
-    raise ConfigError(key, f"must be {typ.__name__}, got {value!r}")
+    if typ is list and isinstance(value, str):  # YAML "W1 PREFIX1 W2 PREFIX2"
+        value = value.split()
+    if typ is list and isinstance(value, list) and value and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    raise ConfigError(key, f"must be {'a list of strings' if typ is list else typ.__name__}, got {value!r}")
 
 
 def load_yaml(path: str) -> dict:
@@ -179,6 +187,28 @@ def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:
 
         raise ConfigError("hybrid_layer_pattern", f"needs megatron-core with HybridModel (>= 0.17, Python >= 3.12); "
                                                   f"installed: {megatron.core.__version__}") from None
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_data_blend(items: list[str]) -> tuple[list[str], Optional[list[float]]]:
+    """--data-path as Megatron-LM reads it -> (prefixes, weights or None): 'PREFIX',
+    'PREFIX1 PREFIX2 ...' (None: the blend weighs them by tokens) or 'W1 PREFIX1 W2 PREFIX2 ...'."""
+    numbers = [_number(x) for x in items]
+    if all(n is None for n in numbers):
+        return list(items), None
+    weights, prefixes = numbers[0::2], items[1::2]
+    if len(items) % 2 or any(n is None for n in weights) or any(n is not None for n in numbers[1::2]):
+        raise ConfigError("data_path", f"{' '.join(items)!r}: give prefixes only, or weight-prefix pairs "
+                                       f"'W1 PREFIX1 W2 PREFIX2 ...'")
+    if any(not w > 0 for w in weights):
+        raise ConfigError("data_path", f"blend weights must be > 0, got {weights}")
+    return list(prefixes), weights
 
 
 def _world_size() -> int:
@@ -259,10 +289,12 @@ def finalize(args: argparse.Namespace) -> None:
         args.lr_decay_iters = args.train_iters
     if args.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
+    args.data_prefixes, args.data_weights = (None, None) if args.data_path is None else parse_data_blend(args.data_path)
     if args.data_path is not None:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(args.data_path + suffix):
-                raise ConfigError("data_path", f"{args.data_path + suffix} not found")
+        for prefix in args.data_prefixes:
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise ConfigError("data_path", f"{prefix + suffix} not found")
         if args.tokenizer_model is None:
             raise ConfigError("tokenizer_model", "needed with data_path")
     if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):

@@ -21,7 +21,7 @@ import os
 import shutil
 import sysconfig
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -233,8 +233,19 @@ def _split_doc_counts(data_prefix: str, split_matrix) -> List[int]:
     return [0 if b is None else int(round(b[1] * n)) - int(round(b[0] * n)) for b in split_matrix]
 
 
+def _token_counts(prefixes: Sequence[str]) -> List[float]:
+    """Tokens in each indexed dataset (the weights of a blend given without weights)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    counts = []
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)  # held while its memory-mapped lengths are read
+        counts.append(float(dataset.sequence_lengths.sum()))
+    return counts
+
+
 def build_gpt_datasets(
-    data_prefix: str,
+    data_prefix: Union[str, Sequence[str]],
     tokenizer,
     seq_length: int,
     num_samples: Tuple[Optional[int], Optional[int], Optional[int]],
@@ -242,12 +253,17 @@ def build_gpt_datasets(
     split: str = "98,1,1",
     cache_path: Optional[str] = None,
     is_built_on_rank: Optional[Callable[[], bool]] = None,
+    weights: Optional[Sequence[float]] = None,
     **config_kwargs,
 ):
-    """Megatron-Core GPTDataset (train, valid, test) over one ``.bin/.idx`` prefix.
+    """Megatron-Core GPTDataset (train, valid, test) over one ``.bin/.idx`` prefix, or a
+    BlendedDataset of several.
 
     Args:
-        data_prefix: path without ``.bin``/``.idx``.
+        data_prefix: path without ``.bin``/``.idx``, or a list of them: a blend, each split
+            drawn from the prefixes in proportion to `weights` (default: their token counts),
+            repeating any prefix as needed. Every prefix needs documents in every split that
+            has a share; Megatron's BlendedDataset needs torch.distributed initialised.
         tokenizer: e.g. :class:`SentencePieceTokenizer` (vocab_size, eod, pad, unique_identifiers).
         seq_length: tokens per sample; item ``i`` is a dict of ``tokens``, ``labels`` (LongTensor
             [seq_length], the seq_length+1 drawn tokens shifted by one), ``loss_mask`` (float
@@ -271,34 +287,45 @@ def build_gpt_datasets(
         BlendedMegatronDatasetBuilder)
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(data_prefix + ext):
-            raise FileNotFoundError(f"data_prefix: {data_prefix + ext!r} does not exist")
+    prefixes = [data_prefix] if isinstance(data_prefix, str) else list(data_prefix)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise FileNotFoundError(f"data_prefix: {prefix + ext!r} does not exist")
+    if not prefixes or (weights is not None and len(weights) != len(prefixes)):
+        raise ValueError(f"weights: one per prefix ({len(prefixes)}), got {weights!r}")
+    if weights is not None and (any(not w > 0 for w in weights)):
+        raise ValueError(f"weights must be > 0, got {list(weights)}")
+    if len(prefixes) > 1 and weights is None:
+        weights = _token_counts(prefixes)
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
     fields = {f.name for f in dataclasses.fields(GPTDatasetConfig) if f.init}
     unknown = sorted(set(config_kwargs) - fields)
     if unknown:
         raise TypeError(f"GPTDatasetConfig of this megatron-core has no field(s) {unknown}")
-    kwargs = dict(random_seed=seed, sequence_length=seq_length, blend=([data_prefix], None),
+    kwargs = dict(random_seed=seed, sequence_length=seq_length,
+                  blend=(prefixes, None if weights is None else [float(w) for w in weights]),
                   split=split, path_to_cache=cache_path, tokenizer=tokenizer,
                   reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
                   create_attention_mask=False)
     kwargs.update(config_kwargs)
     config = GPTDatasetConfig(**kwargs)
     sizes = list(num_samples)
-    counts = _split_doc_counts(data_prefix, config.split_matrix)
-    for i, (name, bookends, docs) in enumerate(zip(("train", "valid", "test"),
-                                                   config.split_matrix, counts)):
-        # Megatron would loop forever looking for tokens in an empty split: ask for one (empty)
-        # epoch when 0 samples are wanted, else fail.
-        if bookends is not None and docs == 0 and sizes[i] == 0:
-            sizes[i] = None
-        elif bookends is not None and docs == 0 and sizes[i] is not None:
-            size = sizes[i]
-            raise ValueError(f"split={split!r} leaves the {name} split of {data_prefix!r} no "
-                             f"documents but num_samples asks {size} {name} samples: give it a "
-                             f"bigger share (or 0 share), use more documents, or pass None")
+    for prefix in prefixes:
+        counts = _split_doc_counts(prefix, config.split_matrix)
+        for i, (name, bookends, docs) in enumerate(zip(("train", "valid", "test"), config.split_matrix, counts)):
+            if bookends is None or docs:
+                continue
+            # Megatron would loop forever looking for tokens in an empty split: ask for one
+            # (empty) epoch when 0 samples are wanted (one prefix), else fail.
+            if len(prefixes) == 1 and sizes[i] == 0:
+                sizes[i] = None
+            elif len(prefixes) > 1 or sizes[i] is not None:
+                raise ValueError(f"split={split!r} leaves the {name} split of {prefix!r} no documents"
+                                 + (" (in a blend every prefix needs some)" if len(prefixes) > 1 else
+                                    f" but num_samples asks {sizes[i]} {name} samples")
+                                 + ": give it a bigger share (or 0 share), use more documents, or pass None")
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True),
                                             config)
     return tuple(builder.build())

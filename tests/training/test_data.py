@@ -156,6 +156,68 @@ def test_build_gpt_datasets_errors(jsonl_dataset, tok, tmp_path):
     assert test is None and len(valid) > 0
 
 
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group for this test only (Megatron's BlendedDataset asks for the
+    rank; a module-wide group would break the forked workers of the gloo test below)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _blend_sources(ds, n):
+    """Which prefix each of the first n samples of a BlendedDataset came from, checked
+    against that prefix's own dataset."""
+    src = [int(ds.dataset_index[i]) for i in range(n)]
+    for i in range(0, n, 7):
+        own = ds.datasets[src[i]][int(ds.dataset_sample_index[i])]
+        assert torch.equal(ds[i]["tokens"], own["tokens"])
+    return np.array(src)
+
+
+def test_blend_of_two_prefixes(one_rank, jsonl_dataset, corpus, tok, docs, tmp_path):
+    n = 400
+    a, b = jsonl_dataset, corpus[0]
+    train, _, _ = build_gpt_datasets([a, b], tok, 32, (n, 0, 0), split="100,0,0", weights=[1, 3],
+                                     cache_path=str(tmp_path))
+    src = _blend_sources(train, n)
+    assert abs((src == 0).mean() - 0.25) < 0.02
+    ids = [tok.tokenize(t) + [tok.eod] for t in docs]
+    for i in np.flatnonzero(src == 0)[:10]:  # samples of prefix a hold pieces of its documents
+        _segments_in(train[int(i)]["tokens"].tolist(), ids, tok.eod)
+    # no weights: the prefixes weigh by their tokens (uint16 ids in the .bin files)
+    tokens = [os.path.getsize(p + ".bin") / 2 for p in (a, b)]
+    by_size, _, _ = build_gpt_datasets([a, b], tok, 32, (n, 0, 0), split="100,0,0", cache_path=str(tmp_path))
+    assert abs((_blend_sources(by_size, n) == 0).mean() - tokens[0] / sum(tokens)) < 0.02
+    with pytest.raises(ValueError, match="weights"):
+        build_gpt_datasets([a, b], tok, 32, (n, 0, 0), weights=[1.0])
+    with pytest.raises(ValueError, match="every prefix"):
+        build_gpt_datasets([a, b], tok, 16, (10, 0, 0), split="99.9,0.1,0", weights=[1, 1],
+                           cache_path=str(tmp_path))
+
+
+def test_data_path_blend_from_the_command_line(one_rank, jsonl_dataset, corpus, tmp_path):
+    from megatron_fox.train import build_data
+    from megatron_fox.training.arguments import ConfigError, parse_args, parse_data_blend
+
+    assert parse_data_blend(["p"]) == (["p"], None)
+    assert parse_data_blend(["p", "q"]) == (["p", "q"], None)
+    assert parse_data_blend(["0.3", "p", "7", "q"]) == (["p", "q"], [0.3, 7.0])
+    for bad in (["0.3", "p", "q"], ["p", "0.3"], ["0", "p", "1", "q"], ["0.5", "p", "0.5"]):
+        with pytest.raises(ConfigError, match="data_path"):
+            parse_data_blend(bad)
+    args = parse_args(["--data-path", "1", jsonl_dataset, "3", corpus[0], "--tokenizer-model", corpus[1],
+                       "--seq-length", "32", "--train-iters", "50", "--global-batch-size", "8",
+                       "--micro-batch-size", "8", "--split", "100,0,0", "--data-cache-path", str(tmp_path)])
+    train, _, _ = build_data(args)
+    assert abs((_blend_sources(train, 400) == 0).mean() - 0.25) < 0.02
+
+
 def _gloo_worker(rank, port, prefix, model, cache, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)

@@ -73,6 +73,7 @@ def _run_cli(args, tmp_path):
     (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4"], "num_attention_heads"),
     (["--seq-length", "100", "--context-parallel-size", "4"], "seq_length"),
     (["--data-path", "/nonexistent/corpus_text_document"], "data_path"),
+    (["--data-path", "0.3", "/nonexistent/a", "/nonexistent/b"], "data_path"),
     (["--acp-log-eps", "3"], "acp_log_eps"),
     (["--acp-backward-pruning", "rowmax"], "acp_backward_pruning"),
     (["--cp-comm-type", "ring"], "cp_comm_type"),
