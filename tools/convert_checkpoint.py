@@ -6,6 +6,9 @@
     # megatron_fox full state dict -> public names (model.safetensors needs `safetensors`)
     python tools/convert_checkpoint.py to-public --input fox_pro_760m.pt --output out/pytorch_model.bin \\
         --config configs/fox_pro_760m.yaml --share-qk-norm
+    # a training checkpoint (megatron_fox.train --save, any TP/PP) -> a full state dict
+    python tools/convert_checkpoint.py from-megatron --input checkpoints/760m --output fox_pro_760m.pt \\
+        --config configs/fox_pro_760m.yaml --vocab-size 50257 [--iteration N]
 
 The model options (layers, heads, FoX-Pro switches, tied embeddings) come from the usual
 training flags / --config and must match the checkpoint; a mismatch stops with the tensor
@@ -23,12 +26,46 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _from_megatron(root: str, iteration, args) -> dict:
+    """The full state dict of the checkpoint under root: per-rank files merged, or a
+    dist_checkpointing folder loaded into a TP = PP = 1 model of this config."""
+    import torch
+
+    from megatron_fox.checkpoint import iteration_dir, read_latest
+    from megatron_fox.checkpoint.export import merge_rank_files, rank_files
+
+    path = iteration_dir(root, read_latest(root) if iteration is None else iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"input: no checkpoint folder {path}")
+    if rank_files(path):
+        return merge_rank_files(path, args.num_layers)
+    if args.vocab_size is None:
+        raise ValueError("vocab_size: give --vocab-size (the tokenizer's) to rebuild the model")
+    from megatron.core import dist_checkpointing
+
+    from megatron_fox.train import init_distributed
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        setattr(args, key, 1)  # one process holds the whole model; the loader reshards
+    device = init_distributed(args)
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(args.vocab_size, args))
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
+    except dist_checkpointing.core.CheckpointingException as e:
+        raise ValueError(f"input: {path} does not load into this config's model: {e}") from e
+    model.load_state_dict(loaded)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("direction", choices=["from-public", "to-public"])
+    p.add_argument("direction", choices=["from-public", "to-public", "from-megatron"])
     p.add_argument("--input", required=True, help="file or Hugging Face model folder")
     p.add_argument("--output", required=True, help=".pt / .bin file (or .safetensors)")
     p.add_argument("--share-qk-norm", action="store_true", help="to-public: one QK-norm vector for all heads")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="from-megatron: the checkpoint's iteration (default: the latest)")
     opts, rest = p.parse_known_args(argv)
 
     import torch
@@ -39,11 +76,12 @@ def main(argv=None) -> None:
     args = parse_args(rest)
     layout = FoxLayout.from_args(args)
     try:
-        state = load_state_file(opts.input)
-        if opts.direction == "from-public":
-            out = from_public_fox(state, layout)
+        if opts.direction == "from-megatron":
+            out = _from_megatron(opts.input, opts.iteration, args)
+        elif opts.direction == "from-public":
+            out = from_public_fox(load_state_file(opts.input), layout)
         else:
-            out = to_public_fox(state, layout, share_qk_norm=opts.share_qk_norm)
+            out = to_public_fox(load_state_file(opts.input), layout, share_qk_norm=opts.share_qk_norm)
     except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -162,8 +162,9 @@ class TorchEngine:
         if ps.get_data_parallel_rank() == 0:
             path = self._rank_file(root, iteration)
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "iteration": iteration}, path + ".tmp")
+                        "rng": torch.get_rng_state(), "iteration": iteration, "layout": layout}, path + ".tmp")
             os.replace(path + ".tmp", path)
         write_latest(root, iteration)
 

@@ -182,6 +182,38 @@ def task_cp_a2a(opts):
                 "bytes_sent": stats.bytes_sent, "first_heads": first_heads}, os.path.join(opts["out"], f"cp_a2a_{r}.pt"))
 
 
+def task_save(opts):
+    """This rank's shard of the model, each weight scaled by a factor of its full name (so
+    the saved model is not the initial one, the same for every layout), saved as
+    megatron_fox.train --save does: opts["format"] "files" (the CPU engine's per-rank
+    files) or "dist" (dist_checkpointing, as the CUDA engine) at iteration 5."""
+    import zlib
+
+    from megatron_fox.checkpoint import global_name, iteration_dir, write_latest
+
+    torch.manual_seed(opts["seed"])
+    args, model, ps = _build(opts)
+    per_stage = args.num_layers // args.pipeline_model_parallel_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = global_name(name, ps.get_pipeline_model_parallel_rank(), per_stage)
+            p.mul_(1.0 + (zlib.crc32(full.encode()) % 1000) / 1000.0)
+    root = opts["root"]
+    if opts["format"] == "files":
+        from megatron_fox.training.torch_engine import TorchEngine
+
+        TorchEngine(model, args, eod=0).save(root, 5)
+        return
+    from megatron.core import dist_checkpointing
+
+    torch.cuda.synchronize = lambda *a, **k: None  # its writer syncs CUDA; nothing to wait for on CPU
+    path = iteration_dir(root, 5)
+    os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, path)
+    write_latest(root, 5)
+
+
 def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
     """Start `world` worker processes of `task`; raise with their stderr if one fails.
 
