@@ -29,8 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _from_megatron(root: str, iteration, args) -> dict:
     """The full state dict of the checkpoint under root: per-rank files merged, or a
     dist_checkpointing folder loaded into a TP = PP = 1 model of this config."""
-    import torch
-
     from megatron_fox.checkpoint import iteration_dir, read_latest
     from megatron_fox.checkpoint.export import merge_rank_files, rank_files
 
