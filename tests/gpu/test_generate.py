@@ -32,3 +32,14 @@ def test_gpu_generate_after_training(tmp_path):
     print(gen.stderr[-1500:])
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.startswith("import os") and "[check:" in gen.stderr
+    # the dist_checkpointing checkpoint exported to a full state dict generates the same text
+    full = tmp_path / "full.pt"
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                           "--input", str(ckpt), "--output", str(full), *FLAGS, "--vocab-size", "1024"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *FLAGS,
+                            "--pretrained-checkpoint", str(full), "--prompt", "import os\n", "--max-new-tokens", "48"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == gen.stdout
