@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .spec import fox_attention_submodules, fox_mlp_submodules, fox_modules
 
+
 class FoxHybridStack(HybridStack):
     """Megatron's HybridStack whose final norm is `final_norm` (the FoX layers' norm class)
     instead of a hard-wired Transformer Engine norm."""
