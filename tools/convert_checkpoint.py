@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _from_megatron(root: str, iteration, args) -> dict:
-    """The full state dict of the checkpoint under root: per-rank files merged, or a
-    dist_checkpointing folder loaded into a TP = PP = 1 model of this config."""
-    from megatron_fox.checkpoint import iteration_dir, read_latest
+    """The full state dict (GPTModel names) of the checkpoint under root: per-rank files
+    merged, or a dist_checkpointing folder loaded into a TP = PP = 1 model of this config
+    (a HybridModel "*-" * N renamed to the GPTModel's layers)."""
+    from megatron_fox.checkpoint import hybrid_to_gpt_names, iteration_dir, read_latest
     from megatron_fox.checkpoint.export import merge_rank_files, rank_files
 
     path = iteration_dir(root, read_latest(root) if iteration is None else iteration)
@@ -53,7 +54,8 @@ def _from_megatron(root: str, iteration, args) -> dict:
     except dist_checkpointing.core.CheckpointingException as e:
         raise ValueError(f"input: {path} does not load into this config's model: {e}") from e
     model.load_state_dict(loaded)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return state if args.hybrid_layer_pattern is None else hybrid_to_gpt_names(state)
 
 
 def main(argv=None) -> None:

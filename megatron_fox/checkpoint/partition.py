@@ -134,3 +134,22 @@ def gpt_to_hybrid_names(state: dict) -> dict:
             name = "decoder.final_norm." + name[len("decoder.final_layernorm."):]
         out[name] = value
     return out
+
+
+def hybrid_to_gpt_names(state: dict) -> dict:
+    """Inverse of `gpt_to_hybrid_names`: a HybridModel "*-" * N state dict in the FoX
+    GPTModel's names (the full-state-dict format of --pretrained-checkpoint and to-public).
+    Raises ValueError where a layer is not where that pattern puts it."""
+    out = {}
+    for name, value in state.items():
+        m = _LAYER.match(name)
+        if m:
+            j, rest = int(m.group(1)), m.group(2)
+            if j % 2 != rest.startswith(_MLP_HALF):
+                raise ValueError(f"hybrid_layer_pattern: {name} is not where the pattern '*-' * N puts it "
+                                 f"(attention at even layers, MLP at odd ones)")
+            name = f"decoder.layers.{j // 2}.{rest}"
+        elif name.startswith("decoder.final_norm."):
+            name = "decoder.final_layernorm." + name[len("decoder.final_norm."):]
+        out[name] = value
+    return out

@@ -123,14 +123,17 @@ def attention_layers(model) -> list:
 
 @torch.no_grad()
 def load_full_state_dict(model, path: str, args) -> None:
-    """Copy a full (TP = PP = 1) state dict file into this rank's stage and TP shard.
-    Raises ValueError naming the tensors that are missing, extra or of the wrong shape."""
+    """Copy a full (TP = PP = 1) state dict file (GPTModel names) into this rank's stage and TP
+    shard (a HybridModel "*-" * N: renamed to its layers). Raises ValueError naming the
+    tensors that are missing, extra or of the wrong shape."""
     from megatron.core import parallel_state as ps
 
-    from ..checkpoint import shard_state_dict
+    from ..checkpoint import gpt_to_hybrid_names, shard_state_dict
     from ..checkpoint.public_fox import load_state_file
 
     full = load_state_file(path)
+    if args.hybrid_layer_pattern is not None:  # the file holds GPTModel names; "*-" * N takes them
+        full = gpt_to_hybrid_names(full)
     shard = shard_state_dict(full, args.num_layers, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
                              ps.get_pipeline_model_parallel_world_size())

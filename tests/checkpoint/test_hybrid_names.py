@@ -3,9 +3,10 @@ test tests/gpu/test_hybrid.py checks it against a real HybridModel)."""
 
 import re
 
+import pytest
 import torch
 
-from megatron_fox.checkpoint import gpt_to_hybrid_names
+from megatron_fox.checkpoint import gpt_to_hybrid_names, hybrid_to_gpt_names
 
 TINY = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
         "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "1", "--vocab-size", "96",
@@ -39,3 +40,8 @@ def test_layers_split_into_attention_and_mlp_halves(megatron_world):
         else:
             target = name
         assert mapped[target] is value, name
+    back = hybrid_to_gpt_names(mapped)  # and back, every tensor under its own name
+    assert set(back) == set(state) and all(back[k] is v for k, v in state.items())
+    swapped = {k.replace("layers.2.", "layers.3.") if "layers.2." in k else k: v for k, v in mapped.items()}
+    with pytest.raises(ValueError, match="hybrid_layer_pattern"):
+        hybrid_to_gpt_names(swapped)

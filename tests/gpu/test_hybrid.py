@@ -7,11 +7,16 @@ Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA.
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from test_megatron_path import train  # tests/gpu is on sys.path (no package)
+from test_megatron_path import FLAGS, train  # tests/gpu is on sys.path (no package)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from workers import ROOT, tool_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available()
@@ -105,3 +110,25 @@ def test_hybrid_model_trains_and_resumes(tmp_path):
     assert [h["step"] for h in rest] == list(range(11, 21))
     for a, b in zip(full[10:], rest):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+def test_hybrid_checkpoint_exports_to_gpt_names(tmp_path):
+    """A HybridModel "*-*-" trained with --save, exported by convert_checkpoint from-megatron
+    (GPTModel names), generates as a 2-layer GPTModel the text the HybridModel generates."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    hybrid = ["--num-layers", "4", "--hybrid-layer-pattern", "*-*-"]
+    ckpt, full = tmp_path / "ckpt", tmp_path / "full.pt"
+    train(tmp_path, "hybrid_save", hybrid + ["--train-iters", "10", "--save", str(ckpt)])
+
+    def run(tool, *flags):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *flags], capture_output=True, text=True,
+                           env=tool_env(), cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run("convert_checkpoint.py", "from-megatron", "--input", str(ckpt), "--output", str(full), *FLAGS, *hybrid,
+        "--vocab-size", "1024")
+    prompt = ["--prompt", "import os\n", "--max-new-tokens", "32"]
+    as_hybrid = run("generate.py", *FLAGS, *hybrid, "--load", str(ckpt), *prompt)
+    as_gpt = run("generate.py", *FLAGS, "--pretrained-checkpoint", str(full), *prompt)
+    assert as_gpt == as_hybrid and as_gpt.startswith("import os")
