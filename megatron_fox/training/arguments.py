@@ -62,6 +62,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_cp_skip_chunks": (bool, True, "p2p ring: skip the transfers and blocks ACP prunes wholly"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
+    "recompute_granularity": (str, None, "full: keep only layer inputs and recompute the layers in the backward "
+                                         "(Megatron's activation checkpointing; FoX attention keeps no [s, s] "
+                                         "tensor, so 'selective' has nothing to save)"),
+    "recompute_method": (str, "uniform", "with recompute_granularity full: uniform | block"),
+    "recompute_num_layers": (int, 1, "uniform: layers per recomputed chunk; block: layers recomputed per stage"),
     # training
     "seq_length": (int, 256, "tokens per sample"),
     "micro_batch_size": (int, 4, "samples per micro-batch"),
@@ -249,6 +254,14 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
+    if args.recompute_granularity not in (None, "full"):
+        raise ConfigError("recompute_granularity", f"{args.recompute_granularity!r}: use full (FoX attention keeps no "
+                                                   f"[s, s] tensor for 'selective' to save)")
+    if args.recompute_method not in ("uniform", "block"):
+        raise ConfigError("recompute_method", f"must be uniform or block, got {args.recompute_method!r}")
+    if not 1 <= args.recompute_num_layers <= args.num_layers // pp:
+        raise ConfigError("recompute_num_layers", f"must be in 1..{args.num_layers // pp} (layers per pipeline "
+                                                  f"stage), got {args.recompute_num_layers}")
     if args.cp_comm_type not in ("p2p", "a2a"):
         raise ConfigError("cp_comm_type", f"{args.cp_comm_type!r}: use p2p or a2a")
     if cp > 1 and args.cp_comm_type == "a2a" and args.num_query_groups // tp < cp:

@@ -6,7 +6,8 @@ tensor_parallel.layers) and its global memory buffer allocate their outputs with
 a process without CUDA we answer that call with the CPU device. Megatron's model-parallel
 RNG tracker (used around dropout in sequence-parallel regions) stores CUDA generator
 states; on CPU its fork() becomes a no-op, so dropout there draws from the CPU generator
-(our configs use no dropout). Processes that have CUDA are left alone.
+(our configs use no dropout), and activation recomputation saves and restores only the
+CPU generator. Processes that have CUDA are left alone.
 """
 
 from __future__ import annotations
@@ -28,4 +29,8 @@ def route_megatron_buffers_to_cpu() -> bool:
 
     tracker = mp_random.get_cuda_rng_tracker()
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+    # activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA
+    # generator's state around the recomputed forward: there is none; the CPU one it keeps
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     return True

@@ -62,6 +62,9 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         acp_log_eps=args.acp_log_eps if args.acp else None,
         acp_logit_bound=args.acp_logit_bound,
         acp_backward_pruning=args.acp_backward_pruning,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method if args.recompute_granularity else None,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else None,
     )
 
 

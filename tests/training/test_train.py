@@ -80,6 +80,8 @@ def _run_cli(args, tmp_path):
     (["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--num-query-groups", "1"], "cp_comm_type"),
     (["--global-batch-size", "3", "--micro-batch-size", "2"], "global_batch_size"),
     (["--num-layers", "4", "--hybrid-layer-pattern", "*-M-"], "hybrid_layer_pattern"),
+    (["--recompute-granularity", "selective"], "recompute_granularity"),
+    (["--recompute-granularity", "full", "--recompute-num-layers", "3"], "recompute_num_layers"),
     (["--num-layers", "4", "--hybrid-layer-pattern", "*-*"], "hybrid_layer_pattern"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
