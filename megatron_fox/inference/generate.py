@@ -37,11 +37,14 @@ class FoxGenerator:
     def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0):
         self.model = _unwrap(model)
         self.layers = list(getattr(getattr(self.model, "decoder", None), "layers", []))
-        kinds = [(_is_attention(layer), _is_mlp(layer)) for layer in self.layers]
-        if not any(a for a, _ in kinds) or not all(a or m for a, m in kinds):
+        # per layer (holds FoX attention, holds an MLP): a GPTModel layer both, a HybridModel layer one
+        self.kinds = [(_is_attention(layer), _is_mlp(layer)) for layer in self.layers]
+        if not any(a for a, _ in self.kinds) or not all(a or m for a, m in self.kinds):
             raise ValueError(f"model: generation walks FoX attention and MLP layers (a FoX GPTModel, or a "
                              f"HybridModel of '*' and '-'), got {type(self.model).__name__}")
-        self.attention_layers = [layer for layer, (a, _) in zip(self.layers, kinds) if a]
+        self.attention_layers = [layer for layer, (a, _) in zip(self.layers, self.kinds) if a]
+        decoder = self.model.decoder
+        self.final_norm = decoder.final_layernorm if hasattr(decoder, "final_layernorm") else decoder.final_norm
         cfg = self.model.config
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(cfg, key, 1) != 1:
@@ -71,15 +74,14 @@ class FoxGenerator:
         m = self.model
         x = m.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
         caches = iter(cache.layers)
-        for layer in self.layers:  # a GPTModel layer has both halves, a HybridModel layer one
-            if _is_attention(layer):
+        for layer, (attention, mlp) in zip(self.layers, self.kinds):
+            if attention:
                 out, bias = layer.self_attention.infer(layer.input_layernorm(x), next(caches))
                 x = x + (out if bias is None else out + bias)
-            if _is_mlp(layer):
+            if mlp:
                 out, bias = layer.mlp(layer.pre_mlp_layernorm(x))
                 x = x + (out if bias is None else out + bias)
-        final_norm = m.decoder.final_layernorm if hasattr(m.decoder, "final_layernorm") else m.decoder.final_norm
-        x = final_norm(x)
+        x = self.final_norm(x)
         weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
         logits, _ = m.output_layer(x, weight=weight)
         cache.tokens += tokens.shape[1]
