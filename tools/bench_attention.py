@@ -264,6 +264,44 @@ def run_profile(args):
                 print(f"  {ms:8.3f} ms  {name[:90]}")
 
 
+def run_boundaries(args):
+    """Host and GPU time of one block-boundary search (the dQ start and the dK/dV end with the
+    backward's per-block threshold, the forward's start with one per head): the Triton launch
+    against the torch ops, same integers asserted. Host ms: wall time of 200 calls in a row
+    (launch-bound when the GPU keeps up); GPU ms: CUDA events around them."""
+    from megatron_fox.ops.forgetting_attn import boundary
+
+    dev = torch.device("cuda")
+    H = args.heads
+    print("| L | search | torch host ms | torch GPU ms | triton host ms | triton GPU ms |\n|---|---|---|---|---|---|")
+    for L in args.lengths:
+        B = max(1, args.tokens // L)
+        c = torch.cumsum(gate_spectrum(B, L, H, 4, 4096, dev).transpose(1, 2), -1).contiguous()
+        delta = torch.full((B, H), -(2 * math.sqrt(args.head_dim) + math.log(L)) + args.log_eps, device=dev)
+        U, lse = torch.full_like(delta, math.sqrt(args.head_dim)), torch.randn(B, H, L, device=dev)
+        thr64, thr128 = (boundary.lse_threshold(delta, U, lse, bm) for bm in (64, 128))
+        cases = {"fwd start (delta per head, 128x128)": lambda: boundary.key_block_start(c, c, delta, None, 128, 128),
+                 "dQ start (per block, 128x64)": lambda: boundary.key_block_start(c, c, thr128, None, 128, 64),
+                 "dK/dV end (per block, 64x64)": lambda: boundary.query_block_end(c, c, thr64, None, 64, 64)}
+        for name, fn in cases.items():
+            cells, results = [], []
+            for fused in (False, True):
+                boundary._fused_on = fused
+                results.append(fn())
+                torch.cuda.synchronize()
+                t0, e0, e1 = time.perf_counter(), torch.cuda.Event(True), torch.cuda.Event(True)
+                e0.record()
+                for _ in range(200):
+                    fn()
+                e1.record()
+                host = (time.perf_counter() - t0) / 200 * 1e3
+                torch.cuda.synchronize()
+                cells += [f"{host:.4f}", f"{e0.elapsed_time(e1) / 200:.4f}"]
+            boundary._fused_on = True
+            assert torch.equal(results[0], results[1]), name
+            print(f"| {L} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def run_check(args):
     """Correctness on the GPU with the tuned tiles: op vs float64 reference."""
     from megatron_fox.ops import forgetting_attention, forgetting_attention_reference
@@ -348,6 +386,8 @@ def main(argv=None):
     p.add_argument("--grad-error", action="store_true",
                    help="bf16 gradient error of exact / ACP bound / ACP lse against float32 exact, then exit")
     p.add_argument("--profile", action="store_true", help="per-kernel time of one forward+backward")
+    p.add_argument("--boundaries", action="store_true",
+                   help="time the block-boundary searches, Triton launch vs torch ops, then exit")
     p.add_argument("--json", type=str, default=None, help="write rows to this file")
     p.add_argument("--clocks", action="store_true",
                    help="sample the SM clock and power (nvidia-smi) while each fwd+bwd figure is timed")
@@ -363,8 +403,9 @@ def main(argv=None):
 
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"date {time.strftime('%Y-%m-%d')}  megatron_fox from {megatron_fox.__path__[0]}", flush=True)
-    if args.check or args.profile or args.grad_error:
-        (run_check if args.check else run_grad_error if args.grad_error else run_profile)(args)
+    if args.check or args.profile or args.grad_error or args.boundaries:
+        (run_check if args.check else run_grad_error if args.grad_error else run_boundaries if args.boundaries
+         else run_profile)(args)
         return
     rows = run_sweep(args) if args.sweep else run_table(args)
     if args.json:

@@ -66,3 +66,37 @@ def test_lse_threshold_bounds_and_rows():
         want = torch.maximum(rows.min(-1).values + (delta + U), delta)
         assert torch.equal(thr[..., blk], want), blk
     assert thr[0, 0, 0] == -30.0 and (thr >= delta[..., None]).all()
+
+
+@pytest.mark.parametrize("T, block_m, block_n", [(100, 16, 32), (97, 32, 16), (300, 64, 64), (257, 128, 64)])
+@pytest.mark.parametrize("delta_kind", [None, "head", "block"])
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_boundaries_equal_torch_path(device, T, block_m, block_n, delta_kind, docs, cross):
+    """The one-launch Triton boundaries (boundary_triton.py; CPU: the interpreter) give the
+    torch path's integers: self-attention (c_q = c_k) and a past key chunk (c_k above c_q,
+    as in the ring), thresholds per head or per query block, with and without documents."""
+    from megatron_fox.ops.forgetting_attn.boundary_triton import block_boundaries
+    from megatron_fox.ops.forgetting_attn.common import document_maps
+
+    B, H = 2, 3
+    nbm = -(-T // block_m)
+    c_q = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1)
+    c_k = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1) - c_q[..., -1:] * 0.9 if cross else c_q
+    delta = {None: None, "head": -3.0 - 6.0 * torch.rand(B, H), "block": -3.0 - 6.0 * torch.rand(B, H, nbm)}[delta_kind]
+    doc_start = doc_end = None
+    if docs:
+        cuts = torch.randperm(T - 1)[:3].add(1).sort().values
+        cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).int()
+        doc_start, doc_end = document_maps(cu, T, "cpu")
+    want_start = boundary.key_block_start(c_q, c_k, delta, doc_start, block_m, block_n)
+    want_end = boundary.query_block_end(c_q, c_k, delta, doc_end, block_m, block_n)
+    if delta is not None:  # the searches land inside the range, not only at its ends
+        assert 0 < want_start.float().mean() < T / block_n - 1 or cross
+    on = {"c_q": c_q.to(device), "c_k": c_k.to(device), "delta": None if delta is None else delta.to(device)}
+    got_start = block_boundaries(on["c_q"], on["c_k"], on["delta"], None if doc_start is None else doc_start.to(device),
+                                 block_m, block_n, end=False)
+    got_end = block_boundaries(on["c_q"], on["c_k"], on["delta"], None if doc_end is None else doc_end.to(device),
+                               block_m, block_n, end=True)
+    assert torch.equal(got_start.cpu(), want_start)
+    assert torch.equal(got_end.cpu(), want_end)

@@ -10,15 +10,27 @@ delta may also differ per query block ([B, H, nbm], the backward's threshold fro
 row log-sum-exp, `lse_threshold`). Then reach_m = c[m0] - delta_m is replaced by its
 running max from the right, which is non-increasing again: both searches stay one
 searchsorted and give the same set of live blocks, a superset of the exact one.
+
+On CUDA each boundary is one Triton launch (boundary_triton.py, the same comparisons);
+MEGATRON_FOX_FUSED_BOUNDARY=0 keeps the torch ops (A/B runs).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .boundary_triton import block_boundaries
+
+_fused_on = os.environ.get("MEGATRON_FOX_FUSED_BOUNDARY", "1") != "0"
+
+
+def _fused(c: torch.Tensor) -> bool:
+    return _fused_on and c.is_cuda
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -51,6 +63,8 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     self-attention); delta [B, H] or [B, H, cdiv(T, block_m)] (None: no pruning);
     doc_start [T] int32.
     """
+    if _fused(c_q):
+        return block_boundaries(c_q, c_k, delta, doc_start, block_m, block_n, end=False)
     B, H, T = c_q.shape
     nbm = _cdiv(T, block_m)
     q0, key_end = _corners(T, block_m, block_n, c_q.device)
@@ -77,6 +91,8 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     [n*block_n // block_m, end[n]) (causal) or [0, end[n]) (a past chunk). delta as in
     `key_block_start` (per query block of block_m rows where 3-d).
     """
+    if _fused(c_q):
+        return block_boundaries(c_q, c_k, delta, doc_end, block_m, block_n, end=True)
     B, H, T = c_q.shape
     nbm, nbn = _cdiv(T, block_m), _cdiv(T, block_n)
     q0, key_end = _corners(T, block_m, block_n, c_q.device)
