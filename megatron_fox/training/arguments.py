@@ -62,6 +62,12 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_cp_skip_chunks": (bool, True, "p2p ring: skip the transfers and blocks ACP prunes wholly"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
+    "overlap_grad_reduce": (bool, False, "start each gradient bucket's data-parallel reduce while the backward "
+                                         "still runs (Megatron DDP; CUDA path)"),
+    "overlap_param_gather": (bool, False, "all-gather the updated parameters bucket by bucket during the next "
+                                          "forward (needs the distributed optimizer and --overlap-grad-reduce; "
+                                          "CUDA path)"),
+    "ddp_bucket_size": (int, None, "elements per gradient bucket (default: Megatron's, max(4e7, 1e6 * DP))"),
     "recompute_granularity": (str, None, "full: keep only layer inputs and recompute the layers in the backward "
                                          "(Megatron's activation checkpointing; FoX attention keeps no [s, s] "
                                          "tensor, so 'selective' has nothing to save)"),
@@ -262,6 +268,12 @@ def finalize(args: argparse.Namespace) -> None:
     if not 1 <= args.recompute_num_layers <= args.num_layers // pp:
         raise ConfigError("recompute_num_layers", f"must be in 1..{args.num_layers // pp} (layers per pipeline "
                                                   f"stage), got {args.recompute_num_layers}")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("overlap_param_gather", "needs use_distributed_optimizer (as in Megatron-LM)")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ConfigError("overlap_param_gather", "needs overlap_grad_reduce (as in Megatron-LM)")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ConfigError("ddp_bucket_size", f"must be >= 1, got {args.ddp_bucket_size}")
     if args.cp_comm_type not in ("p2p", "a2a"):
         raise ConfigError("cp_comm_type", f"{args.cp_comm_type!r}: use p2p or a2a")
     if cp > 1 and args.cp_comm_type == "a2a" and args.num_query_groups // tp < cp:

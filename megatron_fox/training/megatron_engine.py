@@ -3,6 +3,10 @@
 Float16Module (bf16), Megatron DistributedDataParallel with the distributed optimizer,
 `get_megatron_optimizer` (Adam), the forward-backward schedule of the pipeline size
 (no pipelining or 1F1B), `finalize_model_grads`, and `dist_checkpointing` save/load.
+--overlap-grad-reduce / --overlap-param-gather as in Megatron-LM: gradient buckets reduce
+during the backward; updated parameters are all-gathered bucket by bucket by forward
+pre-hooks in the next step, so the hooks are off for the first step and the parameters
+are synchronised (hooks off) before a validation pass or a checkpoint.
 Losses are per token: each micro-batch returns (sum of masked token losses, tokens) and
 the gradients are divided by the tokens of the whole global batch
 (config.calculate_per_token_loss), so any TP/PP/DP/micro-batch split gives one gradient.
@@ -10,6 +14,7 @@ the gradients are divided by the tokens of the whole global batch
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 
@@ -100,17 +105,25 @@ class MegatronEngine:
         if args.bf16:
             model = Float16Module(config, model)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
             use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=True)
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, bf16=args.bf16,
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, use_distributed_optimizer=args.use_distributed_optimizer,
-            clip_grad=args.clip_grad)
+            clip_grad=args.clip_grad, overlap_param_gather=args.overlap_param_gather)
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
+        if args.overlap_grad_reduce:  # pipeline schedules start each stage's reduce when its last backward ends
+            config.grad_sync_func = self.model.start_grad_sync
+        # The parameters are in step with the optimizer at start: the gather hooks wait for
+        # the first update (Megatron-LM's order)
+        self._hooks_on = False
+        if args.overlap_param_gather:
+            self.model.disable_forward_pre_hook(param_sync=False)
         config.grad_scale_func = self.optimizer.scale_loss
         self.config = config
         self.schedule = get_forward_backward_func()
@@ -145,30 +158,64 @@ class MegatronEngine:
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {iteration + 1} failed (non-finite gradients)")
+        if self.args.overlap_param_gather and not self._hooks_on:
+            self.model.enable_forward_pre_hook()  # the next forward gathers this update
+            self._hooks_on = True
         return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+
+    @contextlib.contextmanager
+    def _params_synced(self):
+        """With overlap_param_gather the last update is gathered only by the next training
+        forward: finish the gather now and keep the hooks off until the block ends."""
+        if not self._hooks_on:
+            yield
+            return
+        self.model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            self.model.enable_forward_pre_hook()
 
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
         self.model.eval()
-        return self._run(batches, forward_only=True)
+        with self._params_synced():
+            return self._run(batches, forward_only=True)
 
     # --- checkpoints (dist_checkpointing, torch_dist format) ------------------------------
-    @staticmethod
-    def _meta():
+    def _bucket_layout(self) -> list[int]:
+        """Parameters in each gradient bucket of the DDP buffers."""
+        buffers = list(self.model.buffers) + list(getattr(self.model, "expert_parallel_buffers", []))
+        return [len(bucket.params) for buffer in buffers for bucket in buffer.buckets]
+
+    def _optimizer_sharding(self) -> str:
         """Optimizer-state layout in checkpoints (Megatron's distrib_optim_sharding_type).
-        fully_reshardable: any TP/PP/DP on resume; megatron-core 0.19.2 refuses the
-        flattened ranges of fully_sharded_model_space."""
-        return {"distrib_optim_sharding_type": os.environ.get("MEGATRON_FOX_OPTIM_SHARDING",
-                                                              "fully_reshardable")}
+        fully_reshardable (any TP/PP/DP on resume) where the gradients sit in one bucket:
+        with several buckets (--overlap-grad-reduce), megatron-core 0.19.2's
+        fully_reshardable state resumes wrongly (2 x H100, DP=2: the first step after the
+        load jumps from loss 5.53 to 7.16), so those runs save dp_reshardable, Megatron-LM's
+        own default (resume with the same buckets and TP/PP; DP may change).
+        MEGATRON_FOX_OPTIM_SHARDING overrides; megatron-core 0.19.2 refuses the flattened
+        ranges of fully_sharded_model_space."""
+        forced = os.environ.get("MEGATRON_FOX_OPTIM_SHARDING")
+        if forced:
+            return forced
+        return "fully_reshardable" if len(self._bucket_layout()) <= 1 else "dp_reshardable"
 
     def save(self, root: str, iteration: int) -> None:
+        with self._params_synced():
+            self._save(root, iteration)
+
+    def _save(self, root: str, iteration: int) -> None:
         path = iteration_dir(root, iteration)
         if dist.get_rank() == 0:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         model_sd = self.inner.sharded_state_dict()
-        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=self._meta()),
-                 "iteration": iteration}
+        sharding = self._optimizer_sharding()
+        meta = {"distrib_optim_sharding_type": sharding}
+        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=meta),
+                 "iteration": iteration, "optimizer_sharding": sharding, "optimizer_buckets": self._bucket_layout()}
         dist_checkpointing.save(state, path)
         write_latest(root, iteration)
 
@@ -177,10 +224,17 @@ class MegatronEngine:
         path = iteration_dir(root, iteration)
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
+        common = dist_checkpointing.load_common_state_dict(path)
+        sharding = common.get("optimizer_sharding", "fully_reshardable")  # what checkpoints before it held
+        if sharding == "dp_reshardable" and common.get("optimizer_buckets") != self._bucket_layout():
+            raise ValueError(f"--load {root}: the optimizer state was saved by gradient bucket (dp_reshardable) "
+                             f"with {len(common.get('optimizer_buckets') or [])} buckets; this run has "
+                             f"{len(self._bucket_layout())}: resume with the same --overlap-grad-reduce, "
+                             f"--ddp-bucket-size and TP/PP")
         _init_empty_adam_states(self.optimizer)
         _tolerate_step_in_optimizer_state()
         opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
-                                                   metadata=self._meta())
+                                                   metadata={"distrib_optim_sharding_type": sharding})
         self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
         _restore_adam_step(self.optimizer, iteration)
         return iteration

@@ -83,6 +83,9 @@ def _run_cli(args, tmp_path):
     (["--recompute-granularity", "selective"], "recompute_granularity"),
     (["--recompute-granularity", "full", "--recompute-num-layers", "3"], "recompute_num_layers"),
     (["--num-layers", "4", "--hybrid-layer-pattern", "*-*"], "hybrid_layer_pattern"),
+    (["--overlap-param-gather"], "overlap_param_gather"),
+    (["--overlap-grad-reduce", "--overlap-param-gather", "--no-use-distributed-optimizer"], "overlap_param_gather"),
+    (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
