@@ -72,18 +72,28 @@ def test_lse_threshold_bounds_and_rows():
 @pytest.mark.parametrize("delta_kind", [None, "head", "block"])
 @pytest.mark.parametrize("docs", [False, True])
 @pytest.mark.parametrize("cross", [False, True])
-def test_fused_boundaries_equal_torch_path(device, T, block_m, block_n, delta_kind, docs, cross):
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_boundaries_equal_torch_path(device, T, block_m, block_n, delta_kind, docs, cross, ties):
     """The one-launch Triton boundaries (boundary_triton.py; CPU: the interpreter) give the
     torch path's integers: self-attention (c_q = c_k) and a past key chunk (c_k above c_q,
-    as in the ring), thresholds per head or per query block, with and without documents."""
+    as in the ring), thresholds per head or per query block, with and without documents.
+    ties: whole-number gates and thresholds, so that c[m0] - c[ne] == delta happens and the
+    comparisons' strictness (a block exactly at the threshold is live) is checked."""
     from megatron_fox.ops.forgetting_attn.boundary_triton import block_boundaries
     from megatron_fox.ops.forgetting_attn.common import document_maps
 
     B, H = 2, 3
     nbm = -(-T // block_m)
-    c_q = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1)
-    c_k = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1) - c_q[..., -1:] * 0.9 if cross else c_q
-    delta = {None: None, "head": -3.0 - 6.0 * torch.rand(B, H), "block": -3.0 - 6.0 * torch.rand(B, H, nbm)}[delta_kind]
+    if ties:
+        c_q = -torch.randint(0, 2, (B, H, T)).float().cumsum(-1)
+        c_k = c_q + 40.0 if cross else c_q
+        draw = {None: None, "head": (B, H), "block": (B, H, nbm)}[delta_kind]
+        delta = None if draw is None else -torch.randint(2, 30, draw).float()
+    else:
+        c_q = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1)
+        c_k = F.logsigmoid(torch.randn(B, H, T) + 2.0).cumsum(-1) - c_q[..., -1:] * 0.9 if cross else c_q
+        delta = {None: None, "head": -3.0 - 6.0 * torch.rand(B, H),
+                 "block": -3.0 - 6.0 * torch.rand(B, H, nbm)}[delta_kind]
     doc_start = doc_end = None
     if docs:
         cuts = torch.randperm(T - 1)[:3].add(1).sort().values
@@ -91,8 +101,8 @@ def test_fused_boundaries_equal_torch_path(device, T, block_m, block_n, delta_ki
         doc_start, doc_end = document_maps(cu, T, "cpu")
     want_start = boundary.key_block_start(c_q, c_k, delta, doc_start, block_m, block_n)
     want_end = boundary.query_block_end(c_q, c_k, delta, doc_end, block_m, block_n)
-    if delta is not None:  # the searches land inside the range, not only at its ends
-        assert 0 < want_start.float().mean() < T / block_n - 1 or cross
+    if delta is not None and not cross:  # the searches land inside the range, not only at its ends
+        assert 0 < want_start.float().mean() < T / block_n - 1
     on = {"c_q": c_q.to(device), "c_k": c_k.to(device), "delta": None if delta is None else delta.to(device)}
     got_start = block_boundaries(on["c_q"], on["c_k"], on["delta"], None if doc_start is None else doc_start.to(device),
                                  block_m, block_n, end=False)
