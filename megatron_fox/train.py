@@ -140,6 +140,7 @@ def run(args, on_step=None) -> list[dict]:
     on_step(step, record), if given, is called after every training step (profilers)."""
     from tqdm import tqdm
 
+    from .training.flops import matmul_weight_elements, step_flops
     from .training.step import global_batch
 
     device = init_distributed(args)
@@ -147,6 +148,7 @@ def run(args, on_step=None) -> list[dict]:
     train_ds, valid_ds, tokenizer = build_data(args)
     model, engine, start = build_model_and_engine(args, device, tokenizer)
     vocab = model.vocab_size
+    flops_per_step = step_flops(args, matmul_weight_elements(model))
     writer = None
     if rank0 and args.tensorboard_dir:
         try:
@@ -161,7 +163,8 @@ def run(args, on_step=None) -> list[dict]:
         print(f"megatron_fox: {device.type} world {dist.get_world_size()} (TP {args.tensor_model_parallel_size}, "
               f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, DP "
               f"{args.data_parallel_size}); params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
-              f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; start step {start}", flush=True)
+              f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
+              f"step; start step {start}", flush=True)
     history, saved_at = [], None
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
     tokens_per_step = args.global_batch_size * args.seq_length
@@ -170,7 +173,8 @@ def run(args, on_step=None) -> list[dict]:
         t0 = time.perf_counter()
         out = engine.train_step(batches, it)
         dt = time.perf_counter() - t0
-        out.update(step=it + 1, tokens_per_s=tokens_per_step / dt)
+        out.update(step=it + 1, tokens_per_s=tokens_per_step / dt,
+                   tflops_per_gpu=flops_per_step / dt / dist.get_world_size() / 1e12, model_flops=flops_per_step)
         history.append(out)
         if on_step is not None:
             on_step(it + 1, out)
@@ -184,10 +188,11 @@ def run(args, on_step=None) -> list[dict]:
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
                           f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | "
+                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.1f} | "
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
                         writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)
                     writer.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)

@@ -115,6 +115,7 @@ def main(argv=None):
             rows.append({
                 "L": L, "acp": mode, "steps": len(hist),
                 "tokens_per_s": round(statistics.median(h["tokens_per_s"] for h in hist[args.warmup_steps:])),
+                "tflops_per_gpu": round(statistics.median(h["tflops_per_gpu"] for h in hist[args.warmup_steps:]), 1),
                 "loss_last10": round(sum(h["loss"] for h in hist[-10:]) / 10, 4),
                 "final_loss": round(hist[-1]["loss"], 4),
                 "acp_skipped": round(hist[-1].get("acp_skipped", 0.0), 3),
@@ -124,9 +125,10 @@ def main(argv=None):
                 "wall_s": round(time.time() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
-    print("| L | ACP | tokens/s | loss (mean last 10) | skipped fwd / bwd | peak GB |\n|---|---|---|---|---|---|")
+    print("| L | ACP | tokens/s | model TFLOP/s | loss (mean last 10) | skipped fwd / bwd | peak GB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['L']} | {r['acp']} | {r['tokens_per_s']} | {r['loss_last10']} | "
+        print(f"| {r['L']} | {r['acp']} | {r['tokens_per_s']} | {r['tflops_per_gpu']} | {r['loss_last10']} | "
               f"{r['acp_skipped']} / {r['acp_bwd_skipped']} | {r['peak_mem_gb']} |")
     if args.json:
         with open(args.json, "w") as f:

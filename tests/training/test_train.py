@@ -61,6 +61,8 @@ def test_two_process_training_matches_single(cache, tmp_path, flags):
     multi = train(tmp_path, "multi", common + flags, world=2)
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
+        # the logged model FLOPs count every shard and stage once (training/flops.py)
+        assert a["model_flops"] == b["model_flops"] > 0
 
 
 def _run_cli(args, tmp_path):

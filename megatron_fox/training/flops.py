@@ -1,0 +1,68 @@
+"""Model FLOPs of a training step, for the throughput per GPU in the logs (TFLOP/s/GPU, as
+Megatron-LM's --log-throughput): 3 times the forward's (forward and backward, recompute not
+counted), attention counted dense over the causal pairs, so ACP's skipped blocks and packed
+documents' masked ones count as done (the figure compares runs, not kernels).
+
+Forward FLOPs of one sequence of s tokens:
+    linear:    2 * s * W, W = elements of the weight matrices applied to each token (the
+               linear layers' 2-d `.weight`s: q/k/v with the FoX gates fused in, the output
+               projection, the MLP, the output layer; with tied embeddings the output layer's
+               V x h is the embedding's; per-head norm weights are no matmul) -- summed over
+               tensor-parallel shards and pipeline stages;
+    attention: 4 * heads * head_dim * s(s+1)/2 per attention layer (q.k and p.v over the
+               causal pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def matmul_weight_elements(model) -> int:
+    """W above for the whole model, from this rank's parameters: tensor-parallel shards summed,
+    replicated weights once, every pipeline stage's layers; one all-reduce over Megatron's
+    model-parallel group (TP x PP) where one is initialised."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    local, tied_output = 0.0, 0
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or not name.endswith(".weight"):
+            continue
+        shard = p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / tp
+        if "word_embeddings" in name:
+            # the input lookup costs nothing; tied to the output layer it is also the logits' matmul
+            # (counted on the last stage, where the output layer runs)
+            last = not ps.model_parallel_is_initialized() or ps.is_pipeline_last_stage(ignore_virtual=True)
+            tied_output += shard if (last and not _has_output_weight(model)) else 0
+            continue
+        local += shard
+    total = torch.tensor([local + tied_output], dtype=torch.float64)
+    if dist.is_initialized() and ps.model_parallel_is_initialized():
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+            total = total.to(dev)
+            dist.all_reduce(total, group=group)
+    return int(round(total.item()))
+
+
+def _has_output_weight(model) -> bool:
+    return any(name.endswith("output_layer.weight") for name, _ in model.named_parameters())
+
+
+def attention_flops(seq_length: int, heads: int, head_dim: int, causal: bool = True) -> int:
+    """Forward FLOPs of one attention layer on one sequence: q.k and p.v over the causal pairs
+    (causal=False: every pair, as a dense s x s reference computes)."""
+    pairs = seq_length * (seq_length + 1) // 2 if causal else seq_length * seq_length
+    return 4 * heads * head_dim * pairs
+
+
+def step_flops(args, weight_elements: int) -> float:
+    """Model FLOPs of one optimizer step of args.global_batch_size sequences (forward and
+    backward: 3 x forward)."""
+    s, b = args.seq_length, args.global_batch_size
+    layers = args.hybrid_layer_pattern.count("*") if args.hybrid_layer_pattern else args.num_layers
+    forward = b * (2 * s * weight_elements + layers * attention_flops(s, args.num_attention_heads, args.kv_channels))
+    return 3.0 * forward
