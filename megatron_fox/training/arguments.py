@@ -78,10 +78,15 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "micro_batch_size": (int, 4, "samples per micro-batch"),
     "global_batch_size": (int, 8, "samples per step over all data-parallel ranks"),
     "train_iters": (int, 200, "optimizer steps"),
+    "train_samples": (int, None, "train on this many sequences instead: train_iters = ceil(samples / "
+                                 "global_batch_size)"),
     "lr": (float, 2e-3, "peak learning rate"),
     "min_lr": (float, 0.0, "final learning rate"),
     "lr_warmup_iters": (int, 20, "linear warmup steps"),
+    "lr_warmup_samples": (int, None, "warmup in sequences (instead of lr_warmup_iters)"),
+    "lr_warmup_fraction": (float, None, "warmup as a fraction of the decay length (instead of lr_warmup_iters)"),
     "lr_decay_iters": (int, None, "decay length; default train_iters"),
+    "lr_decay_samples": (int, None, "decay length in sequences (instead of lr_decay_iters)"),
     "lr_decay_style": (str, "cosine", "cosine | linear | constant"),
     "weight_decay": (float, 0.1, "AdamW weight decay (not on norms and biases)"),
     "adam_beta1": (float, 0.9, "AdamW beta1"),
@@ -169,12 +174,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Defaults < YAML < flags, then derived values and checks (ConfigError on bad input)."""
     ns = build_parser().parse_args(argv)
     values = {k: v[1] for k, v in OPTIONS.items()}
+    sources = {}  # key -> 1 set in the YAML, 2 on the command line (the schedule's either/or keys)
     if ns.config:
-        values.update(load_yaml(ns.config))
+        from_yaml = load_yaml(ns.config)
+        values.update(from_yaml)
+        sources.update(dict.fromkeys(from_yaml, 1))
     for key in OPTIONS:
         if getattr(ns, key) is not None:
             values[key] = getattr(ns, key)
-    args = argparse.Namespace(config=ns.config, **values)
+            sources[key] = 2
+    args = argparse.Namespace(config=ns.config, config_sources=sources, **values)
     finalize(args)
     return args
 
@@ -222,6 +231,51 @@ def parse_data_blend(items: list[str]) -> tuple[list[str], Optional[list[float]]
     return list(prefixes), weights
 
 
+def _either(args: argparse.Namespace, keys: tuple[str, ...]) -> Optional[str]:
+    """Which of keys (alternatives for one setting) this run sets: the one given at the higher
+    level (command line over YAML); two at the same level are an error naming the last."""
+    sources = getattr(args, "config_sources", {})
+    given = [k for k in keys if sources.get(k) and getattr(args, k) is not None]
+    if not given:
+        return None
+    top = max(sources[k] for k in given)
+    winners = [k for k in given if sources[k] == top]
+    if len(winners) > 1:
+        raise ConfigError(winners[-1], f"give only one of {', '.join(winners)}")
+    return winners[0]
+
+
+def resolve_schedule(args: argparse.Namespace) -> None:
+    """Steps from samples as Megatron-LM (no batch-size ramp-up): train_samples,
+    lr_decay_samples and lr_warmup_samples become steps of global_batch_size sequences
+    (rounded up), lr_warmup_fraction a share of the decay steps."""
+    gbs = args.global_batch_size
+
+    def steps(key: str) -> int:
+        value = getattr(args, key)
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}")
+        return -(-value // gbs)
+
+    if _either(args, ("train_iters", "train_samples")) == "train_samples":
+        args.train_iters = steps("train_samples")
+    if args.train_iters < 0:
+        raise ConfigError("train_iters", f"must be >= 0, got {args.train_iters}")
+    if _either(args, ("lr_decay_iters", "lr_decay_samples")) == "lr_decay_samples":
+        args.lr_decay_iters = steps("lr_decay_samples")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    warmup = _either(args, ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_fraction"))
+    if warmup == "lr_warmup_samples":
+        args.lr_warmup_iters = steps("lr_warmup_samples")
+    elif warmup == "lr_warmup_fraction":
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ConfigError("lr_warmup_fraction", f"must be in [0, 1], got {args.lr_warmup_fraction}")
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.lr_warmup_iters < 0:
+        raise ConfigError("lr_warmup_iters", f"must be >= 0, got {args.lr_warmup_iters}")
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -233,8 +287,7 @@ def finalize(args: argparse.Namespace) -> None:
                 "context_parallel_size", "log_interval"):
         if getattr(args, key) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(args, key)}")
-    if args.train_iters < 0:
-        raise ConfigError("train_iters", f"must be >= 0, got {args.train_iters}")
+    resolve_schedule(args)
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.kv_channels is None:
@@ -310,8 +363,6 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
     if args.lr_decay_style not in ("cosine", "linear", "constant"):
         raise ConfigError("lr_decay_style", f"must be cosine, linear or constant, got {args.lr_decay_style!r}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
     if args.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
     args.data_prefixes, args.data_weights = (None, None) if args.data_path is None else parse_data_blend(args.data_path)

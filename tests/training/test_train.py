@@ -88,6 +88,7 @@ def _run_cli(args, tmp_path):
     (["--overlap-param-gather"], "overlap_param_gather"),
     (["--overlap-grad-reduce", "--overlap-param-gather", "--no-use-distributed-optimizer"], "overlap_param_gather"),
     (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
+    (["--train-samples", "64", "--train-iters", "5"], "train_samples"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
