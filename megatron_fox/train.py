@@ -59,32 +59,40 @@ def init_distributed(args) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
-def data_paths(args) -> tuple[list[str], str]:
-    """(indexed dataset prefixes, SentencePiece model): --data-path/--tokenizer-model, else the
-    embedded default corpus (built once and cached, under a file lock)."""
+def data_paths(args) -> tuple[dict, str]:
+    """(blends, SentencePiece model): blends {"all": (prefixes, weights)} split by --split, or
+    {"train": ..., "valid": ...} from --train-data-path / --valid-data-path; with no data
+    flags the embedded default corpus (built once and cached, under a file lock)."""
     from .training.data import default_cache_dir, prepare_default_corpus
 
-    if args.data_path is not None:
-        return args.data_prefixes, args.tokenizer_model
+    if args.data_blends:
+        return args.data_blends, args.tokenizer_model
     cache = os.environ.get("MEGATRON_FOX_CACHE") or default_cache_dir()
     prefix, tok = prepare_default_corpus(cache, vocab_size=args.default_vocab_size, max_bytes=args.default_corpus_bytes)
-    return [prefix], tok
+    return {"all": ([prefix], None)}, tok
 
 
 def build_data(args):
-    """(train dataset, valid dataset, tokenizer). Every rank calls this together: the corpus
-    cache is built under a file lock, Megatron's dataset builder has its own barriers."""
+    """(train dataset, valid dataset or None, tokenizer). Every rank calls this together: the
+    corpus cache is built under a file lock, Megatron's dataset builder has its own barriers."""
     from .training.data import build_gpt_datasets
     from .training.tokenizer import SentencePieceTokenizer
 
-    prefixes, tok = data_paths(args)
+    blends, tok = data_paths(args)
     tokenizer = SentencePieceTokenizer(tok)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
-    n_eval = evals * args.global_batch_size
-    train, valid, _ = build_gpt_datasets(prefixes, tokenizer, args.seq_length,
-                                         (max(1, args.train_iters) * args.global_batch_size, n_eval, 0),
-                                         seed=args.seed, split=args.split, cache_path=args.data_cache_path,
-                                         weights=args.data_weights)
+    n_train, n_eval = max(1, args.train_iters) * args.global_batch_size, evals * args.global_batch_size
+
+    def build(blend, samples, split):
+        prefixes, weights = blend
+        return build_gpt_datasets(prefixes, tokenizer, args.seq_length, samples, seed=args.seed, split=split,
+                                  cache_path=args.data_cache_path, weights=weights)
+
+    if "all" in blends:
+        train, valid, _ = build(blends["all"], (n_train, n_eval, 0), args.split)
+    else:  # each split is the whole of its own files
+        train = build(blends["train"], (n_train, 0, 0), "100,0,0")[0]
+        valid = build(blends["valid"], (n_eval, 0, 0), "100,0,0")[0] if "valid" in blends and n_eval else None
     return train, valid, tokenizer
 
 

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     train_ds, valid_ds, tokenizer = build_data(args)
     dataset = valid_ds if opts.dataset == "valid" else train_ds
     if dataset is None or len(dataset) == 0:
-        p.error(f"the {opts.dataset} split is empty (see --split)")
+        p.error(f"the {opts.dataset} split is empty (see --split, or --valid-data-path)")
     model, engine, step = build_model_and_engine(args, device, tokenizer)
     engine.model.eval()
     edges = position_bins(args.seq_length, opts.bins)

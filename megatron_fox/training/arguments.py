@@ -100,6 +100,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "data_path": (list, None, "Megatron indexed dataset prefix, or a blend as in Megatron-LM: 'W1 PREFIX1 W2 "
                               "PREFIX2 ...' (weights) or 'PREFIX1 PREFIX2 ...' (weighted by tokens); "
                               "none: the embedded default corpus"),
+    "train_data_path": (list, None, "training data of its own (a prefix or blend as data_path), with "
+                                    "valid_data_path: each split from its own files, split ignored"),
+    "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
     "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
@@ -216,19 +219,45 @@ def _number(text: str) -> Optional[float]:
         return None
 
 
-def parse_data_blend(items: list[str]) -> tuple[list[str], Optional[list[float]]]:
+def parse_data_blend(items: list[str], key: str = "data_path") -> tuple[list[str], Optional[list[float]]]:
     """--data-path as Megatron-LM reads it -> (prefixes, weights or None): 'PREFIX',
-    'PREFIX1 PREFIX2 ...' (None: the blend weighs them by tokens) or 'W1 PREFIX1 W2 PREFIX2 ...'."""
+    'PREFIX1 PREFIX2 ...' (None: the blend weighs them by tokens) or 'W1 PREFIX1 W2 PREFIX2 ...'.
+    key: the config key named in errors."""
     numbers = [_number(x) for x in items]
     if all(n is None for n in numbers):
         return list(items), None
     weights, prefixes = numbers[0::2], items[1::2]
     if len(items) % 2 or any(n is None for n in weights) or any(n is not None for n in numbers[1::2]):
-        raise ConfigError("data_path", f"{' '.join(items)!r}: give prefixes only, or weight-prefix pairs "
-                                       f"'W1 PREFIX1 W2 PREFIX2 ...'")
+        raise ConfigError(key, f"{' '.join(items)!r}: give prefixes only, or weight-prefix pairs "
+                               f"'W1 PREFIX1 W2 PREFIX2 ...'")
     if any(not w > 0 for w in weights):
-        raise ConfigError("data_path", f"blend weights must be > 0, got {weights}")
+        raise ConfigError(key, f"blend weights must be > 0, got {weights}")
     return list(prefixes), weights
+
+
+def check_data_paths(args: argparse.Namespace) -> None:
+    """Parse data_path, or train_data_path + valid_data_path (each split from its own files),
+    into args.data_blends = {"all" | "train" | "valid": (prefixes, weights)} (empty: the
+    embedded corpus); every prefix's .bin/.idx must exist."""
+    per_split = {"train": args.train_data_path, "valid": args.valid_data_path}
+    given = {k: v for k, v in per_split.items() if v is not None}
+    if given and args.data_path is not None:
+        raise ConfigError(f"{next(iter(given))}_data_path", "give data_path or per-split paths, not both")
+    if given and "train" not in given:
+        raise ConfigError("train_data_path", "needed with valid_data_path")
+    blends = {"all": args.data_path} if args.data_path is not None else given
+    args.data_blends = {name: parse_data_blend(items, "data_path" if name == "all" else f"{name}_data_path")
+                        for name, items in blends.items()}
+    for name, (prefixes, _) in args.data_blends.items():
+        for prefix in prefixes:
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    key = "data_path" if name == "all" else f"{name}_data_path"
+                    raise ConfigError(key, f"{prefix + suffix} not found")
+    if args.data_blends and args.tokenizer_model is None:
+        raise ConfigError("tokenizer_model", "needed with " + ("data_path" if args.data_path else "train_data_path"))
+    if args.eval_interval and args.data_blends.keys() == {"train"}:
+        raise ConfigError("eval_interval", "needs validation data: valid_data_path (with train_data_path)")
 
 
 def _either(args: argparse.Namespace, keys: tuple[str, ...]) -> Optional[str]:
@@ -365,14 +394,7 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("lr_decay_style", f"must be cosine, linear or constant, got {args.lr_decay_style!r}")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
-    args.data_prefixes, args.data_weights = (None, None) if args.data_path is None else parse_data_blend(args.data_path)
-    if args.data_path is not None:
-        for prefix in args.data_prefixes:
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(prefix + suffix):
-                    raise ConfigError("data_path", f"{prefix + suffix} not found")
-        if args.tokenizer_model is None:
-            raise ConfigError("tokenizer_model", "needed with data_path")
+    check_data_paths(args)
     if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
         raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
     if args.load is not None and not os.path.isdir(args.load):

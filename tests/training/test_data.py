@@ -358,3 +358,32 @@ def test_train_tokenizer_cli(tmp_path, docs, capsys):
     tok = SentencePieceTokenizer(model)
     assert tok.vocab_size == 400 and tok.detokenize(tok.tokenize(docs[7])) == docs[7]
     assert "vocab 400" in capsys.readouterr().out
+
+
+def test_per_split_data_paths(one_rank, jsonl_dataset, corpus, tok, docs, tmp_path):
+    """--train-data-path / --valid-data-path: each split is the whole of its own files
+    (--split ignored); the config errors name their key."""
+    from megatron_fox.train import build_data
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    common = ["--tokenizer-model", corpus[1], "--seq-length", "32", "--train-iters", "20", "--global-batch-size",
+              "4", "--micro-batch-size", "4", "--eval-interval", "10", "--eval-iters", "2",
+              "--data-cache-path", str(tmp_path)]
+    args = parse_args(["--train-data-path", corpus[0], "--valid-data-path", jsonl_dataset, "--split", "1,1,98"]
+                      + common)
+    train, valid, tokenizer = build_data(args)
+    ids = [tok.tokenize(t) + [tok.eod] for t in docs]
+    for i in range(0, len(valid), 3):  # validation samples hold pieces of the JSONL documents only
+        _segments_in(valid[i]["tokens"].tolist(), ids, tok.eod)
+    assert len(valid) >= 3 * 2 * 4 and len(train) >= 20 * 4
+    # the training split is the whole corpus prefix: its samples are that prefix's own, split "100,0,0"
+    whole, _, _ = build_gpt_datasets(corpus[0], tokenizer, 32, (80, 0, 0), split="100,0,0", cache_path=str(tmp_path))
+    assert torch.equal(train[5]["tokens"], whole[5]["tokens"])
+    for flags, key in ((["--valid-data-path", jsonl_dataset], "train_data_path"),
+                       (["--data-path", corpus[0], "--train-data-path", corpus[0]], "train_data_path"),
+                       (["--train-data-path", corpus[0]], "eval_interval"),
+                       (["--train-data-path", "1", corpus[0], "2"], "train_data_path"),
+                       (["--train-data-path", corpus[0], "--valid-data-path", str(tmp_path / "none")],
+                        "valid_data_path")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            parse_args(flags + common)
