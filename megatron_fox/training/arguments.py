@@ -114,6 +114,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
     "save": (str, None, "checkpoint directory to save to"),
     "load": (str, None, "checkpoint directory to resume from"),
+    "finetune": (bool, False, "with load: the model weights only, from step 0 with a fresh optimizer and "
+                              "schedule (e.g. continued training at a longer seq_length)"),
+    "load_optim": (bool, True, "with load: also the optimizer state (--no-load-optim: a fresh one)"),
+    "load_rng": (bool, True, "with load: also the RNG state (CPU path; the CUDA path saves none)"),
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
@@ -397,6 +401,9 @@ def finalize(args: argparse.Namespace) -> None:
     check_data_paths(args)
     if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
         raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
+    for key in ("finetune", "load_optim", "load_rng"):
+        if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
+            raise ConfigError(key, "needs load (a checkpoint directory)")
     if args.load is not None and not os.path.isdir(args.load):
         raise ConfigError("load", f"checkpoint directory {args.load} not found")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):

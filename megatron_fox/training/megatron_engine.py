@@ -220,10 +220,17 @@ class MegatronEngine:
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:
+        """Resume from the latest checkpoint under root; returns the step to continue from
+        (its iteration, or 0 with --finetune, which loads the weights only; --no-load-optim
+        keeps the fresh optimizer)."""
         iteration = read_latest(root)
         path = iteration_dir(root, iteration)
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
+        if self.args.finetune or not self.args.load_optim:
+            # the optimizer's float32 main copies were taken from the initial weights
+            self.optimizer.reload_model_params()
+            return 0 if self.args.finetune else iteration
         common = dist_checkpointing.load_common_state_dict(path)
         sharding = common.get("optimizer_sharding", "fully_reshardable")  # what checkpoints before it held
         if sharding == "dp_reshardable" and common.get("optimizer_buckets") != self._bucket_layout():

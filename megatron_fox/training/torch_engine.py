@@ -169,10 +169,15 @@ class TorchEngine:
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:
-        """Resume from the latest checkpoint under root; returns its iteration."""
+        """Resume from the latest checkpoint under root; returns the step to continue from
+        (its iteration, or 0 with --finetune, which loads the weights only)."""
         iteration = read_latest(root)
         state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        if self.args.finetune:
+            return 0
+        if self.args.load_optim:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.args.load_rng:
+            torch.set_rng_state(state["rng"])
         return state["iteration"]

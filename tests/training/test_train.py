@@ -89,6 +89,7 @@ def _run_cli(args, tmp_path):
     (["--overlap-grad-reduce", "--overlap-param-gather", "--no-use-distributed-optimizer"], "overlap_param_gather"),
     (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
     (["--train-samples", "64", "--train-iters", "5"], "train_samples"),
+    (["--finetune"], "finetune"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
@@ -160,6 +161,31 @@ def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
                           str(tmp_path / "fox.pt"), "--train-iters", "1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "pretrained_checkpoint" in bad.stderr
+
+
+def test_finetune_and_no_load_optim(cache, tmp_path):
+    """--load with --finetune: the weights only, from step 0 with a fresh optimizer, so the
+    run equals one from the same weights as a --pretrained-checkpoint file (exported by
+    tools/convert_checkpoint.py from-megatron). --no-load-optim: the saved step and weights
+    with a fresh optimizer: its first loss (before any update) is the resumed run's, later
+    ones are not."""
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "base", ["--train-iters", "6", "--save", str(ckpt)])
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                           "--input", str(ckpt), "--output", str(tmp_path / "full.pt"), *TINY],
+                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    more = ["--train-iters", "4", "--lr-warmup-iters", "0"]
+    tuned = train(tmp_path, "tuned", more + ["--load", str(ckpt), "--finetune"])
+    pretrained = train(tmp_path, "pretrained", more + ["--pretrained-checkpoint", str(tmp_path / "full.pt")])
+    assert [h["step"] for h in tuned] == [1, 2, 3, 4]
+    for a, b in zip(tuned, pretrained):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    resumed = train(tmp_path, "resumed", ["--train-iters", "9", "--load", str(ckpt)])
+    fresh_optim = train(tmp_path, "fresh_optim", ["--train-iters", "9", "--load", str(ckpt), "--no-load-optim"])
+    assert [h["step"] for h in fresh_optim] == [7, 8, 9]
+    assert fresh_optim[0]["loss"] == pytest.approx(resumed[0]["loss"], rel=1e-6)
+    assert abs(fresh_optim[2]["loss"] - resumed[2]["loss"]) > 1e-4  # Adam's moments mattered
 
 
 def test_eval_positions_acp_against_exact(tmp_path, cache):
