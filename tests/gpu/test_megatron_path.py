@@ -5,13 +5,14 @@ Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA (the CPU CI skips 
 """
 
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-from workers import launch  # noqa: E402
+from workers import ROOT, launch, tool_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,6 +47,19 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     # resumed run should follow the uninterrupted one to rounding (the CPU fp32 test: 1e-6).
     assert rest[0]["loss"] == pytest.approx(full[15]["loss"], rel=1e-4)
     for a, b in zip(full[15:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    # --finetune: step 15's weights only, from step 0 with a fresh optimizer: the run from the
+    # same weights as a full state dict (without reload_model_params the optimizer's float32
+    # copies would still hold the initial weights and the first update would undo the load)
+    weights = tmp_path / "full.pt"
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                           "--input", str(ckpt), "--output", str(weights), *FLAGS, "--vocab-size", "1024"],
+                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    tuned = train(tmp_path, "tuned", ["--train-iters", "5", "--load", str(ckpt), "--finetune"])
+    pre = train(tmp_path, "pre", ["--train-iters", "5", "--pretrained-checkpoint", str(weights)])
+    assert [h["step"] for h in tuned] == [1, 2, 3, 4, 5] and tuned[0]["loss"] < losses[0] - 0.5
+    for a, b in zip(pre, tuned):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
 
 
