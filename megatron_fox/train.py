@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -123,6 +125,31 @@ def build_model_and_engine(args, device, tokenizer):
     return model, engine, engine.load(args.load) if args.load else 0
 
 
+class _ExitRequest:
+    """--exit-signal-handler / --exit-duration-in-mins: whether to save and stop after this
+    step. Every rank must agree (a checkpoint needs them all), so the local answer goes
+    through one all-reduce (MAX) a step; without either option nothing is asked."""
+
+    def __init__(self, args, device):
+        self.device, self.signalled = device, False
+        self.deadline = None if args.exit_duration_in_mins is None else time.time() + 60 * args.exit_duration_in_mins
+        self.active = bool(args.exit_signal_handler) or self.deadline is not None
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def __call__(self) -> Optional[str]:
+        """None to go on, else the reason to stop ("signal" or "duration")."""
+        if not self.active:
+            return None
+        local = 2.0 if self.signalled else 1.0 if (self.deadline and time.time() > self.deadline) else 0.0
+        flag = torch.tensor([local], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return {0.0: None, 1.0: "duration", 2.0: "signal"}[flag.item()]
+
+
 def _skipped_by_layer(model) -> tuple[dict[int, float], dict[int, float]]:
     """Fraction of attention FLOPs skipped in each layer's last forward and in its backward,
     over all ranks (one gather for both)."""
@@ -174,6 +201,7 @@ def run(args, on_step=None) -> list[dict]:
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
               f"step; start step {start}", flush=True)
     history, saved_at = [], None
+    exit_request = _ExitRequest(args, device)
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
     tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(start, args.train_iters):
@@ -214,6 +242,12 @@ def run(args, on_step=None) -> list[dict]:
                 if writer:
                     writer.add_scalar("valid/loss", out["valid_loss"], it + 1)
         stop = args.exit_interval is not None and it + 1 >= args.exit_interval
+        why = exit_request()
+        if why is not None:
+            stop = True
+            if rank0:
+                bar.write(f"step {it + 1:6d} | exit requested ({'SIGTERM' if why == 'signal' else 'exit_duration_in_mins'}):"
+                          f" saving to {args.save}")
         if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or stop):
             engine.save(args.save, it + 1)
             saved_at = it + 1

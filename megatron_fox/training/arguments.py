@@ -124,6 +124,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "eval_interval": (int, None, "steps between validation passes"),
     "eval_iters": (int, 2, "validation steps a pass"),
     "exit_interval": (int, None, "stop (after saving) at this step"),
+    "exit_signal_handler": (bool, False, "on SIGTERM (SLURM's warning before the time limit, e.g. sbatch "
+                                         "--signal=TERM@300) save at the end of the current step and exit 0"),
+    "exit_duration_in_mins": (float, None, "save and exit once training has run this many minutes"),
     "progress_bar": (bool, True, "tqdm progress bar on rank 0"),
 }
 
@@ -401,6 +404,11 @@ def finalize(args: argparse.Namespace) -> None:
     check_data_paths(args)
     if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
         raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
+    for key in ("exit_signal_handler", "exit_duration_in_mins"):
+        if getattr(args, key) and args.save is None:
+            raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
     for key in ("finetune", "load_optim", "load_rng"):
         if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
             raise ConfigError(key, "needs load (a checkpoint directory)")

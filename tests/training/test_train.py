@@ -90,6 +90,8 @@ def _run_cli(args, tmp_path):
     (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
     (["--train-samples", "64", "--train-iters", "5"], "train_samples"),
     (["--finetune"], "finetune"),
+    (["--exit-signal-handler"], "exit_signal_handler"),
+    (["--exit-duration-in-mins", "1"], "exit_duration_in_mins"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
@@ -186,6 +188,46 @@ def test_finetune_and_no_load_optim(cache, tmp_path):
     assert [h["step"] for h in fresh_optim] == [7, 8, 9]
     assert fresh_optim[0]["loss"] == pytest.approx(resumed[0]["loss"], rel=1e-6)
     assert abs(fresh_optim[2]["loss"] - resumed[2]["loss"]) > 1e-4  # Adam's moments mattered
+
+
+def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
+    """--exit-signal-handler: SIGTERM mid-run (as SLURM sends before the time limit) saves at
+    the end of the current step and exits 0; resuming from that checkpoint gives the losses
+    of a run that was never stopped."""
+    import re
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    flags = [*TINY, "--train-iters", "400", "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_fox.train", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"step +3 \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 400 and f"step {stopped:6d} | exit requested (SIGTERM)" in out, out[-3000:]
+    assert not re.search(rf"step +{stopped + 1} \|", out)  # it stopped after that step
+    end = ["--train-iters", "400", "--exit-interval", str(stopped + 3)]
+    rest = train(tmp_path, "rest", end + ["--load", str(ckpt)])
+    whole = train(tmp_path, "whole", end)
+    assert [h["step"] for h in rest] == [stopped + 1, stopped + 2, stopped + 3]
+    for a, b in zip(whole[stopped:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+
+
+def test_exit_duration_saves_and_exits(cache, tmp_path):
+    """--exit-duration-in-mins: past the deadline the run saves after its current step and
+    exits 0 (a deadline of 6 ms passes within the first step)."""
+    ckpt = tmp_path / "ckpt"
+    r = _run_cli([*TINY, "--train-iters", "50", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert "exit requested (exit_duration_in_mins)" in r.stdout
 
 
 def test_eval_positions_acp_against_exact(tmp_path, cache):
