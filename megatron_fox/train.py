@@ -74,14 +74,26 @@ def data_paths(args) -> tuple[dict, str]:
     return {"all": ([prefix], None)}, tok
 
 
+def tokenizer_for(args):
+    """The run's tokenizer: --tokenizer-type GPT2BPETokenizer's files, else the SentencePiece
+    model of --tokenizer-model or of the embedded corpus."""
+    from .training.tokenizer import build_tokenizer
+
+    model = None if args.tokenizer_type != "SentencePieceTokenizer" else data_paths(args)[1]
+    return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file)
+
+
 def build_data(args):
     """(train dataset, valid dataset or None, tokenizer). Every rank calls this together: the
     corpus cache is built under a file lock, Megatron's dataset builder has its own barriers."""
     from .training.data import build_gpt_datasets
-    from .training.tokenizer import SentencePieceTokenizer
 
-    blends, tok = data_paths(args)
-    tokenizer = SentencePieceTokenizer(tok)
+    if not args.data_blends and args.tokenizer_type != "SentencePieceTokenizer":
+        print(f"megatron_fox.train: error: config key 'tokenizer_type': {args.tokenizer_type} needs data tokenized "
+              f"with it (data_path); the embedded corpus has its own SentencePiece model", file=sys.stderr)
+        sys.exit(2)
+    blends, _ = data_paths(args)
+    tokenizer = tokenizer_for(args)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     n_train, n_eval = max(1, args.train_iters) * args.global_batch_size, evals * args.global_batch_size
 

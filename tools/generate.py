@@ -44,16 +44,15 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_fox.inference import FoxGenerator
-    from megatron_fox.train import build_model_and_engine, data_paths, init_distributed
+    from megatron_fox.train import build_model_and_engine, init_distributed, tokenizer_for
     from megatron_fox.training.arguments import parse_args
-    from megatron_fox.training.tokenizer import SentencePieceTokenizer
 
     args = parse_args(rest)
     if args.load is None and args.pretrained_checkpoint is None:
         p.error("--load (a checkpoint directory written by megatron_fox.train --save) or "
                 "--pretrained-checkpoint (a full state dict) is required")
     device = init_distributed(args)
-    tokenizer = SentencePieceTokenizer(data_paths(args)[1])
+    tokenizer = tokenizer_for(args)
     _, engine, step = build_model_and_engine(args, device, tokenizer)
     max_length = args.seq_length if opts.max_length is None else opts.max_length
     try:

@@ -2,6 +2,9 @@
 
     python tools/preprocess_data.py --input data.jsonl --json-keys text \\
         --tokenizer-model tok.model --output-prefix out/my --append-eod --workers 8
+    # GPT-2's BPE (the FoX papers' LongCrawl64 models), as Megatron-LM's flags:
+    python tools/preprocess_data.py --input data.jsonl --tokenizer-type GPT2BPETokenizer \\
+        --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt --output-prefix out/my --append-eod
     # writes out/my_text_document.bin and out/my_text_document.idx (one per --json-keys key)
 
 Inputs: ``*.jsonl``/``*.json`` files hold one JSON document per line; any other file is one
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from megatron_fox.training.data import (MissingKeyError, iter_documents, tokenize_stream,
                                         write_documents)
-from megatron_fox.training.tokenizer import SentencePieceTokenizer
+from megatron_fox.training.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
 def parse_args(argv=None):
@@ -27,7 +30,10 @@ def parse_args(argv=None):
                    help="JSON fields to tokenize, one output dataset each")
     p.add_argument("--output-prefix", required=True,
                    help="writes <prefix>_<key>_document.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES)
+    p.add_argument("--tokenizer-model", help="SentencePiece .model file (SentencePieceTokenizer)")
+    p.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    p.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     p.add_argument("--append-eod", action="store_true", help="append the EOD id to each document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--chunk-size", type=int, default=64, help="documents per worker task")
@@ -35,23 +41,31 @@ def parse_args(argv=None):
     missing = [f for f in args.input if not os.path.isfile(f)]
     if missing:
         p.error(f"--input: file(s) not found: {', '.join(missing)}")
-    if not os.path.isfile(args.tokenizer_model):
-        p.error(f"--tokenizer-model: file not found: {args.tokenizer_model}")
+    needed = (("tokenizer_model",) if args.tokenizer_type == "SentencePieceTokenizer"
+              else ("vocab_file", "merge_file"))
+    for key in needed:
+        path = getattr(args, key)
+        if path is None or not os.path.isfile(path):
+            p.error(f"--{key.replace('_', '-')}: file not found: {path} (needed by --tokenizer-type "
+                    f"{args.tokenizer_type})")
     if args.workers < 1 or args.chunk_size < 1:
         p.error("--workers and --chunk-size must be >= 1")
     return p, args
 
 
-def _tokenized(args, key, eod):
+def _tokenized(args, key, tok):
     texts = iter_documents(args.input, key)
-    stream = tokenize_stream(texts, args.tokenizer_model, args.workers, args.chunk_size)
+    stream = tokenize_stream(texts, tok, args.workers, args.chunk_size)
     for ids in tqdm(stream, desc=key, unit="doc", mininterval=1.0):
-        yield ids + [eod] if args.append_eod else ids
+        yield ids + [tok.eod] if args.append_eod else ids
 
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    tok = SentencePieceTokenizer(args.tokenizer_model)
+    try:
+        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    except ValueError as err:  # a vocabulary or merges file that is not GPT-2's format
+        parser.error(str(err))
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, outside the timing)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     outputs = []
@@ -59,7 +73,7 @@ def main(argv=None):
         t0 = time.time()
         prefix = f"{args.output_prefix}_{key}_document"
         try:
-            n_docs, n_tokens = write_documents(prefix, _tokenized(args, key, tok.eod),
+            n_docs, n_tokens = write_documents(prefix, _tokenized(args, key, tok),
                                                tok.vocab_size)
         except MissingKeyError as err:
             parser.error(f"--json-keys: {err}")

@@ -103,7 +103,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "train_data_path": (list, None, "training data of its own (a prefix or blend as data_path), with "
                                     "valid_data_path: each split from its own files, split ignored"),
     "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
+    "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model) | "
+                                                      "GPT2BPETokenizer (vocab_file, merge_file)"),
     "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
+    "vocab_file": (str, None, "GPT-2 vocab.json (GPT2BPETokenizer)"),
+    "merge_file": (str, None, "GPT-2 merges.txt (GPT2BPETokenizer)"),
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
     "reset_attention_mask": (bool, True, "restart attention and the forget gate at each document"),
@@ -261,7 +265,13 @@ def check_data_paths(args: argparse.Namespace) -> None:
                 if not os.path.isfile(prefix + suffix):
                     key = "data_path" if name == "all" else f"{name}_data_path"
                     raise ConfigError(key, f"{prefix + suffix} not found")
-    if args.data_blends and args.tokenizer_model is None:
+    if args.tokenizer_type not in ("SentencePieceTokenizer", "GPT2BPETokenizer"):
+        raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: use SentencePieceTokenizer or GPT2BPETokenizer")
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        for key in ("vocab_file", "merge_file"):
+            if getattr(args, key) is None or not os.path.isfile(getattr(args, key)):
+                raise ConfigError(key, f"{getattr(args, key)}: not found (needed by GPT2BPETokenizer)")
+    elif args.data_blends and args.tokenizer_model is None:
         raise ConfigError("tokenizer_model", "needed with " + ("data_path" if args.data_path else "train_data_path"))
     if args.eval_interval and args.data_blends.keys() == {"train"}:
         raise ConfigError("eval_interval", "needs validation data: valid_data_path (with train_data_path)")

@@ -132,23 +132,23 @@ def write_documents(output_prefix: str, documents: Iterable[Sequence[int]], voca
 _worker_tokenizer = None
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(tokenizer) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(model_path)
+    _worker_tokenizer = tokenizer
 
 
 def _encode(text: str) -> List[int]:
     return _worker_tokenizer.tokenize(text)
 
 
-def tokenize_stream(texts: Iterable[str], model_path: str, workers: int = 1,
+def tokenize_stream(texts: Iterable[str], tokenizer, workers: int = 1,
                     chunk_size: int = 64) -> Iterator[List[int]]:
-    """Token ids of each text, in order; ``workers > 1`` tokenizes in a process pool."""
+    """Token ids of each text, in order; ``workers > 1`` tokenizes in a process pool (the
+    tokenizer is pickled to each: `SentencePieceTokenizer` or `GPT2BPETokenizer`)."""
     if workers <= 1:
-        tok = SentencePieceTokenizer(model_path)
-        yield from map(tok.tokenize, texts)
+        yield from map(tokenizer.tokenize, texts)
         return
-    with multiprocessing.Pool(workers, _init_worker, (model_path,)) as pool:
+    with multiprocessing.Pool(workers, _init_worker, (tokenizer,)) as pool:
         yield from pool.imap(_encode, texts, chunk_size)
 
 

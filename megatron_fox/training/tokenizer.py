@@ -122,6 +122,21 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer")
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_file=None, merge_file=None):
+    """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file)
+    or GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`)."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        from .bpe import GPT2BPETokenizer
+
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    raise ValueError(f"tokenizer_type: {tokenizer_type!r}, expected one of {TOKENIZER_TYPES}")
+
+
 def read_text(path: str) -> str:
     """A text file's contents (UTF-8, undecodable bytes replaced)."""
     with open(path, encoding="utf-8", errors="replace") as f:

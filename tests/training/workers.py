@@ -214,12 +214,23 @@ def task_save(opts):
     write_latest(root, 5)
 
 
-def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
+def launch(task: str, world: int, opts: dict, timeout: int = 900, attempts: int = 3) -> None:
     """Start `world` worker processes of `task`; raise with their stderr if one fails.
 
     Output goes to files, not pipes, and each worker is waited for by its exit: a process
     a worker leaves behind (it skips interpreter teardown) cannot keep the caller waiting
-    for the end of a pipe."""
+    for the end of a pipe. The rendezvous port is found free, then bound by rank 0: another
+    process can take it in between (seen with tests running beside each other), so a start
+    that fails on EADDRINUSE is tried again on a new port."""
+    for attempt in range(attempts):
+        try:
+            return _launch_once(task, world, opts, timeout)
+        except RuntimeError as e:
+            if "EADDRINUSE" not in str(e) or attempt + 1 == attempts:
+                raise
+
+
+def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
     import tempfile
     import time
 
