@@ -45,6 +45,19 @@ def test_pieces_match_gpt2_pattern():
     assert pretokenize("I'm here  \n\n  ok's") == ["I", "'m", " here", "  \n\n ", " ok", "'s"]
 
 
+def _apply(word, a, b):
+    """word (a sequence of symbols) with every adjacent (a, b) merged, left to right."""
+    out, k = [], 0
+    while k < len(word):
+        if k + 1 < len(word) and word[k] == a and word[k + 1] == b:
+            out.append(a + b)
+            k += 2
+        else:
+            out.append(word[k])
+            k += 1
+    return out
+
+
 def _train_merges(corpus, n_merges):
     """A small BPE vocabulary learned from corpus (most frequent adjacent pair first), so
     every merge's parts exist before it, as in GPT-2's."""
@@ -62,15 +75,7 @@ def _train_merges(corpus, n_merges):
         merges.append(best)
         new = collections.Counter()
         for w, c in words.items():
-            out, k = [], 0
-            while k < len(w):
-                if k + 1 < len(w) and (w[k], w[k + 1]) == best:
-                    out.append(w[k] + w[k + 1])
-                    k += 2
-                else:
-                    out.append(w[k])
-                    k += 1
-            new[tuple(out)] += c
+            new[tuple(_apply(w, *best))] += c
         words = new
     vocab = {s: i for i, s in enumerate(sym)}
     for a, b in merges:
@@ -97,15 +102,7 @@ def _reference_ids(text, vocab, merges):
     for piece in pretokenize(text):
         word = [byte_symbols()[b] for b in piece.encode()]
         for a, b in merges:
-            out, k = [], 0
-            while k < len(word):
-                if k + 1 < len(word) and word[k] == a and word[k + 1] == b:
-                    out.append(a + b)
-                    k += 2
-                else:
-                    out.append(word[k])
-                    k += 1
-            word = out
+            word = _apply(word, a, b)
         ids += [vocab[s] for s in word]
     return ids
 
