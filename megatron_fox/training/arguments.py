@@ -132,7 +132,26 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                          "--signal=TERM@300) save at the end of the current step and exit 0"),
     "exit_duration_in_mins": (float, None, "save and exit once training has run this many minutes"),
     "progress_bar": (bool, True, "tqdm progress bar on rank 0"),
+    # Megatron-LM script flags with one meaning in this model: accepted with that value (so
+    # existing launch scripts run), any other value stops naming the key (see _FIXED)
+    "normalization": (str, "RMSNorm", "RMSNorm (the FoX-Pro model's)"),
+    "position_embedding_type": (str, "none", "none: FoX's forget gate replaces position embeddings"),
+    "swiglu": (bool, True, "SwiGLU MLP (the FoX-Pro model's)"),
+    "disable_bias_linear": (bool, True, "linear layers have no bias"),
+    "attention_dropout": (float, 0.0, "0: the FoX kernels apply no dropout"),
+    "hidden_dropout": (float, 0.0, "0: the FoX-Pro configs train without dropout"),
+    "attention_softmax_in_fp32": (bool, True, "always (the kernels accumulate in float32)"),
+    "max_position_embeddings": (int, None, "accepted, unused: no position embedding"),
+    "group_query_attention": (bool, None, "accepted: num_query_groups sets the key/value heads"),
+    "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
+    "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
+    "distributed_backend": (str, None, "nccl | gloo, accepted: CUDA runs use NCCL, CPU runs gloo"),
 }
+
+# keys above whose value is fixed here: the values accepted
+_FIXED = {"normalization": ("RMSNorm",), "position_embedding_type": ("none",), "swiglu": (True,),
+          "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
+          "attention_softmax_in_fp32": (True,), "distributed_backend": (None, "nccl", "gloo")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +352,10 @@ def finalize(args: argparse.Namespace) -> None:
                 "context_parallel_size", "log_interval"):
         if getattr(args, key) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(args, key)}")
+    for key, accepted in _FIXED.items():
+        if getattr(args, key) not in accepted:
+            raise ConfigError(key, f"{getattr(args, key)!r}: not available in this FoX model "
+                                   f"(accepted: {', '.join(repr(a) for a in accepted if a is not None)})")
     resolve_schedule(args)
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads

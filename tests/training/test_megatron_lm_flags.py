@@ -1,0 +1,39 @@
+"""A Megatron-LM GPT pretraining command line (its usual model, data, optimizer and
+parallelism flags) parses unchanged; a flag whose value this FoX model cannot honour stops
+naming its key."""
+
+import pytest
+
+from megatron_fox.training.arguments import ConfigError, parse_args
+
+MEGATRON_LM_SCRIPT = """
+--num-layers 4 --hidden-size 256 --num-attention-heads 8 --group-query-attention --num-query-groups 4
+--seq-length 512 --max-position-embeddings 512 --position-embedding-type none --normalization RMSNorm
+--swiglu --disable-bias-linear --untie-embeddings-and-output-weights --attention-dropout 0.0
+--hidden-dropout 0.0 --init-method-std 0.02 --use-mcore-models --transformer-impl local
+--attention-softmax-in-fp32 --use-flash-attn --micro-batch-size 4 --global-batch-size 32
+--train-samples 64000 --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-fraction 0.01
+--weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16
+--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --use-distributed-optimizer
+--overlap-grad-reduce --overlap-param-gather --distributed-backend nccl --split 99,1,0
+--log-interval 10 --save-interval 500 --eval-interval 250 --eval-iters 10 --seed 1234
+""".split()
+
+
+def test_megatron_lm_script_parses():
+    args = parse_args(MEGATRON_LM_SCRIPT)
+    assert (args.num_query_groups, args.train_iters, args.lr_warmup_iters) == (4, 2000, 20)
+    assert args.overlap_param_gather and args.bf16 and args.position_embedding_type == "none"
+
+
+@pytest.mark.parametrize("flags,key", [
+    (["--normalization", "LayerNorm"], "normalization"),
+    (["--position-embedding-type", "rope"], "position_embedding_type"),
+    (["--no-swiglu"], "swiglu"),
+    (["--attention-dropout", "0.1"], "attention_dropout"),
+    (["--hidden-dropout", "0.1"], "hidden_dropout"),
+    (["--distributed-backend", "mpi"], "distributed_backend"),
+])
+def test_unavailable_values_name_the_key(flags, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        parse_args(flags)
