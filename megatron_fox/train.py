@@ -9,6 +9,7 @@ engine (gloo). Launch several processes with torchrun (see launch/).
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 import socket
@@ -246,13 +247,17 @@ def run(args, on_step=None) -> list[dict]:
                     writer.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         writer.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
-        if args.eval_interval and (it + 1) % args.eval_interval == 0:
+        # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
+        last = it + 1 == args.train_iters
+        if args.eval_interval and args.eval_iters and ((it + 1) % args.eval_interval == 0 or last):
             losses = [engine.eval_step(global_batch(valid_ds, e, args, tokenizer.eod)) for e in range(args.eval_iters)]
             out["valid_loss"] = sum(losses) / len(losses)
             if rank0:
-                bar.write(f"step {it + 1:6d} | validation loss {out['valid_loss']:.4f}")
+                bar.write(f"step {it + 1:6d} | validation loss {out['valid_loss']:.4f}"
+                          f" | validation ppl {math.exp(min(out['valid_loss'], 700.0)):.2f}")
                 if writer:
                     writer.add_scalar("valid/loss", out["valid_loss"], it + 1)
+                    writer.add_scalar("valid/ppl", math.exp(min(out["valid_loss"], 700.0)), it + 1)
         stop = args.exit_interval is not None and it + 1 >= args.exit_interval
         why = exit_request()
         if why is not None:

@@ -230,6 +230,23 @@ def test_exit_duration_saves_and_exits(cache, tmp_path):
     assert "exit requested (exit_duration_in_mins)" in r.stdout
 
 
+def test_validation_loss_is_the_saved_models_loss(cache, tmp_path):
+    """--eval-interval: validation every 5 steps and after the last; the last pass's loss
+    equals the mean token loss of the same validation batches under the final checkpoint,
+    computed by plain model calls in another process."""
+    ckpt = tmp_path / "ckpt"
+    flags = TINY + ["--train-iters", "12", "--split", "80,20,0", "--eval-interval", "5", "--eval-iters", "2",
+                    "--no-reset-attention-mask"]
+    hist = train(tmp_path, "run", flags[len(TINY):] + ["--save", str(ckpt)])
+    assert [h["step"] for h in hist if "valid_loss" in h] == [5, 10, 12]
+    out = tmp_path / "valid.pt"
+    launch("valid_loss", 1, {"flags": flags, "ckpt": str(ckpt), "out": str(out)})
+    check = torch.load(out)
+    assert check["step"] == 12
+    assert hist[-1]["valid_loss"] == pytest.approx(check["loss"], rel=1e-6)
+    assert hist[4]["valid_loss"] > hist[-1]["valid_loss"]  # training helped on held-out data
+
+
 def test_eval_positions_acp_against_exact(tmp_path, cache):
     """tools/eval_positions.py: loss by in-document position with ACP on and off on a model
     with fast-forgetting gates (ACP prunes): bins add up, and ACP changes no bin by more

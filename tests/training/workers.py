@@ -96,6 +96,29 @@ def task_train(opts):
         torch.save(history, opts["out"])
 
 
+def task_valid_loss(opts):
+    """Mean token loss of the validation batches (eval_iters global batches, as the trainer
+    takes them) under the latest checkpoint of opts['ckpt'], by plain model calls; no
+    document resets (the run uses --no-reset-attention-mask)."""
+    from megatron_fox.train import build_data, build_model_and_engine, init_distributed
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.step import global_batch
+
+    args = parse_args(opts["flags"] + ["--load", opts["ckpt"]])
+    device = init_distributed(args)
+    _, valid, tokenizer = build_data(args)
+    model, _, step = build_model_and_engine(args, device, tokenizer)
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for e in range(args.eval_iters):
+            for mb in global_batch(valid, e, args, tokenizer.eod):
+                loss = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+                total += float((loss.float() * mb["loss_mask"]).sum())
+                count += float(mb["loss_mask"].sum())
+    torch.save({"step": step, "loss": total / count}, opts["out"])
+
+
 def task_cp(opts):
     """Context-parallel op on this rank's chunks of the saved inputs; save out, grads, stats."""
     import torch.distributed as dist
