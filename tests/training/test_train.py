@@ -220,6 +220,39 @@ def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
 
 
+def test_torchrun_launcher_two_ranks_sigterm(cache, tmp_path):
+    """launch/torchrun.sh with 2 CPU ranks (DP=2): SIGTERM to torchrun is forwarded to the
+    ranks, which (--exit-signal-handler) finish their step, save together and exit."""
+    import re
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    env = dict(tool_env(), GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), TRITON_INTERPRET="0")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, "--train-iters", "400",
+                             "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"step +2 \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert "DP 2" in out, out[-3000:]
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= stopped < 400 and "exit requested (SIGTERM)" in out, out[-3000:]
+    assert (ckpt / f"iter_{stopped:07d}").is_dir()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_exit_duration_saves_and_exits(cache, tmp_path):
     """--exit-duration-in-mins: past the deadline the run saves after its current step and
     exits 0 (a deadline of 6 ms passes within the first step)."""
