@@ -152,13 +152,13 @@ class _RingAttention(torch.autograd.Function):
                                                       sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"],
                                                       bound=plan["bound"], thresholds=thresholds[qh],
                                                       **_block_docs(plan, r, qh, kv_rank, kh))
-                dq[:, sl[qh]] += gq.float()
+                dq[:, sl[qh]] += gq  # in-place adds promote to float32: no cast kernel
                 dc[..., sl[qh]] += gcq
                 if grads[kh] is None:
                     grads[kh] = [gk.float(), gv.float(), gck]
                 else:
                     for acc, g in zip(grads[kh], (gk, gv, gck)):
-                        acc += g.float()
+                        acc += g
             return grads
 
         def add_key_grads(per_half):
