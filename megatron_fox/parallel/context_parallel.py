@@ -86,6 +86,7 @@ class _RingAttention(torch.autograd.Function):
         qs = (q[:, :half], q[:, half:])
         ks, vs, cs = (k[:, :half], k[:, half:]), (v[:, :half], v[:, half:]), (c[..., :half], c[..., half:])
         o_acc = torch.zeros((B, T2, H, D), dtype=torch.float32, device=q.device)
+        # base-2 row log-sum-exp, as the kernels keep it (no rescaling per block)
         lse_acc = torch.full((B, H, T2), float("-inf"), dtype=torch.float32, device=q.device)
         stats = plan["stats"]
 
@@ -96,9 +97,9 @@ class _RingAttention(torch.autograd.Function):
                 o_b, lse_b, _ = block_forward(qs[qh], kk, vv, cs[qh], cc, sm_scale=plan["sm_scale"],
                                               causal=causal, delta=plan["delta"], bound=plan["bound"],
                                               diagonal=None if diagonal is None else diagonal[qh],
-                                              **_block_docs(plan, r, qh, kv_rank, kh))
+                                              lse_base2=True, **_block_docs(plan, r, qh, kv_rank, kh))
                 rows = slice(qh * half, (qh + 1) * half)
-                merge_partial_(o_acc[:, rows], lse_acc[..., rows], o_b, lse_b)
+                merge_partial_(o_acc[:, rows], lse_acc[..., rows], o_b, lse_b, base2=True)
 
         own = [(ks[h], vs[h], cs[h]) for h in (0, 1)]
         # K/V are posted from the comm stream, which waits only for what is queued now (our
@@ -151,7 +152,7 @@ class _RingAttention(torch.autograd.Function):
                 gq, gk, gv, gcq, gck = block_backward(qs[qh], kk, vv, os_[qh], dos[qh], lses[qh], cs[qh], cc,
                                                       sm_scale=plan["sm_scale"], causal=causal, delta=plan["delta"],
                                                       bound=plan["bound"], thresholds=thresholds[qh],
-                                                      **_block_docs(plan, r, qh, kv_rank, kh))
+                                                      lse_base2=True, **_block_docs(plan, r, qh, kv_rank, kh))
                 dq[:, sl[qh]] += gq  # in-place adds promote to float32: no cast kernel
                 dc[..., sl[qh]] += gcq
                 if grads[kh] is None:

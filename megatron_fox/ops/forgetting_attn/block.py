@@ -43,9 +43,11 @@ def _centered(c_q, c_k):
 
 def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Optional[torch.Tensor] = None,
                   doc_start: Optional[torch.Tensor] = None, doc_end: Optional[torch.Tensor] = None,
-                  bound: Optional[torch.Tensor] = None, diagonal: Optional[torch.Tensor] = None):
-    """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] float32, first computed key block per
-    query block [B, H, nbm] int32 (None for the reference path)).
+                  bound: Optional[torch.Tensor] = None, diagonal: Optional[torch.Tensor] = None,
+                  lse_base2: bool = False):
+    """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] float32 (natural log; base 2 with
+    lse_base2, as the kernels keep it), first computed key block per query block [B, H, nbm]
+    int32 (None for the reference path)).
 
     Exact FoX (delta None) with bound (U [B, H]) and diagonal (sm_scale q_i.k_i [B, H, T] of
     these query rows and their own keys, `plan.forward_diagonal`): skips the key blocks whose
@@ -59,28 +61,31 @@ def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Op
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
         o, lse = _reference_forward(q, k, v, c_q, c_k, sm_scale, causal, delta, doc_start)
-        return o, lse, None
+        return o, lse * LOG2E if lse_base2 else lse, None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     exact_zero = delta is None and bound is not None  # the diagonal serves only exact FoX's zero blocks
     plan = _plan(q, sm_scale, delta, doc_start, doc_end, bound, diagonal=diagonal if exact_zero else None)
     o, lse2, start = _forward(q, k, v, c_q, c_k, c_q, c_k, plan, causal)
-    return o, lse2 * (1.0 / LOG2E), start
+    return o, lse2 if lse_base2 else lse2 * (1.0 / LOG2E), start
 
 
 def block_backward(q, k, v, o, do, lse, c_q, c_k, *, sm_scale: float, causal: bool,
                    delta: Optional[torch.Tensor] = None, doc_start: Optional[torch.Tensor] = None,
                    doc_end: Optional[torch.Tensor] = None, bound: Optional[torch.Tensor] = None,
-                   thresholds: Optional[dict] = None):
-    """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows.
+                   thresholds: Optional[dict] = None, lse_base2: bool = False):
+    """-> (dq, dk, dv, dc_q [B, H, T], dc_k [B, H, T]) given the merged o and lse of the rows
+    (lse natural log; base 2 with lse_base2).
     bound (U [B, H], with delta): the kernels also prune by the rows' lse
     (`forgetting_attention(backward_pruning="lse")`); the plain-PyTorch path ignores it.
     thresholds: a dict kept by the caller for one query chunk (same q rows, lse, delta and
     bound) across its key chunks: the lse thresholds are computed once and reused from it."""
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
+        lse = lse * (1.0 / LOG2E) if lse_base2 else lse
         return _reference_backward(q, k, v, o, do, lse, c_q, c_k, sm_scale, causal, delta, doc_start)
     q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
-    dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, (lse * LOG2E).contiguous(), c_q, c_k, c_q, c_k,
+    lse2 = lse.contiguous() if lse_base2 else (lse * LOG2E).contiguous()
+    dq, dk, dv, drow, dcol = _backward(q, k, v, o, do, None, lse2, c_q, c_k, c_q, c_k,
                                        _plan(q, sm_scale, delta, doc_start, doc_end, bound, thresholds), causal)
     return dq, dk, dv, drow, -dcol
 
