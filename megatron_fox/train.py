@@ -237,7 +237,7 @@ def run(args, on_step=None) -> list[dict]:
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
                           f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | "
-                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.1f} | "
+                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | "
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
