@@ -234,15 +234,20 @@ def run(args, on_step=None) -> list[dict]:
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
+            mem = ""
+            if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
+                out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                mem = f"mem {out['max_mem_gb']:.1f} GB | "
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
                           f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | "
-                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | "
+                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | {mem}"
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
-                        writer.add_scalar(f"train/{key}", out[key], it + 1)
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "max_mem_gb"):
+                        if key in out:
+                            writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)
                     writer.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():

@@ -35,6 +35,7 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     losses = [h["loss"] for h in full]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
     assert 0.0 < full[-1]["acp_skipped"] < 1.0
+    assert 0.0 < full[-1]["max_mem_gb"] < 80.0 and full[-1]["tflops_per_gpu"] > 0.0
     ckpt = tmp_path / "ckpt"
     first = train(tmp_path, "first", ["--train-iters", "30", "--exit-interval", "15", "--save", str(ckpt)])
     assert len(first) == 15 and (ckpt / "iter_0000015").is_dir()
