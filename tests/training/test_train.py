@@ -195,19 +195,10 @@ def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
     the end of the current step and exits 0; resuming from that checkpoint gives the losses
     of a run that was never stopped."""
     import re
-    import signal
 
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--train-iters", "400", "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"]
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_fox.train", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=tmp_path)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.match(r"step +3 \|", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    proc, out = _sigterm_at_step([sys.executable, "-m", "megatron_fox.train", *flags], 3, tool_env(), tmp_path)
     assert proc.returncode == 0, out[-3000:]
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 400 and f"step {stopped:6d} | exit requested (SIGTERM)" in out, out[-3000:]
@@ -223,26 +214,31 @@ def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
 def test_torchrun_launcher_two_ranks_sigterm(cache, tmp_path):
     """launch/torchrun.sh with 2 CPU ranks (DP=2): SIGTERM to torchrun is forwarded to the
     ranks, which (--exit-signal-handler) finish their step, save together and exit."""
-    import re
-    import signal
 
     ckpt = tmp_path / "ckpt"
     env = dict(tool_env(), GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), TRITON_INTERPRET="0")
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, "--train-iters", "400",
-                             "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
-                            start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.match(r"step +2 \|", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    _, out = _sigterm_at_step(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, "--train-iters", "400",
+                               "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"], 2, env, tmp_path)
     assert "DP 2" in out, out[-3000:]
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped < 400 and "exit requested (SIGTERM)" in out, out[-3000:]
     assert (ckpt / f"iter_{stopped:07d}").is_dir()
+
+
+def _sigterm_at_step(cmd, step, env, cwd):
+    """Run cmd, send SIGTERM once its log shows `step`, wait: (process, all its output)."""
+    import re
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(rf"step +{step} \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    return proc, "".join(lines) + proc.communicate(timeout=300)[0]
 
 
 def _free_port():
