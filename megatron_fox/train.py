@@ -188,7 +188,7 @@ def run(args, on_step=None) -> list[dict]:
     on_step(step, record), if given, is called after every training step (profilers)."""
     from tqdm import tqdm
 
-    from .training.flops import matmul_weight_elements, step_flops
+    from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
     from .training.step import global_batch
 
     device = init_distributed(args)
@@ -234,18 +234,22 @@ def run(args, on_step=None) -> list[dict]:
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
-            mem = ""
+            extra = ""
+            if args.log_params_norm:
+                out["params_norm"] = params_l2_norm(model)
+                extra = f"params norm {out['params_norm']:.3f} | "
             if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
                 out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                mem = f"mem {out['max_mem_gb']:.1f} GB | "
+                extra += f"mem {out['max_mem_gb']:.1f} GB | "
             if rank0:
                 bar.write(f"step {it + 1:6d} | loss {out['loss']:.4f} | lr {out['lr']:.3e} | grad norm "
                           f"{out['grad_norm']:.3f} | tokens/s {out['tokens_per_s']:.0f} | "
-                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | {mem}"
+                          f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | {extra}"
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "max_mem_gb"):
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "max_mem_gb",
+                                "params_norm"):
                         if key in out:
                             writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)

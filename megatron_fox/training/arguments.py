@@ -115,6 +115,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "default_vocab_size": (int, 2048, "vocabulary of the tokenizer trained on the embedded corpus"),
     # logging and checkpoints
     "log_interval": (int, 10, "steps between log lines"),
+    "log_params_norm": (bool, False, "the parameters' L2 norm in each log line (one reduction over TP x PP)"),
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
     "save": (str, None, "checkpoint directory to save to"),
     "load": (str, None, "checkpoint directory to resume from"),

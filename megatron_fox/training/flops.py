@@ -1,5 +1,8 @@
-"""Model FLOPs of a training step, for the throughput per GPU in the logs (TFLOP/s/GPU, as
-Megatron-LM's --log-throughput): 3 times the forward's (forward and backward, recompute not
+"""Whole-model figures for the logs, from this rank's shard: the model FLOPs of a training
+step (TFLOP/s/GPU, as Megatron-LM's --log-throughput) and the parameters' L2 norm
+(--log-params-norm).
+
+Model FLOPs: 3 times the forward's (forward and backward, recompute not
 counted), attention counted dense over the causal pairs, so ACP's skipped blocks and packed
 documents' masked ones count as done (the figure compares runs, not kernels).
 
@@ -38,14 +41,38 @@ def matmul_weight_elements(model) -> int:
             tied_output += shard if (last and not _has_output_weight(model)) else 0
             continue
         local += shard
-    total = torch.tensor([local + tied_output], dtype=torch.float64)
+    return int(round(_model_parallel_sum(local + tied_output)))
+
+
+def params_l2_norm(model) -> float:
+    """L2 norm of all the model's parameters as if on one rank: squares of tensor-parallel
+    shards summed, replicated ones once, every pipeline stage, a pipeline copy of a tied
+    embedding (Megatron marks it `shared`) not again."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    local = 0.0
+    for p in model.parameters():
+        if getattr(p, "shared", False) and not (ps.model_parallel_is_initialized()
+                                                and ps.is_pipeline_first_stage(ignore_virtual=True)):
+            continue
+        sq = float(p.detach().float().pow(2).sum())
+        local += sq if getattr(p, "tensor_model_parallel", False) else sq / tp
+    return _model_parallel_sum(local) ** 0.5
+
+
+def _model_parallel_sum(value: float) -> float:
+    """value summed over Megatron's model-parallel group (TP x PP), where one is initialised."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.tensor([value], dtype=torch.float64)
     if dist.is_initialized() and ps.model_parallel_is_initialized():
         group = ps.get_model_parallel_group()
         if dist.get_world_size(group) > 1:
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
             total = total.to(dev)
             dist.all_reduce(total, group=group)
-    return int(round(total.item()))
+    return total.item()
 
 
 def _has_output_weight(model) -> bool:

@@ -43,3 +43,15 @@ def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras
     assert attention_flops(s, heads, dh) == 4 * heads * dh * causal_pairs
     assert step_flops(args, W) == 3 * (2 * b * s * W + layers * b * attention_flops(s, heads, dh))
     assert W > 3 * (64 * 128 * 3)  # at least the SwiGLU weights of every layer
+
+
+def test_params_norm_is_the_norm_of_all_parameters(megatron_world):
+    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.flops import params_l2_norm
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    args = parse_args(TINY)
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(96, args))
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    assert params_l2_norm(model) == pytest.approx(flat.norm().item(), rel=1e-9)

@@ -56,11 +56,14 @@ def test_resume_matches_uninterrupted_run(cache, tmp_path):
 @pytest.mark.parametrize("flags", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2_sp", "pp2"])
 def test_two_process_training_matches_single(cache, tmp_path, flags):
-    common = ["--train-iters", "6", "--num-query-groups", "2"]
+    common = ["--train-iters", "6", "--num-query-groups", "2", "--log-params-norm", "--log-interval", "3"]
     single = train(tmp_path, "single", common)
     multi = train(tmp_path, "multi", common + flags, world=2)
+    assert [h["step"] for h in single if "params_norm" in h] == [3, 6]
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
+        if "params_norm" in a:  # every shard and stage counted once (training/flops.py)
+            assert a["params_norm"] == pytest.approx(b["params_norm"], rel=1e-5), a["step"]
         # the logged model FLOPs count every shard and stage once (training/flops.py)
         assert a["model_flops"] == b["model_flops"] > 0
 
