@@ -11,7 +11,8 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 # On SIGTERM torchrun forwards it to the ranks and kills them after this many seconds: with
-# --exit-signal-handler they finish the step and save first, which takes longer than the 30 s default.
+# --exit-signal-handler they finish the step and save first, which takes longer than the 30 s default
+# (torch 2.13 reads this variable; a torch that does not keeps 30 s).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
