@@ -93,8 +93,10 @@ def build_data(args):
         print(f"megatron_fox.train: error: config key 'tokenizer_type': {args.tokenizer_type} needs data tokenized "
               f"with it (data_path); the embedded corpus has its own SentencePiece model", file=sys.stderr)
         sys.exit(2)
-    blends, _ = data_paths(args)
-    tokenizer = tokenizer_for(args)
+    from .training.tokenizer import build_tokenizer
+
+    blends, sp_model = data_paths(args)  # once: it may build the embedded corpus and its tokenizer
+    tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file)
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     n_train, n_eval = max(1, args.train_iters) * args.global_batch_size, evals * args.global_batch_size
 

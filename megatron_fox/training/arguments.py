@@ -276,17 +276,18 @@ def check_data_paths(args: argparse.Namespace) -> None:
         raise ConfigError(f"{next(iter(given))}_data_path", "give data_path or per-split paths, not both")
     if given and "train" not in given:
         raise ConfigError("train_data_path", "needed with valid_data_path")
+    from .tokenizer import TOKENIZER_TYPES
+
     blends = {"all": args.data_path} if args.data_path is not None else given
-    args.data_blends = {name: parse_data_blend(items, "data_path" if name == "all" else f"{name}_data_path")
-                        for name, items in blends.items()}
+    keys = {name: "data_path" if name == "all" else f"{name}_data_path" for name in blends}
+    args.data_blends = {name: parse_data_blend(items, keys[name]) for name, items in blends.items()}
     for name, (prefixes, _) in args.data_blends.items():
         for prefix in prefixes:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
-                    key = "data_path" if name == "all" else f"{name}_data_path"
-                    raise ConfigError(key, f"{prefix + suffix} not found")
-    if args.tokenizer_type not in ("SentencePieceTokenizer", "GPT2BPETokenizer"):
-        raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: use SentencePieceTokenizer or GPT2BPETokenizer")
+                    raise ConfigError(keys[name], f"{prefix + suffix} not found")
+    if args.tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}")
     if args.tokenizer_type == "GPT2BPETokenizer":
         for key in ("vocab_file", "merge_file"):
             if getattr(args, key) is None or not os.path.isfile(getattr(args, key)):

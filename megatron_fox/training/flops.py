@@ -28,12 +28,12 @@ def matmul_weight_elements(model) -> int:
     model-parallel group (TP x PP) where one is initialised."""
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    share = _tp_share()
     local, tied_output = 0.0, 0
     for name, p in model.named_parameters():
         if p.dim() != 2 or not name.endswith(".weight"):
             continue
-        shard = p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / tp
+        shard = p.numel() * share(p)
         if "word_embeddings" in name:
             # the input lookup costs nothing; tied to the output layer it is also the logits' matmul
             # (counted on the last stage, where the output layer runs)
@@ -50,15 +50,24 @@ def params_l2_norm(model) -> float:
     embedding (Megatron marks it `shared`) not again."""
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    share = _tp_share()
     local = 0.0
     for p in model.parameters():
         if getattr(p, "shared", False) and not (ps.model_parallel_is_initialized()
                                                 and ps.is_pipeline_first_stage(ignore_virtual=True)):
             continue
-        sq = float(p.detach().float().pow(2).sum())
-        local += sq if getattr(p, "tensor_model_parallel", False) else sq / tp
+        local += float(p.detach().float().pow(2).sum()) * share(p)
     return _model_parallel_sum(local) ** 0.5
+
+
+def _tp_share():
+    """-> share(p): the part of p's contribution this rank adds before the sum over TP x PP:
+    1 for a tensor-parallel shard (the shards add up to the whole), 1/TP for a tensor every
+    tensor-parallel rank holds a copy of."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    return lambda p: 1.0 if getattr(p, "tensor_model_parallel", False) else 1.0 / tp
 
 
 def _model_parallel_sum(value: float) -> float:

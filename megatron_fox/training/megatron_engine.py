@@ -188,7 +188,7 @@ class MegatronEngine:
         buffers = list(self.model.buffers) + list(getattr(self.model, "expert_parallel_buffers", []))
         return [len(bucket.params) for buffer in buffers for bucket in buffer.buckets]
 
-    def _optimizer_sharding(self) -> str:
+    def _optimizer_sharding(self, layout: list[int]) -> str:
         """Optimizer-state layout in checkpoints (Megatron's distrib_optim_sharding_type).
         fully_reshardable (any TP/PP/DP on resume) where the gradients sit in one bucket:
         with several buckets (--overlap-grad-reduce), megatron-core 0.19.2's
@@ -196,11 +196,11 @@ class MegatronEngine:
         load jumps from loss 5.53 to 7.16), so those runs save dp_reshardable, Megatron-LM's
         own default (resume with the same buckets and TP/PP; DP may change).
         MEGATRON_FOX_OPTIM_SHARDING overrides; megatron-core 0.19.2 refuses the flattened
-        ranges of fully_sharded_model_space."""
+        ranges of fully_sharded_model_space. layout: `_bucket_layout()`."""
         forced = os.environ.get("MEGATRON_FOX_OPTIM_SHARDING")
         if forced:
             return forced
-        return "fully_reshardable" if len(self._bucket_layout()) <= 1 else "dp_reshardable"
+        return "fully_reshardable" if len(layout) <= 1 else "dp_reshardable"
 
     def save(self, root: str, iteration: int) -> None:
         with self._params_synced():
@@ -212,10 +212,11 @@ class MegatronEngine:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         model_sd = self.inner.sharded_state_dict()
-        sharding = self._optimizer_sharding()
+        layout = self._bucket_layout()
+        sharding = self._optimizer_sharding(layout)
         meta = {"distrib_optim_sharding_type": sharding}
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=meta),
-                 "iteration": iteration, "optimizer_sharding": sharding, "optimizer_buckets": self._bucket_layout()}
+                 "iteration": iteration, "optimizer_sharding": sharding, "optimizer_buckets": layout}
         dist_checkpointing.save(state, path)
         write_latest(root, iteration)
 
@@ -233,11 +234,11 @@ class MegatronEngine:
             return 0 if self.args.finetune else iteration
         common = dist_checkpointing.load_common_state_dict(path)
         sharding = common.get("optimizer_sharding", "fully_reshardable")  # what checkpoints before it held
-        if sharding == "dp_reshardable" and common.get("optimizer_buckets") != self._bucket_layout():
+        saved, layout = common.get("optimizer_buckets"), self._bucket_layout()
+        if sharding == "dp_reshardable" and saved != layout:
             raise ValueError(f"--load {root}: the optimizer state was saved by gradient bucket (dp_reshardable) "
-                             f"with {len(common.get('optimizer_buckets') or [])} buckets; this run has "
-                             f"{len(self._bucket_layout())}: resume with the same --overlap-grad-reduce, "
-                             f"--ddp-bucket-size and TP/PP")
+                             f"with {len(saved or [])} buckets; this run has {len(layout)}: resume with the "
+                             f"same --overlap-grad-reduce, --ddp-bucket-size and TP/PP")
         _init_empty_adam_states(self.optimizer)
         _tolerate_step_in_optimizer_state()
         opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
