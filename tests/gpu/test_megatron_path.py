@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-from workers import ROOT, launch, tool_env  # noqa: E402
+from workers import ROOT, free_port, launch, sigterm_at_step, tool_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MEGATRON_FOX_TEST_GPU") != "1" or not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,3 +88,23 @@ def test_gpu_data_parallel_overlap_matches_plain(tmp_path):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a["step"], a["loss"], b["loss"])
             if "valid_loss" in a:
                 assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-4), (name, a["step"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_torchrun_sigterm_two_ranks(tmp_path):
+    """launch/torchrun.sh, 2 GPUs (DP=2, NCCL): SIGTERM to torchrun reaches both ranks, which
+    agree through --exit-signal-handler's per-step all-reduce to stop after the same step,
+    save that step with the distributed optimizer and exit 0; the run resumes from it. torchrun
+    itself exits 1 (its agent re-raises the signal once the ranks are done), so the test reads
+    the checkpoint rather than torchrun's code."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    env = dict(tool_env(), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
+    flags = [*FLAGS, "--train-iters", "400", "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"]
+    proc, out = sigterm_at_step(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *flags], 3, env, tmp_path)
+    assert "DP 2" in out and "exit requested (SIGTERM)" in out, out[-3000:]
+    stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 400 and (ckpt / f"iter_{stopped:07d}").is_dir()
+    rest = train(tmp_path, "rest", ["--train-iters", "400", "--exit-interval", str(stopped + 2), "--load", str(ckpt)],
+                 world=2)
+    assert [h["step"] for h in rest] == [stopped + 1, stopped + 2]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from .workers import ROOT, launch, tool_env
+from .workers import ROOT, free_port, launch, sigterm_at_step, tool_env
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
@@ -201,7 +201,7 @@ def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--train-iters", "400", "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"]
-    proc, out = _sigterm_at_step([sys.executable, "-m", "megatron_fox.train", *flags], 3, tool_env(), tmp_path)
+    proc, out = sigterm_at_step([sys.executable, "-m", "megatron_fox.train", *flags], 3, tool_env(), tmp_path)
     assert proc.returncode == 0, out[-3000:]
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 400 and f"step {stopped:6d} | exit requested (SIGTERM)" in out, out[-3000:]
@@ -219,37 +219,13 @@ def test_torchrun_launcher_two_ranks_sigterm(cache, tmp_path):
     ranks, which (--exit-signal-handler) finish their step, save together and exit."""
 
     ckpt = tmp_path / "ckpt"
-    env = dict(tool_env(), GPUS_PER_NODE="2", MASTER_PORT=str(_free_port()), TRITON_INTERPRET="0")
-    _, out = _sigterm_at_step(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, "--train-iters", "400",
+    env = dict(tool_env(), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), TRITON_INTERPRET="0")
+    _, out = sigterm_at_step(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), *TINY, "--train-iters", "400",
                                "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"], 2, env, tmp_path)
     assert "DP 2" in out, out[-3000:]
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped < 400 and "exit requested (SIGTERM)" in out, out[-3000:]
     assert (ckpt / f"iter_{stopped:07d}").is_dir()
-
-
-def _sigterm_at_step(cmd, step, env, cwd):
-    """Run cmd, send SIGTERM once its log shows `step`, wait: (process, all its output)."""
-    import re
-    import signal
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.match(rf"step +{step} \|", line):
-            proc.send_signal(signal.SIGTERM)
-            break
-    return proc, "".join(lines) + proc.communicate(timeout=300)[0]
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_exit_duration_saves_and_exits(cache, tmp_path):

@@ -237,6 +237,28 @@ def task_save(opts):
     write_latest(root, 5)
 
 
+def sigterm_at_step(cmd, step, env, cwd):
+    """Run cmd, send SIGTERM once its log shows `step`, wait: (process, all its output)."""
+    import re
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(rf"step +{step} \|", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    return proc, "".join(lines) + proc.communicate(timeout=300)[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(task: str, world: int, opts: dict, timeout: int = 900, attempts: int = 3) -> None:
     """Start `world` worker processes of `task`; raise with their stderr if one fails.
 
@@ -257,9 +279,7 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
     import tempfile
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     logs = tempfile.TemporaryDirectory(prefix=f"mf_{task}_")
     procs, errs = [], []
     for rank in range(world):
