@@ -17,12 +17,14 @@ import torch
 
 
 def forgetting_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_q: torch.Tensor,
-                                c_k: torch.Tensor, *, sm_scale: Optional[float] = None) -> torch.Tensor:
+                                c_k: torch.Tensor, *, sm_scale: Optional[float] = None,
+                                keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new query per sequence over its cached keys.
 
     q [B, H, D]; k, v [B, N, Hkv, D] (the cache, the new token's key included); c_q [B, H]
-    float32 prefix sum at the query; c_k [B, H, N] float32 at the keys. Returns o [B, H, D]
-    in q.dtype (float32 softmax).
+    float32 prefix sum at the query; c_k [B, H, N] float32 at the keys; keep [B, N] in [0, 1]
+    multiplies the weights (learned context pruning, `ops.context_pruning`; 0 removes a key).
+    Returns o [B, H, D] in q.dtype (float32 softmax).
     """
     B, H, D = q.shape
     if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D or k.shape != v.shape or H % k.shape[2]:
@@ -36,6 +38,10 @@ def forgetting_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     kf = k.float().repeat_interleave(group, dim=2)  # [B, N, H, D]
     vf = v.float().repeat_interleave(group, dim=2)
     s = scale * torch.einsum("bhd,bnhd->bhn", q.float(), kf) + (c_q[..., None] - c_k)
+    if keep is not None:
+        if keep.shape != (B, k.shape[1]):
+            raise ValueError(f"keep must be [batch, cached] = ({B}, {k.shape[1]}), got {tuple(keep.shape)}")
+        s = s + torch.log(keep.float())[:, None, :]  # log 0 = -inf: weight 0
     p = torch.softmax(s, dim=-1)
     return torch.einsum("bhn,bnhd->bhd", p, vf).to(q.dtype)
 

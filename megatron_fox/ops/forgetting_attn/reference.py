@@ -31,11 +31,11 @@ def reference_logits(q, k, log_fgate, sm_scale, cu_seqlens=None, dtype=torch.flo
     kf = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     c = torch.cumsum(log_fgate.to(dtype).transpose(1, 2), dim=-1)  # [B, H, T]
     s = sm_scale * qf @ kf.transpose(-1, -2) + c[..., :, None] - c[..., None, :]
-    s = s.masked_fill(~_allowed(T, cu_seqlens, q.device), float("-inf"))
+    s = s.masked_fill(~allowed_pairs(T, cu_seqlens, q.device), float("-inf"))
     return s, c
 
 
-def _allowed(T, cu_seqlens, device):
+def allowed_pairs(T, cu_seqlens, device):
     """[T, T] bool: key j visible to query i (causal, same document)."""
     i = torch.arange(T, device=device)
     allowed = i[None, :] <= i[:, None]

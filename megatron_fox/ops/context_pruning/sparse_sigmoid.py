@@ -1,0 +1,71 @@
+"""The alpha-sparse sigmoid: the first entry of alpha-entmax([x, 0]).
+
+alpha-entmax (Peters et al. 2019) gives p_i = [(alpha-1) z_i - tau]_+^(1/(alpha-1)) with tau
+making the p_i sum to 1. For the two scores [x, 0] with both in the support this reads
+    p^a - (1 - p)^a = a x,    a = alpha - 1,
+whose left side rises from -1 (p = 0) to 1 (p = 1): p = 1 for a x >= 1, p = 0 for a x <= -1,
+and in between the root is found by bisection. alpha = 1 is the ordinary sigmoid (the limit
+a -> 0 of the equation is log p - log(1 - p) = x), alpha = 2 gives clip((x + 1) / 2, 0, 1).
+
+Derivative inside (0, 1), from the implicit equation: dp/dx = 1 / (p^(a-1) + (1-p)^(a-1));
+0 where p is clipped. Larger alpha: a narrower ramp, exact zeros and ones sooner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BISECTION_STEPS = 52  # halves [0, 1] down to float64's resolution
+
+
+def _solve(x: torch.Tensor, a: float) -> torch.Tensor:
+    """p in [0, 1] with p^a - (1-p)^a = a x, float64."""
+    ax = a * x.double()
+    lo = torch.zeros_like(ax)
+    hi = torch.ones_like(ax)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        below = mid.pow(a) - (1.0 - mid).pow(a) < ax
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    p = 0.5 * (lo + hi)
+    return torch.where(ax >= 1.0, 1.0, torch.where(ax <= -1.0, 0.0, p))
+
+
+class _SparseSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):
+        a = alpha - 1.0
+        p = _solve(x, a)
+        ctx.save_for_backward(p)
+        ctx.a = a
+        return p.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        inside = (p > 0) & (p < 1)
+        pc = p.clamp(1e-300, 1.0)
+        qc = (1.0 - p).clamp(1e-300, 1.0)
+        slope = 1.0 / (pc.pow(ctx.a - 1.0) + qc.pow(ctx.a - 1.0))
+        return (grad.double() * torch.where(inside, slope, 0.0)).to(grad.dtype), None
+
+
+def sparse_sigmoid(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Elementwise alpha-sparse sigmoid of x (any shape), differentiable in x.
+
+    alpha >= 1 (a float, not a tensor): 1 is torch.sigmoid; above 1 the output reaches exactly
+    0 for x <= -1 / (alpha - 1) and exactly 1 for x >= 1 / (alpha - 1). Computed in float64,
+    returned in x.dtype. alpha = inf is the limit, the step (x > 0) (no gradient): the hard
+    decisions of decoding.
+    """
+    alpha = float(alpha)
+    if not alpha >= 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    if alpha == 1.0:
+        return torch.sigmoid(x)
+    if math.isinf(alpha):
+        return (x > 0).to(x.dtype)
+    return _SparseSigmoid.apply(x, alpha)
