@@ -165,24 +165,36 @@ class _ExitRequest:
         return {0.0: None, 1.0: "duration", 2.0: "signal"}[flag.item()]
 
 
-def _skipped_by_layer(model) -> tuple[dict[int, float], dict[int, float]]:
-    """Fraction of attention FLOPs skipped in each layer's last forward and in its backward,
-    over all ranks (one gather for both)."""
+def _layer_stats(model) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+    """Per layer, over all ranks (one gather): the fraction of attention FLOPs skipped in its
+    last forward and in its backward, and (learned context pruning) the fraction of
+    prunable pairs kept."""
+    from .layers.context_pruning import context_pruning_modules
     from .training.model import attention_layers
 
     local = {}
     for m in attention_layers(model):
         if m.skipped_fraction is not None:
-            local[m.layer_number] = (float(m.skipped_fraction), float(m.backward_skipped_fraction))
+            local[m.layer_number] = (float(m.skipped_fraction), float(m.backward_skipped_fraction), None)
+    for m in context_pruning_modules(model):
+        if m.last_kept_fraction is not None and m.layer_number in local:
+            local[m.layer_number] = local[m.layer_number][:2] + (float(m.last_kept_fraction),)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     merged: dict[int, list] = {}
     for part in gathered:
         for layer, fracs in part.items():
             merged.setdefault(layer, []).append(fracs)
-    fwd = {layer: sum(f for f, _ in v) / len(v) for layer, v in sorted(merged.items())}
-    bwd = {layer: sum(b for _, b in v) / len(v) for layer, v in sorted(merged.items())}
-    return fwd, bwd
+
+    def mean(i):
+        out = {}
+        for layer, v in sorted(merged.items()):
+            vals = [f[i] for f in v if f[i] is not None]
+            if vals:
+                out[layer] = sum(vals) / len(vals)
+        return out
+
+    return mean(0), mean(1), mean(2)
 
 
 def run(args, on_step=None) -> list[dict]:
@@ -191,7 +203,8 @@ def run(args, on_step=None) -> list[dict]:
     from tqdm import tqdm
 
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
-    from .training.step import global_batch
+    from .layers.context_pruning import set_context_pruning_state
+    from .training.step import context_pruning_alpha_at, global_batch
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
@@ -222,6 +235,8 @@ def run(args, on_step=None) -> list[dict]:
     for it in range(start, args.train_iters):
         batches = global_batch(train_ds, it, args, tokenizer.eod)
         t0 = time.perf_counter()
+        if args.fox_context_pruning:
+            set_context_pruning_state(model, alpha=context_pruning_alpha_at(it, args))
         out = engine.train_step(batches, it)
         dt = time.perf_counter() - t0
         out.update(step=it + 1, tokens_per_s=tokens_per_step / dt,
@@ -232,14 +247,19 @@ def run(args, on_step=None) -> list[dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
-            skipped, bwd = _skipped_by_layer(model)
+            skipped, bwd, kept = _layer_stats(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
             extra = ""
+            if kept:
+                out["dcp_kept"], out["dcp_kept_by_layer"] = sum(kept.values()) / len(kept), kept
+                out["dcp_alpha"] = context_pruning_alpha_at(it, args)
+                extra = (f"context kept {out['dcp_kept']:.3f} (by layer: {' '.join(f'{v:.2f}' for v in kept.values())}"
+                         f", alpha {out['dcp_alpha']:.2f}) | ")
             if args.log_params_norm:
                 out["params_norm"] = params_l2_norm(model)
-                extra = f"params norm {out['params_norm']:.3f} | "
+                extra += f"params norm {out['params_norm']:.3f} | "
             if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
                 out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 extra += f"mem {out['max_mem_gb']:.1f} GB | "
@@ -251,7 +271,7 @@ def run(args, on_step=None) -> list[dict]:
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "max_mem_gb",
-                                "params_norm"):
+                                "params_norm", "dcp_kept", "dcp_alpha"):
                         if key in out:
                             writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)

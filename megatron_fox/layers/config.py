@@ -28,6 +28,12 @@ class FoxTransformerConfig(TransformerConfig):
     fox_cp_skip_chunks: context-parallel ring (cp_comm_type p2p): skip the transfers and blocks
         ACP prunes wholly. Waiting for the skip table on the host happens only in calls whose
         layer had a dead chunk pair in its previous call (ChunkSkipMemory).
+    fox_context_pruning: learned dynamic context pruning (Anagnostidis et al. 2023): per layer
+        interaction projections of width fox_context_pruning_dim decide which earlier tokens
+        every later one drops (`layers.context_pruning`); the attention then runs the
+        materialised plain-PyTorch op (O(s^2) memory: a fine-tuning method for short contexts;
+        ACP's block skipping does not apply there). No context parallelism.
+    fox_context_pruning_beta_init: initial bias of the keep score (2: most tokens kept at first).
     """
 
     fox_output_gate: bool = True
@@ -42,6 +48,9 @@ class FoxTransformerConfig(TransformerConfig):
     fox_collect_stats: bool = True
     fox_fuse_extras: bool = True
     fox_cp_skip_chunks: bool = True
+    fox_context_pruning: bool = False
+    fox_context_pruning_dim: int = 64
+    fox_context_pruning_beta_init: float = 2.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,5 +60,9 @@ class FoxTransformerConfig(TransformerConfig):
             raise ValueError("acp_logit_bound='qk_norm' needs fox_qk_norm=True (else use 'data')")
         if self.acp_backward_pruning not in ("lse", "bound"):
             raise ValueError(f"acp_backward_pruning must be 'lse' or 'bound', got {self.acp_backward_pruning!r}")
+        if self.fox_context_pruning and self.context_parallel_size > 1:
+            raise ValueError("fox_context_pruning does not run with context_parallel_size > 1")
+        if self.fox_context_pruning and self.fox_context_pruning_dim < 1:
+            raise ValueError(f"fox_context_pruning_dim must be >= 1, got {self.fox_context_pruning_dim}")
         if self.acp_log_eps is not None and self.acp_log_eps > 0:
             raise ValueError(f"acp_log_eps must be <= 0 or None, got {self.acp_log_eps}")

@@ -40,13 +40,32 @@ class FoxCoreAttention(MegatronModule):
             return None
         return getattr(self._stats, "backward_skipped_fraction", self._stats.skipped_fraction).detach()
 
-    def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None):
+    def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None, keep=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d].
+        keep [b, s, s]: learned context pruning's mask (`layers.context_pruning`), run by the
+        materialised plain-PyTorch op.
 
         The layer builds valid inputs by construction (log f = logsigmoid <= 0, offsets from
         our own packing), so the op's value checks and their host sync are skipped."""
         with no_data_checks():
+            if keep is not None:
+                return self._pruned(q, k, v, log_fgate, keep, cu_seqlens)
             return self._forward(q, k, v, log_fgate, logit_bound, cu_seqlens)
+
+    def _pruned(self, q, k, v, log_fgate, keep, cu_seqlens):
+        """One sample at a time (its own documents), float32 softmax; nothing skipped."""
+        from ..ops.context_pruning import pruned_forgetting_attention_reference
+        from ..parallel import sample_cu_seqlens
+
+        s, b = q.shape[:2]
+        outs = []
+        for i in range(b):
+            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s)
+            outs.append(pruned_forgetting_attention_reference(
+                q[:, i:i + 1].transpose(0, 1), k[:, i:i + 1].transpose(0, 1), v[:, i:i + 1].transpose(0, 1),
+                log_fgate[:, i:i + 1].transpose(0, 1).contiguous(), keep[i:i + 1], cu_seqlens=cu))
+        self._stats = SimpleNamespace(skipped_fraction=torch.zeros((), device=q.device))
+        return torch.cat(outs, dim=0).transpose(0, 1)
 
     def _forward(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
         s, b = q.shape[:2]

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops.token_shift import document_start_mask
 from . import extras
+from .context_pruning import ContextPruning
 from .core_attention import FoxCoreAttention
 from .head_params import HeadParams
 
@@ -73,6 +74,7 @@ class FoxSelfAttention(MegatronModule):
             is_expert=False, tp_comm_buffer_name="qkv")
         self.head_params = HeadParams(config, self.heads, self.groups, d)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
+        self.context_pruning = ContextPruning(config, layer_number) if config.fox_context_pruning else None
         self.linear_proj = build_module(
             submodules.linear_proj, heads * d, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
@@ -145,7 +147,13 @@ class FoxSelfAttention(MegatronModule):
         elif shift is not None and cu_seqlens is not None:
             doc_start = document_start_mask(cu_seqlens, s, b)
         q, k, v, log_fgate = self._prepare(q, k, v, fgate, shift, doc_start)
-        out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens)
+        keep = penalty_keep = None
+        if self.context_pruning is not None:
+            keep, penalty_keep = self.context_pruning.keep(hidden_states)
+        out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens,
+                                  keep=keep)
+        if keep is not None:
+            out = self.context_pruning.add_penalty(out, penalty_keep, cu_seqlens)
         return self.linear_proj(self._finish(out, ogate))
 
     def _prepare(self, q, k, v, fgate, shift, doc_start, prev_kv=None):

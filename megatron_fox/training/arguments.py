@@ -53,6 +53,17 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
     "acp_logit_bound": (str, "qk_norm", "qk_norm | data"),
     "acp_backward_pruning": (str, "lse", "lse (the backward also prunes by the rows' log-sum-exp) | bound"),
+    "fox_context_pruning": (bool, False, "learned dynamic context pruning (Anagnostidis et al. 2023): per layer "
+                                         "interaction projections learn which tokens later ones drop; "
+                                         "materialised attention, for fine-tuning at short seq_length"),
+    "fox_context_pruning_dim": (int, 64, "width r of the interaction queries and keys"),
+    "fox_context_pruning_beta_init": (float, 2.0, "initial bias of the keep score"),
+    "fox_context_pruning_lambda": (float, 0.3, "weight of the sparsity penalty (mean kept fraction of the "
+                                               "prunable pairs, averaged over layers)"),
+    "fox_context_pruning_alpha": (float, 8.0, "the sparse sigmoid's final alpha (1: sigmoid; larger: hard 0/1 "
+                                              "decisions sooner)"),
+    "fox_context_pruning_alpha_iters": (int, None, "steps of the cosine rise of alpha from 1 to its final "
+                                                   "value (default: train_iters; 0: final alpha at once)"),
     # parallelism
     "tensor_model_parallel_size": (int, 1, "tensor-parallel ranks"),
     "pipeline_model_parallel_size": (int, 1, "pipeline stages"),
@@ -266,6 +277,21 @@ def parse_data_blend(items: list[str], key: str = "data_path") -> tuple[list[str
     return list(prefixes), weights
 
 
+def check_context_pruning(args) -> None:
+    """The learned context pruning's settings."""
+    if args.context_parallel_size > 1:
+        raise ConfigError("fox_context_pruning", "does not run with context_parallel_size > 1")
+    if args.fox_context_pruning_dim < 1:
+        raise ConfigError("fox_context_pruning_dim", f"must be >= 1, got {args.fox_context_pruning_dim}")
+    if args.fox_context_pruning_lambda < 0:
+        raise ConfigError("fox_context_pruning_lambda", f"must be >= 0, got {args.fox_context_pruning_lambda}")
+    if not args.fox_context_pruning_alpha >= 1:
+        raise ConfigError("fox_context_pruning_alpha", f"must be >= 1, got {args.fox_context_pruning_alpha}")
+    if args.fox_context_pruning_alpha_iters is not None and args.fox_context_pruning_alpha_iters < 0:
+        raise ConfigError("fox_context_pruning_alpha_iters",
+                          f"must be >= 0, got {args.fox_context_pruning_alpha_iters}")
+
+
 def check_data_paths(args: argparse.Namespace) -> None:
     """Parse data_path, or train_data_path + valid_data_path (each split from its own files),
     into args.data_blends = {"all" | "train" | "valid": (prefixes, weights)} (empty: the
@@ -432,6 +458,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("acp_backward_pruning", f"must be lse or bound, got {args.acp_backward_pruning!r}")
     if args.acp_log_eps > 0:
         raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
+    if args.fox_context_pruning:
+        check_context_pruning(args)
     if args.lr_decay_style not in ("cosine", "linear", "constant"):
         raise ConfigError("lr_decay_style", f"must be cosine, linear or constant, got {args.lr_decay_style!r}")
     if args.device not in ("auto", "cpu", "cuda"):

@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, read_latest, write_latest
-from .step import lr_at, micro_batch_iterator, model_forward
+from .step import lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -130,6 +130,10 @@ class MegatronEngine:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        # the schedule backpropagates the loss sum times the loss scale; the gradients are
+        # divided by the batch's tokens afterwards (calculate_per_token_loss)
+        if self.args.fox_context_pruning:
+            set_context_pruning_penalty(model, batch, self.args, float(self.optimizer.get_loss_scale()))
         out = model_forward(model, batch, self.args, self.eod)
         return out, partial(_loss_func, batch["loss_mask"])
 

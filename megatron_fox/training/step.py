@@ -25,6 +25,29 @@ def lr_at(iteration: int, args) -> float:
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def context_pruning_alpha_at(iteration: int, args) -> float:
+    """The sparse sigmoid's alpha at a step: a cosine rise from 1 to fox_context_pruning_alpha
+    over fox_context_pruning_alpha_iters steps (default train_iters), then constant."""
+    end = args.fox_context_pruning_alpha
+    span = args.train_iters if args.fox_context_pruning_alpha_iters is None else args.fox_context_pruning_alpha_iters
+    if iteration >= span:
+        return end
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * iteration / span))
+
+
+def set_context_pruning_penalty(model, batch: dict, args, tokens_scale: float) -> None:
+    """Before a micro-batch forward: the penalty weight of every layer, lambda / num_layers
+    times this micro-batch's tokens times tokens_scale (1 / the global batch's tokens where
+    the loss is divided by them before the backward; the loss scale where it is not)."""
+    if not args.fox_context_pruning:
+        return
+    from ..layers.context_pruning import set_context_pruning_state
+
+    tokens = float(batch["loss_mask"].sum())
+    set_context_pruning_state(model, penalty_weight=args.fox_context_pruning_lambda / args.num_layers
+                              * tokens * tokens_scale)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack dataset samples into [b, s] tensors: tokens, labels, loss_mask, position_ids."""
     out = {}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, read_latest, write_latest
-from .step import lr_at, model_forward
+from .step import lr_at, model_forward, set_context_pruning_penalty
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -87,6 +87,7 @@ class TorchEngine:
                 dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
                 x.requires_grad_(backward)
                 self.model.set_input_tensor(x)
+            set_context_pruning_penalty(self.model, b, self.args, 1.0 / float(tokens))
             with torch.set_grad_enabled(backward):
                 out = model_forward(self.model, b, self.args, self.eod)
             if last:

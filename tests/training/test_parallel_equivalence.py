@@ -68,6 +68,36 @@ def test_equals_single_rank(shared, name, tp, pp, sp):
         assert err <= 1e-4 * (r.abs().max().item() + 1e-3), f"{key}: max abs err {err}"
 
 
+# learned context pruning: alpha 1.5 at once (soft, exact zeros and ones both occur), a small
+# beta so that pairs are really dropped, and the penalty's gradient in the comparison
+DCP = ["--fox-context-pruning", "--fox-context-pruning-alpha", "1.5", "--fox-context-pruning-alpha-iters", "0",
+       "--fox-context-pruning-beta-init", "0.3", "--fox-context-pruning-dim", "8", "--fox-context-pruning-lambda", "2.0"]
+
+
+@pytest.fixture(scope="module")
+def shared_dcp(tmp_path_factory):
+    return _prepare(tmp_path_factory, "equiv_dcp", DCP)
+
+
+@pytest.mark.parametrize("name,tp,pp,sp", [("tp2", 2, 1, False), ("tp2_sp", 2, 1, True), ("pp2", 1, 2, False)])
+def test_context_pruning_equals_single_rank(shared_dcp, name, tp, pp, sp):
+    """The replicated interaction projections get the whole gradient on every TP rank."""
+    test_equals_single_rank(shared_dcp, name, tp, pp, sp)
+    assert any("context_pruning.q_int" in k for k in shared_dcp[2]["grads"])
+
+
+def test_context_pruning_penalty_gradient(tmp_path):
+    """The penalty's gradient (attached in the backward, not part of the logged loss) is that
+    of loss + lambda * mean kept fraction: beta's gradient against a central difference."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    opts = {"batch": str(tmp_path / "batch.pt"), "eod": EOD, "seed": int(torch.randint(0, 10**6, ())),
+            "extra": DCP, "out": str(tmp_path / "fd.pt")}
+    torch.save(make_batches(micro=1), opts["batch"])
+    launch("penalty_fd", 1, opts)
+    for grad, diff in torch.load(opts["out"]):
+        assert grad == pytest.approx(diff, rel=0.05, abs=2e-4), (grad, diff)
+
+
 @pytest.fixture(scope="module")
 def shared_no_docs(tmp_path_factory):
     """Same as `shared` without packed documents."""

@@ -78,12 +78,50 @@ def task_grads(opts):
         batches = [with_documents(b, opts["eod"]) for b in batches]
     if args.context_parallel_size > 1:
         batches = [context_parallel_part(b) for b in batches]
+    if args.fox_context_pruning:
+        from megatron_fox.layers.context_pruning import set_context_pruning_state
+        from megatron_fox.training.step import context_pruning_alpha_at
+
+        set_context_pruning_state(model, alpha=context_pruning_alpha_at(0, args))
     engine = TorchEngine(model, args, eod=opts["eod"])
     loss_sum, tokens = engine.gradients(batches)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.save({"loss": engine._reduce_loss(loss_sum, tokens), "grads": grads, "tp": tp, "pp": pp,
                 "cp": ps.get_context_parallel_rank()},
                os.path.join(opts["out"], f"out_{torch.distributed.get_rank()}.pt"))
+
+
+def task_penalty_fd(opts):
+    """Learned context pruning: the engine's gradient of each layer's beta against a central
+    difference of J = loss + lambda * mean over layers of the kept fraction (both from
+    forward passes), one micro-batch on one rank; saves [(grad, difference)] per layer."""
+    from megatron_fox.layers.context_pruning import context_pruning_modules, set_context_pruning_state
+    from megatron_fox.training.step import with_documents
+    from megatron_fox.training.torch_engine import TorchEngine
+
+    torch.manual_seed(opts["seed"])
+    args, model, _ = _build(opts)
+    set_context_pruning_state(model, alpha=args.fox_context_pruning_alpha)
+    batch = [with_documents(torch.load(opts["batch"])[0], opts["eod"])]
+    engine = TorchEngine(model, args, eod=opts["eod"])
+    engine.gradients(batch)
+    mods = context_pruning_modules(model)
+    grads = [m.beta.grad.item() for m in mods]
+
+    def objective():
+        loss = engine.eval_step(batch)
+        return loss + args.fox_context_pruning_lambda * sum(float(m.last_kept_fraction) for m in mods) / len(mods)
+
+    out, h = [], 1e-2
+    for m, g in zip(mods, grads):
+        with torch.no_grad():
+            m.beta += h
+            up = objective()
+            m.beta -= 2 * h
+            down = objective()
+            m.beta += h
+        out.append((g, (up - down) / (2 * h)))
+    torch.save(out, opts["out"])
 
 
 def task_train(opts):
