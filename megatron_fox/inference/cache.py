@@ -3,7 +3,9 @@ their forget-gate prefix sums, and what the KV-shift needs of the previous token
 
 Keys leave the cache when ACP has pruned them for every head and every sequence of the
 batch (`megatron_fox.ops.evictable_prefix`): with a long context and fast-forgetting heads
-the cache stops growing.
+the cache stops growing. With learned context pruning (`layers.context_pruning`) the cache
+also holds each key's interaction key and keep weight (the product of the later tokens'
+keep decisions); keys whose weight is 0 in every sequence leave it too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from ..ops import evictable_prefix
 
 
+_SEQ_DIM = {"_k": 1, "_v": 1, "_c": 2, "_kint": 1, "_keep": 1}  # the key axis of each stored tensor
+
+
 class LayerCache:
     """One layer's cache. k, v [B, N, groups, d]; c [B, heads, N] float32 prefix sums of the
     cached keys; c_last [B, heads] at the newest token; prev_kv the newest raw k, v
@@ -22,16 +27,19 @@ class LayerCache:
     keep every key).
 
     Storage grows by doubling and eviction only moves a start offset, so appending a token
-    costs O(1) amortised copies instead of a copy of the whole cache.
+    costs O(1) amortised copies instead of a copy of the whole cache. With learned context
+    pruning also k_int [B, N, r] and keep [B, N] float32; dropped keys are packed out once
+    they are a quarter of the cache (until then their keep weight 0 hides them).
     """
 
     def __init__(self, delta: Optional[torch.Tensor] = None):
-        self._k = self._v = self._c = None
+        self._k = self._v = self._c = self._kint = self._keep = None
         self._start = self._end = 0
         self.c_last = None
         self.prev_kv = None
         self.delta = delta
         self.evicted = 0
+        self.dropped = 0
 
     @property
     def length(self) -> int:
@@ -50,27 +58,62 @@ class LayerCache:
     def c(self) -> torch.Tensor:
         return self._c[..., self._start:self._end]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor) -> None:
-        """k, v [B, n, groups, d]; c [B, heads, n]."""
+    @property
+    def k_int(self) -> Optional[torch.Tensor]:
+        return None if self._kint is None else self._kint[:, self._start:self._end]
+
+    @property
+    def keep(self) -> Optional[torch.Tensor]:
+        return None if self._keep is None else self._keep[:, self._start:self._end]
+
+    def _live(self) -> dict:
+        """The live part of every stored tensor, by its storage attribute."""
+        out = {"_k": self.k, "_v": self.v, "_c": self.c}
+        if self._kint is not None:
+            out.update(_kint=self.k_int, _keep=self.keep)
+        return out
+
+    def _restore(self, live: dict, cap: int) -> None:
+        """New storage of `cap` keys holding `live` (as from _live) at its start."""
+        n = live["_k"].shape[1]
+        for name, t in live.items():
+            d = _SEQ_DIM[name]
+            shape = list(t.shape)
+            shape[d] = cap
+            store = t.new_empty(shape)
+            store.narrow(d, 0, n).copy_(t)
+            setattr(self, name, store)
+        self._start, self._end = 0, n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor, k_int: Optional[torch.Tensor] = None,
+               keep: Optional[torch.Tensor] = None) -> None:
+        """k, v [B, n, groups, d]; c [B, heads, n]; with learned context pruning k_int [B, n, r]
+        and keep [B, n]."""
         n = k.shape[1]
+        new = {"_k": k, "_v": v, "_c": c}
+        if k_int is not None:
+            new.update(_kint=k_int, _keep=keep.float())
         if self._k is None:
-            cap = max(16, 2 * n)
-            self._k = k.new_empty(k.shape[0], cap, *k.shape[2:])
-            self._v = v.new_empty(v.shape[0], cap, *v.shape[2:])
-            self._c = c.new_empty(*c.shape[:2], cap)
+            self._restore({name: t.narrow(_SEQ_DIM[name], 0, 0) for name, t in new.items()}, max(16, 2 * n))
         elif self._end + n > self._k.shape[1]:  # full: move the live keys into a buffer twice their size
-            live = self.length
-            cap = 2 * (live + n)
-            k_old, v_old, c_old = self.k, self.v, self.c
-            self._k = k_old.new_empty(k_old.shape[0], cap, *k_old.shape[2:])
-            self._v = v_old.new_empty(v_old.shape[0], cap, *v_old.shape[2:])
-            self._c = c_old.new_empty(*c_old.shape[:2], cap)
-            self._k[:, :live], self._v[:, :live], self._c[..., :live] = k_old, v_old, c_old
-            self._start, self._end = 0, live
-        self._k[:, self._end:self._end + n] = k
-        self._v[:, self._end:self._end + n] = v
-        self._c[..., self._end:self._end + n] = c
+            self._restore(self._live(), 2 * (self.length + n))
+        for name, t in new.items():
+            getattr(self, name).narrow(_SEQ_DIM[name], self._end, n).copy_(t)
         self._end += n
+
+    def drop_unkept(self) -> int:
+        """Learned context pruning: pack out the keys whose keep weight is 0 in every
+        sequence, once they are at least a quarter of the cache; returns how many left."""
+        if self._keep is None or self.length == 0:
+            return 0
+        alive = (self.keep > 0).any(0)  # [N]
+        dead = self.length - int(alive.sum())
+        if dead == 0 or 4 * dead < self.length:
+            return 0
+        live = {name: t.index_select(_SEQ_DIM[name], alive.nonzero()[:, 0]) for name, t in self._live().items()}
+        self._restore(live, self._k.shape[1])
+        self.dropped += dead
+        return dead
 
     def evict_pruned(self) -> int:
         """Drop the leading keys that every head has pruned for good; returns how many."""
@@ -102,5 +145,9 @@ class InferenceCache:
         return [c.length for c in self.layers]
 
     def evicted_keys(self) -> list[int]:
-        """Keys evicted so far per layer."""
+        """Keys evicted so far per layer (ACP)."""
         return [c.evicted for c in self.layers]
+
+    def dropped_keys(self) -> list[int]:
+        """Keys packed out so far per layer (learned context pruning)."""
+        return [c.dropped for c in self.layers]

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..layers.context_pruning import set_context_pruning_state
 from ..ops.forgetting_attn.common import pruning_threshold
 from .cache import InferenceCache
 
@@ -32,9 +33,14 @@ class FoxGenerator:
         exact for every sequence up to this length.
     evict_log_eps: evict cached keys whose softmax weight ACP bounds by exp(this) per row
         (the bound needs QK-norm); None keeps every key (exact decoding).
+    context_pruning_alpha: a model trained with learned context pruning drops the keys its
+        layers decide to drop, by the sparse sigmoid of this alpha; inf (default) makes the
+        decisions hard (keep iff the score is > 0), as the method's authors decode; the
+        training's final alpha reproduces the training forward exactly.
     """
 
-    def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0):
+    def __init__(self, model, max_length: int, evict_log_eps: Optional[float] = -10.0,
+                 context_pruning_alpha: float = math.inf):
         self.model = _unwrap(model)
         self.layers = list(getattr(getattr(self.model, "decoder", None), "layers", []))
         # per layer (holds FoX attention, holds an MLP): a GPTModel layer both, a HybridModel layer one
@@ -56,6 +62,9 @@ class FoxGenerator:
                              "(the eviction bound comes from the QK-norm weights); use None to keep every key")
         self.max_length = max_length
         self.evict_log_eps = evict_log_eps
+        if not context_pruning_alpha >= 1:
+            raise ValueError(f"context_pruning_alpha must be >= 1, got {context_pruning_alpha}")
+        set_context_pruning_state(self.model, alpha=context_pruning_alpha)
 
     def new_cache(self) -> InferenceCache:
         """One cache per FoX attention layer."""

@@ -169,6 +169,7 @@ class FoxSelfAttention(MegatronModule):
         returns (output [s, b, h], bias or None). An empty cache runs the prompt through the
         training op; later tokens attend to the cache one at a time."""
         from ..ops import forgetting_attention_decode
+        from ..ops.context_pruning import keep_mask, keep_probabilities
 
         mixed, _ = self.linear_qkv(hidden_states)
         q, k_raw, v_raw, fgate, ogate, shift = self._split(mixed)
@@ -177,16 +178,28 @@ class FoxSelfAttention(MegatronModule):
             cache.prev_kv = (k_raw[-1:].clone(), v_raw[-1:].clone())  # not a view of the whole prompt
         c = cache.c_last[None] + torch.cumsum(log_fgate, dim=0) if cache.length else torch.cumsum(log_fgate, dim=0)
         prompt = cache.length == 0 and q.shape[0] > 1
-        cache.append(k.transpose(0, 1), v.transpose(0, 1), c.permute(1, 2, 0))
+        dcp = self.context_pruning
+        keep = q_int = k_int = None
+        if dcp is not None:
+            q_int, k_int = dcp.projections(hidden_states)  # [b, s, r]
+            if prompt:
+                keep = keep_mask(q_int, k_int, dcp.beta.float(), dcp.alpha)  # [b, s, s]
+        new_keep = None if dcp is None else (keep[:, -1] if prompt else torch.ones(q.shape[1], q.shape[0], device=q.device))
+        cache.append(k.transpose(0, 1), v.transpose(0, 1), c.permute(1, 2, 0), k_int, new_keep)
         if prompt:
-            out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound())
+            out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), keep=keep)
         else:
             outs = []
             for t in range(q.shape[0]):  # each new token sees the cache up to itself
                 n = cache.length - q.shape[0] + t + 1
+                if dcp is not None:  # token t's keep decisions on every earlier cached key (Eq. of I_kj)
+                    cache.keep[:, :n - 1] *= keep_probabilities(q_int[:, t:t + 1], cache.k_int[:, :n - 1],
+                                                                dcp.beta.float(), dcp.alpha)[:, 0]
                 outs.append(forgetting_attention_decode(q[t], cache.k[:, :n], cache.v[:, :n], c[t],
-                                                        cache.c[..., :n]))
+                                                        cache.c[..., :n],
+                                                        keep=None if dcp is None else cache.keep[:, :n]))
             out = torch.stack(outs)
         cache.c_last = c[-1]
         cache.evict_pruned()
+        cache.drop_unkept()
         return self.linear_proj(self._finish(out, ogate))

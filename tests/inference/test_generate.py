@@ -142,3 +142,42 @@ def test_layer_cache_appends_and_evicts_like_a_list():
         assert torch.equal(cache.k, torch.stack(keys, 1)) and torch.equal(cache.v, torch.stack(vals, 1))
         assert torch.equal(cache.c, torch.stack(cs, -1))
     assert cache.evicted > 0
+
+
+def _pruning_model(beta):
+    model = _model("--no-acp", "--fox-context-pruning", "--fox-context-pruning-dim", "16",
+                   "--fox-context-pruning-beta-init", str(beta))
+    with torch.no_grad():  # interaction weights large enough for scores on both sides of 0
+        for layer in model.decoder.layers:
+            layer.self_attention.context_pruning.q_int.normal_(0, 0.5)
+            layer.self_attention.context_pruning.k_int.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("alpha", [1.5, float("inf")])
+def test_context_pruning_decoding_equals_full_forward(megatron_world, alpha):
+    """Learned context pruning: the cache's keep weights (products of the later tokens'
+    decisions, updated token by token, dropped keys packed out) give the logits of the
+    model's full forward with the materialised mask."""
+    from megatron_fox.layers.context_pruning import set_context_pruning_state
+
+    model = _pruning_model(0.5)
+    tokens = torch.randint(0, 96, (2, 48))
+    gen = FoxGenerator(model, max_length=64, evict_log_eps=None, context_pruning_alpha=alpha)
+    logits, cache = _teacher_forced(gen, tokens, prompt_len=9, chunk_at=20)
+    set_context_pruning_state(model, alpha=alpha)
+    full = _full_logits(model, tokens)
+    err = (logits - full).abs().max().item()
+    assert err <= 1e-4 * full.abs().max().item(), err
+    assert all(d > 0 for d in cache.dropped_keys()), cache.dropped_keys()  # keys really left the cache
+    assert all(n + d == 48 for n, d in zip(cache.cached_keys(), cache.dropped_keys()))
+    kept = [layer.self_attention.context_pruning.last_kept_fraction for layer in model.decoder.layers]
+    assert all(0.0 < float(f) < 1.0 for f in kept), kept
+    # a different alpha is a different model: the check above can fail
+    set_context_pruning_state(model, alpha=1.0)
+    assert (_full_logits(model, tokens) - full).abs().max().item() > 1e-3
+
+
+def test_context_pruning_bad_alpha(megatron_world):
+    with pytest.raises(ValueError, match="context_pruning_alpha"):
+        FoxGenerator(_pruning_model(0.5), 64, evict_log_eps=None, context_pruning_alpha=0.5)
