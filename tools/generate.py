@@ -37,6 +37,9 @@ def main(argv=None) -> None:
     p.add_argument("--evict-log-eps", type=_log_eps, default=-10.0, help="ACP eviction tolerance, or 'none'")
     p.add_argument("--max-length", type=int, default=None, help="prompt + generation bound (default: seq length)")
     p.add_argument("--gen-seed", type=int, default=0)
+    p.add_argument("--context-pruning-alpha", type=float, default=float("inf"),
+                   help="a model trained with --fox-context-pruning: the sparse sigmoid's alpha of the keep "
+                        "decisions (inf: hard, keep iff the score is > 0)")
     p.add_argument("--check", action="store_true",
                    help="also compare cached decoding (no eviction) with the full forward pass on the output")
     opts, rest = p.parse_known_args(argv)
@@ -56,7 +59,8 @@ def main(argv=None) -> None:
     _, engine, step = build_model_and_engine(args, device, tokenizer)
     max_length = args.seq_length if opts.max_length is None else opts.max_length
     try:
-        gen = FoxGenerator(engine.model, max_length, evict_log_eps=opts.evict_log_eps)
+        gen = FoxGenerator(engine.model, max_length, evict_log_eps=opts.evict_log_eps,
+                           context_pruning_alpha=opts.context_pruning_alpha)
         prompt = torch.tensor([tokenizer.tokenize(opts.prompt)], dtype=torch.long, device=device)
         t0 = time.perf_counter()
         out, cache = gen.generate(prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
@@ -69,7 +73,8 @@ def main(argv=None) -> None:
     new = out.shape[1] - prompt.shape[1]
     print(tokenizer.detokenize(out[0].tolist()))
     print(f"\n[checkpoint step {step}; {new} new tokens in {dt:.2f} s; cached keys per layer "
-          f"{cache.cached_keys()}, evicted {cache.evicted_keys()}]", file=sys.stderr)
+          f"{cache.cached_keys()}, evicted {cache.evicted_keys()}, dropped by context pruning "
+          f"{cache.dropped_keys()}]", file=sys.stderr)
     if opts.check:
         err = _decode_error(gen, out, prompt.shape[1])
         print(f"[check: max |decoded - full forward| / max |full forward| = {err:.2e}]", file=sys.stderr)
@@ -84,7 +89,8 @@ def _decode_error(gen, tokens, prompt_len):
 
     from megatron_fox.inference import FoxGenerator
 
-    exact = FoxGenerator(gen.model, gen.max_length, evict_log_eps=None)
+    exact = FoxGenerator(gen.model, gen.max_length, evict_log_eps=None,
+                         context_pruning_alpha=gen.context_pruning_alpha)
     cache = exact.new_cache()
     parts = [exact.forward(tokens[:, :prompt_len], cache)]
     parts += [exact.forward(tokens[:, t:t + 1], cache) for t in range(prompt_len, tokens.shape[1])]

@@ -64,6 +64,7 @@ class FoxGenerator:
         self.evict_log_eps = evict_log_eps
         if not context_pruning_alpha >= 1:
             raise ValueError(f"context_pruning_alpha must be >= 1, got {context_pruning_alpha}")
+        self.context_pruning_alpha = context_pruning_alpha
         set_context_pruning_state(self.model, alpha=context_pruning_alpha)
 
     def new_cache(self) -> InferenceCache:

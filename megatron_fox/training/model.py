@@ -7,6 +7,7 @@ import math
 import zlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -144,6 +145,11 @@ def load_full_state_dict(model, path: str, args) -> None:
                              ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
                              ps.get_pipeline_model_parallel_world_size())
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if args.fox_context_pruning:  # fine-tuning a model without it: the new projections keep their init
+        fresh = [k for k in own if ".context_pruning." in k and k not in shard]
+        own = {k: v for k, v in own.items() if k not in fresh}
+        if fresh and dist.get_rank() == 0:
+            print(f"pretrained_checkpoint: {len(fresh)} context-pruning tensors not in {path}: newly initialised")
     missing, extra = sorted(set(own) - set(shard)), sorted(set(shard) - set(own))
     wrong = [k for k in own if k in shard and tuple(shard[k].shape) != tuple(own[k].shape)]
     if missing or extra or wrong:
