@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from ..ops.context_pruning import keep_mask, keep_probabilities, kept_fraction
+from ..ops.context_pruning import keep_mask, kept_fraction
 
 
 class ContextPruning(MegatronModule):
@@ -73,12 +73,6 @@ class ContextPruning(MegatronModule):
         if not torch.is_grad_enabled() or self.penalty_weight == 0.0:
             return out
         return _AttachPenalty.apply(out, fraction, float(self.penalty_weight))
-
-    def scores(self, hidden_states: torch.Tensor, cached_k_int: torch.Tensor) -> torch.Tensor:
-        """Decoding: keep probabilities of the new tokens' queries over cached keys,
-        hidden_states [s, b, h], cached_k_int [b, N, r] -> [b, s, N] (TP = 1)."""
-        q_int, _ = self.projections(hidden_states)
-        return keep_probabilities(q_int, cached_k_int, self.beta.float(), self.alpha)
 
 
 def _mean_kept(keep, cu_seqlens):
