@@ -45,7 +45,7 @@ def init_distributed(args) -> torch.device:
     else:
         from .training.cpu_compat import route_megatron_buffers_to_cpu
 
-        route_megatron_buffers_to_cpu()  # sequence-parallel collectives on gloo
+        route_megatron_buffers_to_cpu(force=True)  # sequence-parallel collectives on gloo, also beside a GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     if not ps.model_parallel_is_initialized():

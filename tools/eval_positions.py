@@ -7,7 +7,10 @@ Runs the model (one process, TP = PP = CP = 1) over samples of the validation sp
 --dataset train), takes each token's loss, and averages it over log-spaced bins of its
 position inside its document (documents restart the position, as they restart attention
 and the forget gate). --compare-acp evaluates the same tokens with ACP off too and reports
-the difference per bin: ACP should not change the loss at any position.
+the difference per bin: ACP should not change the loss at any position. A model fine-tuned
+with --fox-context-pruning is evaluated with its hard keep decisions (--context-pruning-alpha,
+default inf, as in decoding) and the fraction of token pairs it kept is printed;
+--compare-context-pruning evaluates the same tokens with every token kept too.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ def position_bins(max_len: int, bins: int) -> list[int]:
 
 
 def loss_by_position(model, dataset, args, eod: int, samples: int, edges: list[int]):
-    """Per-bin (sum of token losses, token count) over the first `samples` samples."""
+    """Per-bin (sum of token losses, token count) over the first `samples` samples, and the
+    mean kept fraction of learned context pruning (None where the model has none or it is off)."""
     import torch
 
+    from megatron_fox.layers.context_pruning import context_pruning_modules
     from megatron_fox.training.step import collate, model_forward, with_documents
 
+    pruning = [m for m in context_pruning_modules(model) if m.enabled]
+    kept = []
     sums, counts = torch.zeros(len(edges) - 1, dtype=torch.float64), torch.zeros(len(edges) - 1, dtype=torch.float64)
     device = next(model.parameters()).device
     bounds = torch.tensor(edges[1:-1])
@@ -44,11 +51,12 @@ def loss_by_position(model, dataset, args, eod: int, samples: int, edges: list[i
         pos = t - cu[torch.searchsorted(cu, t, right=True) - 1]  # position inside its document
         with torch.no_grad():
             loss = model_forward(model, {k: v.to(device) for k, v in batch.items()}, args, eod)[0].double().cpu()
+        kept += [float(m.last_kept_fraction) for m in pruning]
         mask = batch["loss_mask"][0].bool()
         which = torch.bucketize(pos, bounds, right=True)
         sums.index_add_(0, which[mask], loss[mask])
         counts.index_add_(0, which[mask], torch.ones_like(loss[mask]))
-    return sums, counts
+    return sums, counts, (sum(kept) / len(kept) if kept else None)
 
 
 def main(argv=None) -> None:
@@ -57,6 +65,10 @@ def main(argv=None) -> None:
     p.add_argument("--bins", type=int, default=12)
     p.add_argument("--dataset", choices=["valid", "train"], default="valid")
     p.add_argument("--compare-acp", action="store_true", help="also evaluate with ACP off; report the difference")
+    p.add_argument("--context-pruning-alpha", type=float, default=float("inf"),
+                   help="learned context pruning's sparse-sigmoid alpha (inf: hard decisions, as in decoding)")
+    p.add_argument("--compare-context-pruning", action="store_true",
+                   help="also evaluate with every token kept (needs --fox-context-pruning)")
     p.add_argument("--json", default=None)
     opts, rest = p.parse_known_args(argv)
 
@@ -69,6 +81,10 @@ def main(argv=None) -> None:
             p.error(f"--{key.replace('_', '-')} must be 1 here (one process)")
     if opts.eval_samples < 1 or opts.bins < 1:
         p.error("--eval-samples and --bins must be >= 1")
+    if not opts.context_pruning_alpha >= 1:
+        p.error(f"--context-pruning-alpha must be >= 1, got {opts.context_pruning_alpha}")
+    if opts.compare_context_pruning and not args.fox_context_pruning:
+        p.error("--compare-context-pruning needs a model with --fox-context-pruning")
     if opts.dataset == "valid":  # make the builder carve out enough validation samples
         args.eval_interval, args.eval_iters = max(1, args.train_iters), -(-opts.eval_samples // args.global_batch_size)
     device = init_distributed(args)
@@ -79,15 +95,22 @@ def main(argv=None) -> None:
     model, engine, step = build_model_and_engine(args, device, tokenizer)
     engine.model.eval()
     edges = position_bins(args.seq_length, opts.bins)
-    runs = {"acp" if args.acp else "exact": model.config.acp_log_eps}
+    from megatron_fox.layers.context_pruning import set_context_pruning_state
+
+    set_context_pruning_state(model, alpha=opts.context_pruning_alpha)
+    base = "acp" if args.acp else "exact"
+    runs = {base: (model.config.acp_log_eps, True)}  # name: (ACP's log_eps, learned pruning on)
     if opts.compare_acp and args.acp:
-        runs["exact"] = None
+        runs["exact"] = (None, True)
+    if opts.compare_context_pruning:
+        runs["all kept"] = (model.config.acp_log_eps, False)
     results = {}
-    for name, log_eps in runs.items():
+    for name, (log_eps, pruning) in runs.items():
         model.config.acp_log_eps = log_eps  # every layer reads the shared config at forward time
-        sums, counts = loss_by_position(engine.model, dataset, args, tokenizer.eod, opts.eval_samples, edges)
+        set_context_pruning_state(model, enabled=pruning)
+        sums, counts, kept = loss_by_position(engine.model, dataset, args, tokenizer.eod, opts.eval_samples, edges)
         results[name] = {"loss": (sums / counts.clamp_min(1)).tolist(), "tokens": counts.long().tolist(),
-                         "overall": (sums.sum() / counts.sum()).item()}
+                         "overall": (sums.sum() / counts.sum()).item(), "kept": kept}
     rows = [{"positions": [edges[b], edges[b + 1]], "tokens": results[next(iter(results))]["tokens"][b],
              **{f"loss_{n}": r["loss"][b] for n, r in results.items()}} for b in range(len(edges) - 1)]
     print(f"checkpoint step {step}; {opts.eval_samples} samples of {args.seq_length} tokens ({opts.dataset})")
@@ -97,6 +120,7 @@ def main(argv=None) -> None:
         print(f"| {r['positions'][0]}-{r['positions'][1] - 1} | {r['tokens']} | "
               + " | ".join(f"{r[f'loss_{n}']:.4f}" for n in results) + " |")
     summary = {n: r["overall"] for n, r in results.items()}
+    summary.update({f"kept_{n}": r["kept"] for n, r in results.items() if r["kept"] is not None})
     if "acp" in results and "exact" in results:
         summary["max_abs_diff_by_bin"] = max(abs(a - b) for a, b, c in zip(
             results["acp"]["loss"], results["exact"]["loss"], results["acp"]["tokens"]) if c)

@@ -23,7 +23,8 @@ class ContextPruning(MegatronModule):
     """q_int, k_int [r, hidden] and beta (one per layer); `alpha` (the sparse sigmoid's,
     1 -> 8 during fine-tuning, set by `set_context_pruning_state`) and `penalty_weight`
     (lambda / layers times this micro-batch's share of the batch's tokens) are set by the
-    training loop before each micro-batch forward."""
+    training loop before each micro-batch forward; `enabled` False makes the layer attend
+    to every token (the model without pruning, for comparisons)."""
 
     def __init__(self, config, layer_number: int = 1):
         super().__init__(config=config)
@@ -38,6 +39,7 @@ class ContextPruning(MegatronModule):
         self.beta = torch.nn.Parameter(torch.full((1,), config.fox_context_pruning_beta_init, **kw))
         self.alpha = 1.0
         self.penalty_weight = 0.0
+        self.enabled = True
         self.last_kept_fraction = None
 
     def projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +105,14 @@ def context_pruning_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, ContextPruning)]
 
 
-def set_context_pruning_state(model, *, alpha: Optional[float] = None, penalty_weight: Optional[float] = None):
-    """Set the sparse sigmoid's alpha and/or the penalty weight of every layer."""
+def set_context_pruning_state(model, *, alpha: Optional[float] = None, penalty_weight: Optional[float] = None,
+                              enabled: Optional[bool] = None):
+    """Set the sparse sigmoid's alpha, the penalty weight and/or whether pruning is on, in
+    every layer."""
     for m in context_pruning_modules(model):
         if alpha is not None:
             m.alpha = float(alpha)
         if penalty_weight is not None:
             m.penalty_weight = float(penalty_weight)
+        if enabled is not None:
+            m.enabled = bool(enabled)

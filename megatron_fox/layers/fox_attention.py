@@ -148,7 +148,7 @@ class FoxSelfAttention(MegatronModule):
             doc_start = document_start_mask(cu_seqlens, s, b)
         q, k, v, log_fgate = self._prepare(q, k, v, fgate, shift, doc_start)
         keep = penalty_keep = None
-        if self.context_pruning is not None:
+        if self.context_pruning is not None and self.context_pruning.enabled:
             keep, penalty_keep = self.context_pruning.keep(hidden_states)
         out = self.core_attention(q, k, v, log_fgate, logit_bound=self.logit_bound(), cu_seqlens=cu_seqlens,
                                   keep=keep)
@@ -178,7 +178,7 @@ class FoxSelfAttention(MegatronModule):
             cache.prev_kv = (k_raw[-1:].clone(), v_raw[-1:].clone())  # not a view of the whole prompt
         c = cache.c_last[None] + torch.cumsum(log_fgate, dim=0) if cache.length else torch.cumsum(log_fgate, dim=0)
         prompt = cache.length == 0 and q.shape[0] > 1
-        dcp = self.context_pruning
+        dcp = self.context_pruning if self.context_pruning is not None and self.context_pruning.enabled else None
         keep = q_int = k_int = None
         if dcp is not None:
             q_int, k_int = dcp.projections(hidden_states)  # [b, s, r]

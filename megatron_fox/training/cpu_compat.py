@@ -7,7 +7,9 @@ a process without CUDA we answer that call with the CPU device. Megatron's model
 RNG tracker (used around dropout in sequence-parallel regions) stores CUDA generator
 states; on CPU its fork() becomes a no-op, so dropout there draws from the CPU generator
 (our configs use no dropout), and activation recomputation saves and restores only the
-CPU generator. Processes that have CUDA are left alone.
+CPU generator. A process with CUDA is left alone unless its run chose the CPU (`--device cpu`
+on a GPU machine, where Megatron would otherwise reach for CUDA buffers and an unseeded CUDA
+RNG tracker).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import contextlib
 import torch
 
 
-def route_megatron_buffers_to_cpu() -> bool:
-    """On a CUDA-less process make torch.cuda.current_device() return the CPU device.
+def route_megatron_buffers_to_cpu(force: bool = False) -> bool:
+    """On a CUDA-less process, or with force (a run that keeps to the CPU although CUDA is
+    there), make torch.cuda.current_device() return the CPU device.
 
     Returns True when the stand-in is (now) active.
     """
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     from megatron.core.tensor_parallel import random as mp_random

@@ -281,3 +281,34 @@ def test_eval_positions_acp_against_exact(tmp_path, cache):
         mean = sum(r[f"loss_{name}"] * r["tokens"] for r in rows) / tokens
         assert mean == pytest.approx(summary[name], rel=1e-9)
     assert summary["max_abs_diff_by_bin"] < 1e-3
+
+
+@pytest.mark.parametrize("beta,kept", [(50.0, 1.0), (-50.0, 0.0)])
+def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, kept):
+    """tools/eval_positions.py on a model fine-tuned with --fox-context-pruning: hard keep
+    decisions (alpha inf). A keep score of +50 keeps every pair, so the loss equals the run
+    with every token kept; -50 keeps none but the diagonal, which changes the loss."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    flags = [*TINY, "--fox-context-pruning", "--fox-context-pruning-beta-init", str(beta)]
+    env = tool_env()
+    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *flags, "--train-iters", "2", "--save",
+                          str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "pos.json"
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *flags, "--load",
+                         str(ckpt), "--dataset", "train", "--eval-samples", "2", "--bins", "4",
+                         "--compare-context-pruning", "--json", str(out)],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["kept_acp"] == kept and "kept_all kept" not in summary
+    if kept == 1.0:
+        assert summary["acp"] == pytest.approx(summary["all kept"], rel=1e-6)  # two attention paths
+    else:
+        assert abs(summary["acp"] - summary["all kept"]) > 1e-3
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *TINY, "--load",
+                          str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and "--compare-context-pruning" in bad.stderr
