@@ -87,6 +87,9 @@ def main(argv=None) -> None:
         p.error("--compare-context-pruning needs a model with --fox-context-pruning")
     if opts.dataset == "valid":  # make the builder carve out enough validation samples
         args.eval_interval, args.eval_iters = max(1, args.train_iters), -(-opts.eval_samples // args.global_batch_size)
+    # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
+    # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
+    args.load_optim = args.load_rng = False
     device = init_distributed(args)
     train_ds, valid_ds, tokenizer = build_data(args)
     dataset = valid_ds if opts.dataset == "valid" else train_ds
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
     from megatron_fox.layers.context_pruning import set_context_pruning_state
 
     set_context_pruning_state(model, alpha=opts.context_pruning_alpha)
-    base = "acp" if args.acp else "exact"
+    base = "pruned" if args.fox_context_pruning else "acp" if args.acp else "exact"
     runs = {base: (model.config.acp_log_eps, True)}  # name: (ACP's log_eps, learned pruning on)
     if opts.compare_acp and args.acp:
         runs["exact"] = (None, True)
@@ -121,9 +124,9 @@ def main(argv=None) -> None:
               + " | ".join(f"{r[f'loss_{n}']:.4f}" for n in results) + " |")
     summary = {n: r["overall"] for n, r in results.items()}
     summary.update({f"kept_{n}": r["kept"] for n, r in results.items() if r["kept"] is not None})
-    if "acp" in results and "exact" in results:
+    if base != "exact" and "exact" in results:
         summary["max_abs_diff_by_bin"] = max(abs(a - b) for a, b, c in zip(
-            results["acp"]["loss"], results["exact"]["loss"], results["acp"]["tokens"]) if c)
+            results[base]["loss"], results["exact"]["loss"], results[base]["tokens"]) if c)
     print("overall:", json.dumps(summary))
     if opts.json:
         with open(opts.json, "w") as f:

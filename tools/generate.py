@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     if args.load is None and args.pretrained_checkpoint is None:
         p.error("--load (a checkpoint directory written by megatron_fox.train --save) or "
                 "--pretrained-checkpoint (a full state dict) is required")
+    # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
+    # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
+    args.load_optim = args.load_rng = False
     device = init_distributed(args)
     tokenizer = tokenizer_for(args)
     _, engine, step = build_model_and_engine(args, device, tokenizer)

@@ -303,11 +303,11 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
     summary = json.loads(out.read_text())["summary"]
-    assert summary["kept_acp"] == kept and "kept_all kept" not in summary
+    assert summary["kept_pruned"] == kept and "kept_all kept" not in summary
     if kept == 1.0:
-        assert summary["acp"] == pytest.approx(summary["all kept"], rel=1e-6)  # two attention paths
+        assert summary["pruned"] == pytest.approx(summary["all kept"], rel=1e-6)  # two attention paths
     else:
-        assert abs(summary["acp"] - summary["all kept"]) > 1e-3
+        assert abs(summary["pruned"] - summary["all kept"]) > 1e-3
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *TINY, "--load",
                           str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
