@@ -128,7 +128,8 @@ def build_model_and_engine(args, device, tokenizer):
     from --pretrained-checkpoint when given (a bad file exits 2 naming the key)."""
     from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
 
-    vocab = padded_vocab_size(args.vocab_size or tokenizer.vocab_size, args)
+    args.vocab_size = args.vocab_size or tokenizer.vocab_size  # saved with checkpoints (--use-checkpoint-args)
+    vocab = padded_vocab_size(args.vocab_size, args)
     model = build_model(args, transformer_config(args, device), vocab)
     if args.pretrained_checkpoint:
         try:

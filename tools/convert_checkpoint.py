@@ -9,6 +9,9 @@
     # a training checkpoint (megatron_fox.train --save, any TP/PP) -> a full state dict
     python tools/convert_checkpoint.py from-megatron --input checkpoints/760m --output fox_pro_760m.pt \\
         --config configs/fox_pro_760m.yaml --vocab-size 50257 [--iteration N]
+    # or with the model's flags saved in the checkpoint (args.json)
+    python tools/convert_checkpoint.py from-megatron --input checkpoints/760m --output fox_pro_760m.pt \\
+        --use-checkpoint-args
 
 The model options (layers, heads, FoX-Pro switches, tied embeddings) come from the usual
 training flags / --config and must match the checkpoint; a mismatch stops with the tensor
@@ -73,6 +76,8 @@ def main(argv=None) -> None:
     from megatron_fox.checkpoint.public_fox import FoxLayout, from_public_fox, load_state_file, to_public_fox
     from megatron_fox.training.arguments import parse_args
 
+    if opts.direction == "from-megatron" and "--use-checkpoint-args" in rest and "--load" not in rest:
+        rest = [*rest, "--load", opts.input]  # the model's flags saved with the input checkpoint
     args = parse_args(rest)
     layout = FoxLayout.from_args(args)
     try:

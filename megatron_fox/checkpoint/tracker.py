@@ -1,12 +1,15 @@
-"""Megatron-LM's checkpoint tracker: `latest_checkpointed_iteration.txt` beside `iter_NNNNNNN/`."""
+"""Megatron-LM's checkpoint tracker: `latest_checkpointed_iteration.txt` beside `iter_NNNNNNN/`,
+and the run's flags in `iter_NNNNNNN/args.json` (what --use-checkpoint-args reads)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch.distributed as dist
 
 TRACKER = "latest_checkpointed_iteration.txt"
+RUN_ARGS = "args.json"
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -30,3 +33,23 @@ def read_latest(root: str) -> int:
         raise FileNotFoundError(f"load: no {TRACKER} in {root}")
     with open(path) as f:
         return int(f.read().strip())
+
+
+def write_run_args(directory: str, values: dict) -> None:
+    """Rank 0 writes the run's flags (a dict; values JSON cannot hold are written as text)
+    into a checkpoint's iteration directory, before the tracker names it."""
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, RUN_ARGS)
+        with open(path + ".tmp", "w") as f:
+            json.dump(values, f, indent=1, sort_keys=True, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def read_run_args(root: str) -> dict:
+    """The flags saved with the latest checkpoint under root."""
+    path = os.path.join(iteration_dir(root, read_latest(root)), RUN_ARGS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {RUN_ARGS} in {os.path.dirname(path)} (saved before megatron_fox wrote one)")
+    with open(path) as f:
+        return json.load(f)

@@ -134,6 +134,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                               "schedule (e.g. continued training at a longer seq_length)"),
     "load_optim": (bool, True, "with load: also the optimizer state (--no-load-optim: a fresh one)"),
     "load_rng": (bool, True, "with load: also the RNG state (CPU path; the CUDA path saves none)"),
+    "use_checkpoint_args": (bool, False, "with load: the model's shape and tokenizer flags from the checkpoint's "
+                                         "args.json (flags given here still win), as Megatron-LM's"),
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
@@ -159,6 +161,15 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
     "distributed_backend": (str, None, "nccl | gloo, accepted: CUDA runs use NCCL, CPU runs gloo"),
 }
+
+# what --use-checkpoint-args takes from a checkpoint: the keys that shape the model's weights
+# and its tokenizer (not ACP, lengths or the run's precision: those are this run's choice)
+CHECKPOINT_ARG_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "norm_epsilon", "vocab_size", "make_vocab_size_divisible_by", "untie_embeddings_and_output_weights",
+    "hybrid_layer_pattern", "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
+    "fox_context_pruning", "fox_context_pruning_dim", "default_corpus_bytes", "default_vocab_size",
+    "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 # keys above whose value is fixed here: the values accepted
 _FIXED = {"normalization": ("RMSNorm",), "position_embedding_type": ("none",), "swiglu": (True,),
@@ -224,13 +235,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         from_yaml = load_yaml(ns.config)
         values.update(from_yaml)
         sources.update(dict.fromkeys(from_yaml, 1))
-    for key in OPTIONS:
-        if getattr(ns, key) is not None:
-            values[key] = getattr(ns, key)
-            sources[key] = 2
+    given = {key: getattr(ns, key) for key in OPTIONS if getattr(ns, key) is not None}
+    if {**values, **given}["use_checkpoint_args"]:  # between the YAML and the flags
+        values.update(checkpoint_args({**values, **given}["load"]))
+    values.update(given)
+    sources.update(dict.fromkeys(given, 2))
     args = argparse.Namespace(config=ns.config, config_sources=sources, **values)
     finalize(args)
     return args
+
+
+def checkpoint_args(load: Optional[str]) -> dict:
+    """The CHECKPOINT_ARG_KEYS values saved with the latest checkpoint under load (args.json)."""
+    from ..checkpoint.tracker import read_run_args
+
+    if not load:
+        raise ConfigError("use_checkpoint_args", "needs --load (the checkpoint to read the model's flags from)")
+    try:
+        saved = read_run_args(load)
+    except (OSError, ValueError) as e:
+        raise ConfigError("use_checkpoint_args", str(e)) from None
+    return {key: saved[key] for key in CHECKPOINT_ARG_KEYS if key in saved}
 
 
 def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:

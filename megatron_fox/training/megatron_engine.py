@@ -27,7 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from ..checkpoint import iteration_dir, read_latest, write_latest
+from ..checkpoint import iteration_dir, read_latest, write_latest, write_run_args
 from .step import lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
 
 
@@ -222,6 +222,7 @@ class MegatronEngine:
         state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=meta),
                  "iteration": iteration, "optimizer_sharding": sharding, "optimizer_buckets": layout}
         dist_checkpointing.save(state, path)
+        write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import iteration_dir, read_latest, write_latest
+from ..checkpoint import iteration_dir, read_latest, write_latest, write_run_args
 from .step import lr_at, model_forward, set_context_pruning_penalty
 
 
@@ -167,6 +167,7 @@ class TorchEngine:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "iteration": iteration, "layout": layout}, path + ".tmp")
             os.replace(path + ".tmp", path)
+        write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:

@@ -312,3 +312,47 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
                           str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "--compare-context-pruning" in bad.stderr
+
+
+def test_use_checkpoint_args(tmp_path, cache):
+    """Checkpoints carry the run's flags (iter_N/args.json); --use-checkpoint-args takes the
+    model's shape and tokenizer from them (flags given still win), so tools/generate.py needs
+    only --load; bad use names the key."""
+    import json
+
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    ckpt = tmp_path / "ckpt"
+    shape = ["--num-query-groups", "2", "--no-fox-kv-shift"]
+    hist = train(tmp_path, "run", shape + ["--train-iters", "2", "--save", str(ckpt)])
+    assert hist[-1]["step"] == 2
+    saved = json.loads((ckpt / "iter_0000002" / "args.json").read_text())
+    assert saved["num_query_groups"] == 2 and saved["vocab_size"] == 512 and saved["fox_kv_shift"] is False
+    args = parse_args(["--load", str(ckpt), "--use-checkpoint-args", "--device", "cpu"])
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_query_groups) == (2, 64, 128, 2)
+    assert args.fox_kv_shift is False and args.default_corpus_bytes == 400000 and args.vocab_size == 512
+    assert args.seq_length == parse_args([]).seq_length  # lengths stay this run's choice
+    assert parse_args(["--load", str(ckpt), "--use-checkpoint-args", "--num-layers", "3"]).num_layers == 3
+
+    def generate(*flags):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *flags, "--load", str(ckpt),
+                            "--prompt", "def ", "--max-new-tokens", "12"], capture_output=True, text=True,
+                           env=tool_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    assert generate("--use-checkpoint-args", "--device", "cpu") == generate(*TINY, *shape)
+    outs = []
+    for i, flags in enumerate((["--use-checkpoint-args"], [*TINY, *shape])):
+        outs.append(tmp_path / f"full{i}.pt")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                            "--input", str(ckpt), "--output", str(outs[-1]), *flags], capture_output=True, text=True,
+                           env=tool_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = torch.load(outs[0]), torch.load(outs[1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="use_checkpoint_args"):
+        parse_args(["--use-checkpoint-args"])
+    (ckpt / "iter_0000002" / "args.json").unlink()
+    with pytest.raises(ConfigError, match="args.json"):
+        parse_args(["--load", str(ckpt), "--use-checkpoint-args"])
