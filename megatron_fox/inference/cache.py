@@ -29,7 +29,8 @@ class LayerCache:
     Storage grows by doubling and eviction only moves a start offset, so appending a token
     costs O(1) amortised copies instead of a copy of the whole cache. With learned context
     pruning also k_int [B, N, r] and keep [B, N] float32; dropped keys are packed out once
-    they are a quarter of the cache (until then their keep weight 0 hides them).
+    they are a quarter of the cache (until then their keep weight 0 hides them), looked for
+    each time the cache has grown by an eighth (each look waits for the device).
     """
 
     def __init__(self, delta: Optional[torch.Tensor] = None):
@@ -40,6 +41,7 @@ class LayerCache:
         self.delta = delta
         self.evicted = 0
         self.dropped = 0
+        self._drop_check = 0  # length at which drop_unkept looks next
 
     @property
     def length(self) -> int:
@@ -104,8 +106,9 @@ class LayerCache:
     def drop_unkept(self) -> int:
         """Learned context pruning: pack out the keys whose keep weight is 0 in every
         sequence, once they are at least a quarter of the cache; returns how many left."""
-        if self._keep is None or self.length == 0:
+        if self._keep is None or self.length == 0 or self.length < self._drop_check:
             return 0
+        self._drop_check = self.length + max(1, self.length // 8)
         alive = (self.keep > 0).any(0)  # [N]
         dead = self.length - int(alive.sum())
         if dead == 0 or 4 * dead < self.length:
