@@ -85,8 +85,9 @@ def tokenizer_for(args):
 
 
 def build_data(args):
-    """(train dataset, valid dataset or None, tokenizer). Every rank calls this together: the
-    corpus cache is built under a file lock, Megatron's dataset builder has its own barriers."""
+    """(train dataset, valid dataset or None, test dataset or None, tokenizer). Every rank
+    calls this together: the corpus cache is built under a file lock, Megatron's dataset
+    builder has its own barriers."""
     from .training.data import build_gpt_datasets
 
     if not args.data_blends and args.tokenizer_type != "SentencePieceTokenizer":
@@ -97,8 +98,11 @@ def build_data(args):
 
     blends, sp_model = data_paths(args)  # once: it may build the embedded corpus and its tokenizer
     tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file)
-    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
-    n_train, n_eval = max(1, args.train_iters) * args.global_batch_size, evals * args.global_batch_size
+    evaluating = bool(args.eval_iters) and bool(args.eval_interval or args.skip_train)
+    passes = 1 if args.skip_train else (args.train_iters // args.eval_interval + 1 if args.eval_interval else 0)
+    gbs = args.global_batch_size
+    n_train = 0 if args.skip_train else max(1, args.train_iters) * gbs
+    n_eval, n_test = passes * args.eval_iters * gbs, (args.eval_iters * gbs if evaluating else 0)
 
     def build(blend, samples, split):
         prefixes, weights = blend
@@ -106,11 +110,20 @@ def build_data(args):
                                   cache_path=args.data_cache_path, weights=weights)
 
     if "all" in blends:
-        train, valid, _ = build(blends["all"], (n_train, n_eval, 0), args.split)
+        try:
+            train, valid, test = build(blends["all"], (max(n_train, 1), n_eval, n_test), args.split)
+        except ValueError as e:
+            if not n_test or "the test split" not in str(e):
+                raise
+            if dist.get_rank() == 0:  # a corpus too small for its test share: train and validate without
+                print(f"megatron_fox: no test evaluation ({e})", flush=True)
+            n_test = 0
+            train, valid, test = build(blends["all"], (max(n_train, 1), n_eval, 0), args.split)
     else:  # each split is the whole of its own files
-        train = build(blends["train"], (n_train, 0, 0), "100,0,0")[0]
+        train = build(blends["train"], (max(n_train, 1), 0, 0), "100,0,0")[0]
         valid = build(blends["valid"], (n_eval, 0, 0), "100,0,0")[0] if "valid" in blends and n_eval else None
-    return train, valid, tokenizer
+        test = build(blends["test"], (n_test, 0, 0), "100,0,0")[0] if "test" in blends and n_test else None
+    return train, valid, (test if n_test else None), tokenizer
 
 
 def _make_engine(model, args, eod, device):
@@ -209,7 +222,7 @@ def run(args, on_step=None) -> list[dict]:
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
-    train_ds, valid_ds, tokenizer = build_data(args)
+    train_ds, valid_ds, test_ds, tokenizer = build_data(args)
     model, engine, start = build_model_and_engine(args, device, tokenizer)
     vocab = model.vocab_size
     flops_per_step = step_flops(args, matmul_weight_elements(model))
@@ -232,8 +245,20 @@ def run(args, on_step=None) -> list[dict]:
     history, saved_at = [], None
     exit_request = _ExitRequest(args, device)
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
+
+    def evaluate(ds, name: str, step: int, record: dict) -> None:
+        """eval_iters batches of ds: record[name + '_loss'], the log line, TensorBoard."""
+        losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod)) for e in range(args.eval_iters)]
+        loss = record[f"{name}_loss"] = sum(losses) / len(losses)
+        if rank0:
+            label = "validation" if name == "valid" else name
+            bar.write(f"step {step:6d} | {label} loss {loss:.4f} | {label} ppl {math.exp(min(loss, 700.0)):.2f}")
+            if writer:
+                writer.add_scalar(f"{name}/loss", loss, step)
+                writer.add_scalar(f"{name}/ppl", math.exp(min(loss, 700.0)), step)
+
     tokens_per_step = args.global_batch_size * args.seq_length
-    for it in range(start, args.train_iters):
+    for it in range(start, start if args.skip_train else args.train_iters):
         batches = global_batch(train_ds, it, args, tokenizer.eod)
         t0 = time.perf_counter()
         if args.fox_context_pruning:
@@ -282,14 +307,7 @@ def run(args, on_step=None) -> list[dict]:
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
         last = it + 1 == args.train_iters
         if args.eval_interval and args.eval_iters and ((it + 1) % args.eval_interval == 0 or last):
-            losses = [engine.eval_step(global_batch(valid_ds, e, args, tokenizer.eod)) for e in range(args.eval_iters)]
-            out["valid_loss"] = sum(losses) / len(losses)
-            if rank0:
-                bar.write(f"step {it + 1:6d} | validation loss {out['valid_loss']:.4f}"
-                          f" | validation ppl {math.exp(min(out['valid_loss'], 700.0)):.2f}")
-                if writer:
-                    writer.add_scalar("valid/loss", out["valid_loss"], it + 1)
-                    writer.add_scalar("valid/ppl", math.exp(min(out["valid_loss"], 700.0)), it + 1)
+            evaluate(valid_ds, "valid", it + 1, out)
         stop = args.exit_interval is not None and it + 1 >= args.exit_interval
         why = exit_request()
         if why is not None:
@@ -303,8 +321,14 @@ def run(args, on_step=None) -> list[dict]:
         if stop:
             break
     bar.close()
-    if args.save and history and saved_at != history[-1]["step"]:  # the final state, unless just saved
+    if args.skip_train:  # the loaded model, evaluated at its step
+        history.append({"step": start})
+        if valid_ds is not None and args.eval_iters:
+            evaluate(valid_ds, "valid", start, history[-1])
+    elif args.save and history and saved_at != history[-1]["step"]:  # the final state, unless just saved
         engine.save(args.save, history[-1]["step"])
+    if test_ds is not None and history:  # as Megatron-LM: the test data once, after training
+        evaluate(test_ds, "test", history[-1]["step"], history[-1])
     if writer:
         writer.close()
     return history

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
     args.load_optim = args.load_rng = False
     device = init_distributed(args)
-    train_ds, valid_ds, tokenizer = build_data(args)
+    train_ds, valid_ds, _, tokenizer = build_data(args)
     dataset = valid_ds if opts.dataset == "valid" else train_ds
     if dataset is None or len(dataset) == 0:
         p.error(f"the {opts.dataset} split is empty (see --split, or --valid-data-path)")

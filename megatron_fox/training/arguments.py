@@ -114,6 +114,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "train_data_path": (list, None, "training data of its own (a prefix or blend as data_path), with "
                                     "valid_data_path: each split from its own files, split ignored"),
     "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
+    "test_data_path": (list, None, "test data of its own (with train_data_path), evaluated after training"),
     "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model) | "
                                                       "GPT2BPETokenizer (vocab_file, merge_file)"),
     "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
@@ -140,7 +141,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
     "eval_interval": (int, None, "steps between validation passes"),
-    "eval_iters": (int, 2, "validation steps a pass"),
+    "eval_iters": (int, 2, "validation steps a pass (and test steps, after training, where there is test data)"),
+    "skip_train": (bool, False, "no training steps: evaluate the (loaded) model on the validation and test "
+                                "data and exit, as Megatron-LM's"),
     "exit_interval": (int, None, "stop (after saving) at this step"),
     "exit_signal_handler": (bool, False, "on SIGTERM (SLURM's warning before the time limit, e.g. sbatch "
                                          "--signal=TERM@300) save at the end of the current step and exit 0"),
@@ -318,15 +321,15 @@ def check_context_pruning(args) -> None:
 
 
 def check_data_paths(args: argparse.Namespace) -> None:
-    """Parse data_path, or train_data_path + valid_data_path (each split from its own files),
-    into args.data_blends = {"all" | "train" | "valid": (prefixes, weights)} (empty: the
-    embedded corpus); every prefix's .bin/.idx must exist."""
-    per_split = {"train": args.train_data_path, "valid": args.valid_data_path}
+    """Parse data_path, or train_data_path + valid_data_path + test_data_path (each split from
+    its own files), into args.data_blends = {"all" | "train" | "valid" | "test": (prefixes,
+    weights)} (empty: the embedded corpus); every prefix's .bin/.idx must exist."""
+    per_split = {"train": args.train_data_path, "valid": args.valid_data_path, "test": args.test_data_path}
     given = {k: v for k, v in per_split.items() if v is not None}
     if given and args.data_path is not None:
         raise ConfigError(f"{next(iter(given))}_data_path", "give data_path or per-split paths, not both")
     if given and "train" not in given:
-        raise ConfigError("train_data_path", "needed with valid_data_path")
+        raise ConfigError("train_data_path", f"needed with {next(iter(given))}_data_path")
     from .tokenizer import TOKENIZER_TYPES
 
     blends = {"all": args.data_path} if args.data_path is not None else given

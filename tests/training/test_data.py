@@ -214,7 +214,7 @@ def test_data_path_blend_from_the_command_line(one_rank, jsonl_dataset, corpus, 
     args = parse_args(["--data-path", "1", jsonl_dataset, "3", corpus[0], "--tokenizer-model", corpus[1],
                        "--seq-length", "32", "--train-iters", "50", "--global-batch-size", "8",
                        "--micro-batch-size", "8", "--split", "100,0,0", "--data-cache-path", str(tmp_path)])
-    train, _, _ = build_data(args)
+    train, _, _, _ = build_data(args)
     assert abs((_blend_sources(train, 400) == 0).mean() - 0.25) < 0.02
 
 
@@ -361,25 +361,27 @@ def test_train_tokenizer_cli(tmp_path, docs, capsys):
 
 
 def test_per_split_data_paths(one_rank, jsonl_dataset, corpus, tok, docs, tmp_path):
-    """--train-data-path / --valid-data-path: each split is the whole of its own files
-    (--split ignored); the config errors name their key."""
+    """--train-data-path / --valid-data-path / --test-data-path: each split is the whole of its
+    own files (--split ignored); the config errors name their key."""
     from megatron_fox.train import build_data
     from megatron_fox.training.arguments import ConfigError, parse_args
 
     common = ["--tokenizer-model", corpus[1], "--seq-length", "32", "--train-iters", "20", "--global-batch-size",
               "4", "--micro-batch-size", "4", "--eval-interval", "10", "--eval-iters", "2",
               "--data-cache-path", str(tmp_path)]
-    args = parse_args(["--train-data-path", corpus[0], "--valid-data-path", jsonl_dataset, "--split", "1,1,98"]
-                      + common)
-    train, valid, tokenizer = build_data(args)
+    args = parse_args(["--train-data-path", corpus[0], "--valid-data-path", jsonl_dataset, "--test-data-path",
+                       jsonl_dataset, "--split", "1,1,98"] + common)
+    train, valid, test, tokenizer = build_data(args)
     ids = [tok.tokenize(t) + [tok.eod] for t in docs]
-    for i in range(0, len(valid), 3):  # validation samples hold pieces of the JSONL documents only
-        _segments_in(valid[i]["tokens"].tolist(), ids, tok.eod)
-    assert len(valid) >= 3 * 2 * 4 and len(train) >= 20 * 4
+    for split in (valid, test):
+        for i in range(0, len(split), 3):  # validation and test samples hold pieces of the JSONL documents only
+            _segments_in(split[i]["tokens"].tolist(), ids, tok.eod)
+    assert len(valid) >= 3 * 2 * 4 and len(train) >= 20 * 4 and len(test) >= 2 * 4
     # the training split is the whole corpus prefix: its samples are that prefix's own, split "100,0,0"
     whole, _, _ = build_gpt_datasets(corpus[0], tokenizer, 32, (80, 0, 0), split="100,0,0", cache_path=str(tmp_path))
     assert torch.equal(train[5]["tokens"], whole[5]["tokens"])
     for flags, key in ((["--valid-data-path", jsonl_dataset], "train_data_path"),
+                       (["--test-data-path", jsonl_dataset], "train_data_path"),
                        (["--data-path", corpus[0], "--train-data-path", corpus[0]], "train_data_path"),
                        (["--train-data-path", corpus[0]], "eval_interval"),
                        (["--train-data-path", "1", corpus[0], "2"], "train_data_path"),

@@ -356,3 +356,20 @@ def test_use_checkpoint_args(tmp_path, cache):
     (ckpt / "iter_0000002" / "args.json").unlink()
     with pytest.raises(ConfigError, match="args.json"):
         parse_args(["--load", str(ckpt), "--use-checkpoint-args"])
+
+
+def test_test_split_after_training_and_skip_train(tmp_path, cache):
+    """With a test share, the test data is evaluated once after the last step (as Megatron-LM);
+    --skip-train --load evaluates the saved model at its step, trains nothing, saves nothing,
+    and gives the run's own final validation and test losses."""
+    ckpt = tmp_path / "ckpt"
+    flags = ["--split", "80,10,10", "--eval-interval", "3", "--eval-iters", "2"]
+    hist = train(tmp_path, "run", flags + ["--train-iters", "6", "--save", str(ckpt)])
+    assert [h["step"] for h in hist if "valid_loss" in h] == [3, 6]
+    assert [h["step"] for h in hist if "test_loss" in h] == [6] and hist[-1]["test_loss"] > 0
+    ev = train(tmp_path, "eval", flags + ["--train-iters", "6", "--load", str(ckpt), "--skip-train"])
+    assert len(ev) == 1 and ev[0]["step"] == 6 and "loss" not in ev[0]
+    assert ev[0]["valid_loss"] == pytest.approx(hist[-1]["valid_loss"], rel=1e-6)
+    assert ev[0]["test_loss"] == pytest.approx(hist[-1]["test_loss"], rel=1e-6)
+    assert ev[0]["test_loss"] != pytest.approx(ev[0]["valid_loss"], rel=1e-6)  # other documents
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000006", "latest_checkpointed_iteration.txt"]
