@@ -74,6 +74,15 @@ def _run_cli(args, tmp_path):
                           env=env, cwd=tmp_path, timeout=120)
 
 
+def _ok(tmp_path, tool, *args) -> str:
+    """Run tools/<tool> (or the trainer for tool "train") in a subprocess; its stdout, exit 0 asserted."""
+    cmd = ["-m", "megatron_fox.train"] if tool == "train" else [os.path.join(ROOT, "tools", tool)]
+    r = subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 @pytest.mark.parametrize("args,key", [
     (["--num-attention-heads", "6", "--hidden-size", "96", "--tensor-model-parallel-size", "4"], "num_attention_heads"),
     (["--seq-length", "100", "--context-parallel-size", "4"], "seq_length"),
@@ -261,17 +270,11 @@ def test_eval_positions_acp_against_exact(tmp_path, cache):
     than a trace."""
     import json
 
-    ckpt = tmp_path / "ckpt"
+    ckpt, out = tmp_path / "ckpt", tmp_path / "pos.json"
     flags = [*TINY, "--fox-fgate-bias-init", "-3"]
-    env = tool_env()
-    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *flags, "--train-iters", "3", "--save",
-                          str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    out = tmp_path / "pos.json"
-    ev = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *flags, "--load",
-                         str(ckpt), "--dataset", "train", "--eval-samples", "4", "--bins", "6", "--compare-acp",
-                         "--json", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    _ok(tmp_path, "train", *flags, "--train-iters", "3", "--save", str(ckpt))
+    _ok(tmp_path, "eval_positions.py", *flags, "--load", str(ckpt), "--dataset", "train", "--eval-samples", "4",
+        "--bins", "6", "--compare-acp", "--json", str(out))
     res = json.loads(out.read_text())
     rows, summary = res["rows"], res["summary"]
     assert res["step"] == 3 and rows[0]["positions"][0] == 0 and rows[-1]["positions"][1] == 64
@@ -290,18 +293,11 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
     with every token kept; -50 keeps none but the diagonal, which changes the loss."""
     import json
 
-    ckpt = tmp_path / "ckpt"
+    ckpt, out = tmp_path / "ckpt", tmp_path / "pos.json"
     flags = [*TINY, "--fox-context-pruning", "--fox-context-pruning-beta-init", str(beta)]
-    env = tool_env()
-    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *flags, "--train-iters", "2", "--save",
-                          str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    out = tmp_path / "pos.json"
-    ev = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *flags, "--load",
-                         str(ckpt), "--dataset", "train", "--eval-samples", "2", "--bins", "4",
-                         "--compare-context-pruning", "--json", str(out)],
-                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert ev.returncode == 0, ev.stderr[-2000:]
+    _ok(tmp_path, "train", *flags, "--train-iters", "2", "--save", str(ckpt))
+    _ok(tmp_path, "eval_positions.py", *flags, "--load", str(ckpt), "--dataset", "train", "--eval-samples", "2",
+        "--bins", "4", "--compare-context-pruning", "--json", str(out))
     summary = json.loads(out.read_text())["summary"]
     assert summary["kept_pruned"] == kept and "kept_all kept" not in summary
     if kept == 1.0:
@@ -309,7 +305,7 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
     else:
         assert abs(summary["pruned"] - summary["all kept"]) > 1e-3
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *TINY, "--load",
-                          str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=env,
+                          str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=tool_env(),
                          cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "--compare-context-pruning" in bad.stderr
 
@@ -334,21 +330,12 @@ def test_use_checkpoint_args(tmp_path, cache):
     assert args.seq_length == parse_args([]).seq_length  # lengths stay this run's choice
     assert parse_args(["--load", str(ckpt), "--use-checkpoint-args", "--num-layers", "3"]).num_layers == 3
 
-    def generate(*flags):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *flags, "--load", str(ckpt),
-                            "--prompt", "def ", "--max-new-tokens", "12"], capture_output=True, text=True,
-                           env=tool_env(), cwd=tmp_path, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return r.stdout
-
-    assert generate("--use-checkpoint-args", "--device", "cpu") == generate(*TINY, *shape)
-    outs = []
-    for i, flags in enumerate((["--use-checkpoint-args"], [*TINY, *shape])):
-        outs.append(tmp_path / f"full{i}.pt")
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                            "--input", str(ckpt), "--output", str(outs[-1]), *flags], capture_output=True, text=True,
-                           env=tool_env(), cwd=tmp_path, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
+    prompt = ["--load", str(ckpt), "--prompt", "def ", "--max-new-tokens", "12"]
+    assert (_ok(tmp_path, "generate.py", "--use-checkpoint-args", "--device", "cpu", *prompt)
+            == _ok(tmp_path, "generate.py", *TINY, *shape, *prompt))
+    outs = [tmp_path / "full0.pt", tmp_path / "full1.pt"]
+    for out, flags in zip(outs, (["--use-checkpoint-args"], [*TINY, *shape])):
+        _ok(tmp_path, "convert_checkpoint.py", "from-megatron", "--input", str(ckpt), "--output", str(out), *flags)
     a, b = torch.load(outs[0]), torch.load(outs[1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="use_checkpoint_args"):
