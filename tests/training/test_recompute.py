@@ -12,8 +12,9 @@ TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"
         "--vocab-size", "96", "--device", "cpu"]
 
 
-def _run(flags, weights=None):
-    """(loss, grads by name, core-attention forward calls) of one forward+backward."""
+def _run(flags, weights=None, pruning=None):
+    """(loss, grads by name, core-attention forward calls) of one forward+backward; pruning:
+    learned context pruning's (alpha, penalty weight)."""
     from megatron_fox.training.arguments import parse_args
     from megatron_fox.training.model import attention_layers, build_model, padded_vocab_size, transformer_config
 
@@ -21,6 +22,10 @@ def _run(flags, weights=None):
     model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(96, args)).train()
     if weights is not None:
         model.load_state_dict(weights)
+    if pruning is not None:
+        from megatron_fox.layers.context_pruning import set_context_pruning_state
+
+        set_context_pruning_state(model, alpha=pruning[0], penalty_weight=pruning[1])
     calls = []
     for layer in attention_layers(model):
         layer.register_forward_hook(lambda *_: calls.append(1))
@@ -40,5 +45,22 @@ def test_recompute_repeats_forwards_and_keeps_gradients(megatron_world, method, 
                                        "--recompute-num-layers", str(n)], weights)
     assert calls_r == expected_calls  # block: the first 3 layers run twice, the last one once
     assert loss_r == loss
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_recompute_with_context_pruning_keeps_penalty_gradients(megatron_world):
+    """Learned context pruning under full recompute: the penalty is attached in the recomputed
+    forward only (the first runs without autograd), so the gradients, the penalty's in beta
+    and the interaction projections included, are those of the run without recompute."""
+    route_megatron_buffers_to_cpu()
+    flags = ["--fox-context-pruning", "--fox-context-pruning-beta-init", "0.5"]
+    loss, grads, _, weights = _run(flags, pruning=(1.5, 0.3))
+    _, free, _, _ = _run(flags, weights, pruning=(1.5, 0.0))
+    assert not torch.allclose(free["decoder.layers.0.self_attention.context_pruning.beta"],
+                              grads["decoder.layers.0.self_attention.context_pruning.beta"])  # the penalty acts
+    loss_r, grads_r, calls_r, _ = _run(flags + ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                                "--recompute-num-layers", "1"], weights, pruning=(1.5, 0.3))
+    assert calls_r == 8 and loss_r == loss
     for name, g in grads.items():
         torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7, msg=name)
