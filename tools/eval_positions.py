@@ -43,7 +43,9 @@ def loss_by_position(model, dataset, args, eod: int, samples: int, edges: list[i
     sums, counts = torch.zeros(len(edges) - 1, dtype=torch.float64), torch.zeros(len(edges) - 1, dtype=torch.float64)
     device = next(model.parameters()).device
     bounds = torch.tensor(edges[1:-1])
-    for i in range(samples):
+    from tqdm import tqdm
+
+    for i in tqdm(range(samples), desc="samples", disable=not args.progress_bar, dynamic_ncols=True):
         batch = with_documents(collate([dataset[i % len(dataset)]]), eod)
         cu = batch["cu_seqlens"].long()
         s = batch["tokens"].shape[1]
