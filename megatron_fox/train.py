@@ -47,7 +47,8 @@ def init_distributed(args) -> torch.device:
 
         route_megatron_buffers_to_cpu(force=True)  # sequence-parallel collectives on gloo, also beside a GPU
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -272,6 +273,9 @@ def run(args, on_step=None) -> list[dict]:
             on_step(it + 1, out)
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
+        if writer and (it + 1) % args.tensorboard_log_interval == 0:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
+                writer.add_scalar(f"train/{key}", out[key], it + 1)
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
             skipped, bwd, kept = _layer_stats(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
@@ -296,8 +300,7 @@ def run(args, on_step=None) -> list[dict]:
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if writer:
-                    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "max_mem_gb",
-                                "params_norm", "dcp_kept", "dcp_alpha"):
+                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha"):
                         if key in out:
                             writer.add_scalar(f"train/{key}", out[key], it + 1)
                     writer.add_scalar("acp/skipped_fraction", overall, it + 1)

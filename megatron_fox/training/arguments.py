@@ -129,6 +129,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "log_interval": (int, 10, "steps between log lines"),
     "log_params_norm": (bool, False, "the parameters' L2 norm in each log line (one reduction over TP x PP)"),
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
+    "tensorboard_log_interval": (int, 1, "steps between TensorBoard's loss, lr, grad norm and throughput "
+                                         "scalars (the per-layer ACP figures come with each log line)"),
+    "distributed_timeout_minutes": (int, 30, "timeout of the process group's collectives"),
     "save": (str, None, "checkpoint directory to save to"),
     "load": (str, None, "checkpoint directory to resume from"),
     "finetune": (bool, False, "with load: the model weights only, from step 0 with a fresh optimizer and "
@@ -163,6 +166,25 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
     "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
     "distributed_backend": (str, None, "nccl | gloo, accepted: CUDA runs use NCCL, CPU runs gloo"),
+    "attention_backend": (str, "auto", "auto | flash | fused | unfused | local, accepted: FoX attention is its own "
+                                       "kernel whatever the choice"),
+    "ckpt_format": (str, "torch_dist", "torch_dist: Megatron-Core's dist_checkpointing (the CPU path writes "
+                                       "per-rank torch files)"),
+    "accumulate_allreduce_grads_in_fp32": (bool, None, "accepted: gradients are always reduced in float32"),
+    "log_throughput": (bool, None, "accepted: tokens/s and TFLOP/s are always logged"),
+    "log_validation_ppl_to_tensorboard": (bool, None, "accepted: valid/ppl is always written"),
+    "log_memory_to_tensorboard": (bool, None, "accepted: the peak memory is always written (CUDA)"),
+    "log_timers_to_tensorboard": (bool, None, "accepted: no per-phase timers here"),
+    "timing_log_level": (int, None, "accepted: no per-phase timers here"),
+    "masked_softmax_fusion": (bool, None, "accepted: FoX attention has no masked-softmax kernel"),
+    "bias_gelu_fusion": (bool, None, "accepted: no GeLU (SwiGLU MLP), no bias"),
+    "bias_swiglu_fusion": (bool, None, "accepted: the SwiGLU's fusion follows --fox-fuse-extras"),
+    "bias_dropout_fusion": (bool, None, "accepted: no bias, no dropout"),
+    "gradient_accumulation_fusion": (bool, None, "accepted: Megatron-Core's local linears accumulate in "
+                                                 "float32 either way"),
+    "num_workers": (int, None, "accepted: samples are read in the training process"),
+    "recompute_activations": (bool, None, "Megatron-LM's selective recompute: refused, as "
+                                          "recompute_granularity selective"),
 }
 
 # what --use-checkpoint-args takes from a checkpoint: the keys that shape the model's weights
@@ -175,7 +197,8 @@ CHECKPOINT_ARG_KEYS = (
     "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 # keys above whose value is fixed here: the values accepted
-_FIXED = {"normalization": ("RMSNorm",), "position_embedding_type": ("none",), "swiglu": (True,),
+_FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "ckpt_format": ("torch_dist",),
+          "normalization": ("RMSNorm",), "position_embedding_type": ("none",), "swiglu": (True,),
           "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
           "attention_softmax_in_fp32": (True,), "distributed_backend": (None, "nccl", "gloo")}
 
@@ -405,7 +428,7 @@ def finalize(args: argparse.Namespace) -> None:
     """Fill derived values and check consistency; raise ConfigError naming the key."""
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                 "global_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "context_parallel_size", "log_interval"):
+                "context_parallel_size", "log_interval", "tensorboard_log_interval", "distributed_timeout_minutes"):
         if getattr(args, key) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(args, key)}")
     for key, accepted in _FIXED.items():
@@ -438,6 +461,9 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
+    if args.recompute_activations:
+        raise ConfigError("recompute_activations", "Megatron-LM's selective recompute: FoX attention keeps no "
+                                                   "[s, s] tensor to save; use --recompute-granularity full")
     if args.recompute_granularity not in (None, "full"):
         raise ConfigError("recompute_granularity", f"{args.recompute_granularity!r}: use full (FoX attention keeps no "
                                                    f"[s, s] tensor for 'selective' to save)")

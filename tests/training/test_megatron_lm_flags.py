@@ -17,6 +17,10 @@ MEGATRON_LM_SCRIPT = """
 --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --use-distributed-optimizer
 --overlap-grad-reduce --overlap-param-gather --distributed-backend nccl --split 99,1,0
 --log-interval 10 --save-interval 500 --eval-interval 250 --eval-iters 10 --seed 1234
+--attention-backend auto --ckpt-format torch_dist --accumulate-allreduce-grads-in-fp32 --log-throughput
+--log-validation-ppl-to-tensorboard --log-memory-to-tensorboard --log-timers-to-tensorboard --timing-log-level 0
+--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
+--no-gradient-accumulation-fusion --num-workers 2 --tensorboard-log-interval 5 --distributed-timeout-minutes 20
 """.split()
 
 
@@ -24,6 +28,7 @@ def test_megatron_lm_script_parses():
     args = parse_args(MEGATRON_LM_SCRIPT)
     assert (args.num_query_groups, args.train_iters, args.lr_warmup_iters) == (4, 2000, 20)
     assert args.overlap_param_gather and args.bf16 and args.position_embedding_type == "none"
+    assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
 
 
 @pytest.mark.parametrize("flags,key", [
@@ -33,6 +38,10 @@ def test_megatron_lm_script_parses():
     (["--attention-dropout", "0.1"], "attention_dropout"),
     (["--hidden-dropout", "0.1"], "hidden_dropout"),
     (["--distributed-backend", "mpi"], "distributed_backend"),
+    (["--attention-backend", "cudnn"], "attention_backend"),
+    (["--ckpt-format", "torch"], "ckpt_format"),
+    (["--recompute-activations"], "recompute_activations"),
+    (["--tensorboard-log-interval", "0"], "tensorboard_log_interval"),
 ])
 def test_unavailable_values_name_the_key(flags, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

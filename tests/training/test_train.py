@@ -31,14 +31,22 @@ def train(tmp_path, name, flags, world=1):
 
 
 def test_loss_falls_over_50_steps(cache, tmp_path):
-    hist = train(tmp_path, "fall", ["--train-iters", "50", "--tensorboard-dir", str(tmp_path / "tb")])
+    hist = train(tmp_path, "fall", ["--train-iters", "50", "--tensorboard-dir", str(tmp_path / "tb"),
+                                    "--tensorboard-log-interval", "2"])
     losses = [h["loss"] for h in hist]
     assert len(losses) == 50
     first, last = losses[0], sum(losses[-10:]) / 10
     assert first > 5.5  # ~log(512) at init
     assert last < first - 1.0, (first, last)  # measured here: 6.24 -> 4.92
     assert 0.0 < hist[-1]["acp_skipped"] < 1.0
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = events.Scalars("train/loss")  # every --tensorboard-log-interval steps, the logged losses
+    assert [e.step for e in loss] == list(range(2, 51, 2))
+    assert [e.value for e in loss] == pytest.approx([h["loss"] for h in hist[1::2]], rel=1e-6)
+    assert [e.step for e in events.Scalars("acp/skipped_fraction")] == [10, 20, 30, 40, 50]  # with the log lines
 
 
 def test_resume_matches_uninterrupted_run(cache, tmp_path):
