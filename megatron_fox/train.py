@@ -243,7 +243,7 @@ def run(args, on_step=None) -> list[dict]:
               f"{args.data_parallel_size}); params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
               f"step; start step {start}", flush=True)
-    history, saved_at = [], None
+    history, saved_at, stopped = [], None, False
     exit_request = _ExitRequest(args, device)
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
 
@@ -322,6 +322,7 @@ def run(args, on_step=None) -> list[dict]:
             engine.save(args.save, it + 1)
             saved_at = it + 1
         if stop:
+            stopped = it + 1 < args.train_iters  # cut short: no test pass (as Megatron-LM on exit)
             break
     bar.close()
     if args.skip_train:  # the loaded model, evaluated at its step
@@ -330,7 +331,7 @@ def run(args, on_step=None) -> list[dict]:
             evaluate(valid_ds, "valid", start, history[-1])
     elif args.save and history and saved_at != history[-1]["step"]:  # the final state, unless just saved
         engine.save(args.save, history[-1]["step"])
-    if test_ds is not None and history:  # as Megatron-LM: the test data once, after training
+    if test_ds is not None and history and not stopped:  # as Megatron-LM: the test data once, after training
         evaluate(test_ds, "test", history[-1]["step"], history[-1])
     if writer:
         writer.close()

@@ -362,6 +362,8 @@ def test_test_split_after_training_and_skip_train(tmp_path, cache):
     hist = train(tmp_path, "run", flags + ["--train-iters", "6", "--save", str(ckpt)])
     assert [h["step"] for h in hist if "valid_loss" in h] == [3, 6]
     assert [h["step"] for h in hist if "test_loss" in h] == [6] and hist[-1]["test_loss"] > 0
+    cut = train(tmp_path, "cut", flags + ["--train-iters", "6", "--exit-interval", "4"])
+    assert [h["step"] for h in cut if "test_loss" in h] == []  # stopped early: no test pass
     ev = train(tmp_path, "eval", flags + ["--train-iters", "6", "--load", str(ckpt), "--skip-train"])
     assert len(ev) == 1 and ev[0]["step"] == 6 and "loss" not in ev[0]
     assert ev[0]["valid_loss"] == pytest.approx(hist[-1]["valid_loss"], rel=1e-6)
