@@ -42,8 +42,8 @@ class FoxCoreAttention(MegatronModule):
 
     def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None, keep=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d].
-        keep [b, s, s]: learned context pruning's mask (`layers.context_pruning`), run by the
-        materialised plain-PyTorch op.
+        keep [b, s, s]: learned context pruning's mask (`layers.context_pruning`), run by
+        `ops.context_pruning.pruned_forgetting_attention`.
 
         The layer builds valid inputs by construction (log f = logsigmoid <= 0, offsets from
         our own packing), so the op's value checks and their host sync are skipped."""
@@ -53,18 +53,21 @@ class FoxCoreAttention(MegatronModule):
             return self._forward(q, k, v, log_fgate, logit_bound, cu_seqlens)
 
     def _pruned(self, q, k, v, log_fgate, keep, cu_seqlens):
-        """One sample at a time (its own documents), float32 softmax; nothing skipped."""
-        from ..ops.context_pruning import pruned_forgetting_attention_reference
+        """The keep mask's attention (Triton where the head dim allows, else the materialised
+        reference); packed documents one sample at a time; nothing skipped."""
+        from ..ops.context_pruning import pruned_forgetting_attention, pruned_forgetting_attention_reference
         from ..parallel import sample_cu_seqlens
 
-        s, b = q.shape[:2]
-        outs = []
-        for i in range(b):
-            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s)
-            outs.append(pruned_forgetting_attention_reference(
-                q[:, i:i + 1].transpose(0, 1), k[:, i:i + 1].transpose(0, 1), v[:, i:i + 1].transpose(0, 1),
-                log_fgate[:, i:i + 1].transpose(0, 1).contiguous(), keep[i:i + 1], cu_seqlens=cu))
+        d = q.shape[-1]
+        op = pruned_forgetting_attention if d & (d - 1) == 0 and 16 <= d <= 128 else \
+            pruned_forgetting_attention_reference
         self._stats = SimpleNamespace(skipped_fraction=torch.zeros((), device=q.device))
+        q, k, v, log_fgate = (t.transpose(0, 1) for t in (q, k, v, log_fgate))
+        if cu_seqlens is None:
+            return op(q, k, v, log_fgate.contiguous(), keep).transpose(0, 1)
+        s, b = q.shape[1], q.shape[0]
+        outs = [op(q[i:i + 1], k[i:i + 1], v[i:i + 1], log_fgate[i:i + 1].contiguous(), keep[i:i + 1],
+                   cu_seqlens=sample_cu_seqlens(cu_seqlens, i, s)) for i in range(b)]
         return torch.cat(outs, dim=0).transpose(0, 1)
 
     def _forward(self, q, k, v, log_fgate, logit_bound, cu_seqlens):

@@ -1,0 +1,96 @@
+"""`pruned_forgetting_attention`: the Triton kernels of forgetting attention with learned
+context pruning's keep mask, as a differentiable op (the plain-PyTorch reference is
+`pruned_forgetting_attention_reference`, ground truth of its tests and its CPU fallback)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from ..forgetting_attn.common import check_inputs, document_maps, forget_prefix_sums
+from ..forgetting_attn.function import _dot_precision
+from ..forgetting_attn.tiles import _interpreting
+
+_BM, _BN = 64, 64
+
+
+class _PrunedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, keep, doc, sm_scale):
+        B, T, H, D = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        meta = _meta(q, k, doc, sm_scale)
+        from .triton_kernels import pruned_fwd_kernel
+
+        pruned_fwd_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, _doc_arg(doc, c), o, lse, *meta)
+        ctx.save_for_backward(q, k, v, c, keep, doc, o, lse)
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from .triton_kernels import pruned_bwd_dkdv_kernel, pruned_bwd_dq_kernel
+
+        q, k, v, c, keep, doc, o, lse = ctx.saved_tensors
+        B, T, H, D = q.shape
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
+        meta = _meta(q, k, doc, ctx.sm_scale)
+        dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
+        dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
+        dq = torch.empty_like(q)
+        dkeep = torch.zeros_like(keep)
+        docs = _doc_arg(doc, c)
+        pruned_bwd_dkdv_kernel[(triton.cdiv(T, _BN), B * H)](q, k, v, c, keep, docs, do, lse, delta, dk_h, dv_h, dcol,
+                                                             *meta)
+        pruned_bwd_dq_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, docs, do, lse, delta, dq, drow, dkeep,
+                                                           *meta)
+        G = k.shape[2]
+        dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
+        dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)
+        # s_ij holds c_i - c_j: dc_i = (row sums of dS)_i - (column sums of dS)_i
+        return dq, dk, dv, drow - dcol, dkeep, None, None
+
+
+def _meta(q, k, doc, sm_scale):
+    """The kernels' shared trailing arguments after their tensors."""
+    H, D = q.shape[2], q.shape[3]
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), q.shape[1], H,
+            H // k.shape[2], float(sm_scale), D, _BM, _BN, doc is not None, _dot_precision(q))
+
+
+def _doc_arg(doc, c):
+    return doc if doc is not None else c  # a placeholder pointer where HAS_DOC is False
+
+
+def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[float] = None,
+                                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FoX attention with the learned keep mask: weights I_ij exp(s_ij) normalised per row.
+
+    q [B, T, H, D], k, v [B, T, Hkv, D] (bf16, fp16 or fp32; D 16-128, a power of two),
+    log_fgate [B, T, H] float32, keep I [B, T, T] float32 (query, key; shared by the heads,
+    in [0, 1], ones on the diagonal); cu_seqlens as in `forgetting_attention` (batch 1).
+    Returns o [B, T, H, D] in q.dtype, differentiable in q, k, v, log_fgate and keep (keep's
+    gradient also where I_ij = 0, as the reference's). Triton on CUDA and under
+    TRITON_INTERPRET=1; elsewhere the plain-PyTorch reference.
+    """
+    from .reference import pruned_forgetting_attention_reference
+
+    sm_scale, _ = check_inputs(q, k, v, log_fgate, sm_scale, None, None, cu_seqlens)
+    B, T, H, D = q.shape
+    if keep.shape != (B, T, T):
+        raise ValueError(f"keep must be [batch, seq, seq] = ({B}, {T}, {T}), got {tuple(keep.shape)}")
+    if q.device.type != "cuda" and not _interpreting():
+        return pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, sm_scale=sm_scale,
+                                                     cu_seqlens=cu_seqlens)
+    if D & (D - 1) or not 16 <= D <= 128:
+        raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
+    doc = None
+    if cu_seqlens is not None:
+        doc = document_maps(cu_seqlens, T, q.device)[0][None].contiguous()  # [1, T]: each token's document start
+    _, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # restarts at documents, [B, H, T]
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _PrunedAttention.apply(q, k, v, c.contiguous(), keep.float().contiguous(), doc, sm_scale)

@@ -1,0 +1,73 @@
+"""The Triton kernels of forgetting attention with learned context pruning's keep mask
+(`ops.context_pruning.pruned_forgetting_attention`) against the float64 plain-PyTorch
+reference: output and the gradients of q, k, v, log f and the mask, also where the mask is 0.
+
+Tolerances as the main op's tests: fp32 max abs error <= 2e-4 * max|ref|; bf16 relative
+error of the norm <= 1.5e-2 (the reference sees the same bf16 inputs in float64).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_fox.ops.context_pruning import keep_mask, pruned_forgetting_attention, pruned_forgetting_attention_reference
+
+from .test_forgetting_attention import check_close
+
+
+def _inputs(B, T, H, G, D, dtype, device, beta):
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, G, D), torch.randn(B, T, G, D)
+    log_f = F.logsigmoid(torch.randn(B, T, H) + 2.0)
+    keep = keep_mask(torch.randn(B, T, 8), torch.randn(B, T, 8), beta, 1.5)  # exact zeros below beta ~ 0
+    return [t.to(device, dtype) for t in (q, k, v)] + [log_f.to(device), keep.to(device)]
+
+
+def _reference_inputs(ins):
+    """q, k, v upcast to float64 (the reference computes in float64); log f and the mask as they are."""
+    return [t.double().requires_grad_() for t in ins[:3]] + [t.clone().requires_grad_() for t in ins[3:]]
+
+
+@pytest.mark.parametrize("dtype,D,G,beta", [(torch.float32, 16, 2, 0.5), (torch.float32, 64, 4, -0.5),
+                                            (torch.bfloat16, 32, 1, 0.0)])
+def test_kernel_matches_reference(device, dtype, D, G, beta):
+    B, T, H = 2, 80, 4  # T not a multiple of the 64-blocks
+    ins = _inputs(B, T, H, G, D, dtype, device, beta)
+    keep = ins[-1]
+    assert 0.02 < float((keep == 0).float().mean()) < 0.5  # some pairs dropped, some kept
+    ours = [t.clone().requires_grad_() for t in ins]
+    o = pruned_forgetting_attention(*ours)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, ours, do)
+    ref_in = _reference_inputs(ins)
+    o_ref = pruned_forgetting_attention_reference(*ref_in, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(o_ref, ref_in, do.double())
+    check_close(o, o_ref, dtype, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):
+        check_close(g, r, dtype, name)
+    dropped = keep == 0
+    assert ref_grads[-1][dropped].abs().max() > 0  # the mask's gradient where it is 0, matched above
+
+
+def test_kernel_documents(device):
+    """Packed documents (cu_seqlens, batch 1): attention and the gate sums restart at each."""
+    T, H, D = 96, 2, 16
+    ins = _inputs(1, T, H, 1, D, torch.float32, device, 0.5)
+    cu = torch.tensor([0, 30, 71, 96], dtype=torch.int32, device=device)
+    ours = [t.clone().requires_grad_() for t in ins]
+    o = pruned_forgetting_attention(*ours, cu_seqlens=cu)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, ours, do)
+    ref_in = _reference_inputs(ins)
+    o_ref = pruned_forgetting_attention_reference(*ref_in, cu_seqlens=cu, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(o_ref, ref_in, do.double())
+    check_close(o, o_ref, torch.float32, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):
+        check_close(g, r, torch.float32, name)
+
+
+def test_kernel_errors(device):
+    q, k, v, log_f, keep = _inputs(1, 16, 2, 1, 16, torch.float32, device, 0.5)
+    with pytest.raises(ValueError, match="keep"):
+        pruned_forgetting_attention(q, k, v, log_f, keep[:, :8])
+    with pytest.raises(ValueError, match="head_dim"):
+        pruned_forgetting_attention(q[..., :12], k[..., :12], v[..., :12], log_f, keep)
