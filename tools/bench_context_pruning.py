@@ -1,0 +1,114 @@
+"""Benchmark of learned context pruning's attention: the Triton kernels
+(`ops.context_pruning.pruned_forgetting_attention`) against the materialised reference,
+FoX with ACP and no mask (`forgetting_attention`, log_eps -10) and torch SDPA (cuDNN, dense
+causal), plus the keep mask's own cost (interaction scores, sparse sigmoid, cumulative
+product).
+
+Setting: 16k tokens a step (batch = 16384 / L), 16 heads, head_dim 128, bf16, q and k
+RMS-normalised, gate spectrum (b) of tools/bench_attention.py (half-lives 4..4096), a keep
+mask at alpha 8 from interaction queries/keys (r = 64) under which a random fifth of the keys
+stay for every later query and the rest leave after one (`--kept`; the fine-tunes in
+docs/benchmarks.md learned to keep about a fifth of the pairs).
+
+    python tools/bench_context_pruning.py                  # the table (needs a CUDA GPU)
+    python tools/bench_context_pruning.py --lengths 1024   # one length
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench_attention import bench, gate_spectrum, make_inputs
+
+
+def keep_inputs(B, L, device, kept, r=64):
+    """Interaction queries/keys [B, L, r] and beta: z_nj = q_n.k_j / sqrt(r) + beta is +2 for
+    a random `kept` share of the keys j (kept by every later query) and -2 for the others."""
+    g = torch.Generator(device=device).manual_seed(0)
+    qi = 0.01 * torch.randn(B, L, r, device=device, generator=g)
+    ki = 0.01 * torch.randn(B, L, r, device=device, generator=g)
+    qi[..., 0] = r ** 0.5
+    ki[..., 0] = torch.where(torch.rand(B, L, device=device, generator=g) < kept, 2.0, -2.0)
+    return qi, ki, torch.tensor(0.0, device=device)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kept", type=float, default=0.2, help="share of the keys every later query keeps")
+    opts = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_context_pruning: needs a CUDA GPU")
+    sys.path.insert(0, ".")
+    print(f"{torch.cuda.get_device_name()}; {opts.tokens} tokens a step, {opts.heads} heads, head_dim "
+          f"{opts.head_dim}, bf16; ms")
+    print("| L | kept | mask fwd+bwd | dcp triton fwd | dcp triton fwd+bwd | dcp reference fwd+bwd | "
+          "fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L in opts.lengths:
+        kept, row = one_length(L, opts)
+        print(f"| {L} | {kept:.3f} | " + " | ".join(f"{t:.2f}" for t in row) + " |", flush=True)
+        torch.cuda.empty_cache()
+
+
+def one_length(L, opts):
+    """(kept fraction, [ms of each column]) at sequence length L."""
+    from megatron_fox.ops import forgetting_attention
+    from megatron_fox.ops.context_pruning import (keep_mask, kept_fraction, pruned_forgetting_attention,
+                                                  pruned_forgetting_attention_reference)
+
+    dev, H, D = torch.device("cuda"), opts.heads, opts.head_dim
+    B = max(1, opts.tokens // L)
+    q, k, v = make_inputs(B, L, H, D, dev)
+    log_f = gate_spectrum(B, L, H, 4, 4096, dev)
+    qi, ki, beta = keep_inputs(B, L, dev, opts.kept)
+    qi.requires_grad_()
+    keep = keep_mask(qi, ki, beta, 8.0)
+    leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
+    mask_in = keep.detach().requires_grad_()
+    do = torch.randn_like(q)
+
+    def fwd_bwd(fn, *extra):
+        def run():
+            torch.autograd.grad(fn(), [*leaves, *extra], do, allow_unused=True)
+        return run
+
+    def mask_cost():
+        m = keep_mask(qi, ki, beta, 8.0)
+        torch.autograd.grad(m, qi, torch.ones_like(m))
+
+    def dcp():
+        return pruned_forgetting_attention(q, k, v, log_f, mask_in)
+
+    def reference():
+        return pruned_forgetting_attention_reference(q, k, v, log_f, mask_in)
+
+    def acp():
+        return forgetting_attention(q, k, v, log_f, log_eps=-10.0, logit_bound=D ** 0.5)
+
+    def sdpa():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True).transpose(1, 2)
+
+    row = [bench(mask_cost)]
+    with torch.no_grad():
+        row.append(bench(dcp))
+    row.append(bench(fwd_bwd(dcp, mask_in)))
+    try:
+        row.append(bench(fwd_bwd(reference, mask_in), warmup=3, rep=50))
+    except torch.OutOfMemoryError:
+        row.append(float("nan"))
+    torch.cuda.empty_cache()
+    row += [bench(fwd_bwd(acp)), bench(fwd_bwd(sdpa))]
+    return float(kept_fraction(keep)), row
+
+if __name__ == "__main__":
+    main()
