@@ -82,7 +82,7 @@ def tokenizer_for(args):
     from .training.tokenizer import build_tokenizer
 
     model = None if args.tokenizer_type != "SentencePieceTokenizer" else data_paths(args)[1]
-    return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file)
+    return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file, args.vocab_size)
 
 
 def build_data(args):
@@ -91,19 +91,26 @@ def build_data(args):
     builder has its own barriers."""
     from .training.data import build_gpt_datasets
 
-    if not args.data_blends and args.tokenizer_type != "SentencePieceTokenizer":
+    if not args.data_blends and not args.mock_data and args.tokenizer_type != "SentencePieceTokenizer":
         print(f"megatron_fox.train: error: config key 'tokenizer_type': {args.tokenizer_type} needs data tokenized "
               f"with it (data_path); the embedded corpus has its own SentencePiece model", file=sys.stderr)
         sys.exit(2)
     from .training.tokenizer import build_tokenizer
 
-    blends, sp_model = data_paths(args)  # once: it may build the embedded corpus and its tokenizer
-    tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file)
+    blends, sp_model = ({}, None) if args.mock_data else data_paths(args)  # may build the embedded corpus
+    tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file, args.vocab_size)
     evaluating = bool(args.eval_iters) and bool(args.eval_interval or args.skip_train)
     passes = 1 if args.skip_train else (args.train_iters // args.eval_interval + 1 if args.eval_interval else 0)
     gbs = args.global_batch_size
     n_train = 0 if args.skip_train else max(1, args.train_iters) * gbs
     n_eval, n_test = passes * args.eval_iters * gbs, (args.eval_iters * gbs if evaluating else 0)
+
+    if args.mock_data:
+        from .training.data import MockGPTDataset
+
+        def mock(samples, split):
+            return MockGPTDataset(samples, args.seq_length, tokenizer.eod, args.seed, split) if samples else None
+        return mock(max(n_train, 1), 0), mock(n_eval, 1), mock(n_test, 2), tokenizer
 
     def build(blend, samples, split):
         prefixes, weights = blend
@@ -143,7 +150,7 @@ def build_model_and_engine(args, device, tokenizer):
     from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
 
     args.vocab_size = args.vocab_size or tokenizer.vocab_size  # saved with checkpoints (--use-checkpoint-args)
-    vocab = padded_vocab_size(args.vocab_size, args)
+    vocab = padded_vocab_size(max(args.vocab_size, tokenizer.vocab_size), args)  # NullTokenizer: eod = vocab_size
     model = build_model(args, transformer_config(args, device), vocab)
     if args.pretrained_checkpoint:
         try:

@@ -51,7 +51,8 @@ def _from_megatron(root: str, iteration, args) -> dict:
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         setattr(args, key, 1)  # one process holds the whole model; the loader reshards
     device = init_distributed(args)
-    model = build_model(args, transformer_config(args, device), padded_vocab_size(args.vocab_size, args))
+    ids = args.vocab_size + (args.tokenizer_type == "NullTokenizer")  # its end-of-document id is vocab_size
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(ids, args))
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
     except dist_checkpointing.core.CheckpointingException as e:

@@ -116,7 +116,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
     "test_data_path": (list, None, "test data of its own (with train_data_path), evaluated after training"),
     "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model) | "
-                                                      "GPT2BPETokenizer (vocab_file, merge_file)"),
+                                                      "GPT2BPETokenizer (vocab_file, merge_file) | "
+                                                      "NullTokenizer (vocab_size ids; end of document = vocab_size)"),
+    "mock_data": (bool, False, "Megatron-LM's synthetic data: random documents of random ids, no corpus or "
+                               "tokenizer to build (with tokenizer_type NullTokenizer and vocab_size), for "
+                               "throughput runs"),
     "tokenizer_model": (str, None, "SentencePiece model; needed with data_path"),
     "vocab_file": (str, None, "GPT-2 vocab.json (GPT2BPETokenizer)"),
     "merge_file": (str, None, "GPT-2 merges.txt (GPT2BPETokenizer)"),
@@ -363,13 +367,20 @@ def check_data_paths(args: argparse.Namespace) -> None:
             for suffix in (".bin", ".idx"):
                 if not os.path.isfile(prefix + suffix):
                     raise ConfigError(keys[name], f"{prefix + suffix} not found")
+    if args.mock_data:
+        if args.data_blends:
+            raise ConfigError("mock_data", "give mock_data or data paths, not both")
+        if args.tokenizer_type != "NullTokenizer":
+            raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: mock_data needs NullTokenizer")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ConfigError("vocab_size", "needed by NullTokenizer (its ids are 0 .. vocab_size - 1)")
     if args.tokenizer_type not in TOKENIZER_TYPES:
         raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}")
     if args.tokenizer_type == "GPT2BPETokenizer":
         for key in ("vocab_file", "merge_file"):
             if getattr(args, key) is None or not os.path.isfile(getattr(args, key)):
                 raise ConfigError(key, f"{getattr(args, key)}: not found (needed by GPT2BPETokenizer)")
-    elif args.data_blends and args.tokenizer_model is None:
+    elif args.tokenizer_type == "SentencePieceTokenizer" and args.data_blends and args.tokenizer_model is None:
         raise ConfigError("tokenizer_model", "needed with " + ("data_path" if args.data_path else "train_data_path"))
     if args.eval_interval and args.data_blends.keys() == {"train"}:
         raise ConfigError("eval_interval", "needs validation data: valid_data_path (with train_data_path)")

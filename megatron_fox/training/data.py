@@ -356,3 +356,31 @@ def cu_seqlens_from_tokens(tokens: torch.Tensor, eod: int) -> Tuple[torch.Tensor
     end = torch.tensor([b * s], device=tokens.device)
     cu = torch.cat([starts.nonzero().squeeze(1), end]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+class MockGPTDataset(torch.utils.data.Dataset):
+    """Megatron-LM's --mock-data: `num_samples` samples of seq_length tokens cut from
+    documents of random ids in [0, eod) of random lengths (1 to seq_length), each followed by
+    eod. Sample i of a split is the same on every call and rank (seeded by seed, split, i);
+    items are dicts as GPTDataset's (tokens, labels, loss_mask, position_ids)."""
+
+    def __init__(self, num_samples: int, seq_length: int, eod: int, seed: int, split: int = 0):
+        self.num_samples, self.seq_length, self.eod = int(num_samples), int(seq_length), int(eod)
+        self.seed = (int(seed) * 3 + int(split)) * 1_000_003
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} of {self.num_samples}")
+        g = torch.Generator().manual_seed(self.seed + int(i))
+        need, parts = self.seq_length + 1, []
+        while need > 0:
+            n = int(torch.randint(1, self.seq_length + 1, (1,), generator=g))
+            parts += [torch.randint(0, self.eod, (n,), generator=g), torch.tensor([self.eod])]
+            need -= n + 1
+        ids = torch.cat(parts)[:self.seq_length + 1]
+        return {"tokens": ids[:-1].clone(), "labels": ids[1:].clone(),
+                "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+                "position_ids": torch.arange(self.seq_length)}

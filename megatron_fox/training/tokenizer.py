@@ -122,14 +122,46 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer")
+class NullTokenizer:
+    """Megatron-LM's NullTokenizer: text is whitespace-separated ids below vocab_size, and the
+    end-of-document id is vocab_size itself (so vocab_size + 1 ids in all); for --mock-data
+    and data that is already ids."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size is None or vocab_size < 1:
+            raise ValueError(f"vocab_size: NullTokenizer needs a vocabulary size >= 1, got {vocab_size}")
+        self._n = int(vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n + 1
+
+    @property
+    def eod(self) -> int:
+        return self._n
+
+    def tokenize(self, text: str) -> List[int]:
+        ids = [int(t) for t in text.split()]
+        bad = [i for i in ids if not 0 <= i < self._n]
+        if bad:
+            raise ValueError(f"NullTokenizer: ids must lie in [0, {self._n}), got {bad[:5]}")
+        return ids
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids if int(i) != self._n)
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_file=None, merge_file=None):
-    """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file)
-    or GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`)."""
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_file=None, merge_file=None, vocab_size=None):
+    """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file),
+    GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`) or NullTokenizer
+    (vocab_size ids, no text)."""
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
     if tokenizer_type == "GPT2BPETokenizer":
         from .bpe import GPT2BPETokenizer
 

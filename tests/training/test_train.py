@@ -370,3 +370,46 @@ def test_test_split_after_training_and_skip_train(tmp_path, cache):
     assert ev[0]["test_loss"] == pytest.approx(hist[-1]["test_loss"], rel=1e-6)
     assert ev[0]["test_loss"] != pytest.approx(ev[0]["valid_loss"], rel=1e-6)  # other documents
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000006", "latest_checkpointed_iteration.txt"]
+
+
+def test_mock_data_null_tokenizer(tmp_path):
+    """--mock-data --tokenizer-type NullTokenizer --vocab-size N (Megatron-LM's throughput
+    setup): no corpus or tokenizer is built, random ids train from a loss near log(N + 1),
+    the end-of-document id N fits the embedding (N a multiple of the padding), two runs give
+    the same losses; bad combinations name their key."""
+    import math
+
+    from megatron_fox.training.arguments import ConfigError, parse_args
+    from megatron_fox.training.data import MockGPTDataset
+    from megatron_fox.training.tokenizer import NullTokenizer
+
+    tok = NullTokenizer(128)
+    assert (tok.vocab_size, tok.eod, tok.tokenize("3 0 127")) == (129, 128, [3, 0, 127])
+    assert tok.detokenize([3, 128, 5]) == "3 5"
+    ds = MockGPTDataset(4, 64, 128, seed=1)
+    a, b = ds[2], ds[2]
+    assert torch.equal(a["tokens"], b["tokens"]) and not torch.equal(ds[1]["tokens"], a["tokens"])
+    assert torch.equal(a["tokens"][1:], a["labels"][:-1]) and int(a["tokens"].max()) <= 128
+    assert (a["tokens"] == 128).any()  # documents end inside a sample
+    mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "4",
+            "--eval-interval", "4", "--eval-iters", "1", "--split", "98,1,1"]
+    env = dict(os.environ, MEGATRON_FOX_CACHE=str(tmp_path / "never"))  # nothing may be built
+    runs = []
+    for name in ("one", "two"):
+        out = tmp_path / f"{name}.pt"
+        os.environ["MEGATRON_FOX_CACHE"] = env["MEGATRON_FOX_CACHE"]
+        launch("train", 1, {"flags": TINY + mock, "out": str(out)})
+        runs.append(torch.load(out))
+    os.environ.pop("MEGATRON_FOX_CACHE")
+    assert not (tmp_path / "never").exists()
+    losses = [h["loss"] for h in runs[0]]
+    assert abs(losses[0] - math.log(129)) < 0.5 and "valid_loss" in runs[0][-1] and "test_loss" in runs[0][-1]
+    assert losses == [h["loss"] for h in runs[1]]
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"x{suffix}").write_bytes(b"")
+    for flags, key in ((["--mock-data"], "tokenizer_type"),
+                       (["--tokenizer-type", "NullTokenizer"], "vocab_size"),
+                       (["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "8", "--data-path",
+                         str(tmp_path / "x")], "mock_data")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            parse_args(flags)
