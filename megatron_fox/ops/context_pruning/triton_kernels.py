@@ -25,6 +25,20 @@ def _tile(X, b, h, s_b, s_t, s_h, offs, T, D: tl.constexpr):
 
 
 @triton.jit
+def _row(X, bh, offs, T):
+    """Entries `offs` of row bh of a per-(batch, head) vector X [B * H, T] (zeros past T)."""
+    return tl.load(X + bh.to(tl.int64) * T + offs, mask=offs < T, other=0.0)
+
+
+@triton.jit
+def _key_block(K, V, C, b, bh, g, s_kb, s_kt, s_kh, offs_n, T, D: tl.constexpr):
+    """k, v of key/value head g and the keys' c at positions offs_n."""
+    k = _tile(K, b, g, s_kb, s_kt, s_kh, offs_n, T, D)
+    v = _tile(V, b, g, s_kb, s_kt, s_kh, offs_n, T, D)
+    return k, v, _row(C, bh, offs_n, T)
+
+
+@triton.jit
 def _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC: tl.constexpr):
     """Causal, in-range, same-document pairs [BM, BN]."""
     ok = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
@@ -50,15 +64,13 @@ def pruned_fwd_kernel(Q, K, V, C, KEEP, DOC, OUT, LSE, s_qb, s_qt, s_qh, s_kb, s
     b, h = bh // H, bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
     q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
-    c_m = tl.load(C + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    c_m = _row(C, bh, offs_m, T)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
     for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
         offs_n = start_n + tl.arange(0, BN)
-        k = _tile(K, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-        v = _tile(V, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-        c_n = tl.load(C + bh.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+        k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
         s = mm(q, tl.trans(k), DOT_PREC) * sm_scale + c_m[:, None] - c_n[None, :]
         ok = _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC) & (keep > 0)
@@ -94,9 +106,7 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_n = pid_n * BN + tl.arange(0, BN)
-    k = _tile(K, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-    v = _tile(V, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-    c_n = tl.load(C + bh.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+    k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     dcol = tl.zeros([BN], tl.float32)
@@ -104,9 +114,9 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
         offs_m = start_m + tl.arange(0, BM)
         q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
         do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
-        c_m = tl.load(C + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-        lse_m = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-        delta_m = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+        c_m = _row(C, bh, offs_m, T)
+        lse_m = _row(LSE, bh, offs_m, T)
+        delta_m = _row(DELTA, bh, offs_m, T)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
         e, p = _probabilities(q, k, c_m, c_n, lse_m, keep, _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC), sm_scale,
                               DOT_PREC)
@@ -132,16 +142,14 @@ def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, DKEEP,
     offs_m = pid_m * BM + tl.arange(0, BM)
     q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
     do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
-    c_m = tl.load(C + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    lse_m = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta_m = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    c_m = _row(C, bh, offs_m, T)
+    lse_m = _row(LSE, bh, offs_m, T)
+    delta_m = _row(DELTA, bh, offs_m, T)
     dq = tl.zeros([BM, D], tl.float32)
     drow = tl.zeros([BM], tl.float32)
     for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
         offs_n = start_n + tl.arange(0, BN)
-        k = _tile(K, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-        v = _tile(V, b, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-        c_n = tl.load(C + bh.to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+        k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
         e, p = _probabilities(q, k, c_m, c_n, lse_m, keep, _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC), sm_scale,
                               DOT_PREC)
