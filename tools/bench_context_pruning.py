@@ -108,7 +108,7 @@ def one_length(L, opts):
         row.append(float("nan"))
     torch.cuda.empty_cache()
     row += [bench(fwd_bwd(acp)), bench(fwd_bwd(sdpa))]
-    return float(kept_fraction(keep)), row
+    return float(kept_fraction(keep.detach())), row
 
 if __name__ == "__main__":
     main()
