@@ -55,6 +55,23 @@ def test_sparse_sigmoid_gradient(alpha):
     assert torch.autograd.gradcheck(lambda z: sparse_sigmoid(z, alpha), (x,))
 
 
+@pytest.mark.parametrize("alpha", [1.01, 1.5, 2.0, 3.0, 8.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_sigmoid_kernel_matches_torch(device, alpha, dtype):
+    """The fused Triton kernel (the CUDA path; here the interpreter) against the torch ops:
+    the same root search, so p and its slope agree to rounding, across the ramp and its ends."""
+    from megatron_fox.ops.context_pruning.sparse_sigmoid import solve_with_slope
+
+    a = alpha - 1.0
+    x = torch.cat([torch.linspace(-1.3 / a, 1.3 / a, 3001), torch.randn(999) / a]).to(device, dtype)
+    p_ref, slope_ref = solve_with_slope(x.cpu(), a, use_triton=False)
+    p, slope = solve_with_slope(x, a, use_triton=True)
+    assert p.dtype == dtype and slope.dtype == (dtype if dtype == torch.float64 else torch.float32)
+    assert ((p_ref == 0) | (p_ref == 1)).any() and ((p_ref > 0) & (p_ref < 1)).any()
+    torch.testing.assert_close(p.cpu(), p_ref, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-7)
+    torch.testing.assert_close(slope.cpu(), slope_ref, rtol=1e-9 if dtype == torch.float64 else 1e-6, atol=0)
+
+
 def test_keep_mask_is_the_product_over_later_queries():
     B, T, r = 2, 9, 4
     qi, ki = torch.randn(B, T, r, dtype=torch.float64), torch.randn(B, T, r, dtype=torch.float64)

@@ -46,23 +46,39 @@ def _solve(x: torch.Tensor, a: float) -> torch.Tensor:
     return torch.where(ax >= 1.0, 1.0, torch.where(ax <= -1.0, 0.0, p))
 
 
+def _slope(p: torch.Tensor, a: float) -> torch.Tensor:
+    """dp/dx inside (0, 1) (0 where p is clipped), from p (float64)."""
+    inside = (p > 0) & (p < 1)
+    pc = p.clamp(1e-300, 1.0)
+    qc = (1.0 - p).clamp(1e-300, 1.0)
+    return torch.where(inside, 1.0 / (pc.pow(a - 1.0) + qc.pow(a - 1.0)), 0.0)
+
+
+def solve_with_slope(x: torch.Tensor, a: float, use_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p in x.dtype, dp/dx in float32, float64 for float64 x) of the sparse sigmoid with
+    a = alpha - 1 > 0. use_triton: one fused kernel (`sparse_sigmoid_triton`; the root search
+    in registers, one read of x), else the torch ops above."""
+    slope_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if use_triton:
+        from .sparse_sigmoid_triton import sparse_sigmoid_triton
+
+        steps = 10 if a >= 1.0 else _BISECTION_STEPS.get(x.dtype, 33)
+        return sparse_sigmoid_triton(x, a, steps, newton=a >= 1.0, slope_dtype=slope_dtype)
+    p = _solve(x, a)
+    return p.to(x.dtype), _slope(p, a).to(slope_dtype)
+
+
 class _SparseSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha):
-        a = alpha - 1.0
-        p = _solve(x, a)
-        ctx.save_for_backward(p)
-        ctx.a = a
-        return p.to(x.dtype)
+        p, slope = solve_with_slope(x, alpha - 1.0, use_triton=x.is_cuda)
+        ctx.save_for_backward(slope)
+        return p
 
     @staticmethod
     def backward(ctx, grad):
-        (p,) = ctx.saved_tensors
-        inside = (p > 0) & (p < 1)
-        pc = p.clamp(1e-300, 1.0)
-        qc = (1.0 - p).clamp(1e-300, 1.0)
-        slope = 1.0 / (pc.pow(ctx.a - 1.0) + qc.pow(ctx.a - 1.0))
-        return (grad.double() * torch.where(inside, slope, 0.0)).to(grad.dtype), None
+        (slope,) = ctx.saved_tensors
+        return (grad.to(slope.dtype) * slope).to(grad.dtype), None
 
 
 def sparse_sigmoid(x: torch.Tensor, alpha: float) -> torch.Tensor:
