@@ -14,6 +14,7 @@ from ..forgetting_attn.function import _dot_precision
 from ..forgetting_attn.tiles import _interpreting
 
 _BM, _BN = 64, 64
+_LAUNCH = dict(num_warps=4, num_stages=2)  # two stages keep head_dim 128's tiles in 100 KB of shared memory
 
 
 class _PrunedAttention(torch.autograd.Function):
@@ -25,7 +26,7 @@ class _PrunedAttention(torch.autograd.Function):
         meta = _meta(q, k, doc, sm_scale)
         from .triton_kernels import pruned_fwd_kernel
 
-        pruned_fwd_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, _doc_arg(doc, c), o, lse, *meta)
+        pruned_fwd_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, _doc_arg(doc, c), o, lse, *meta, **_LAUNCH)
         ctx.save_for_backward(q, k, v, c, keep, doc, o, lse)
         ctx.sm_scale = sm_scale
         return o
@@ -45,9 +46,9 @@ class _PrunedAttention(torch.autograd.Function):
         dkeep = torch.zeros_like(keep)
         docs = _doc_arg(doc, c)
         pruned_bwd_dkdv_kernel[(triton.cdiv(T, _BN), B * H)](q, k, v, c, keep, docs, do, lse, delta, dk_h, dv_h, dcol,
-                                                             *meta)
+                                                             *meta, **_LAUNCH)
         pruned_bwd_dq_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, docs, do, lse, delta, dq, drow, dkeep,
-                                                           *meta)
+                                                           *meta, **_LAUNCH)
         G = k.shape[2]
         dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
         dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)
