@@ -159,7 +159,26 @@ def build_model_and_engine(args, device, tokenizer):
             print(f"megatron_fox: error: config key 'pretrained_checkpoint': {e}", file=sys.stderr)
             sys.exit(2)
     engine = _make_engine(model, args, tokenizer.eod, device)
-    return model, engine, engine.load(args.load) if args.load else 0
+    return model, engine, _load(engine, args)
+
+
+def _load(engine, args) -> int:
+    """The step --load resumes from: Megatron-LM's rule for a directory without a checkpoint
+    (a first launch with --save and --load the same): start from scratch, saying so, unless
+    --exit-on-missing-checkpoint or --finetune (which needs weights) ask for one."""
+    from .checkpoint import has_checkpoint
+
+    if not args.load:
+        return 0
+    if has_checkpoint(args.load):
+        return engine.load(args.load)
+    if args.exit_on_missing_checkpoint or args.finetune:
+        print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "
+              f"latest_checkpointed_iteration.txt)", file=sys.stderr)
+        sys.exit(2)
+    if dist.get_rank() == 0:
+        print(f"megatron_fox: no checkpoint in {args.load} yet: starting from scratch", flush=True)
+    return 0
 
 
 class _ExitRequest:

@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
     # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
     args.load_optim = args.load_rng = False
+    args.exit_on_missing_checkpoint = True  # never evaluate a random model by mistake
     device = init_distributed(args)
     train_ds, valid_ds, _, tokenizer = build_data(args)
     dataset = valid_ds if opts.dataset == "valid" else train_ds

@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
     # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
     args.load_optim = args.load_rng = False
+    args.exit_on_missing_checkpoint = True  # never evaluate a random model by mistake
     device = init_distributed(args)
     tokenizer = tokenizer_for(args)
     _, engine, step = build_model_and_engine(args, device, tokenizer)

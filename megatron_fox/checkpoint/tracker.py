@@ -26,6 +26,11 @@ def write_latest(root: str, iteration: int) -> None:
     dist.barrier()
 
 
+def has_checkpoint(root: str) -> bool:
+    """Whether root holds a complete checkpoint (its tracker file)."""
+    return os.path.isfile(os.path.join(root, TRACKER))
+
+
 def read_latest(root: str) -> int:
     """The latest complete checkpoint's iteration under root."""
     path = os.path.join(root, TRACKER)

@@ -137,11 +137,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                          "scalars (the per-layer ACP figures come with each log line)"),
     "distributed_timeout_minutes": (int, 30, "timeout of the process group's collectives"),
     "save": (str, None, "checkpoint directory to save to"),
-    "load": (str, None, "checkpoint directory to resume from"),
+    "load": (str, None, "checkpoint directory to resume from; one without a checkpoint yet (a first launch with "
+                        "--save and --load the same) starts from scratch, saying so"),
     "finetune": (bool, False, "with load: the model weights only, from step 0 with a fresh optimizer and "
                               "schedule (e.g. continued training at a longer seq_length)"),
     "load_optim": (bool, True, "with load: also the optimizer state (--no-load-optim: a fresh one)"),
     "load_rng": (bool, True, "with load: also the RNG state (CPU path; the CUDA path saves none)"),
+    "exit_on_missing_checkpoint": (bool, False, "with load: stop (exit 2) when it holds no checkpoint instead of "
+                                                "starting from scratch, as Megatron-LM's"),
     "use_checkpoint_args": (bool, False, "with load: the model's shape and tokenizer flags from the checkpoint's "
                                          "args.json (flags given here still win), as Megatron-LM's"),
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
@@ -537,11 +540,9 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
-    for key in ("finetune", "load_optim", "load_rng"):
+    for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint"):
         if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
             raise ConfigError(key, "needs load (a checkpoint directory)")
-    if args.load is not None and not os.path.isdir(args.load):
-        raise ConfigError("load", f"checkpoint directory {args.load} not found")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
 

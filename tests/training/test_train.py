@@ -413,3 +413,24 @@ def test_mock_data_null_tokenizer(tmp_path):
                          str(tmp_path / "x")], "mock_data")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             parse_args(flags)
+
+
+def test_first_launch_with_save_and_load_the_same(tmp_path, cache):
+    """Megatron-LM's auto-resume pattern: --save D --load D on every launch. The first finds
+    no checkpoint and starts from scratch (saying so), the next resumes where it stopped;
+    --exit-on-missing-checkpoint, --finetune and the tools refuse a directory without one."""
+    ckpt = tmp_path / "ckpt"
+    flags = [*TINY, "--save", str(ckpt), "--load", str(ckpt)]
+    out = _ok(tmp_path, "train", *flags, "--train-iters", "3")
+    assert "no checkpoint in" in out and "starting from scratch" in out
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    out = _ok(tmp_path, "train", *flags, "--train-iters", "5")
+    assert "starting from scratch" not in out and "start step 3" in out
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    empty = tmp_path / "empty"
+    for cmd in (["-m", "megatron_fox.train", *TINY, "--load", str(empty), "--exit-on-missing-checkpoint"],
+                ["-m", "megatron_fox.train", *TINY, "--load", str(empty), "--finetune"],
+                [os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(empty), "--prompt", "def "]):
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
+                           timeout=300)
+        assert r.returncode == 2 and "'load'" in r.stderr and "no checkpoint" in r.stderr, r.stderr[-1500:]
