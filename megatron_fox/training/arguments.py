@@ -105,6 +105,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "adam_eps": (float, 1e-8, "AdamW epsilon"),
     "clip_grad": (float, 1.0, "gradient-norm clip"),
     "bf16": (bool, False, "bf16 parameters and compute (CUDA path)"),
+    "fp16": (bool, None, "refused: fp16 with loss scaling is not built here; use bf16"),
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
@@ -475,6 +476,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
+    if args.fp16:
+        raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
     if args.recompute_activations:
         raise ConfigError("recompute_activations", "Megatron-LM's selective recompute: FoX attention keeps no "
                                                    "[s, s] tensor to save; use --recompute-granularity full")

@@ -41,6 +41,7 @@ def test_megatron_lm_script_parses():
     (["--attention-backend", "cudnn"], "attention_backend"),
     (["--ckpt-format", "torch"], "ckpt_format"),
     (["--recompute-activations"], "recompute_activations"),
+    (["--fp16"], "fp16"),
     (["--tensorboard-log-interval", "0"], "tensorboard_log_interval"),
 ])
 def test_unavailable_values_name_the_key(flags, key):
