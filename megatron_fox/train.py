@@ -147,10 +147,10 @@ def _make_engine(model, args, eod, device):
 def build_model_and_engine(args, device, tokenizer):
     """(this rank's model, its engine, the step resumed by --load or 0). The model starts
     from --pretrained-checkpoint when given (a bad file exits 2 naming the key)."""
-    from .training.model import build_model, load_full_state_dict, padded_vocab_size, transformer_config
+    from .training.model import build_model, embedding_ids, load_full_state_dict, padded_vocab_size, transformer_config
 
     args.vocab_size = args.vocab_size or tokenizer.vocab_size  # saved with checkpoints (--use-checkpoint-args)
-    vocab = padded_vocab_size(max(args.vocab_size, tokenizer.vocab_size), args)  # NullTokenizer: eod = vocab_size
+    vocab = padded_vocab_size(embedding_ids(args, tokenizer.vocab_size), args)
     model = build_model(args, transformer_config(args, device), vocab)
     if args.pretrained_checkpoint:
         try:
@@ -160,6 +160,15 @@ def build_model_and_engine(args, device, tokenizer):
             sys.exit(2)
     engine = _make_engine(model, args, tokenizer.eod, device)
     return model, engine, _load(engine, args)
+
+
+def for_inference(args) -> None:
+    """Tools that read a trained model (generation, evaluation): --load takes the weights only
+    (a checkpoint's optimizer state, saved with other --lr/--weight-decay flags, would not fit
+    this run's parameter groups: the distributed optimizer refuses it) and must find a
+    checkpoint (never evaluate a random model by mistake)."""
+    args.load_optim = args.load_rng = False
+    args.exit_on_missing_checkpoint = True
 
 
 def _load(engine, args) -> int:

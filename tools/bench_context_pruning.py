@@ -110,5 +110,6 @@ def one_length(L, opts):
     row += [bench(fwd_bwd(acp)), bench(fwd_bwd(sdpa))]
     return float(kept_fraction(keep.detach())), row
 
+
 if __name__ == "__main__":
     main()

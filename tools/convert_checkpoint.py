@@ -46,13 +46,12 @@ def _from_megatron(root: str, iteration, args) -> dict:
     from megatron.core import dist_checkpointing
 
     from megatron_fox.train import init_distributed
-    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+    from megatron_fox.training.model import build_model, embedding_ids, padded_vocab_size, transformer_config
 
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         setattr(args, key, 1)  # one process holds the whole model; the loader reshards
     device = init_distributed(args)
-    ids = args.vocab_size + (args.tokenizer_type == "NullTokenizer")  # its end-of-document id is vocab_size
-    model = build_model(args, transformer_config(args, device), padded_vocab_size(ids, args))
+    model = build_model(args, transformer_config(args, device), padded_vocab_size(embedding_ids(args), args))
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
     except dist_checkpointing.core.CheckpointingException as e:

@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     opts, rest = p.parse_known_args(argv)
 
-    from megatron_fox.train import build_data, build_model_and_engine, init_distributed
+    from megatron_fox.train import build_data, build_model_and_engine, for_inference, init_distributed
     from megatron_fox.training.arguments import parse_args
 
     args = parse_args(rest)
@@ -89,10 +89,7 @@ def main(argv=None) -> None:
         p.error("--compare-context-pruning needs a model with --fox-context-pruning")
     if opts.dataset == "valid":  # make the builder carve out enough validation samples
         args.eval_interval, args.eval_iters = max(1, args.train_iters), -(-opts.eval_samples // args.global_batch_size)
-    # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
-    # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
-    args.load_optim = args.load_rng = False
-    args.exit_on_missing_checkpoint = True  # never evaluate a random model by mistake
+    for_inference(args)
     device = init_distributed(args)
     train_ds, valid_ds, _, tokenizer = build_data(args)
     dataset = valid_ds if opts.dataset == "valid" else train_ds

@@ -47,17 +47,14 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_fox.inference import FoxGenerator
-    from megatron_fox.train import build_model_and_engine, init_distributed, tokenizer_for
+    from megatron_fox.train import build_model_and_engine, for_inference, init_distributed, tokenizer_for
     from megatron_fox.training.arguments import parse_args
 
     args = parse_args(rest)
     if args.load is None and args.pretrained_checkpoint is None:
         p.error("--load (a checkpoint directory written by megatron_fox.train --save) or "
                 "--pretrained-checkpoint (a full state dict) is required")
-    # the weights only: the optimizer state of a checkpoint saved with other --lr/--weight-decay
-    # flags would not fit this run's parameter groups (the distributed optimizer refuses it)
-    args.load_optim = args.load_rng = False
-    args.exit_on_missing_checkpoint = True  # never evaluate a random model by mistake
+    for_inference(args)
     device = init_distributed(args)
     tokenizer = tokenizer_for(args)
     _, engine, step = build_model_and_engine(args, device, tokenizer)

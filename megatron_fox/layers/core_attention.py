@@ -56,11 +56,10 @@ class FoxCoreAttention(MegatronModule):
         """The keep mask's attention (Triton where the head dim allows, else the materialised
         reference); packed documents one sample at a time; nothing skipped."""
         from ..ops.context_pruning import pruned_forgetting_attention, pruned_forgetting_attention_reference
+        from ..ops.context_pruning.function import kernel_supports
         from ..parallel import sample_cu_seqlens
 
-        d = q.shape[-1]
-        op = pruned_forgetting_attention if d & (d - 1) == 0 and 16 <= d <= 128 else \
-            pruned_forgetting_attention_reference
+        op = pruned_forgetting_attention if kernel_supports(q.shape[-1]) else pruned_forgetting_attention_reference
         self._stats = SimpleNamespace(skipped_fraction=torch.zeros((), device=q.device))
         q, k, v, log_fgate = (t.transpose(0, 1) for t in (q, k, v, log_fgate))
         if cu_seqlens is None:

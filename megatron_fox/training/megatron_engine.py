@@ -132,7 +132,7 @@ class MegatronEngine:
         batch = next(data_iterator)
         # the schedule backpropagates the loss sum times the loss scale; the gradients are
         # divided by the batch's tokens afterwards (calculate_per_token_loss)
-        if self.args.fox_context_pruning:
+        if self.args.fox_context_pruning:  # reading the loss scale waits for the device: only when needed
             set_context_pruning_penalty(model, batch, self.args, float(self.optimizer.get_loss_scale()))
         out = model_forward(model, batch, self.args, self.eod)
         return out, partial(_loss_func, batch["loss_mask"])

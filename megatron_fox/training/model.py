@@ -15,6 +15,12 @@ from megatron.core.models.gpt import GPTModel
 from ..layers import FoxTransformerConfig, get_fox_block_spec
 
 
+def embedding_ids(args: argparse.Namespace, tokenizer_vocab: int = 0) -> int:
+    """Token ids the embedding must hold: --vocab-size (plus NullTokenizer's end-of-document
+    id, which is vocab_size itself), at least the tokenizer's own vocabulary where known."""
+    return max(args.vocab_size + (args.tokenizer_type == "NullTokenizer"), tokenizer_vocab)
+
+
 def padded_vocab_size(vocab_size: int, args: argparse.Namespace) -> int:
     """Round the vocabulary up to make_vocab_size_divisible_by * TP, as Megatron-LM does."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size

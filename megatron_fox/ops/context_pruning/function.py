@@ -56,6 +56,11 @@ class _PrunedAttention(torch.autograd.Function):
         return dq, dk, dv, drow - dcol, dkeep, None, None
 
 
+def kernel_supports(head_dim: int) -> bool:
+    """Whether the Triton kernels take this head dim (a power of two in [16, 128])."""
+    return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 128
+
+
 def _meta(q, k, doc, sm_scale):
     """The kernels' shared trailing arguments after their tensors."""
     H, D = q.shape[2], q.shape[3]
@@ -87,7 +92,7 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     if q.device.type != "cuda" and not _interpreting():
         return pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, sm_scale=sm_scale,
                                                      cu_seqlens=cu_seqlens)
-    if D & (D - 1) or not 16 <= D <= 128:
+    if not kernel_supports(D):
         raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
     doc = None
     if cu_seqlens is not None:

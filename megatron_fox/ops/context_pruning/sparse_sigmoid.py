@@ -22,6 +22,11 @@ import torch
 _BISECTION_STEPS = {torch.float64: 52}
 
 
+def _halvings(dtype: torch.dtype, a: float) -> int:
+    """Bisection steps before the Newton steps (a >= 1) or alone (a < 1)."""
+    return 10 if a >= 1.0 else _BISECTION_STEPS.get(dtype, 33)
+
+
 def _solve(x: torch.Tensor, a: float) -> torch.Tensor:
     """p in [0, 1] with p^a - (1-p)^a = a x, computed in float64, to an absolute 1e-10
     (float64 x: 1e-16).
@@ -33,7 +38,7 @@ def _solve(x: torch.Tensor, a: float) -> torch.Tensor:
     ax = a * x.double()
     lo = torch.zeros_like(ax)
     hi = torch.ones_like(ax)
-    for _ in range(10 if a >= 1.0 else _BISECTION_STEPS.get(x.dtype, 33)):
+    for _ in range(_halvings(x.dtype, a)):
         mid = 0.5 * (lo + hi)
         below = mid.pow(a) - (1.0 - mid).pow(a) < ax
         lo = torch.where(below, mid, lo)
@@ -62,8 +67,7 @@ def solve_with_slope(x: torch.Tensor, a: float, use_triton: bool = False) -> tup
     if use_triton:
         from .sparse_sigmoid_triton import sparse_sigmoid_triton
 
-        steps = 10 if a >= 1.0 else _BISECTION_STEPS.get(x.dtype, 33)
-        return sparse_sigmoid_triton(x, a, steps, newton=a >= 1.0, slope_dtype=slope_dtype)
+        return sparse_sigmoid_triton(x, a, _halvings(x.dtype, a), newton=a >= 1.0, slope_dtype=slope_dtype)
     p = _solve(x, a)
     return p.to(x.dtype), _slope(p, a).to(slope_dtype)
 
