@@ -4,6 +4,7 @@ forward-backward schedule, dist_checkpointing save and resume.
 Runs only with MEGATRON_FOX_TEST_GPU=1 on a machine with CUDA (the CPU CI skips it).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -37,8 +38,14 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     assert 0.0 < full[-1]["acp_skipped"] < 1.0
     assert 0.0 < full[-1]["max_mem_gb"] < 80.0 and full[-1]["tflops_per_gpu"] > 0.0
     ckpt = tmp_path / "ckpt"
-    first = train(tmp_path, "first", ["--train-iters", "30", "--exit-interval", "15", "--save", str(ckpt)])
+    # Megatron-LM's auto-resume: the first launch names --load of a directory without a
+    # checkpoint yet and starts from scratch; every launch has the same flags
+    first = train(tmp_path, "first", ["--train-iters", "30", "--exit-interval", "15", "--save", str(ckpt),
+                                      "--load", str(ckpt)])
     assert len(first) == 15 and (ckpt / "iter_0000015").is_dir()
+    assert first[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-4)
+    saved = json.loads((ckpt / "iter_0000015" / "args.json").read_text())
+    assert saved["num_layers"] == 2 and saved["seq_length"] == 512
     rest = train(tmp_path, "rest", ["--train-iters", "30", "--load", str(ckpt)])
     assert [h["step"] for h in rest] == list(range(16, 31))
     print("uninterrupted", [round(h["loss"], 4) for h in full[15:]])

@@ -31,13 +31,18 @@ def keep_probabilities(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: fl
     return sparse_sigmoid(z, alpha)
 
 
-def keep_mask(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: float) -> torch.Tensor:
-    """I [B, T, T] float32 or float64 (query, key): the product over the queries n in (j, k] of the keep
-    probabilities, 1 on and above the diagonal (the causal mask of the attention removes the
-    part above it). q_int, k_int [B, T, r]."""
+def check_interaction(q_int: torch.Tensor, k_int: torch.Tensor) -> None:
+    """ValueError naming q_int and k_int unless both are [batch, seq, r] of one shape."""
     if q_int.dim() != 3 or q_int.shape != k_int.shape:
         raise ValueError(f"q_int and k_int must both be [batch, seq, r], got {tuple(q_int.shape)} and "
                          f"{tuple(k_int.shape)}")
+
+
+def keep_mask_reference(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: float) -> torch.Tensor:
+    """I [B, T, T] float32 or float64 (query, key): the product over the queries n in (j, k] of the keep
+    probabilities, 1 on and above the diagonal (the causal mask of the attention removes the
+    part above it). q_int, k_int [B, T, r]."""
+    check_interaction(q_int, k_int)
     T = q_int.shape[1]
     p = keep_probabilities(q_int, k_int, beta, alpha)
     later = torch.ones(T, T, dtype=torch.bool, device=p.device).tril(-1)  # n > j

@@ -85,6 +85,14 @@ class _SparseSigmoid(torch.autograd.Function):
         return (grad.to(slope.dtype) * slope).to(grad.dtype), None
 
 
+def check_alpha(alpha) -> float:
+    """alpha as a float, or ValueError naming it unless alpha >= 1."""
+    alpha = float(alpha)
+    if not alpha >= 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    return alpha
+
+
 def sparse_sigmoid(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """Elementwise alpha-sparse sigmoid of x (any shape), differentiable in x.
 
@@ -93,9 +101,7 @@ def sparse_sigmoid(x: torch.Tensor, alpha: float) -> torch.Tensor:
     returned in x.dtype. alpha = inf is the limit, the step (x > 0) (no gradient): the hard
     decisions of decoding.
     """
-    alpha = float(alpha)
-    if not alpha >= 1.0:
-        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    alpha = check_alpha(alpha)
     if alpha == 1.0:
         return torch.sigmoid(x)
     if math.isinf(alpha):

@@ -1,6 +1,8 @@
-"""The sparse sigmoid as one Triton kernel: the root of p^a - (1-p)^a = a x found in
-float64 registers (bisection, then Newton steps inside the bracket for a >= 1, as
-`sparse_sigmoid._solve`), written once with its slope dp/dx = 1 / (p^(a-1) + (1-p)^(a-1))."""
+"""The sparse sigmoid in Triton: the root of p^a - (1-p)^a = a x (bisection, then Newton steps
+inside the bracket for a >= 1, as `sparse_sigmoid._solve`) and its slope
+dp/dx = 1 / (p^(a-1) + (1-p)^(a-1)), as jit helpers in the precision of their argument
+(float64 for the elementwise op, float32 inside the keep-mask kernels), and the elementwise
+op as one kernel."""
 
 import torch
 import triton
@@ -13,16 +15,15 @@ _BLOCK = 1024
 def _pow(x, e):
     """x^e for x >= 0 as torch.pow: 0^e = 0 for e > 0, 1 for e = 0, inf for e < 0."""
     at_zero = tl.where(e > 0.0, 0.0, tl.where(e == 0.0, 1.0, float("inf")))
-    return tl.where(x > 0.0, tl.exp(e * tl.log(tl.maximum(x, 1e-300))), at_zero)
+    return tl.where(x > 0.0, tl.exp(e * tl.log(tl.where(x > 0.0, x, 1.0))), at_zero)
 
 
 @triton.jit
-def _sparse_sigmoid_kernel(X, A, P, SLOPE, n, STEPS: tl.constexpr, NEWTON: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    a = tl.load(A)
-    ax = a * tl.load(X + offs, mask=m, other=0.0).to(tl.float64)
-    lo = tl.zeros([BLOCK], tl.float64)
+def sparse_sigmoid_root(ax, a, STEPS: tl.constexpr, NEWTON: tl.constexpr):
+    """p in [0, 1] with p^a - (1-p)^a = ax (elementwise, in ax's precision): STEPS halvings
+    of [0, 1], then (NEWTON) four Newton steps kept inside the bracket; 1 for ax >= 1, 0 for
+    ax <= -1."""
+    lo = tl.zeros_like(ax)
     hi = lo + 1.0
     for _ in tl.static_range(STEPS):
         mid = 0.5 * (lo + hi)
@@ -34,12 +35,25 @@ def _sparse_sigmoid_kernel(X, A, P, SLOPE, n, STEPS: tl.constexpr, NEWTON: tl.co
         for _ in tl.static_range(4):
             f = _pow(p, a) - _pow(1.0 - p, a) - ax
             p = tl.minimum(tl.maximum(p - f / (a * (_pow(p, a - 1.0) + _pow(1.0 - p, a - 1.0))), lo), hi)
-    p = tl.where(ax >= 1.0, 1.0, tl.where(ax <= -1.0, 0.0, p))
+    return tl.where(ax >= 1.0, 1.0, tl.where(ax <= -1.0, 0.0, p))
+
+
+@triton.jit
+def sparse_sigmoid_slope(p, a):
+    """dp/dx at p (0 where p is clipped to 0 or 1)."""
     inside = (p > 0.0) & (p < 1.0)
     pc = tl.where(inside, p, 0.5)
-    slope = tl.where(inside, 1.0 / (_pow(pc, a - 1.0) + _pow(1.0 - pc, a - 1.0)), 0.0)
+    return tl.where(inside, 1.0 / (_pow(pc, a - 1.0) + _pow(1.0 - pc, a - 1.0)), 0.0)
+
+
+@triton.jit
+def _sparse_sigmoid_kernel(X, A, P, SLOPE, n, STEPS: tl.constexpr, NEWTON: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(A)
+    p = sparse_sigmoid_root(a * tl.load(X + offs, mask=m, other=0.0).to(tl.float64), a, STEPS, NEWTON)
     tl.store(P + offs, p.to(P.dtype.element_ty), mask=m)
-    tl.store(SLOPE + offs, slope.to(SLOPE.dtype.element_ty), mask=m)
+    tl.store(SLOPE + offs, sparse_sigmoid_slope(p, a).to(SLOPE.dtype.element_ty), mask=m)
 
 
 def sparse_sigmoid_triton(x: torch.Tensor, a: float, steps: int, newton: bool,

@@ -134,9 +134,9 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
 @triton.jit
 def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, DKEEP, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
                          T, H, GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr):
+                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr, KEEP_GRAD: tl.constexpr):
     """One query block of one (batch, head): dQ, the row sums of dS (DROW [B, H, T]) and
-    this head's share of dL/dI added into DKEEP [B, T, T]."""
+    (KEEP_GRAD) this head's share of dL/dI added into DKEEP [B, T, T]."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -157,8 +157,9 @@ def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, DKEEP,
         ds = p * dp
         dq += mm(ds.to(k.dtype), k, DOT_PREC)
         drow += tl.sum(ds, 1)
-        ptr = DKEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
-        tl.atomic_add(ptr, e * dp, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
+        if KEEP_GRAD:
+            ptr = DKEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+            tl.atomic_add(ptr, e * dp, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
     d = tl.arange(0, D)
     off = b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qt + d[None, :]
     tl.store(DQ + off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)

@@ -1,0 +1,93 @@
+"""`keep_mask`: context pruning's keep mask I [B, T, T] from the interaction projections, as
+one Triton kernel a pass (`keep_mask_triton`) on CUDA and under TRITON_INTERPRET=1, else the
+plain-PyTorch reference (`keep_mask_reference`: materialised probabilities and torch.cumprod,
+the ground truth of its tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ..forgetting_attn.tiles import _interpreting
+from .reference import check_interaction, keep_mask_reference
+from .sparse_sigmoid import check_alpha
+
+_BLOCK = 64
+# float32 registers: ten halvings then Newton (alpha >= 2), or halvings to float32's resolution
+_STEPS_NEWTON, _STEPS_BISECTION = 10, 24
+
+
+def _mode(alpha: float):
+    """(MODE, a, STEPS, NEWTON) of the kernels for this alpha."""
+    from .keep_mask_triton import SIGMOID, SPARSE, STEP
+
+    if alpha == 1.0:
+        return SIGMOID, 0.0, 0, False
+    if math.isinf(alpha):
+        return STEP, 0.0, 0, False
+    a = alpha - 1.0
+    return SPARSE, a, _STEPS_NEWTON if a >= 1.0 else _STEPS_BISECTION, a >= 1.0
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, r] contiguous with r zero-padded to a power of two >= 16 (tl.dot's smallest K)."""
+    r = x.shape[-1]
+    rp = max(16, 1 << (r - 1).bit_length())
+    return F.pad(x, (0, rp - r)).contiguous() if rp != r else x.contiguous()
+
+
+class _KeepMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_int, k_int, beta, alpha):
+        B, T, r = q_int.shape
+        qi, ki = _padded(q_int), _padded(k_int)
+        beta_t = beta.reshape(1).float().contiguous()
+        mode, a, steps, newton = _mode(alpha)
+        keep = torch.empty(B, T, T, device=q_int.device, dtype=torch.float32)
+        from .keep_mask_triton import keep_fwd_kernel
+
+        grid = (triton.cdiv(T, _BLOCK), B)
+        keep_fwd_kernel[grid](qi, ki, beta_t, keep, T, 1.0 / math.sqrt(r), a, R=qi.shape[-1], BM=_BLOCK, BN=_BLOCK,
+                              MODE=mode, STEPS=steps, NEWTON=newton)
+        ctx.save_for_backward(qi, ki, beta_t, keep)
+        ctx.beta_shape = beta.shape
+        ctx.meta = (r, a, mode, steps, newton, q_int.dtype, k_int.dtype)
+        return keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .keep_mask_triton import keep_bwd_kernel
+
+        qi, ki, beta_t, keep = ctx.saved_tensors
+        r, a, mode, steps, newton, q_dtype, k_dtype = ctx.meta
+        B, T, R = qi.shape
+        grid = (triton.cdiv(T, _BLOCK), B)
+        dqi = torch.zeros(B, T, R, device=qi.device, dtype=torch.float32)
+        dki = torch.empty_like(dqi)
+        dbeta = torch.empty(B, grid[0], device=qi.device, dtype=torch.float32)
+        keep_bwd_kernel[grid](qi, ki, beta_t, keep, grad.float().contiguous(), dqi, dki, dbeta, T, 1.0 / math.sqrt(r), a,
+                              R=R, BM=_BLOCK, BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
+        return dqi[..., :r].to(q_dtype), dki[..., :r].to(k_dtype), dbeta.sum().reshape(ctx.beta_shape), None
+
+
+def keep_mask(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: float) -> torch.Tensor:
+    """I [B, T, T] float32 (query, key): the product over the queries n in (j, k] of the keep
+    probabilities sigmoid_alpha(q_int_n . k_int_j / sqrt(r) + beta), 1 on and above the
+    diagonal. q_int, k_int [B, T, r]; beta a float or a 1-element tensor; alpha >= 1 (inf:
+    hard decisions). Differentiable in q_int, k_int and beta (not for alpha inf)."""
+    check_interaction(q_int, k_int)
+    alpha = check_alpha(alpha)
+    if q_int.device.type != "cuda" and not _interpreting():
+        return keep_mask_reference(q_int, k_int, beta, alpha)
+    if q_int.dtype == torch.float64:  # gradient checks: the float64 reference
+        return keep_mask_reference(q_int, k_int, beta, alpha)
+    beta_t = beta if torch.is_tensor(beta) else torch.tensor(float(beta), device=q_int.device)
+    if beta_t.numel() != 1:
+        raise ValueError(f"beta must be a float or a 1-element tensor, got shape {tuple(beta_t.shape)}")
+    if math.isinf(alpha):
+        with torch.no_grad():
+            return _KeepMask.apply(q_int, k_int, beta_t, alpha)
+    return _KeepMask.apply(q_int, k_int, beta_t, alpha)
