@@ -5,8 +5,10 @@ gradients of q_int, k_int and beta.
 
 Tolerances: the mask to 5e-5 absolute (the kernel's scores are float32 dots, the reference's
 float64, and at alpha 8 the sparse sigmoid's slope reaches 2^(alpha-3) = 32, so a score's
-rounding of ~1e-6 moves p by up to ~3e-5); gradients to 5e-4 of the largest reference entry
-(the same rounding, and the kernel's reverse cumulative sums in another order).
+rounding of ~1e-6 moves p by up to ~3e-5). Gradients to 3e-4 relative error of the norm,
+with dL/dI > 0: the sparse sigmoid's slope jumps at its clipping points (from 1 to 0 for
+alpha > 2), so a score that rounds across one changes that pair's term by O(1); a norm
+bounds such rare pairs where a largest-entry bound would not (30 seeds x 3 settings: <= 3e-5).
 """
 
 import math
@@ -18,8 +20,7 @@ from megatron_fox.ops.context_pruning import keep_mask, keep_mask_reference
 
 
 def _close(got, want, rel):
-    scale = want.abs().max().clamp(min=1e-30)
-    assert float((got.float() - want.float()).abs().max() / scale) <= rel
+    assert float((got.double() - want).norm() / want.norm()) <= rel
 
 
 @pytest.mark.parametrize("alpha,beta,r", [(1.0, 0.5, 16), (1.0, -3.0, 64), (1.5, 0.7, 8), (2.0, -0.3, 64),
@@ -37,12 +38,12 @@ def test_keep_mask_kernel_matches_reference(device, alpha, beta, r):
     assert torch.equal(keep.cpu().triu(), torch.ones(T, T).triu().expand(B, T, T))  # ones on and above the diagonal
     if alpha > 1.0:
         assert float((want == 0).double().mean()) > 0.05  # exact zeros: the gradient's p = 0 rows
-    g = torch.randn(B, T, T, dtype=torch.float64)
+    g = torch.rand(B, T, T, dtype=torch.float64)
     grads = torch.autograd.grad(keep, (qi, ki, b), g.to(device).float())
     wants = torch.autograd.grad(want, ref_in, g)
     for name, got, w in zip(("q_int", "k_int", "beta"), grads, wants):
         assert got.shape == w.shape, name
-        _close(got.cpu(), w, 5e-4)
+        _close(got.cpu(), w, 3e-4)
 
 
 def test_keep_mask_kernel_bf16_inputs_and_hard_decisions(device):

@@ -63,6 +63,11 @@ def test_kernel_documents(device):
     check_close(o, o_ref, torch.float32, "out")
     for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):
         check_close(g, r, torch.float32, name)
+    # a mask without gradient (hard decisions at evaluation) skips its kernel, nothing else changes
+    frozen = [t.clone().requires_grad_() for t in ins[:4]]
+    o2 = pruned_forgetting_attention(*frozen, ins[4], cu_seqlens=cu)
+    for name, g, g2 in zip(("dq", "dk", "dv", "dlog_f"), grads, torch.autograd.grad(o2, frozen, do)):
+        assert torch.equal(g, g2), name
 
 
 def test_kernel_errors(device):

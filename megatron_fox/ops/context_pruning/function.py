@@ -33,7 +33,7 @@ class _PrunedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from .triton_kernels import pruned_bwd_dkdv_kernel, pruned_bwd_dq_kernel
+        from .triton_kernels import pruned_bwd_dkdv_kernel, pruned_bwd_dkeep_kernel, pruned_bwd_dq_kernel
 
         q, k, v, c, keep, doc, o, lse = ctx.saved_tensors
         B, T, H, D = q.shape
@@ -43,14 +43,16 @@ class _PrunedAttention(torch.autograd.Function):
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
         dq = torch.empty_like(q)
-        keep_grad = ctx.needs_input_grad[4]
-        dkeep = torch.zeros_like(keep) if keep_grad else None
         docs = _doc_arg(doc, c)
         pruned_bwd_dkdv_kernel[(triton.cdiv(T, _BN), B * H)](q, k, v, c, keep, docs, do, lse, delta, dk_h, dv_h, dcol,
                                                              *meta, **_LAUNCH)
-        pruned_bwd_dq_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, docs, do, lse, delta, dq, drow,
-                                                           dkeep if keep_grad else drow, *meta, KEEP_GRAD=keep_grad,
+        pruned_bwd_dq_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, docs, do, lse, delta, dq, drow, *meta,
                                                            **_LAUNCH)
+        dkeep = None
+        if ctx.needs_input_grad[4]:
+            dkeep = torch.empty_like(keep)
+            pruned_bwd_dkeep_kernel[(triton.cdiv(T, _BM) * triton.cdiv(T, _BN), B)](
+                q, k, v, c, docs, do, lse, delta, dkeep, *meta, **_LAUNCH)
         G = k.shape[2]
         dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
         dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)

@@ -47,11 +47,13 @@ class _KeepMask(torch.autograd.Function):
         beta_t = beta.reshape(1).float().contiguous()
         mode, a, steps, newton = _mode(alpha)
         keep = torch.empty(B, T, T, device=q_int.device, dtype=torch.float32)
-        from .keep_mask_triton import keep_fwd_kernel
+        blk = torch.empty(B, triton.cdiv(T, _BLOCK), T, device=q_int.device, dtype=torch.float32)
+        from .keep_mask_triton import keep_probs_kernel, keep_scan_kernel
 
-        grid = (triton.cdiv(T, _BLOCK), B)
-        keep_fwd_kernel[grid](qi, ki, beta_t, keep, T, 1.0 / math.sqrt(r), a, R=qi.shape[-1], BM=_BLOCK, BN=_BLOCK,
-                              MODE=mode, STEPS=steps, NEWTON=newton)
+        grid = (triton.cdiv(T, _BLOCK) ** 2, B)
+        keep_probs_kernel[grid](qi, ki, beta_t, keep, blk, T, 1.0 / math.sqrt(r), a, R=qi.shape[-1], BM=_BLOCK,
+                                BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
+        keep_scan_kernel[grid](keep, blk, T, BM=_BLOCK, BN=_BLOCK)
         ctx.save_for_backward(qi, ki, beta_t, keep)
         ctx.beta_shape = beta.shape
         ctx.meta = (r, a, mode, steps, newton, q_int.dtype, k_int.dtype)
@@ -59,17 +61,20 @@ class _KeepMask(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from .keep_mask_triton import keep_bwd_kernel
+        from .keep_mask_triton import keep_bwd_kernel, keep_bwd_sums_kernel
 
         qi, ki, beta_t, keep = ctx.saved_tensors
         r, a, mode, steps, newton, q_dtype, k_dtype = ctx.meta
         B, T, R = qi.shape
-        grid = (triton.cdiv(T, _BLOCK), B)
+        grid = (triton.cdiv(T, _BLOCK) ** 2, B)
+        g = grad.float().contiguous()
+        blk = torch.empty(B, triton.cdiv(T, _BLOCK), T, device=qi.device, dtype=torch.float32)
+        keep_bwd_sums_kernel[grid](keep, g, blk, T, BM=_BLOCK, BN=_BLOCK)
         dqi = torch.zeros(B, T, R, device=qi.device, dtype=torch.float32)
-        dki = torch.empty_like(dqi)
+        dki = torch.zeros_like(dqi)
         dbeta = torch.empty(B, grid[0], device=qi.device, dtype=torch.float32)
-        keep_bwd_kernel[grid](qi, ki, beta_t, keep, grad.float().contiguous(), dqi, dki, dbeta, T, 1.0 / math.sqrt(r), a,
-                              R=R, BM=_BLOCK, BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
+        keep_bwd_kernel[grid](qi, ki, beta_t, keep, g, blk, dqi, dki, dbeta, T, 1.0 / math.sqrt(r), a, R=R, BM=_BLOCK,
+                              BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
         return dqi[..., :r].to(q_dtype), dki[..., :r].to(k_dtype), dbeta.sum().reshape(ctx.beta_shape), None
 
 

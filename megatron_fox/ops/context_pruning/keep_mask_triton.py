@@ -1,16 +1,21 @@
-"""Triton kernels of context pruning's keep mask I [B, T, T] (query n, key j), fused: the
+"""Triton kernels of context pruning's keep mask I [B, T, T] (query n, key j), from the
 interaction scores z_nj = q_int_n . k_int_j / sqrt(r) + beta, the keep probabilities
-p_nj = sigmoid_alpha(z_nj) (float32 registers), and the running product down each key's
-column, I_nj = prod_{j < n' <= n} p_n'j (ones on and above the diagonal), in one pass that
-writes I once. One program per (key block, batch), walking the query blocks downwards and
-carrying the product of the rows above.
+p_nj = sigmoid_alpha(z_nj) (float32 registers) and the running product down each key's
+column, I_nj = prod_{j < n' <= n} p_n'j (ones on and above the diagonal).
 
-Backward (one program per key block again, query blocks upwards): with g = dL/dI,
+The product runs down whole columns, so one program per column would leave the GPU idle
+(B * T / 64 programs). Two passes over (query block, key block) tiles instead: the first
+writes p into I and each tile's column products; the second multiplies each tile's running
+product within the tile by the products of the tiles above it (a few vectors) in place.
+
+Backward, two tile passes likewise: with g = dL/dI,
     dL/dp_mj = I_{m-1,j} sum_{n >= m} g_nj prod_{m < n' <= n} p_n'j = W_mj / p_mj,
     W_mj = sum_{n >= m} g_nj I_nj       (a reverse cumulative sum down the column),
 valid wherever p_mj > 0; where p_mj = 0 the sparse sigmoid is clipped and its slope, hence
-dz_mj, is 0 anyway. Then dz = dL/dp * slope, dq_int = dz k_int / sqrt(r) (atomics over the
-key blocks), dk_int = dz^T q_int / sqrt(r), dbeta = sum dz.
+dz_mj, is 0 anyway. The first pass sums g I over each tile's columns; the second adds the
+sums of the tiles below to the tile's reverse cumulative sum, recomputes p and its slope,
+and adds dq_int = dz k_int / sqrt(r) and dk_int = dz^T q_int / sqrt(r) with atomics
+(dz = dL/dp * slope); dbeta = sum dz per tile.
 """
 
 import triton
@@ -48,62 +53,94 @@ def _probabilities(qi, ki, beta, inv_sqrt_r, a, offs_m, offs_n, MODE: tl.constex
 
 
 @triton.jit
-def keep_fwd_kernel(QI, KI, BETA, KEEP, T, inv_sqrt_r, a, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    MODE: tl.constexpr, STEPS: tl.constexpr, NEWTON: tl.constexpr):
-    """Columns pid_n * BN.. of I at batch b; BM divides BN."""
-    pid_n, b = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    ki = _rows(KI, b, offs_n, T, R)
-    beta = tl.load(BETA)
-    base = KEEP + b.to(tl.int64) * T * T
-    first = pid_n * BN
-    for start_m in range(0, first, BM):  # rows wholly above the diagonal
-        offs_m = start_m + tl.arange(0, BM)
-        tl.store(base + offs_m[:, None] * T + offs_n[None, :], tl.full([BM, BN], 1.0, tl.float32),
-                 mask=offs_n[None, :] < T)
-    carry = tl.full([BN], 1.0, tl.float32)
-    for start_m in range(first, T, BM):
-        offs_m = start_m + tl.arange(0, BM)
-        p, _ = _probabilities(_rows(QI, b, offs_m, T, R), ki, beta, inv_sqrt_r, a, offs_m, offs_n, MODE, STEPS,
-                              NEWTON)
-        keep = tl.cumprod(p, axis=0) * carry[None, :]
-        tl.store(base + offs_m[:, None] * T + offs_n[None, :], keep, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
-        carry = tl.min(keep, 0)  # the last row: a column's product only falls
+def _tile_ids(BM: tl.constexpr, BN: tl.constexpr, T):
+    """(query block, key block, batch, on or below the diagonal) of this program; grid
+    (query blocks * key blocks, B)."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    n_kb = tl.cdiv(T, BN)
+    pid_m, pid_n = pid // n_kb, pid % n_kb
+    return pid_m, pid_n, b, pid_m * BM + BM > pid_n * BN
 
 
 @triton.jit
-def keep_bwd_kernel(QI, KI, BETA, KEEP, G, DQI, DKI, DBETA, T, inv_sqrt_r, a, R: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr, NEWTON: tl.constexpr):
-    """dk_int of key block pid_n (DKI [B, T, R] float32), its share of dq_int (added into DQI
-    [B, T, R] float32) and of dbeta (DBETA [B, key blocks])."""
-    pid_n, b = tl.program_id(0), tl.program_id(1)
+def keep_probs_kernel(QI, KI, BETA, KEEP, BLK, T, inv_sqrt_r, a, R: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr, NEWTON: tl.constexpr):
+    """Pass 1: p of one tile into KEEP [B, T, T] (ones above the diagonal) and the tile's
+    column products into BLK [B, query blocks, T]."""
+    pid_m, pid_n, b, lower = _tile_ids(BM, BN, T)
+    offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    ki = _rows(KI, b, offs_n, T, R)
-    beta = tl.load(BETA)
-    keep_base = KEEP + b.to(tl.int64) * T * T
-    g_base = G + b.to(tl.int64) * T * T
-    below = tl.zeros([BN], tl.float32)  # W of the row under the current block
-    dki = tl.zeros([BN, R], tl.float32)
-    dbeta = tl.zeros([BN], tl.float32)
-    first = pid_n * BN
-    n_blocks = tl.cdiv(T - first, BM)
-    for i in range(n_blocks):
-        start_m = first + (n_blocks - 1 - i) * BM
-        offs_m = start_m + tl.arange(0, BM)
+    ptr = KEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+    if lower:
+        p, _ = _probabilities(_rows(QI, b, offs_m, T, R), _rows(KI, b, offs_n, T, R), tl.load(BETA), inv_sqrt_r, a,
+                              offs_m, offs_n, MODE, STEPS, NEWTON)
+        p = tl.where(offs_m[:, None] < T, p, 1.0)
+        tl.store(ptr, p, mask=ok)
+        # a column's running product only falls (p <= 1), so its smallest entry is the last
+        tl.store(BLK + (b * tl.cdiv(T, BM) + pid_m).to(tl.int64) * T + offs_n, tl.min(tl.cumprod(p, axis=0), 0),
+                 mask=offs_n < T)
+    else:
+        tl.store(ptr, tl.full([BM, BN], 1.0, tl.float32), mask=ok)
+
+
+@triton.jit
+def keep_scan_kernel(KEEP, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
+    """Pass 2: I of one tile in place, the running product of its p times the column
+    products of the tiles above it (from the diagonal's tile on)."""
+    pid_m, pid_n, b, lower = _tile_ids(BM, BN, T)
+    if lower:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        carry = tl.full([BN], 1.0, tl.float32)
+        for m in range((pid_n * BN) // BM, pid_m):
+            carry *= tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=1.0)
+        ptr = KEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
-        off = offs_m[:, None] * T + offs_n[None, :]
-        gk = tl.load(g_base + off, mask=ok, other=0.0) * tl.load(keep_base + off, mask=ok, other=0.0)
+        p = tl.load(ptr, mask=ok, other=1.0)
+        tl.store(ptr, tl.cumprod(p, axis=0) * carry[None, :], mask=ok)
+
+
+@triton.jit
+def keep_bwd_sums_kernel(KEEP, G, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
+    """Backward pass 1: the column sums of g I of one tile into BLK [B, query blocks, T]."""
+    pid_m, pid_n, b, lower = _tile_ids(BM, BN, T)
+    if lower:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        off = b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+        ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+        gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
+        tl.store(BLK + (b * tl.cdiv(T, BM) + pid_m).to(tl.int64) * T + offs_n, tl.sum(gk, 0), mask=offs_n < T)
+
+
+@triton.jit
+def keep_bwd_kernel(QI, KI, BETA, KEEP, G, BLK, DQI, DKI, DBETA, T, inv_sqrt_r, a, R: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr,
+                    NEWTON: tl.constexpr):
+    """Backward pass 2 of one tile: its shares of dq_int and dk_int (added into DQI, DKI
+    [B, T, R] float32) and of dbeta (DBETA [B, tiles], zero where the tile is above)."""
+    pid_m, pid_n, b, lower = _tile_ids(BM, BN, T)
+    dbeta = tl.zeros([BN], tl.float32)
+    if lower:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        below = tl.zeros([BN], tl.float32)
+        for m in range(pid_m + 1, tl.cdiv(T, BM)):
+            below += tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+        off = b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+        ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
+        gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
         w = tl.cumsum(gk, axis=0, reverse=True) + below[None, :]
-        below += tl.sum(gk, 0)
-        qi = _rows(QI, b, offs_m, T, R)
-        p, slope = _probabilities(qi, ki, beta, inv_sqrt_r, a, offs_m, offs_n, MODE, STEPS, NEWTON)
+        qi, ki = _rows(QI, b, offs_m, T, R), _rows(KI, b, offs_n, T, R)
+        p, slope = _probabilities(qi, ki, tl.load(BETA), inv_sqrt_r, a, offs_m, offs_n, MODE, STEPS, NEWTON)
         dz = tl.where(p > 0.0, w / tl.where(p > 0.0, p, 1.0), 0.0) * slope
         dbeta += tl.sum(dz, 0)
         dz = dz * inv_sqrt_r
-        dki += tl.dot(tl.trans(dz), qi, input_precision="ieee")
         r = tl.arange(0, R)
-        tl.atomic_add(DQI + b.to(tl.int64) * T * R + offs_m[:, None] * R + r[None, :], tl.dot(dz, ki, input_precision="ieee"),
+        rows = b.to(tl.int64) * T * R + r[None, :]
+        tl.atomic_add(DKI + rows + offs_n[:, None] * R, tl.dot(tl.trans(dz), qi, input_precision="ieee"),
+                      mask=offs_n[:, None] < T)
+        tl.atomic_add(DQI + rows + offs_m[:, None] * R, tl.dot(dz, ki, input_precision="ieee"),
                       mask=offs_m[:, None] < T)
-    r = tl.arange(0, R)
-    tl.store(DKI + b.to(tl.int64) * T * R + offs_n[:, None] * R + r[None, :], dki, mask=offs_n[:, None] < T)
-    tl.store(DBETA + b * tl.num_programs(0) + pid_n, tl.sum(dbeta, 0))
+    tl.store(DBETA + b * tl.num_programs(0) + tl.program_id(0), tl.sum(dbeta, 0))

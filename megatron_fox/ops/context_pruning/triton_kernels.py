@@ -3,9 +3,11 @@
 Weights w_ij = I_ij exp(s_ij), s_ij = sm_scale q_i.k_j + c_i - c_j, over the causal pairs of
 one document, normalised per row (FlashAttention-2 structure: an online softmax in the
 forward, dK/dV and dQ in two backward kernels). I [B, T, T] float32 is shared by the heads;
-its gradient, dL/dI_ij = exp(s_ij - lse_i) (dP_ij - D_i) summed over the heads (finite also
-where I_ij = 0, as in the materialised reference), is added into a float32 buffer with
-atomics, one head at a time. Natural exp throughout; c head-major [B, H, T] float32.
+its gradient, dL/dI_ij = sum_h exp(s_ij - lse_i) (dP_ij - D_i) (finite also where I_ij = 0,
+as in the materialised reference), comes from a third backward kernel, one program per
+(query block, key block) looping over the heads, so each tile is written once (adding the
+heads' shares with atomics from the dQ kernel cost four times that kernel's own time).
+Natural exp throughout; c head-major [B, H, T] float32.
 """
 
 import triton
@@ -132,11 +134,10 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
 
 
 @triton.jit
-def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, DKEEP, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
+def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
                          T, H, GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr, KEEP_GRAD: tl.constexpr):
-    """One query block of one (batch, head): dQ, the row sums of dS (DROW [B, H, T]) and
-    (KEEP_GRAD) this head's share of dL/dI added into DKEEP [B, T, T]."""
+                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One query block of one (batch, head): dQ and the row sums of dS (DROW [B, H, T])."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -151,16 +152,38 @@ def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, DKEEP,
         offs_n = start_n + tl.arange(0, BN)
         k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
-        e, p = _probabilities(q, k, c_m, c_n, lse_m, keep, _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC), sm_scale,
+        _, p = _probabilities(q, k, c_m, c_n, lse_m, keep, _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC), sm_scale,
                               DOT_PREC)
-        dp = mm(do, tl.trans(v), DOT_PREC) - delta_m[:, None]
-        ds = p * dp
+        ds = p * (mm(do, tl.trans(v), DOT_PREC) - delta_m[:, None])
         dq += mm(ds.to(k.dtype), k, DOT_PREC)
         drow += tl.sum(ds, 1)
-        if KEEP_GRAD:
-            ptr = DKEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
-            tl.atomic_add(ptr, e * dp, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
     d = tl.arange(0, D)
     off = b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qt + d[None, :]
     tl.store(DQ + off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
     tl.store(DROW + bh.to(tl.int64) * T + offs_m, drow, mask=offs_m < T)
+
+
+@triton.jit
+def pruned_bwd_dkeep_kernel(Q, K, V, C, DOC, DO, LSE, DELTA, DKEEP, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, T, H, GROUP,
+                            sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_DOC: tl.constexpr,
+                            DOT_PREC: tl.constexpr):
+    """dL/dI of one (query block, key block) tile of one batch, summed over the heads, into
+    DKEEP [B, T, T] (zeros above the diagonal); grid (query blocks * key blocks, B)."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    n_kb = tl.cdiv(T, BN)
+    pid_m, pid_n = pid // n_kb, pid % n_kb
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], tl.float32)
+    if pid_m * BM + BM > pid_n * BN:
+        ok = _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC)
+        for h in range(H):
+            bh = b * H + h
+            q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
+            do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
+            k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
+            e, _ = _probabilities(q, k, _row(C, bh, offs_m, T), c_n, _row(LSE, bh, offs_m, T), 1.0, ok, sm_scale,
+                                  DOT_PREC)
+            acc += e * (mm(do, tl.trans(v), DOT_PREC) - _row(DELTA, bh, offs_m, T)[:, None])
+    ptr = DKEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    tl.store(ptr, acc, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
