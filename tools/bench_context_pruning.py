@@ -2,7 +2,7 @@
 (`ops.context_pruning.pruned_forgetting_attention`) against the materialised reference,
 FoX with ACP and no mask (`forgetting_attention`, log_eps -10) and torch SDPA (cuDNN, dense
 causal), plus the keep mask's own cost (interaction scores, sparse sigmoid, cumulative
-product).
+product: the Triton kernels of `keep_mask` and the plain-PyTorch `keep_mask_reference`).
 
 Setting: 16k tokens a step (batch = 16384 / L), 16 heads, head_dim 128, bf16, q and k
 RMS-normalised, gate spectrum (b) of tools/bench_attention.py (half-lives 4..4096), a keep
@@ -49,9 +49,9 @@ def main(argv=None) -> None:
     sys.path.insert(0, ".")
     print(f"{torch.cuda.get_device_name()}; {opts.tokens} tokens a step, {opts.heads} heads, head_dim "
           f"{opts.head_dim}, bf16; ms")
-    print("| L | kept | mask fwd+bwd | dcp triton fwd | dcp triton fwd+bwd | dcp reference fwd+bwd | "
-          "fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| L | kept | mask triton fwd+bwd | mask reference fwd+bwd | dcp triton fwd | dcp triton fwd+bwd | "
+          "dcp reference fwd+bwd | fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for L in opts.lengths:
         kept, row = one_length(L, opts)
         print(f"| {L} | {kept:.3f} | " + " | ".join(f"{t:.2f}" for t in row) + " |", flush=True)
@@ -61,8 +61,8 @@ def main(argv=None) -> None:
 def one_length(L, opts):
     """(kept fraction, [ms of each column]) at sequence length L."""
     from megatron_fox.ops import forgetting_attention
-    from megatron_fox.ops.context_pruning import (keep_mask, kept_fraction, pruned_forgetting_attention,
-                                                  pruned_forgetting_attention_reference)
+    from megatron_fox.ops.context_pruning import (keep_mask, keep_mask_reference, kept_fraction,
+                                                  pruned_forgetting_attention, pruned_forgetting_attention_reference)
 
     dev, H, D = torch.device("cuda"), opts.heads, opts.head_dim
     B = max(1, opts.tokens // L)
@@ -80,9 +80,11 @@ def one_length(L, opts):
             torch.autograd.grad(fn(), [*leaves, *extra], do, allow_unused=True)
         return run
 
-    def mask_cost():
-        m = keep_mask(qi, ki, beta, 8.0)
-        torch.autograd.grad(m, qi, torch.ones_like(m))
+    def mask_cost(fn):
+        def run():
+            m = fn(qi, ki, beta, 8.0)
+            torch.autograd.grad(m, qi, torch.ones_like(m))
+        return run
 
     def dcp():
         return pruned_forgetting_attention(q, k, v, log_f, mask_in)
@@ -98,7 +100,7 @@ def one_length(L, opts):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True).transpose(1, 2)
 
-    row = [bench(mask_cost)]
+    row = [bench(mask_cost(keep_mask)), bench(mask_cost(keep_mask_reference))]
     with torch.no_grad():
         row.append(bench(dcp))
     row.append(bench(fwd_bwd(dcp, mask_in)))

@@ -13,8 +13,10 @@ from ..forgetting_attn.common import check_inputs, document_maps, forget_prefix_
 from ..forgetting_attn.function import _dot_precision
 from ..forgetting_attn.tiles import _interpreting
 
-_BM, _BN = 64, 64
-_LAUNCH = dict(num_warps=4, num_stages=2)  # two stages keep head_dim 128's tiles in 100 KB of shared memory
+# (query block, key block, warps, stages) of each kernel, the fastest of a sweep on an H200 at
+# head_dim 128, 1k and 4k tokens (docs/benchmarks.md, learned context pruning); two stages keep
+# head_dim 128's tiles in shared memory
+_CONFIG = {"fwd": (64, 64, 4, 2), "dkdv": (128, 64, 8, 2), "dq": (64, 64, 4, 2), "dkeep": (64, 128, 8, 2)}
 
 
 class _PrunedAttention(torch.autograd.Function):
@@ -23,10 +25,10 @@ class _PrunedAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        meta = _meta(q, k, doc, sm_scale)
         from .triton_kernels import pruned_fwd_kernel
 
-        pruned_fwd_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, _doc_arg(doc, c), o, lse, *meta, **_LAUNCH)
+        _launch(pruned_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(T, bm), B * H), q, k, v, c, keep,
+                _doc_arg(doc, c), o, lse, meta=(q, k, doc, sm_scale))
         ctx.save_for_backward(q, k, v, c, keep, doc, o, lse)
         ctx.sm_scale = sm_scale
         return o
@@ -39,20 +41,20 @@ class _PrunedAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
-        meta = _meta(q, k, doc, ctx.sm_scale)
+        meta = (q, k, doc, ctx.sm_scale)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
         dq = torch.empty_like(q)
         docs = _doc_arg(doc, c)
-        pruned_bwd_dkdv_kernel[(triton.cdiv(T, _BN), B * H)](q, k, v, c, keep, docs, do, lse, delta, dk_h, dv_h, dcol,
-                                                             *meta, **_LAUNCH)
-        pruned_bwd_dq_kernel[(triton.cdiv(T, _BM), B * H)](q, k, v, c, keep, docs, do, lse, delta, dq, drow, *meta,
-                                                           **_LAUNCH)
+        _launch(pruned_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(T, bn), B * H), q, k, v, c, keep, docs, do,
+                lse, delta, dk_h, dv_h, dcol, meta=meta)
+        _launch(pruned_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(T, bm), B * H), q, k, v, c, keep, docs, do, lse,
+                delta, dq, drow, meta=meta)
         dkeep = None
         if ctx.needs_input_grad[4]:
             dkeep = torch.empty_like(keep)
-            pruned_bwd_dkeep_kernel[(triton.cdiv(T, _BM) * triton.cdiv(T, _BN), B)](
-                q, k, v, c, docs, do, lse, delta, dkeep, *meta, **_LAUNCH)
+            _launch(pruned_bwd_dkeep_kernel, "dkeep", lambda bm, bn: (triton.cdiv(T, bm) * triton.cdiv(T, bn), B), q, k,
+                    v, c, docs, do, lse, delta, dkeep, meta=meta)
         G = k.shape[2]
         dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
         dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)
@@ -65,11 +67,15 @@ def kernel_supports(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 128
 
 
-def _meta(q, k, doc, sm_scale):
-    """The kernels' shared trailing arguments after their tensors."""
+def _launch(kernel, name, grid, *tensors, meta):
+    """kernel[grid(BM, BN)](*tensors, strides and sizes, BM, BN, ...) in the _CONFIG of `name`;
+    meta = (q, k, doc, sm_scale)."""
+    bm, bn, warps, stages = _CONFIG[name]
+    q, k, doc, sm_scale = meta
     H, D = q.shape[2], q.shape[3]
-    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), q.shape[1], H,
-            H // k.shape[2], float(sm_scale), D, _BM, _BN, doc is not None, _dot_precision(q))
+    kernel[grid(bm, bn)](*tensors, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                         q.shape[1], H, H // k.shape[2], float(sm_scale), D, bm, bn, doc is not None, _dot_precision(q),
+                         num_warps=warps, num_stages=stages)
 
 
 def _doc_arg(doc, c):

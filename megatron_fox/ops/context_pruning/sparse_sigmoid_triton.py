@@ -13,9 +13,10 @@ _BLOCK = 1024
 
 @triton.jit
 def _pow(x, e):
-    """x^e for x >= 0 as torch.pow: 0^e = 0 for e > 0, 1 for e = 0, inf for e < 0."""
+    """x^e for x >= 0 as torch.pow: 0^e = 0 for e > 0, 1 for e = 0, inf for e < 0 (base 2:
+    in float32 two special-function instructions)."""
     at_zero = tl.where(e > 0.0, 0.0, tl.where(e == 0.0, 1.0, float("inf")))
-    return tl.where(x > 0.0, tl.exp(e * tl.log(tl.where(x > 0.0, x, 1.0))), at_zero)
+    return tl.where(x > 0.0, tl.exp2(e * tl.log2(tl.where(x > 0.0, x, 1.0))), at_zero)
 
 
 @triton.jit
