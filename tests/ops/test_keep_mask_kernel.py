@@ -56,6 +56,12 @@ def test_keep_mask_kernel_bf16_inputs_and_hard_decisions(device):
     torch.testing.assert_close(hard.cpu(), keep_mask_reference(qi.cpu(), ki.cpu(), 0.2, math.inf), rtol=0, atol=0)
 
 
+def test_keep_mask_wide_interaction_takes_the_reference(device):
+    """r > 128 does not fit the kernels' registers: the reference answers, the same values."""
+    qi, ki = torch.randn(1, 40, 160, device=device), torch.randn(1, 40, 160, device=device)
+    torch.testing.assert_close(keep_mask(qi, ki, 0.1, 3.0), keep_mask_reference(qi, ki, 0.1, 3.0), rtol=0, atol=0)
+
+
 def test_keep_mask_errors(device):
     x = torch.randn(1, 8, 4, device=device)
     with pytest.raises(ValueError, match="q_int and k_int"):

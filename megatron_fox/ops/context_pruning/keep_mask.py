@@ -16,6 +16,7 @@ from .reference import check_interaction, keep_mask_reference
 from .sparse_sigmoid import check_alpha
 
 _BLOCK = 64
+_MAX_R = 128  # two [64, r] float32 tiles and the score tile in registers; wider r: the reference
 # float32 registers: ten halvings then Newton (alpha >= 2), or halvings to float32's resolution
 _STEPS_NEWTON, _STEPS_BISECTION = 10, 24
 
@@ -82,12 +83,14 @@ def keep_mask(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: float) -> t
     """I [B, T, T] float32 (query, key): the product over the queries n in (j, k] of the keep
     probabilities sigmoid_alpha(q_int_n . k_int_j / sqrt(r) + beta), 1 on and above the
     diagonal. q_int, k_int [B, T, r]; beta a float or a 1-element tensor; alpha >= 1 (inf:
-    hard decisions). Differentiable in q_int, k_int and beta (not for alpha inf)."""
+    hard decisions). Differentiable in q_int, k_int and beta (not for alpha inf). Triton on
+    CUDA and under TRITON_INTERPRET=1 for r <= 128 and float32/bf16/fp16 projections; else
+    `keep_mask_reference`."""
     check_interaction(q_int, k_int)
     alpha = check_alpha(alpha)
     if q_int.device.type != "cuda" and not _interpreting():
         return keep_mask_reference(q_int, k_int, beta, alpha)
-    if q_int.dtype == torch.float64:  # gradient checks: the float64 reference
+    if q_int.dtype == torch.float64 or q_int.shape[-1] > _MAX_R:  # float64: gradient checks
         return keep_mask_reference(q_int, k_int, beta, alpha)
     beta_t = beta if torch.is_tensor(beta) else torch.tensor(float(beta), device=q_int.device)
     if beta_t.numel() != 1:

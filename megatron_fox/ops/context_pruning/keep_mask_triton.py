@@ -35,6 +35,13 @@ def _rows(X, b, offs, T, R: tl.constexpr):
 
 
 @triton.jit
+def pair_offsets(b, offs_m, offs_n, T):
+    """Offsets [BM, BN] of the pairs (offs_m, offs_n) of batch b in a [B, T, T] tensor, in
+    int64 (offs_m * T passes 2^31 from T = 46341 on)."""
+    return b.to(tl.int64) * T * T + offs_m[:, None].to(tl.int64) * T + offs_n[None, :]
+
+
+@triton.jit
 def _probabilities(qi, ki, beta, inv_sqrt_r, a, offs_m, offs_n, MODE: tl.constexpr, STEPS: tl.constexpr,
                    NEWTON: tl.constexpr):
     """(p, slope) [BM, BN] of the pairs, p = 1 and slope = 0 where the key is not before the query."""
@@ -70,7 +77,7 @@ def keep_probs_kernel(QI, KI, BETA, KEEP, BLK, T, inv_sqrt_r, a, R: tl.constexpr
     pid_m, pid_n, b, lower = _tile_ids(BM, BN, T)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    ptr = KEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    ptr = KEEP + pair_offsets(b, offs_m, offs_n, T)
     ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
     if lower:
         p, _ = _probabilities(_rows(QI, b, offs_m, T, R), _rows(KI, b, offs_n, T, R), tl.load(BETA), inv_sqrt_r, a,
@@ -95,7 +102,7 @@ def keep_scan_kernel(KEEP, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
         carry = tl.full([BN], 1.0, tl.float32)
         for m in range((pid_n * BN) // BM, pid_m):
             carry *= tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=1.0)
-        ptr = KEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+        ptr = KEEP + pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         p = tl.load(ptr, mask=ok, other=1.0)
         tl.store(ptr, tl.cumprod(p, axis=0) * carry[None, :], mask=ok)
@@ -108,7 +115,7 @@ def keep_bwd_sums_kernel(KEEP, G, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
     if lower:
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        off = b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+        off = pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
         tl.store(BLK + (b * tl.cdiv(T, BM) + pid_m).to(tl.int64) * T + offs_n, tl.sum(gk, 0), mask=offs_n < T)
@@ -128,7 +135,7 @@ def keep_bwd_kernel(QI, KI, BETA, KEEP, G, BLK, DQI, DKI, DBETA, T, inv_sqrt_r, 
         below = tl.zeros([BN], tl.float32)
         for m in range(pid_m + 1, tl.cdiv(T, BM)):
             below += tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
-        off = b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+        off = pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
         w = tl.cumsum(gk, axis=0, reverse=True) + below[None, :]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..forgetting_attn.triton_utils import mm
+from .keep_mask_triton import pair_offsets
 
 _EXP_CAP = tl.constexpr(80.0)  # exp(s - lse) of a dropped pair (I = 0), a gradient factor only: kept finite
 
@@ -53,7 +54,7 @@ def _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC: tl.constexpr):
 
 @triton.jit
 def _keep_tile(KEEP, b, offs_m, offs_n, T):
-    ptr = KEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    ptr = KEEP + pair_offsets(b, offs_m, offs_n, T)
     return tl.load(ptr, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T), other=0.0)
 
 
@@ -185,5 +186,5 @@ def pruned_bwd_dkeep_kernel(Q, K, V, C, DOC, DO, LSE, DELTA, DKEEP, s_qb, s_qt, 
             e, _ = _probabilities(q, k, _row(C, bh, offs_m, T), c_n, _row(LSE, bh, offs_m, T), 1.0, ok, sm_scale,
                                   DOT_PREC)
             acc += e * (mm(do, tl.trans(v), DOT_PREC) - _row(DELTA, bh, offs_m, T)[:, None])
-    ptr = DKEEP + b.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :]
+    ptr = DKEEP + pair_offsets(b, offs_m, offs_n, T)
     tl.store(ptr, acc, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
