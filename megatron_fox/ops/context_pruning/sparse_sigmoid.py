@@ -45,9 +45,13 @@ def _solve(x: torch.Tensor, a: float) -> torch.Tensor:
         hi = torch.where(below, hi, mid)
     p = 0.5 * (lo + hi)
     if a >= 1.0:
+        at_zero = 1.0 if a == 1.0 else 0.0  # x^(a-1) at x = 0
         for _ in range(4):
-            f = p.pow(a) - (1.0 - p).pow(a) - ax
-            p = torch.minimum(torch.maximum(p - f / (a * (p.pow(a - 1.0) + (1.0 - p).pow(a - 1.0))), lo), hi)
+            pa, qa = p.pow(a), (1.0 - p).pow(a)
+            # f' / a = p^(a-1) + (1-p)^(a-1) from the powers just taken (two a step, not four)
+            d = torch.where(p > 0, pa / torch.where(p > 0, p, 1.0), at_zero)
+            d = d + torch.where(p < 1, qa / torch.where(p < 1, 1.0 - p, 1.0), at_zero)
+            p = torch.minimum(torch.maximum(p - (pa - qa - ax) / (a * d), lo), hi)
     return torch.where(ax >= 1.0, 1.0, torch.where(ax <= -1.0, 0.0, p))
 
 

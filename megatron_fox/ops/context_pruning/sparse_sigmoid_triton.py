@@ -33,9 +33,13 @@ def sparse_sigmoid_root(ax, a, STEPS: tl.constexpr, NEWTON: tl.constexpr):
         hi = tl.where(below, hi, mid)
     p = 0.5 * (lo + hi)
     if NEWTON:
+        at_zero = tl.where(a == 1.0, 1.0, 0.0)  # x^(a-1) at x = 0 for a >= 1
         for _ in tl.static_range(4):
-            f = _pow(p, a) - _pow(1.0 - p, a) - ax
-            p = tl.minimum(tl.maximum(p - f / (a * (_pow(p, a - 1.0) + _pow(1.0 - p, a - 1.0))), lo), hi)
+            pa, qa = _pow(p, a), _pow(1.0 - p, a)
+            # f' / a = p^(a-1) + (1-p)^(a-1), from the powers just taken: two powers a step, not four
+            d = tl.where(p > 0.0, pa / tl.where(p > 0.0, p, 1.0), at_zero)
+            d += tl.where(p < 1.0, qa / tl.where(p < 1.0, 1.0 - p, 1.0), at_zero)
+            p = tl.minimum(tl.maximum(p - (pa - qa - ax) / (a * d), lo), hi)
     return tl.where(ax >= 1.0, 1.0, tl.where(ax <= -1.0, 0.0, p))
 
 
