@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from ..ops import forgetting_attention, no_data_checks
+from ..ops import AttentionStats, forgetting_attention, no_data_checks
 
 
 class FoxCoreAttention(MegatronModule):
@@ -49,24 +49,38 @@ class FoxCoreAttention(MegatronModule):
         our own packing), so the op's value checks and their host sync are skipped."""
         with no_data_checks():
             if keep is not None:
-                return self._pruned(q, k, v, log_fgate, keep, cu_seqlens)
+                return self._pruned(q, k, v, log_fgate, keep, logit_bound, cu_seqlens)
             return self._forward(q, k, v, log_fgate, logit_bound, cu_seqlens)
 
-    def _pruned(self, q, k, v, log_fgate, keep, cu_seqlens):
-        """The keep mask's attention (Triton where the head dim allows, else the materialised
-        reference); packed documents one sample at a time; nothing skipped."""
+    def _pruned(self, q, k, v, log_fgate, keep, logit_bound, cu_seqlens):
+        """The keep mask's attention: the Triton op where the head dim allows (skipping what
+        ACP prunes, as the unmasked op does), else the materialised reference (exact);
+        packed documents one sample at a time."""
         from ..ops.context_pruning import pruned_forgetting_attention, pruned_forgetting_attention_reference
         from ..ops.context_pruning.function import kernel_supports
         from ..parallel import sample_cu_seqlens
 
-        op = pruned_forgetting_attention if kernel_supports(q.shape[-1]) else pruned_forgetting_attention_reference
-        self._stats = SimpleNamespace(skipped_fraction=torch.zeros((), device=q.device))
+        cfg = self.config
         q, k, v, log_fgate = (t.transpose(0, 1) for t in (q, k, v, log_fgate))
-        if cu_seqlens is None:
-            return op(q, k, v, log_fgate.contiguous(), keep).transpose(0, 1)
         s, b = q.shape[1], q.shape[0]
-        outs = [op(q[i:i + 1], k[i:i + 1], v[i:i + 1], log_fgate[i:i + 1].contiguous(), keep[i:i + 1],
-                   cu_seqlens=sample_cu_seqlens(cu_seqlens, i, s)) for i in range(b)]
+        samples = [(slice(None), None)] if cu_seqlens is None else [
+            (slice(i, i + 1), sample_cu_seqlens(cu_seqlens, i, s)) for i in range(b)]
+        outs, stats = [], []
+        for rows, cu in samples:
+            args = (q[rows], k[rows], v[rows], log_fgate[rows].contiguous(), keep[rows])
+            if kernel_supports(q.shape[-1]):
+                out, st = pruned_forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+                                                      cu_seqlens=cu, return_stats=True)
+                stats.append(st)
+            else:
+                out = pruned_forgetting_attention_reference(*args, cu_seqlens=cu)
+            outs.append(out)
+
+        def mean_skipped():  # read at the logging interval only (no launches in other steps)
+            total = sum(float(st.skipped_fraction) for st in stats) / len(samples)
+            return torch.tensor(total, device=q.device), None, None
+
+        self._stats = AttentionStats(mean_skipped, 0, 0)
         return torch.cat(outs, dim=0).transpose(0, 1)
 
     def _forward(self, q, k, v, log_fgate, logit_bound, cu_seqlens):

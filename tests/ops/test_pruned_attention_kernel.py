@@ -70,6 +70,32 @@ def test_kernel_documents(device):
         assert torch.equal(g, g2), name
 
 
+@pytest.mark.parametrize("bound", [None, 4.0])
+def test_kernel_skips_acp_blocks(device, bound):
+    """log_eps: the blocks ACP prunes are skipped (more than a third of the pairs with these
+    fast-forgetting gates) and the output and gradients stay within the exact reference's
+    tolerance (the skipped pairs weigh <= e^-10 per row); logit_bound given or from the data."""
+    B, T, H, G, D = 1, 300, 2, 1, 16
+    ins = _inputs(B, T, H, G, D, torch.float32, device, 0.5)
+    ins[3] = F.logsigmoid(torch.randn(B, T, H, device=device) - 0.5)  # c falls ~1 a token
+    if bound is not None:  # q, k scaled so that |sm_scale q.k| <= 4
+        ins[0] = ins[0] / ins[0].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
+        ins[1] = ins[1] / ins[1].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
+    ours = [t.clone().requires_grad_() for t in ins]
+    o, stats = pruned_forgetting_attention(*ours, log_eps=-10.0, logit_bound=bound, return_stats=True)
+    assert float(stats.skipped_fraction) > 0.33 and stats.skipped_fraction_per_head.shape == (H,)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, ours, do)
+    ref_in = _reference_inputs(ins)
+    o_ref = pruned_forgetting_attention_reference(*ref_in, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(o_ref, ref_in, do.double())
+    check_close(o, o_ref, torch.float32, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):
+        check_close(g, r, torch.float32, name)
+    far = torch.ones(T, T, device=device).tril(-200).bool()  # behind every boundary here: skipped, written 0
+    assert torch.all(grads[4][0][far] == 0)
+
+
 def test_kernel_errors(device):
     q, k, v, log_f, keep = _inputs(1, 16, 2, 1, 16, torch.float32, device, 0.5)
     with pytest.raises(ValueError, match="keep"):

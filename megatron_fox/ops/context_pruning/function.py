@@ -9,7 +9,9 @@ from typing import Optional
 import torch
 import triton
 
-from ..forgetting_attn.common import check_inputs, document_maps, forget_prefix_sums
+from ..forgetting_attn.boundary import key_block_start, query_block_end, skipped_pairs
+from ..forgetting_attn.common import (AttentionStats, check_inputs, document_maps, forget_prefix_sums,
+                                      logit_bound_per_head, pruning_threshold)
 from ..forgetting_attn.function import _dot_precision
 from ..forgetting_attn.tiles import _interpreting
 
@@ -21,16 +23,16 @@ _CONFIG = {"fwd": (64, 64, 4, 2), "dkdv": (128, 64, 8, 2), "dq": (64, 64, 4, 2),
 
 class _PrunedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, c, keep, doc, sm_scale):
+    def forward(ctx, q, k, v, c, keep, doc, sm_scale, bounds):
         B, T, H, D = q.shape
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         from .triton_kernels import pruned_fwd_kernel
 
         _launch(pruned_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(T, bm), B * H), q, k, v, c, keep,
-                _doc_arg(doc, c), o, lse, meta=(q, k, doc, sm_scale))
+                _doc_arg(doc, c), o, lse, meta=(q, k, doc, sm_scale, bounds))
         ctx.save_for_backward(q, k, v, c, keep, doc, o, lse)
-        ctx.sm_scale = sm_scale
+        ctx.sm_scale, ctx.bounds = sm_scale, bounds
         return o
 
     @staticmethod
@@ -41,7 +43,7 @@ class _PrunedAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
-        meta = (q, k, doc, ctx.sm_scale)
+        meta = (q, k, doc, ctx.sm_scale, ctx.bounds)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
         dq = torch.empty_like(q)
@@ -59,7 +61,7 @@ class _PrunedAttention(torch.autograd.Function):
         dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
         dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)
         # s_ij holds c_i - c_j: dc_i = (row sums of dS)_i - (column sums of dS)_i
-        return dq, dk, dv, drow - dcol, dkeep, None, None
+        return dq, dk, dv, drow - dcol, dkeep, None, None, None
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -68,14 +70,45 @@ def kernel_supports(head_dim: int) -> bool:
 
 
 def _launch(kernel, name, grid, *tensors, meta):
-    """kernel[grid(BM, BN)](*tensors, strides and sizes, BM, BN, ...) in the _CONFIG of `name`;
-    meta = (q, k, doc, sm_scale)."""
+    """kernel[grid(BM, BN)](*tensors, BOUND, strides and sizes, BM, BN, ...) in the _CONFIG of
+    `name`; meta = (q, k, doc, sm_scale, bounds), bounds None or {name: [B, H, blocks] int32}."""
     bm, bn, warps, stages = _CONFIG[name]
-    q, k, doc, sm_scale = meta
+    q, k, doc, sm_scale, bounds = meta
     H, D = q.shape[2], q.shape[3]
-    kernel[grid(bm, bn)](*tensors, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                         q.shape[1], H, H // k.shape[2], float(sm_scale), D, bm, bn, doc is not None, _dot_precision(q),
-                         num_warps=warps, num_stages=stages)
+    bound = tensors[0] if bounds is None else bounds[name]  # a placeholder pointer where not BOUNDED
+    kernel[grid(bm, bn)](*tensors, bound, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                         k.stride(2), q.shape[1], H, H // k.shape[2], float(sm_scale), D, bm, bn, doc is not None,
+                         _dot_precision(q), bounds is not None, num_warps=warps, num_stages=stages)
+
+
+def _block_bounds(c, delta, cu_seqlens, T):
+    """Each kernel's BOUND (see triton_kernels), from the ACP threshold delta [B, H] (None:
+    nothing pruned) and the documents; None where neither skips anything."""
+    if delta is None and cu_seqlens is None:
+        return None
+    doc_start, doc_end = (None, None) if cu_seqlens is None else document_maps(cu_seqlens, T, c.device)
+    bounds = {name: key_block_start(c, c, delta, doc_start, *_CONFIG[name][:2]) for name in ("fwd", "dq", "dkeep")}
+    bounds["dkdv"] = query_block_end(c, c, delta, doc_end, *_CONFIG["dkdv"][:2])
+    return bounds
+
+
+def _stats(bounds, B, T, H, cu_seqlens, device) -> AttentionStats:
+    """What the forward skipped (AttentionStats, computed on first access)."""
+    bm, bn = _CONFIG["fwd"][:2]
+
+    def compute():
+        if bounds is None:
+            first = torch.zeros(B, H, triton.cdiv(T, bm), dtype=torch.int64, device=device)
+            if cu_seqlens is not None:
+                first += document_maps(cu_seqlens, T, device)[0][::bm].long() // bn * bn
+            return (torch.zeros((), dtype=torch.float64, device=device),
+                    torch.zeros(H, dtype=torch.float64, device=device), first)
+        doc_start = None if cu_seqlens is None else document_maps(cu_seqlens, T, device)[0]
+        start = bounds["fwd"]
+        skipped, total = skipped_pairs(start, bm, bn, T, doc_start)
+        return skipped.sum() / total.sum(), skipped.sum(0) / total.sum(0), start.long() * bn
+
+    return AttentionStats(compute, bm, bn)
 
 
 def _doc_arg(doc, c):
@@ -83,30 +116,41 @@ def _doc_arg(doc, c):
 
 
 def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[float] = None,
-                                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                log_eps: Optional[float] = None, logit_bound=None,
+                                cu_seqlens: Optional[torch.Tensor] = None, return_stats: bool = False):
     """FoX attention with the learned keep mask: weights I_ij exp(s_ij) normalised per row.
 
     q [B, T, H, D], k, v [B, T, Hkv, D] (bf16, fp16 or fp32; D 16-128, a power of two),
     log_fgate [B, T, H] float32, keep I [B, T, T] float32 (query, key; shared by the heads,
-    in [0, 1], ones on the diagonal); cu_seqlens as in `forgetting_attention` (batch 1).
-    Returns o [B, T, H, D] in q.dtype, differentiable in q, k, v, log_fgate and keep (keep's
-    gradient also where I_ij = 0, as the reference's). Triton on CUDA and under
-    TRITON_INTERPRET=1; elsewhere the plain-PyTorch reference.
+    in [0, 1], ones on the diagonal); log_eps, logit_bound and cu_seqlens as in
+    `forgetting_attention`: with log_eps the kernels skip the blocks ACP prunes (their pairs
+    weigh at most eps per row without the mask, so no more with it). Returns o [B, T, H, D]
+    in q.dtype, and with return_stats an `AttentionStats` of the forward's skipping;
+    differentiable in q, k, v, log_fgate and keep (keep's gradient also where I_ij = 0, as
+    the reference's; 0 where ACP skips). Triton on CUDA and under TRITON_INTERPRET=1;
+    elsewhere the plain-PyTorch reference (exact: nothing skipped).
     """
     from .reference import pruned_forgetting_attention_reference
 
-    sm_scale, _ = check_inputs(q, k, v, log_fgate, sm_scale, None, None, cu_seqlens)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
     B, T, H, D = q.shape
     if keep.shape != (B, T, T):
         raise ValueError(f"keep must be [batch, seq, seq] = ({B}, {T}, {T}), got {tuple(keep.shape)}")
     if q.device.type != "cuda" and not _interpreting():
-        return pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, sm_scale=sm_scale,
-                                                     cu_seqlens=cu_seqlens)
+        o = pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, sm_scale=sm_scale, cu_seqlens=cu_seqlens)
+        return (o, _stats(None, B, T, H, cu_seqlens, q.device)) if return_stats else o
     if not kernel_supports(D):
         raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
     doc = None
     if cu_seqlens is not None:
         doc = document_maps(cu_seqlens, T, q.device)[0][None].contiguous()  # [1, T]: each token's document start
     _, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # restarts at documents, [B, H, T]
+    c = c.contiguous()
+    delta = None
+    if log_eps is not None:
+        with torch.no_grad():
+            delta = pruning_threshold(logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound), T, log_eps)
+    bounds = _block_bounds(c.detach(), delta, cu_seqlens, T)
     q, k, v = (t.contiguous() for t in (q, k, v))
-    return _PrunedAttention.apply(q, k, v, c.contiguous(), keep.float().contiguous(), doc, sm_scale)
+    o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds)
+    return (o, _stats(bounds, B, T, H, cu_seqlens, q.device)) if return_stats else o

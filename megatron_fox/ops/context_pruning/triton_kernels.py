@@ -8,6 +8,12 @@ as in the materialised reference), comes from a third backward kernel, one progr
 (query block, key block) looping over the heads, so each tile is written once (adding the
 heads' shares with atomics from the dQ kernel cost four times that kernel's own time).
 Natural exp throughout; c head-major [B, H, T] float32.
+
+ACP's block skipping applies unchanged (BOUNDED): I <= 1 and the diagonal is always kept, so
+a pair ACP prunes weighs no more under the mask than without it. BOUND holds, per (batch,
+head), the first live key block of each query block (forward, dQ, dL/dI) or one past the
+last query block that sees each key block (dK/dV), in the kernel's own tile sizes
+(`forgetting_attn.boundary`); packed documents' starts and ends are in it too.
 """
 
 import triton
@@ -53,15 +59,21 @@ def _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC: tl.constexpr):
 
 
 @triton.jit
+def _bound(BOUND, bh, blk, T, B_ROWS: tl.constexpr):
+    """Entry blk of row bh of BOUND [B * H, cdiv(T, B_ROWS)] int32."""
+    return tl.load(BOUND + bh.to(tl.int64) * tl.cdiv(T, B_ROWS) + blk)
+
+
+@triton.jit
 def _keep_tile(KEEP, b, offs_m, offs_n, T):
     ptr = KEEP + pair_offsets(b, offs_m, offs_n, T)
     return tl.load(ptr, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T), other=0.0)
 
 
 @triton.jit
-def pruned_fwd_kernel(Q, K, V, C, KEEP, DOC, OUT, LSE, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, T, H, GROUP, sm_scale,
-                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_DOC: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+def pruned_fwd_kernel(Q, K, V, C, KEEP, DOC, OUT, LSE, BOUND, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, T, H, GROUP,
+                      sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_DOC: tl.constexpr,
+                      DOT_PREC: tl.constexpr, BOUNDED: tl.constexpr):
     """One query block of one (batch, head): O and the rows' log-sum-exp LSE [B, H, T]."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -71,7 +83,8 @@ def pruned_fwd_kernel(Q, K, V, C, KEEP, DOC, OUT, LSE, s_qb, s_qt, s_qh, s_kb, s
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
+    first = _bound(BOUND, bh, pid_m, T, BM) * BN if BOUNDED else 0
+    for start_n in range(first, tl.minimum((pid_m + 1) * BM, T), BN):
         offs_n = start_n + tl.arange(0, BN)
         k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
@@ -79,7 +92,7 @@ def pruned_fwd_kernel(Q, K, V, C, KEEP, DOC, OUT, LSE, s_qb, s_qt, s_qh, s_kb, s
         ok = _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC) & (keep > 0)
         m_new = tl.maximum(m_i, tl.max(tl.where(ok, s, float("-inf")), 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no kept pair yet: nothing to scale
-        p = tl.where(ok, keep * tl.exp(s - m_use[:, None]), 0.0)
+        p = keep * tl.exp(tl.where(ok, s - m_use[:, None], float("-inf")))  # no inf * 0 off the pairs
         scale = tl.exp(m_i - m_use)
         l_i = l_i * scale + tl.sum(p, 1)
         acc = acc * scale[:, None] + mm(p.to(v.dtype), v, DOT_PREC)
@@ -101,9 +114,9 @@ def _probabilities(q, k, c_m, c_n, lse_m, keep, ok, sm_scale, DOT_PREC: tl.const
 
 
 @triton.jit
-def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
-                           T, H, GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr):
+def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, BOUND, s_qb, s_qt, s_qh, s_kb, s_kt,
+                           s_kh, T, H, GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDED: tl.constexpr):
     """One key block of one (batch, query head): dK, dV of that query head ([B, T, H, D],
     summed over the group afterwards) and the column sums of dS (DCOL [B, H, T])."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -113,7 +126,8 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     dcol = tl.zeros([BN], tl.float32)
-    for start_m in range((pid_n * BN) // BM * BM, T, BM):
+    last = tl.minimum(_bound(BOUND, bh, pid_n, T, BN) * BM, T) if BOUNDED else T
+    for start_m in range((pid_n * BN) // BM * BM, last, BM):
         offs_m = start_m + tl.arange(0, BM)
         q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
         do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
@@ -135,9 +149,9 @@ def pruned_bwd_dkdv_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DK, DV, DCOL, 
 
 
 @triton.jit
-def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
+def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, BOUND, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
                          T, H, GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr):
+                         HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDED: tl.constexpr):
     """One query block of one (batch, head): dQ and the row sums of dS (DROW [B, H, T])."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -149,7 +163,8 @@ def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, s_qb, 
     delta_m = _row(DELTA, bh, offs_m, T)
     dq = tl.zeros([BM, D], tl.float32)
     drow = tl.zeros([BM], tl.float32)
-    for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
+    first = _bound(BOUND, bh, pid_m, T, BM) * BN if BOUNDED else 0
+    for start_n in range(first, tl.minimum((pid_m + 1) * BM, T), BN):
         offs_n = start_n + tl.arange(0, BN)
         k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
         keep = _keep_tile(KEEP, b, offs_m, offs_n, T)
@@ -165,11 +180,12 @@ def pruned_bwd_dq_kernel(Q, K, V, C, KEEP, DOC, DO, LSE, DELTA, DQ, DROW, s_qb, 
 
 
 @triton.jit
-def pruned_bwd_dkeep_kernel(Q, K, V, C, DOC, DO, LSE, DELTA, DKEEP, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, T, H, GROUP,
-                            sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_DOC: tl.constexpr,
-                            DOT_PREC: tl.constexpr):
+def pruned_bwd_dkeep_kernel(Q, K, V, C, DOC, DO, LSE, DELTA, DKEEP, BOUND, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, T, H,
+                            GROUP, sm_scale, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr, BOUNDED: tl.constexpr):
     """dL/dI of one (query block, key block) tile of one batch, summed over the heads, into
-    DKEEP [B, T, T] (zeros above the diagonal); grid (query blocks * key blocks, B)."""
+    DKEEP [B, T, T] (zeros above the diagonal and where every head skips the tile: a
+    skipped pair has no weight, so no gradient); grid (query blocks * key blocks, B)."""
     pid, b = tl.program_id(0), tl.program_id(1)
     n_kb = tl.cdiv(T, BN)
     pid_m, pid_n = pid // n_kb, pid % n_kb
@@ -180,11 +196,16 @@ def pruned_bwd_dkeep_kernel(Q, K, V, C, DOC, DO, LSE, DELTA, DKEEP, s_qb, s_qt, 
         ok = _pairs(offs_m, offs_n, T, DOC, b, HAS_DOC)
         for h in range(H):
             bh = b * H + h
-            q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
-            do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
-            k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
-            e, _ = _probabilities(q, k, _row(C, bh, offs_m, T), c_n, _row(LSE, bh, offs_m, T), 1.0, ok, sm_scale,
-                                  DOT_PREC)
-            acc += e * (mm(do, tl.trans(v), DOT_PREC) - _row(DELTA, bh, offs_m, T)[:, None])
+            if BOUNDED:
+                live = pid_n >= _bound(BOUND, bh, pid_m, T, BM)
+            else:
+                live = True
+            if live:
+                q = _tile(Q, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
+                do = _tile(DO, b, h, s_qb, s_qt, s_qh, offs_m, T, D)
+                k, v, c_n = _key_block(K, V, C, b, bh, h // GROUP, s_kb, s_kt, s_kh, offs_n, T, D)
+                e, _ = _probabilities(q, k, _row(C, bh, offs_m, T), c_n, _row(LSE, bh, offs_m, T), 1.0, ok, sm_scale,
+                                      DOT_PREC)
+                acc += e * (mm(do, tl.trans(v), DOT_PREC) - _row(DELTA, bh, offs_m, T)[:, None])
     ptr = DKEEP + pair_offsets(b, offs_m, offs_n, T)
     tl.store(ptr, acc, mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
