@@ -1,6 +1,7 @@
 """Benchmark of learned context pruning's attention: the Triton kernels
 (`ops.context_pruning.pruned_forgetting_attention`) against the materialised reference,
-FoX with ACP and no mask (`forgetting_attention`, log_eps -10) and torch SDPA (cuDNN, dense
+the kernels skipping ACP's blocks too (log_eps -10, U = sqrt(128)), FoX with ACP and no mask
+(`forgetting_attention`, log_eps -10) and torch SDPA (cuDNN, dense
 causal), plus the keep mask's own cost (interaction scores, sparse sigmoid, cumulative
 product: the Triton kernels of `keep_mask` and the plain-PyTorch `keep_mask_reference`).
 
@@ -50,11 +51,13 @@ def main(argv=None) -> None:
     print(f"{torch.cuda.get_device_name()}; {opts.tokens} tokens a step, {opts.heads} heads, head_dim "
           f"{opts.head_dim}, bf16; ms")
     print("| L | kept | mask triton fwd+bwd | mask reference fwd+bwd | dcp triton fwd | dcp triton fwd+bwd | "
-          "dcp reference fwd+bwd | fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "dcp triton + acp fwd+bwd (skipped) | dcp reference fwd+bwd | fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for L in opts.lengths:
-        kept, row = one_length(L, opts)
-        print(f"| {L} | {kept:.3f} | " + " | ".join(f"{t:.2f}" for t in row) + " |", flush=True)
+        kept, row, skipped = one_length(L, opts)
+        cells = [f"{t:.2f}" for t in row]
+        cells[4] += f" ({skipped:.2f})"
+        print(f"| {L} | {kept:.3f} | " + " | ".join(cells) + " |", flush=True)
         torch.cuda.empty_cache()
 
 
@@ -89,6 +92,9 @@ def one_length(L, opts):
     def dcp():
         return pruned_forgetting_attention(q, k, v, log_f, mask_in)
 
+    def dcp_acp():
+        return pruned_forgetting_attention(q, k, v, log_f, mask_in, log_eps=-10.0, logit_bound=D ** 0.5)
+
     def reference():
         return pruned_forgetting_attention_reference(q, k, v, log_f, mask_in)
 
@@ -104,13 +110,16 @@ def one_length(L, opts):
     with torch.no_grad():
         row.append(bench(dcp))
     row.append(bench(fwd_bwd(dcp, mask_in)))
+    row.append(bench(fwd_bwd(dcp_acp, mask_in)))
+    _, stats = pruned_forgetting_attention(q, k, v, log_f, mask_in, log_eps=-10.0, logit_bound=D ** 0.5,
+                                           return_stats=True)
     try:
         row.append(bench(fwd_bwd(reference, mask_in), warmup=3, rep=50))
     except torch.OutOfMemoryError:
         row.append(float("nan"))
     torch.cuda.empty_cache()
     row += [bench(fwd_bwd(acp)), bench(fwd_bwd(sdpa))]
-    return float(kept_fraction(keep.detach())), row
+    return float(kept_fraction(keep.detach())), row, float(stats.skipped_fraction)
 
 
 if __name__ == "__main__":
