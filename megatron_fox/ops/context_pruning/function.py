@@ -97,12 +97,10 @@ def _stats(bounds, B, T, H, cu_seqlens, device) -> AttentionStats:
     bm, bn = _CONFIG["fwd"][:2]
 
     def compute():
-        if bounds is None:
-            first = torch.zeros(B, H, triton.cdiv(T, bm), dtype=torch.int64, device=device)
-            if cu_seqlens is not None:
-                first += document_maps(cu_seqlens, T, device)[0][::bm].long() // bn * bn
+        if bounds is None:  # every block computed
             return (torch.zeros((), dtype=torch.float64, device=device),
-                    torch.zeros(H, dtype=torch.float64, device=device), first)
+                    torch.zeros(H, dtype=torch.float64, device=device),
+                    torch.zeros(B, H, triton.cdiv(T, bm), dtype=torch.int64, device=device))
         doc_start = None if cu_seqlens is None else document_maps(cu_seqlens, T, device)[0]
         start = bounds["fwd"]
         skipped, total = skipped_pairs(start, bm, bn, T, doc_start)
