@@ -70,7 +70,8 @@ class FoxCoreAttention(MegatronModule):
             args = (q[rows], k[rows], v[rows], log_fgate[rows].contiguous(), keep[rows])
             if kernel_supports(q.shape[-1]):
                 out, st = pruned_forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                                      cu_seqlens=cu, return_stats=True)
+                                                      cu_seqlens=cu, return_stats=True,
+                                                      backward_pruning=cfg.acp_backward_pruning)
                 stats.append(st)
             else:
                 out = pruned_forgetting_attention_reference(*args, cu_seqlens=cu)

@@ -70,11 +70,12 @@ def test_kernel_documents(device):
         assert torch.equal(g, g2), name
 
 
-@pytest.mark.parametrize("bound", [None, 4.0])
-def test_kernel_skips_acp_blocks(device, bound):
+@pytest.mark.parametrize("bound,backward", [(None, "bound"), (4.0, "bound"), (4.0, "lse")])
+def test_kernel_skips_acp_blocks(device, bound, backward):
     """log_eps: the blocks ACP prunes are skipped (more than a third of the pairs with these
     fast-forgetting gates) and the output and gradients stay within the exact reference's
-    tolerance (the skipped pairs weigh <= e^-10 per row); logit_bound given or from the data."""
+    tolerance (the skipped pairs weigh <= e^-10 per row); logit_bound given or from the data;
+    the backward pruned as the forward or by the rows' lse."""
     B, T, H, G, D = 1, 300, 2, 1, 16
     ins = _inputs(B, T, H, G, D, torch.float32, device, 0.5)
     ins[3] = F.logsigmoid(torch.randn(B, T, H, device=device) - 0.5)  # c falls ~1 a token
@@ -82,7 +83,8 @@ def test_kernel_skips_acp_blocks(device, bound):
         ins[0] = ins[0] / ins[0].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
         ins[1] = ins[1] / ins[1].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
     ours = [t.clone().requires_grad_() for t in ins]
-    o, stats = pruned_forgetting_attention(*ours, log_eps=-10.0, logit_bound=bound, return_stats=True)
+    o, stats = pruned_forgetting_attention(*ours, log_eps=-10.0, logit_bound=bound, return_stats=True,
+                                          backward_pruning=backward)
     assert float(stats.skipped_fraction) > 0.33 and stats.skipped_fraction_per_head.shape == (H,)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, ours, do)
@@ -100,5 +102,7 @@ def test_kernel_errors(device):
     q, k, v, log_f, keep = _inputs(1, 16, 2, 1, 16, torch.float32, device, 0.5)
     with pytest.raises(ValueError, match="keep"):
         pruned_forgetting_attention(q, k, v, log_f, keep[:, :8])
+    with pytest.raises(ValueError, match="backward_pruning"):
+        pruned_forgetting_attention(q, k, v, log_f, keep, log_eps=-10.0, backward_pruning="rows")
     with pytest.raises(ValueError, match="head_dim"):
         pruned_forgetting_attention(q[..., :12], k[..., :12], v[..., :12], log_f, keep)

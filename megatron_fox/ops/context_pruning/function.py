@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 import triton
 
-from ..forgetting_attn.boundary import key_block_start, query_block_end, skipped_pairs
-from ..forgetting_attn.common import (AttentionStats, check_inputs, document_maps, forget_prefix_sums,
-                                      logit_bound_per_head, pruning_threshold)
+from ..forgetting_attn.boundary import key_block_start, lse_threshold, query_block_end, skipped_pairs
+from ..forgetting_attn.common import (AttentionStats, check_backward_pruning, check_inputs, document_maps,
+                                      forget_prefix_sums, logit_bound_per_head, pruning_threshold)
 from ..forgetting_attn.function import _dot_precision
 from ..forgetting_attn.tiles import _interpreting
 
@@ -23,7 +23,7 @@ _CONFIG = {"fwd": (64, 64, 4, 2), "dkdv": (128, 64, 8, 2), "dq": (64, 64, 4, 2),
 
 class _PrunedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, c, keep, doc, sm_scale, bounds):
+    def forward(ctx, q, k, v, c, keep, doc, sm_scale, bounds, lse_rule):
         B, T, H, D = q.shape
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
@@ -32,7 +32,7 @@ class _PrunedAttention(torch.autograd.Function):
         _launch(pruned_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(T, bm), B * H), q, k, v, c, keep,
                 _doc_arg(doc, c), o, lse, meta=(q, k, doc, sm_scale, bounds))
         ctx.save_for_backward(q, k, v, c, keep, doc, o, lse)
-        ctx.sm_scale, ctx.bounds = sm_scale, bounds
+        ctx.sm_scale, ctx.bounds, ctx.lse_rule = sm_scale, bounds, lse_rule
         return o
 
     @staticmethod
@@ -43,7 +43,11 @@ class _PrunedAttention(torch.autograd.Function):
         B, T, H, D = q.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
-        meta = (q, k, doc, ctx.sm_scale, ctx.bounds)
+        bounds = ctx.bounds
+        if ctx.lse_rule is not None:  # (delta, U, cu_seqlens): tighter boundaries now that lse is known
+            threshold, bound, cu_seqlens = ctx.lse_rule
+            bounds = _block_bounds(c, threshold, cu_seqlens, T, lse=(bound, lse))
+        meta = (q, k, doc, ctx.sm_scale, bounds)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
         dq = torch.empty_like(q)
@@ -61,7 +65,7 @@ class _PrunedAttention(torch.autograd.Function):
         dk = dk_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(k.dtype)
         dv = dv_h.view(B, T, G, H // G, D).sum(3, dtype=torch.float32).to(v.dtype)
         # s_ij holds c_i - c_j: dc_i = (row sums of dS)_i - (column sums of dS)_i
-        return dq, dk, dv, drow - dcol, dkeep, None, None, None
+        return dq, dk, dv, drow - dcol, dkeep, None, None, None, None
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -81,14 +85,21 @@ def _launch(kernel, name, grid, *tensors, meta):
                          _dot_precision(q), bounds is not None, num_warps=warps, num_stages=stages)
 
 
-def _block_bounds(c, delta, cu_seqlens, T):
+def _block_bounds(c, delta, cu_seqlens, T, lse=None):
     """Each kernel's BOUND (see triton_kernels), from the ACP threshold delta [B, H] (None:
-    nothing pruned) and the documents; None where neither skips anything."""
+    nothing pruned) and the documents; None where neither skips anything. lse = (U [B, H],
+    the forward's rows' lse [B, H, T]): the backward's per-query-block thresholds instead
+    (`boundary.lse_threshold`: pairs below weigh < eps / T each, the mask only lowers them)."""
     if delta is None and cu_seqlens is None:
         return None
     doc_start, doc_end = (None, None) if cu_seqlens is None else document_maps(cu_seqlens, T, c.device)
-    bounds = {name: key_block_start(c, c, delta, doc_start, *_CONFIG[name][:2]) for name in ("fwd", "dq", "dkeep")}
-    bounds["dkdv"] = query_block_end(c, c, delta, doc_end, *_CONFIG["dkdv"][:2])
+
+    def threshold(bm):
+        return delta if lse is None or delta is None else lse_threshold(delta, lse[0], lse[1], bm)
+
+    bounds = {name: key_block_start(c, c, threshold(_CONFIG[name][0]), doc_start, *_CONFIG[name][:2])
+              for name in ("fwd", "dq", "dkeep")}
+    bounds["dkdv"] = query_block_end(c, c, threshold(_CONFIG["dkdv"][0]), doc_end, *_CONFIG["dkdv"][:2])
     return bounds
 
 
@@ -115,14 +126,16 @@ def _doc_arg(doc, c):
 
 def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[float] = None,
                                 log_eps: Optional[float] = None, logit_bound=None,
-                                cu_seqlens: Optional[torch.Tensor] = None, return_stats: bool = False):
+                                cu_seqlens: Optional[torch.Tensor] = None, return_stats: bool = False,
+                                backward_pruning: str = "bound"):
     """FoX attention with the learned keep mask: weights I_ij exp(s_ij) normalised per row.
 
     q [B, T, H, D], k, v [B, T, Hkv, D] (bf16, fp16 or fp32; D 16-128, a power of two),
     log_fgate [B, T, H] float32, keep I [B, T, T] float32 (query, key; shared by the heads,
     in [0, 1], ones on the diagonal); log_eps, logit_bound and cu_seqlens as in
     `forgetting_attention`: with log_eps the kernels skip the blocks ACP prunes (their pairs
-    weigh at most eps per row without the mask, so no more with it). Returns o [B, T, H, D]
+    weigh at most eps per row without the mask, so no more with it); backward_pruning "lse"
+    lets the backward skip by the rows' log-sum-exp as there, "bound" as the forward. Returns o [B, T, H, D]
     in q.dtype, and with return_stats an `AttentionStats` of the forward's skipping;
     differentiable in q, k, v, log_fgate and keep (keep's gradient also where I_ij = 0, as
     the reference's; 0 where ACP skips). Triton on CUDA and under TRITON_INTERPRET=1;
@@ -131,6 +144,7 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     from .reference import pruned_forgetting_attention_reference
 
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    check_backward_pruning(backward_pruning)
     B, T, H, D = q.shape
     if keep.shape != (B, T, T):
         raise ValueError(f"keep must be [batch, seq, seq] = ({B}, {T}, {T}), got {tuple(keep.shape)}")
@@ -144,11 +158,13 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
         doc = document_maps(cu_seqlens, T, q.device)[0][None].contiguous()  # [1, T]: each token's document start
     _, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # restarts at documents, [B, H, T]
     c = c.contiguous()
-    delta = None
+    delta = lse_rule = None
     if log_eps is not None:
         with torch.no_grad():
-            delta = pruning_threshold(logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound), T, log_eps)
+            U = logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound)
+            delta = pruning_threshold(U, T, log_eps)
+        lse_rule = (delta, U, cu_seqlens) if backward_pruning == "lse" else None
     bounds = _block_bounds(c.detach(), delta, cu_seqlens, T)
     q, k, v = (t.contiguous() for t in (q, k, v))
-    o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds)
+    o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds, lse_rule)
     return (o, _stats(bounds, B, T, H, cu_seqlens, q.device)) if return_stats else o
