@@ -1,6 +1,6 @@
 """Learned dynamic context pruning (Anagnostidis et al. 2023) on forgetting attention,
-plain PyTorch with materialised [T, T] masks: the training path and the ground truth of
-the decoding cache.
+plain PyTorch with materialised [T, T] masks: the CPU path, and the ground truth of the
+Triton kernels (`keep_mask`, `pruned_forgetting_attention`) and of the decoding cache.
 
 Interaction scores of query position n and key position j (one set per layer, shared by its
 heads): z_nj = q_int_n . k_int_j / sqrt(r) + beta, with q_int, k_int [T, r] projections of
