@@ -32,8 +32,8 @@ class FoxTransformerConfig(TransformerConfig):
         interaction projections of width fox_context_pruning_dim decide which earlier tokens
         every later one drops (`layers.context_pruning`); the attention then runs
         `ops.context_pruning.pruned_forgetting_attention` with the [b, s, s] mask (O(s^2)
-        memory: a fine-tuning method for short contexts; ACP's block skipping does not apply
-        there). No context parallelism.
+        memory: a fine-tuning method for short contexts; ACP's block skipping applies as
+        for the unmasked op). No context parallelism.
     fox_context_pruning_beta_init: initial bias of the keep score (2: most tokens kept at first).
     """
 

@@ -44,9 +44,9 @@ class _PrunedAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
         bounds = ctx.bounds
-        if ctx.lse_rule is not None:  # (delta, U, cu_seqlens): tighter boundaries now that lse is known
-            threshold, bound, cu_seqlens = ctx.lse_rule
-            bounds = _block_bounds(c, threshold, cu_seqlens, T, lse=(bound, lse))
+        if ctx.lse_rule is not None:  # (delta, U, doc maps): tighter boundaries now that lse is known
+            threshold, bound, docs_se = ctx.lse_rule
+            bounds = _block_bounds(c, threshold, docs_se, lse=(bound, lse))
         meta = (q, k, doc, ctx.sm_scale, bounds)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
@@ -85,14 +85,15 @@ def _launch(kernel, name, grid, *tensors, meta):
                          _dot_precision(q), bounds is not None, num_warps=warps, num_stages=stages)
 
 
-def _block_bounds(c, delta, cu_seqlens, T, lse=None):
+def _block_bounds(c, delta, docs_se, lse=None):
     """Each kernel's BOUND (see triton_kernels), from the ACP threshold delta [B, H] (None:
-    nothing pruned) and the documents; None where neither skips anything. lse = (U [B, H],
+    nothing pruned) and the documents (docs_se: `document_maps`' (start, end), or None);
+    None where neither skips anything. lse = (U [B, H],
     the forward's rows' lse [B, H, T]): the backward's per-query-block thresholds instead
     (`boundary.lse_threshold`: pairs below weigh < eps / T each, the mask only lowers them)."""
-    if delta is None and cu_seqlens is None:
+    if delta is None and docs_se is None:
         return None
-    doc_start, doc_end = (None, None) if cu_seqlens is None else document_maps(cu_seqlens, T, c.device)
+    doc_start, doc_end = (None, None) if docs_se is None else docs_se
 
     def threshold(bm):
         return delta if lse is None or delta is None else lse_threshold(delta, lse[0], lse[1], bm)
@@ -103,7 +104,7 @@ def _block_bounds(c, delta, cu_seqlens, T, lse=None):
     return bounds
 
 
-def _stats(bounds, B, T, H, cu_seqlens, device) -> AttentionStats:
+def _stats(bounds, B, T, H, doc_start, device) -> AttentionStats:
     """What the forward skipped (AttentionStats, computed on first access)."""
     bm, bn = _CONFIG["fwd"][:2]
 
@@ -112,7 +113,6 @@ def _stats(bounds, B, T, H, cu_seqlens, device) -> AttentionStats:
             return (torch.zeros((), dtype=torch.float64, device=device),
                     torch.zeros(H, dtype=torch.float64, device=device),
                     torch.zeros(B, H, triton.cdiv(T, bm), dtype=torch.int64, device=device))
-        doc_start = None if cu_seqlens is None else document_maps(cu_seqlens, T, device)[0]
         start = bounds["fwd"]
         skipped, total = skipped_pairs(start, bm, bn, T, doc_start)
         return skipped.sum() / total.sum(), skipped.sum(0) / total.sum(0), start.long() * bn
@@ -135,8 +135,9 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     in [0, 1], ones on the diagonal); log_eps, logit_bound and cu_seqlens as in
     `forgetting_attention`: with log_eps the kernels skip the blocks ACP prunes (their pairs
     weigh at most eps per row without the mask, so no more with it); backward_pruning "lse"
-    lets the backward skip by the rows' log-sum-exp as there, "bound" as the forward. Returns o [B, T, H, D]
-    in q.dtype, and with return_stats an `AttentionStats` of the forward's skipping;
+    lets the backward skip by the rows' log-sum-exp as there, "bound" as the forward.
+    Returns o [B, T, H, D] in q.dtype, and with return_stats an `AttentionStats` of the
+    forward's skipping;
     differentiable in q, k, v, log_fgate and keep (keep's gradient also where I_ij = 0, as
     the reference's; 0 where ACP skips). Triton on CUDA and under TRITON_INTERPRET=1;
     elsewhere the plain-PyTorch reference (exact: nothing skipped).
@@ -150,12 +151,11 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
         raise ValueError(f"keep must be [batch, seq, seq] = ({B}, {T}, {T}), got {tuple(keep.shape)}")
     if q.device.type != "cuda" and not _interpreting():
         o = pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, sm_scale=sm_scale, cu_seqlens=cu_seqlens)
-        return (o, _stats(None, B, T, H, cu_seqlens, q.device)) if return_stats else o
+        return (o, _stats(None, B, T, H, None, q.device)) if return_stats else o
     if not kernel_supports(D):
         raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
-    doc = None
-    if cu_seqlens is not None:
-        doc = document_maps(cu_seqlens, T, q.device)[0][None].contiguous()  # [1, T]: each token's document start
+    docs_se = None if cu_seqlens is None else document_maps(cu_seqlens, T, q.device)  # (start, end) [T] each
+    doc = None if docs_se is None else docs_se[0][None].contiguous()  # [1, T]: each token's document start
     _, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # restarts at documents, [B, H, T]
     c = c.contiguous()
     delta = lse_rule = None
@@ -163,8 +163,8 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
         with torch.no_grad():
             U = logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound)
             delta = pruning_threshold(U, T, log_eps)
-        lse_rule = (delta, U, cu_seqlens) if backward_pruning == "lse" else None
-    bounds = _block_bounds(c.detach(), delta, cu_seqlens, T)
+        lse_rule = (delta, U, docs_se) if backward_pruning == "lse" else None
+    bounds = _block_bounds(c.detach(), delta, docs_se)
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds, lse_rule)
-    return (o, _stats(bounds, B, T, H, cu_seqlens, q.device)) if return_stats else o
+    return (o, _stats(bounds, B, T, H, None if doc is None else doc[0], q.device)) if return_stats else o

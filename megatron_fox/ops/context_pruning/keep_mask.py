@@ -90,9 +90,8 @@ def keep_mask(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: float) -> t
     `keep_mask_reference`."""
     check_interaction(q_int, k_int)
     alpha = check_alpha(alpha)
-    if q_int.device.type != "cuda" and not _interpreting():
-        return keep_mask_reference(q_int, k_int, beta, alpha)
-    if q_int.dtype == torch.float64 or q_int.shape[-1] > _MAX_R:  # float64: gradient checks
+    on_kernels = q_int.device.type == "cuda" or _interpreting()
+    if not on_kernels or q_int.dtype == torch.float64 or q_int.shape[-1] > _MAX_R:  # float64: gradient checks
         return keep_mask_reference(q_int, k_int, beta, alpha)
     beta_t = beta if torch.is_tensor(beta) else torch.tensor(float(beta), device=q_int.device)
     if beta_t.numel() != 1:

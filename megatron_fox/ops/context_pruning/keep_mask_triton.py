@@ -42,6 +42,12 @@ def pair_offsets(b, offs_m, offs_n, T):
 
 
 @triton.jit
+def _block_row(b, m, T, BM: tl.constexpr):
+    """Offset of row (b, query block m) of BLK [B, cdiv(T, BM), T], in int64."""
+    return (b * tl.cdiv(T, BM) + m).to(tl.int64) * T
+
+
+@triton.jit
 def _probabilities(qi, ki, beta, inv_sqrt_r, a, offs_m, offs_n, MODE: tl.constexpr, STEPS: tl.constexpr,
                    NEWTON: tl.constexpr):
     """(p, slope) [BM, BN] of the pairs, p = 1 and slope = 0 where the key is not before the query."""
@@ -85,7 +91,7 @@ def keep_probs_kernel(QI, KI, BETA, KEEP, BLK, T, inv_sqrt_r, a, R: tl.constexpr
         p = tl.where(offs_m[:, None] < T, p, 1.0)
         tl.store(ptr, p, mask=ok)
         # a column's running product only falls (p <= 1), so its smallest entry is the last
-        tl.store(BLK + (b * tl.cdiv(T, BM) + pid_m).to(tl.int64) * T + offs_n, tl.min(tl.cumprod(p, axis=0), 0),
+        tl.store(BLK + _block_row(b, pid_m, T, BM) + offs_n, tl.min(tl.cumprod(p, axis=0), 0),
                  mask=offs_n < T)
     else:
         tl.store(ptr, tl.full([BM, BN], 1.0, tl.float32), mask=ok)
@@ -101,7 +107,7 @@ def keep_scan_kernel(KEEP, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
         offs_n = pid_n * BN + tl.arange(0, BN)
         carry = tl.full([BN], 1.0, tl.float32)
         for m in range((pid_n * BN) // BM, pid_m):
-            carry *= tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=1.0)
+            carry *= tl.load(BLK + _block_row(b, m, T, BM) + offs_n, mask=offs_n < T, other=1.0)
         ptr = KEEP + pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         p = tl.load(ptr, mask=ok, other=1.0)
@@ -118,7 +124,7 @@ def keep_bwd_sums_kernel(KEEP, G, BLK, T, BM: tl.constexpr, BN: tl.constexpr):
         off = pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
-        tl.store(BLK + (b * tl.cdiv(T, BM) + pid_m).to(tl.int64) * T + offs_n, tl.sum(gk, 0), mask=offs_n < T)
+        tl.store(BLK + _block_row(b, pid_m, T, BM) + offs_n, tl.sum(gk, 0), mask=offs_n < T)
 
 
 @triton.jit
@@ -134,7 +140,7 @@ def keep_bwd_kernel(QI, KI, BETA, KEEP, G, BLK, DQI, DKI, DBETA, T, inv_sqrt_r, 
         offs_n = pid_n * BN + tl.arange(0, BN)
         below = tl.zeros([BN], tl.float32)
         for m in range(pid_m + 1, tl.cdiv(T, BM)):
-            below += tl.load(BLK + (b * tl.cdiv(T, BM) + m).to(tl.int64) * T + offs_n, mask=offs_n < T, other=0.0)
+            below += tl.load(BLK + _block_row(b, m, T, BM) + offs_n, mask=offs_n < T, other=0.0)
         off = pair_offsets(b, offs_m, offs_n, T)
         ok = (offs_m[:, None] < T) & (offs_n[None, :] < T)
         gk = tl.load(G + off, mask=ok, other=0.0) * tl.load(KEEP + off, mask=ok, other=0.0)
