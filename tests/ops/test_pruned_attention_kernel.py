@@ -70,13 +70,17 @@ def test_kernel_documents(device):
         assert torch.equal(g, g2), name
 
 
-@pytest.mark.parametrize("bound,backward", [(None, "bound"), (4.0, "bound"), (4.0, "lse")])
-def test_kernel_skips_acp_blocks(device, bound, backward):
+@pytest.mark.parametrize("bound,backward,docs", [(None, "bound", False), (4.0, "bound", False), (4.0, "lse", False),
+                                                 (None, "bound", True), (4.0, "lse", True)])
+def test_kernel_skips_acp_blocks(device, bound, backward, docs):
     """log_eps: the blocks ACP prunes are skipped (more than a third of the pairs with these
-    fast-forgetting gates) and the output and gradients stay within the exact reference's
+    fast-forgetting gates, a fifth with two documents) and the output and gradients stay within the exact reference's
     tolerance (the skipped pairs weigh <= e^-10 per row); logit_bound given or from the data;
-    the backward pruned as the forward or by the rows' lse."""
+    the backward pruned as the forward or by the rows' lse; packed documents, the second
+    starting inside a query block (its rows' own keys must not be taken as far behind the
+    first document's)."""
     B, T, H, G, D = 1, 300, 2, 1, 16
+    cu = torch.tensor([0, 210, T], dtype=torch.int32, device=device) if docs else None
     ins = _inputs(B, T, H, G, D, torch.float32, device, 0.5)
     ins[3] = F.logsigmoid(torch.randn(B, T, H, device=device) - 0.5)  # c falls ~1 a token
     if bound is not None:  # q, k scaled so that |sm_scale q.k| <= 4
@@ -84,12 +88,13 @@ def test_kernel_skips_acp_blocks(device, bound, backward):
         ins[1] = ins[1] / ins[1].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
     ours = [t.clone().requires_grad_() for t in ins]
     o, stats = pruned_forgetting_attention(*ours, log_eps=-10.0, logit_bound=bound, return_stats=True,
-                                          backward_pruning=backward)
-    assert float(stats.skipped_fraction) > 0.33 and stats.skipped_fraction_per_head.shape == (H,)
+                                          backward_pruning=backward, cu_seqlens=cu)
+    # of the causal pairs within documents; two documents leave fewer far pairs to skip
+    assert float(stats.skipped_fraction) > (0.2 if docs else 0.33) and stats.skipped_fraction_per_head.shape == (H,)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, ours, do)
     ref_in = _reference_inputs(ins)
-    o_ref = pruned_forgetting_attention_reference(*ref_in, dtype=torch.float64)
+    o_ref = pruned_forgetting_attention_reference(*ref_in, cu_seqlens=cu, dtype=torch.float64)
     ref_grads = torch.autograd.grad(o_ref, ref_in, do.double())
     check_close(o, o_ref, torch.float32, "out")
     for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):

@@ -44,9 +44,9 @@ class _PrunedAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).transpose(1, 2).contiguous()  # D_i = dO_i . O_i, [B, H, T]
         bounds = ctx.bounds
-        if ctx.lse_rule is not None:  # (delta, U, doc maps): tighter boundaries now that lse is known
-            threshold, bound, docs_se = ctx.lse_rule
-            bounds = _block_bounds(c, threshold, docs_se, lse=(bound, lse))
+        if ctx.lse_rule is not None:  # (delta, U, doc maps, c_global): tighter boundaries now that lse is known
+            threshold, bound, docs_se, c_global = ctx.lse_rule
+            bounds = _block_bounds(c_global, threshold, docs_se, lse=(bound, lse))
         meta = (q, k, doc, ctx.sm_scale, bounds)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
@@ -156,15 +156,17 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
         raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
     docs_se = None if cu_seqlens is None else document_maps(cu_seqlens, T, q.device)  # (start, end) [T] each
     doc = None if docs_se is None else docs_se[0][None].contiguous()  # [1, T]: each token's document start
-    _, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # restarts at documents, [B, H, T]
-    c = c.contiguous()
+    # c for the logits restarts at documents (small values, float32 precision); the block
+    # boundaries need c_global, non-increasing over the whole row as their searches assume
+    c_global, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # [B, H, T] each
+    c, c_global = c.contiguous(), c_global.detach()
     delta = lse_rule = None
     if log_eps is not None:
         with torch.no_grad():
             U = logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound)
             delta = pruning_threshold(U, T, log_eps)
-        lse_rule = (delta, U, docs_se) if backward_pruning == "lse" else None
-    bounds = _block_bounds(c.detach(), delta, docs_se)
+        lse_rule = (delta, U, docs_se, c_global) if backward_pruning == "lse" else None
+    bounds = _block_bounds(c_global, delta, docs_se)
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds, lse_rule)
     return (o, _stats(bounds, B, T, H, None if doc is None else doc[0], q.device)) if return_stats else o
