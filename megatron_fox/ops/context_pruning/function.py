@@ -46,7 +46,8 @@ class _PrunedAttention(torch.autograd.Function):
         bounds = ctx.bounds
         if ctx.lse_rule is not None:  # (delta, U, doc maps, c_global): tighter boundaries now that lse is known
             threshold, bound, docs_se, c_global = ctx.lse_rule
-            bounds = _block_bounds(c_global, threshold, docs_se, lse=(bound, lse))
+            names = ("dkdv", "dq") + (("dkeep",) if ctx.needs_input_grad[4] else ())
+            bounds = _block_bounds(c_global, threshold, docs_se, names, lse=(bound, lse))
         meta = (q, k, doc, ctx.sm_scale, bounds)
         dk_h, dv_h = torch.empty_like(q), torch.empty_like(q)  # per query head, summed over groups below
         dcol, drow = torch.empty_like(lse), torch.empty_like(lse)
@@ -85,22 +86,26 @@ def _launch(kernel, name, grid, *tensors, meta):
                          _dot_precision(q), bounds is not None, num_warps=warps, num_stages=stages)
 
 
-def _block_bounds(c, delta, docs_se, lse=None):
-    """Each kernel's BOUND (see triton_kernels), from the ACP threshold delta [B, H] (None:
-    nothing pruned) and the documents (docs_se: `document_maps`' (start, end), or None);
-    None where neither skips anything. lse = (U [B, H],
-    the forward's rows' lse [B, H, T]): the backward's per-query-block thresholds instead
-    (`boundary.lse_threshold`: pairs below weigh < eps / T each, the mask only lowers them)."""
+def _block_bounds(c_global, delta, docs_se, names, lse=None):
+    """BOUND (see triton_kernels) of each kernel in `names`, from the non-increasing gate sums
+    c_global [B, H, T], the ACP threshold delta [B, H] (None: nothing pruned) and the
+    documents (docs_se: `document_maps`' (start, end), or None); None where neither skips
+    anything. lse = (U [B, H], the forward's rows' lse [B, H, T]): the backward's
+    per-query-block thresholds instead (`boundary.lse_threshold`: pairs below weigh < eps / T
+    each, the mask only lowers them). Kernels of one tile shape share one search."""
     if delta is None and docs_se is None:
         return None
     doc_start, doc_end = (None, None) if docs_se is None else docs_se
-
-    def threshold(bm):
-        return delta if lse is None or delta is None else lse_threshold(delta, lse[0], lse[1], bm)
-
-    bounds = {name: key_block_start(c, c, threshold(_CONFIG[name][0]), doc_start, *_CONFIG[name][:2])
-              for name in ("fwd", "dq", "dkeep")}
-    bounds["dkdv"] = query_block_end(c, c, threshold(_CONFIG["dkdv"][0]), doc_end, *_CONFIG["dkdv"][:2])
+    thresholds, searched, bounds = {}, {}, {}
+    for name in names:
+        bm, bn = _CONFIG[name][:2]
+        if bm not in thresholds:
+            thresholds[bm] = delta if lse is None or delta is None else lse_threshold(delta, lse[0], lse[1], bm)
+        key = (name == "dkdv", bm, bn)  # dK/dV loops over query blocks: its bound is the end
+        if key not in searched:
+            search, doc = (query_block_end, doc_end) if name == "dkdv" else (key_block_start, doc_start)
+            searched[key] = search(c_global, c_global, thresholds[bm], doc, bm, bn)
+        bounds[name] = searched[key]
     return bounds
 
 
@@ -166,7 +171,8 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
             U = logit_bound_per_head(q.detach(), k.detach(), sm_scale, logit_bound)
             delta = pruning_threshold(U, T, log_eps)
         lse_rule = (delta, U, docs_se, c_global) if backward_pruning == "lse" else None
-    bounds = _block_bounds(c_global, delta, docs_se)
+    # with the lse rule the backward finds its own boundaries: the forward's only here
+    bounds = _block_bounds(c_global, delta, docs_se, ("fwd",) if lse_rule is not None else tuple(_CONFIG))
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds, lse_rule)
     return (o, _stats(bounds, B, T, H, None if doc is None else doc[0], q.device)) if return_stats else o
