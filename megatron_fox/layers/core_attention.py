@@ -54,35 +54,25 @@ class FoxCoreAttention(MegatronModule):
 
     def _pruned(self, q, k, v, log_fgate, keep, logit_bound, cu_seqlens):
         """The keep mask's attention: the Triton op where the head dim allows (skipping what
-        ACP prunes, as the unmasked op does), else the materialised reference (exact);
-        packed documents one sample at a time."""
+        ACP prunes, as the unmasked op does), else the materialised reference (exact); the
+        whole micro-batch in one call, packed documents included (cu_seqlens over its b * s
+        tokens, every sample starting a document)."""
         from ..ops.context_pruning import pruned_forgetting_attention, pruned_forgetting_attention_reference
         from ..ops.context_pruning.function import kernel_supports
-        from ..parallel import sample_cu_seqlens
 
         cfg = self.config
-        q, k, v, log_fgate = (t.transpose(0, 1) for t in (q, k, v, log_fgate))
-        s, b = q.shape[1], q.shape[0]
-        samples = [(slice(None), None)] if cu_seqlens is None else [
-            (slice(i, i + 1), sample_cu_seqlens(cu_seqlens, i, s)) for i in range(b)]
-        outs, stats = [], []
-        for rows, cu in samples:
-            args = (q[rows], k[rows], v[rows], log_fgate[rows].contiguous(), keep[rows])
-            if kernel_supports(q.shape[-1]):
-                out, st = pruned_forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                                      cu_seqlens=cu, return_stats=True,
-                                                      backward_pruning=cfg.acp_backward_pruning)
-                stats.append(st)
-            else:
-                out = pruned_forgetting_attention_reference(*args, cu_seqlens=cu)
-            outs.append(out)
-
-        def mean_skipped():  # read at the logging interval only (no launches in other steps)
-            total = sum(float(st.skipped_fraction) for st in stats) / len(samples)
-            return torch.tensor(total, device=q.device), None, None
-
-        self._stats = AttentionStats(mean_skipped, 0, 0)
-        return torch.cat(outs, dim=0).transpose(0, 1)
+        args = [t.transpose(0, 1) for t in (q, k, v, log_fgate)] + [keep]
+        args[3] = args[3].contiguous()
+        if kernel_supports(q.shape[-1]):
+            out, st = pruned_forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+                                                  cu_seqlens=cu_seqlens, return_stats=True,
+                                                  backward_pruning=cfg.acp_backward_pruning)
+            # read at the logging interval only (no launches in other steps)
+            self._stats = AttentionStats(lambda: (st.skipped_fraction, None, None), 0, 0)
+        else:
+            out = pruned_forgetting_attention_reference(*args, cu_seqlens=cu_seqlens)
+            self._stats = AttentionStats(lambda: (torch.zeros((), device=q.device), None, None), 0, 0)
+        return out.transpose(0, 1)
 
     def _forward(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
         s, b = q.shape[:2]

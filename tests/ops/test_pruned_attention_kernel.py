@@ -103,11 +103,45 @@ def test_kernel_skips_acp_blocks(device, bound, backward, docs):
     assert torch.all(grads[4][0][far] == 0)
 
 
+def test_kernel_batch_of_packed_samples(device):
+    """cu_seqlens over a batch of two (batch-major offsets over its 2 * T tokens, each sample
+    starting a document; the layer's micro-batch in one call) with ACP skipping: output and
+    gradients equal each sample alone through the reference with its own offsets, and the
+    reference's batched path gives the same."""
+    B, T, H, D = 2, 256, 2, 16
+    ins = _inputs(B, T, H, 1, D, torch.float32, device, 0.5)
+    ins[3] = F.logsigmoid(torch.randn(B, T, H, device=device) - 0.5)
+    for i in (0, 1):  # |sm_scale q.k| <= 4
+        ins[i] = ins[i] / ins[i].norm(dim=-1, keepdim=True) * 2 * D ** 0.25
+    cu = torch.tensor([0, 200, 256, 306, 512], dtype=torch.int32, device=device)
+    alone = [torch.tensor([0, 200, 256], dtype=torch.int32), torch.tensor([0, 50, 256], dtype=torch.int32)]
+    ours = [t.clone().requires_grad_() for t in ins]
+    o, stats = pruned_forgetting_attention(*ours, cu_seqlens=cu, log_eps=-10.0, logit_bound=4.0,
+                                          backward_pruning="lse", return_stats=True)
+    assert float(stats.skipped_fraction) > 0.2
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, ours, do)
+    for i in range(B):
+        ref_in = _reference_inputs([t[i:i + 1] for t in ins])
+        o_ref = pruned_forgetting_attention_reference(*ref_in, cu_seqlens=alone[i].to(device), dtype=torch.float64)
+        ref_grads = torch.autograd.grad(o_ref, ref_in, do[i:i + 1].double())
+        check_close(o[i:i + 1], o_ref, torch.float32, f"out {i}")
+        for name, g, r in zip(("dq", "dk", "dv", "dlog_f", "dkeep"), grads, ref_grads):
+            check_close(g[i:i + 1], r, torch.float32, f"{name} {i}")
+    batched = pruned_forgetting_attention_reference(*_reference_inputs(ins), cu_seqlens=cu, dtype=torch.float64)
+    check_close(o, batched, torch.float32, "out, batched reference")
+
+
 def test_kernel_errors(device):
     q, k, v, log_f, keep = _inputs(1, 16, 2, 1, 16, torch.float32, device, 0.5)
     with pytest.raises(ValueError, match="keep"):
         pruned_forgetting_attention(q, k, v, log_f, keep[:, :8])
     with pytest.raises(ValueError, match="backward_pruning"):
         pruned_forgetting_attention(q, k, v, log_f, keep, log_eps=-10.0, backward_pruning="rows")
+    q2, k2, v2, log_f2, keep2 = _inputs(2, 16, 2, 1, 16, torch.float32, device, 0.5)
+    with pytest.raises(ValueError, match="every sample's start"):  # sample 1 starts at 16
+        pruned_forgetting_attention(q2, k2, v2, log_f2, keep2, cu_seqlens=torch.tensor([0, 10, 32], device=device))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at 32"):
+        pruned_forgetting_attention(q2, k2, v2, log_f2, keep2, cu_seqlens=torch.tensor([0, 16], device=device))
     with pytest.raises(ValueError, match="head_dim"):
         pruned_forgetting_attention(q[..., :12], k[..., :12], v[..., :12], log_f, keep)

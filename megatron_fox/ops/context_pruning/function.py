@@ -10,8 +10,9 @@ import torch
 import triton
 
 from ..forgetting_attn.boundary import key_block_start, lse_threshold, query_block_end, skipped_pairs
-from ..forgetting_attn.common import (AttentionStats, check_backward_pruning, check_inputs, document_maps,
-                                      forget_prefix_sums, logit_bound_per_head, pruning_threshold)
+from ..forgetting_attn.common import (AttentionStats, check_backward_pruning, check_inputs,
+                                      forget_prefix_sums, logit_bound_per_head, pruning_threshold,
+                                      row_document_maps)
 from ..forgetting_attn.function import _dot_precision
 from ..forgetting_attn.tiles import _interpreting
 
@@ -89,7 +90,7 @@ def _launch(kernel, name, grid, *tensors, meta):
 def _block_bounds(c_global, delta, docs_se, names, lse=None):
     """BOUND (see triton_kernels) of each kernel in `names`, from the non-increasing gate sums
     c_global [B, H, T], the ACP threshold delta [B, H] (None: nothing pruned) and the
-    documents (docs_se: `document_maps`' (start, end), or None); None where neither skips
+    documents (docs_se: `row_document_maps`' (start, end) [B, T], or None); None where neither skips
     anything. lse = (U [B, H], the forward's rows' lse [B, H, T]): the backward's
     per-query-block thresholds instead (`boundary.lse_threshold`: pairs below weigh < eps / T
     each, the mask only lowers them). Kernels of one tile shape share one search."""
@@ -138,9 +139,11 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     q [B, T, H, D], k, v [B, T, Hkv, D] (bf16, fp16 or fp32; D 16-128, a power of two),
     log_fgate [B, T, H] float32, keep I [B, T, T] float32 (query, key; shared by the heads,
     in [0, 1], ones on the diagonal); log_eps, logit_bound and cu_seqlens as in
-    `forgetting_attention`: with log_eps the kernels skip the blocks ACP prunes (their pairs
-    weigh at most eps per row without the mask, so no more with it); backward_pruning "lse"
-    lets the backward skip by the rows' log-sum-exp as there, "bound" as the forward.
+    `forgetting_attention`, except that cu_seqlens may also cover a batch > 1 (offsets over
+    its B * T tokens, batch-major, holding every sample's start): with log_eps the kernels
+    skip the blocks ACP prunes (their pairs weigh at most eps per row without the mask, so
+    no more with it); backward_pruning "lse" lets the backward skip by the rows'
+    log-sum-exp as there, "bound" as the forward.
     Returns o [B, T, H, D] in q.dtype, and with return_stats an `AttentionStats` of the
     forward's skipping;
     differentiable in q, k, v, log_fgate and keep (keep's gradient also where I_ij = 0, as
@@ -149,7 +152,8 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     """
     from .reference import pruned_forgetting_attention_reference
 
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         per_sample=True)
     check_backward_pruning(backward_pruning)
     B, T, H, D = q.shape
     if keep.shape != (B, T, T):
@@ -159,11 +163,11 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
         return (o, _stats(None, B, T, H, None, q.device)) if return_stats else o
     if not kernel_supports(D):
         raise ValueError(f"head_dim must be a power of two in [16, 128] here, got {D}")
-    docs_se = None if cu_seqlens is None else document_maps(cu_seqlens, T, q.device)  # (start, end) [T] each
-    doc = None if docs_se is None else docs_se[0][None].contiguous()  # [1, T]: each token's document start
+    docs_se = None if cu_seqlens is None else row_document_maps(cu_seqlens, B, T, q.device)  # (start, end) [B, T]
+    doc = None if docs_se is None else docs_se[0]  # each token's document start in its row
     # c for the logits restarts at documents (small values, float32 precision); the block
     # boundaries need c_global, non-increasing over the whole row as their searches assume
-    c_global, c = forget_prefix_sums(log_fgate, None if doc is None else doc[0])  # [B, H, T] each
+    c_global, c = forget_prefix_sums(log_fgate, doc)  # [B, H, T] each
     c, c_global = c.contiguous(), c_global.detach()
     delta = lse_rule = None
     if log_eps is not None:
@@ -175,4 +179,4 @@ def pruned_forgetting_attention(q, k, v, log_fgate, keep, *, sm_scale: Optional[
     bounds = _block_bounds(c_global, delta, docs_se, ("fwd",) if lse_rule is not None else tuple(_CONFIG))
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = _PrunedAttention.apply(q, k, v, c, keep.float().contiguous(), doc, sm_scale, bounds, lse_rule)
-    return (o, _stats(bounds, B, T, H, None if doc is None else doc[0], q.device)) if return_stats else o
+    return (o, _stats(bounds, B, T, H, doc, q.device)) if return_stats else o

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..forgetting_attn.common import check_inputs
+from ..forgetting_attn.common import check_inputs, row_document_maps
 from ..forgetting_attn.reference import allowed_pairs, reference_logits
 from .sparse_sigmoid import sparse_sigmoid
 
@@ -64,19 +64,26 @@ def pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, *, sm_scale:
 
     q [B, T, H, D], k, v [B, T, Hkv, D], log_fgate [B, T, H] float32 as in
     `forgetting_attention` (q, k, v also float64, for gradient checks); keep [B, T, T]
-    (shared by the heads) or [B, H, T, T], values in [0, 1] with ones on the diagonal.
-    Returns o [B, T, H, D] in q.dtype.
+    (shared by the heads) or [B, H, T, T], values in [0, 1] with ones on the diagonal;
+    cu_seqlens with batch > 1: offsets over the batch's B * T tokens, batch-major, holding
+    every sample's start. Returns o [B, T, H, D] in q.dtype.
     """
     checked = [t.float() if t.dtype == torch.float64 else t for t in (q, k, v)]
-    sm_scale, _ = check_inputs(*checked, log_fgate, sm_scale, None, None, cu_seqlens)
+    sm_scale, _ = check_inputs(*checked, log_fgate, sm_scale, None, None, cu_seqlens, per_sample=True)
     B, T, H, _ = q.shape
     if keep.shape not in ((B, T, T), (B, H, T, T)):
         raise ValueError(f"keep must be [batch, seq, seq] or [batch, heads, seq, seq] = ({B}, {T}, {T}) or "
                          f"({B}, {H}, {T}, {T}), got {tuple(keep.shape)}")
-    s, _ = reference_logits(q, k, log_fgate, sm_scale, cu_seqlens, dtype)  # [B, H, T, T], -inf outside
     keep = keep.to(dtype)
     if keep.dim() == 3:
         keep = keep[:, None]
+    if cu_seqlens is not None and B > 1:
+        # pairs across documents weigh 0 through the mask; within one, c_i - c_j is the same
+        # whether c restarts at the document or not
+        start, _ = row_document_maps(cu_seqlens, B, T, q.device)
+        keep = keep * (start[:, None, :, None] == start[:, None, None, :]).to(dtype)
+        cu_seqlens = None
+    s, _ = reference_logits(q, k, log_fgate, sm_scale, cu_seqlens, dtype)  # [B, H, T, T], -inf outside
     # the row maximum over kept pairs only (the diagonal is always kept): w sums to >= 1
     m = s.masked_fill(keep <= 0, float("-inf")).amax(-1, keepdim=True).detach()
     w = torch.exp(s - m) * keep

@@ -60,8 +60,8 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     """First key block each query block computes, int32 [B, H, cdiv(T, block_m)].
 
     c_q, c_k [B, H, T] float32 prefix sums at the query and key positions (one tensor for
-    self-attention); delta [B, H] or [B, H, cdiv(T, block_m)] (None: no pruning);
-    doc_start [T] int32.
+    self-attention), non-increasing along T; delta [B, H] or [B, H, cdiv(T, block_m)] (None:
+    no pruning); doc_start int32 [T] or [B, T] (each batch row its own documents).
     """
     if _fused(c_q):
         return block_boundaries(c_q, c_k, delta, doc_start, block_m, block_n, end=False)
@@ -71,8 +71,8 @@ def key_block_start(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     if doc_start is None:
         start = torch.zeros(nbm, dtype=torch.int64, device=c_q.device)
     else:
-        start = doc_start.long()[q0] // block_n
-    start = start.view(1, 1, nbm).expand(B, H, nbm)
+        start = doc_start.long()[..., q0] // block_n
+    start = start.view(-1, 1, nbm).expand(B, H, nbm)  # one row for all, or per batch row
     if delta is None:
         return start.to(torch.int32).contiguous()
     neg_c_key_end = -c_k[..., key_end].contiguous()  # non-decreasing along blocks
@@ -99,8 +99,8 @@ def query_block_end(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch.
     if doc_end is None:
         end = torch.full((nbn,), nbm, dtype=torch.int64, device=c_q.device)
     else:
-        end = (doc_end.long()[key_end] + block_m - 1) // block_m
-    end = end.view(1, 1, nbn).expand(B, H, nbn)
+        end = (doc_end.long()[..., key_end] + block_m - 1) // block_m
+    end = end.view(-1, 1, nbn).expand(B, H, nbn)
     if delta is None:
         return end.to(torch.int32).contiguous()
     # block live  <=>  c[ne] <= reach_m  <=>  -reach_m <= -c[ne]; -reach is non-decreasing
@@ -133,6 +133,8 @@ def skipped_pairs(start: torch.Tensor, block_m: int, block_n: int, T: int,
     rows = torch.arange(T, device=start.device)
     first_key = (start.long() * block_n).repeat_interleave(block_m, dim=-1)[..., :T]  # [B, H, T]
     ds = torch.zeros_like(rows) if doc_start is None else doc_start.long()
+    if ds.dim() == 2:  # [B, T]: per batch row
+        ds = ds[:, None, :]
     skipped = (torch.minimum(first_key, rows + 1) - ds).clamp_min(0)
-    total = (rows + 1 - ds).to(torch.float64).sum()
+    total = (rows + 1 - ds).to(torch.float64).sum(-1)
     return skipped.to(torch.float64).sum(-1), total.expand(skipped.shape[:2])

@@ -31,14 +31,14 @@ def _key_end(n, T, BLOCK_N):
 
 @triton.jit
 def block_boundary_kernel(CQ, CK, DELTA, DOC, REACH, OUT, T, H, nbm, nbn, iters,
-                          s_cqb, s_cqh, s_ckb, s_ckh, s_db, s_dh, s_dm,
+                          s_cqb, s_cqh, s_ckb, s_ckh, s_db, s_dh, s_dm, s_docb,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB_P2: tl.constexpr,
                           DELTA_DIM: tl.constexpr, HAS_DOC: tl.constexpr, END: tl.constexpr):
     """OUT[b, h, :] (int32): per query block the first key block (END=False, nbm entries) or
     per key block one past the last live query block (END=True, nbn entries).
 
     DELTA_DIM 0: no pruning (documents only); 2: DELTA [B, H]; 3: DELTA [B, H, nbm].
-    DOC: doc_start [T] (END=False) or doc_end [T] (END=True), int32. REACH: float32 scratch of
+    DOC: doc_start (END=False) or doc_end (END=True), int32 [T] (s_docb 0) or [B, T]. REACH: float32 scratch of
     NB_P2 per program, used only by END with DELTA_DIM 3. NB_P2 >= nbm and >= nbn.
     """
     bh = tl.program_id(0)
@@ -49,6 +49,7 @@ def block_boundary_kernel(CQ, CK, DELTA, DOC, REACH, OUT, T, H, nbm, nbn, iters,
     ck = CK + b.to(tl.int64) * s_ckb + h * s_ckh
     n_out = nbn if END else nbm
     valid = idx < n_out
+    DOC += b.to(tl.int64) * s_docb
     if END:
         result = tl.full([NB_P2], 0, tl.int32) + nbm
         if HAS_DOC:
@@ -120,6 +121,7 @@ def block_boundaries(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch
     block_boundary_kernel[(B * H,)](
         c_q, c_k, dsrc, doc if doc is not None else out, reach, out, T, H, nbm, nbn, search,
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1), *ds,
+        doc.stride(0) if doc is not None and doc.dim() == 2 else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, NB_P2=nb_p2, DELTA_DIM=ddim, HAS_DOC=doc is not None, END=end,
         num_warps=4 if nb_p2 <= 512 else 8,
     )

@@ -99,10 +99,12 @@ class AttentionStats:
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
-def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, cu_seqlens_total=None):
+def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, cu_seqlens_total=None,
+                 per_sample=False):
     """Validate the op's arguments; raise ValueError naming the bad one. cu_seqlens must end
     at cu_seqlens_total (default: the sequence length of q; the global length under context
-    parallelism).
+    parallelism). per_sample: cu_seqlens may also cover a batch > 1, as offsets over its
+    batch * seq tokens in batch-major order, holding every sample's start.
 
     Returns (sm_scale as float, logit_bound as None | float | tensor[H]).
     """
@@ -161,27 +163,34 @@ def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
             raise ValueError("cu_seqlens must be a 1-D tensor of document offsets [0, ..., seq]")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
-        if B != 1:
+        if B != 1 and not per_sample:
             raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
     if _DATA_CHECKS:
-        _check_values(log_fgate, logit_bound, cu_seqlens, T if cu_seqlens_total is None else cu_seqlens_total)
+        total = (B * T if per_sample else T) if cu_seqlens_total is None else cu_seqlens_total
+        _check_values(log_fgate, logit_bound, cu_seqlens, total, T if per_sample and B > 1 else None)
     return sm_scale, logit_bound
 
 
-def _check_values(log_fgate, logit_bound, cu_seqlens, T):
+def _check_values(log_fgate, logit_bound, cu_seqlens, T, sample_len=None):
     bad = [(log_fgate > 0).any() | ~torch.isfinite(log_fgate).all()]
     if isinstance(logit_bound, torch.Tensor):
         bad.append((logit_bound < 0).any() | ~torch.isfinite(logit_bound).all())
     if cu_seqlens is not None:
         cs = cu_seqlens.to(log_fgate.device)
         bad.append((cs[0] != 0) | (cs[-1] != T) | (cs[1:] <= cs[:-1]).any())
+        if sample_len is not None:
+            starts = torch.arange(0, T, sample_len, device=cs.device, dtype=cs.dtype)
+            bad.append(~torch.isin(starts, cs).all())
     flags = torch.stack(bad).tolist()  # one sync for all checks
     if flags[0]:
         raise ValueError("log_fgate must be finite and <= 0 (it is log of a forget gate in (0, 1])")
     if isinstance(logit_bound, torch.Tensor) and flags[1]:
         raise ValueError("logit_bound must be finite and >= 0")
-    if cu_seqlens is not None and flags[-1]:
-        raise ValueError(f"cu_seqlens must start at 0, end at seq ({T}) and be strictly increasing")
+    if cu_seqlens is not None:
+        if flags[-2 if sample_len is not None else -1]:
+            raise ValueError(f"cu_seqlens must start at 0, end at {T} and be strictly increasing")
+        if sample_len is not None and flags[-1]:
+            raise ValueError(f"cu_seqlens must hold every sample's start (the multiples of seq = {sample_len})")
 
 
 @memo_on_first_tensor
@@ -196,9 +205,18 @@ def document_maps(cu_seqlens: Optional[torch.Tensor], T: int, device) -> tuple[t
     return cs[doc].to(torch.int32), cs[doc + 1].to(torch.int32)
 
 
+def row_document_maps(cu_seqlens: torch.Tensor, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's document start and (exclusive) end within its row, int32 [B, T] each, from
+    offsets over the B * T tokens of a batch-major packed batch (every row starts a document)."""
+    start, end = document_maps(cu_seqlens, B * T, device)
+    base = (torch.arange(B, device=device, dtype=torch.int32) * T)[:, None]
+    return (start.view(B, T) - base).contiguous(), (end.view(B, T) - base).contiguous()
+
+
 def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """c = cumsum(log f) along the sequence, head-major [B, H, T] float32.
 
+    doc_start: each token's document start, [T] or [B, T] (per row), or None.
     Returns (c_global, c_doc): c_global runs over the whole packed row and is used for
     block pruning decisions (differences of c_global bound the within-document ones);
     c_doc restarts at each document so its values stay small (fp32 precision) and is
@@ -209,7 +227,12 @@ def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor
         return c_global, c_global
     start = doc_start.long()
     # c_doc_i = c_i - c_{start-1}; at a document start it equals log f_start.
-    before = torch.where(start > 0, c_global[..., (start - 1).clamp_min(0)], torch.zeros_like(c_global))
+    if start.dim() == 1:
+        before = c_global[..., (start - 1).clamp_min(0)]
+    else:  # [B, T]: each row its own documents
+        before = c_global.gather(-1, (start - 1).clamp_min(0)[:, None, :].expand_as(c_global))
+        start = start[:, None, :]
+    before = torch.where(start > 0, before, torch.zeros_like(c_global))
     return c_global, (c_global - before).contiguous()
 
 
