@@ -229,8 +229,11 @@ def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor
     # c_doc_i = c_i - c_{start-1}; at a document start it equals log f_start.
     if start.dim() == 1:
         before = c_global[..., (start - 1).clamp_min(0)]
-    else:  # [B, T]: each row its own documents
-        before = c_global.gather(-1, (start - 1).clamp_min(0)[:, None, :].expand_as(c_global))
+    else:  # [B, T]: each row its own documents; one index over the rows (its backward, unlike
+        # gather's scatter_add, sums in a fixed order on CUDA: gradients repeat bit for bit)
+        B, H, T = c_global.shape
+        rows = (start - 1).clamp_min(0) + torch.arange(B, device=start.device)[:, None] * T
+        before = c_global.transpose(1, 2).reshape(B * T, H)[rows.reshape(-1)].view(B, T, H).transpose(1, 2)
         start = start[:, None, :]
     before = torch.where(start > 0, before, torch.zeros_like(c_global))
     return c_global, (c_global - before).contiguous()
