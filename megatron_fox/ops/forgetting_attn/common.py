@@ -188,7 +188,8 @@ def _check_values(log_fgate, logit_bound, cu_seqlens, T, sample_len=None):
         raise ValueError("logit_bound must be finite and >= 0")
     if cu_seqlens is not None:
         if flags[-2 if sample_len is not None else -1]:
-            raise ValueError(f"cu_seqlens must start at 0, end at {T} and be strictly increasing")
+            total = "batch * seq" if sample_len is not None else "seq"
+            raise ValueError(f"cu_seqlens must start at 0, end at {total} ({T}) and be strictly increasing")
         if sample_len is not None and flags[-1]:
             raise ValueError(f"cu_seqlens must hold every sample's start (the multiples of seq = {sample_len})")
 
