@@ -227,10 +227,29 @@ def run_sweep(args):
     return results
 
 
-def run_profile(args):
-    """Per-kernel CUDA time of one forward+backward (torch.profiler), exact and ACP (spectrum b)."""
+def kernel_times(step, reps: int = 5) -> dict:
+    """{kernel name: CUDA ms per call of step()} (torch.profiler over `reps` calls after 3 warm-up calls)."""
     from torch.profiler import ProfilerActivity, profile
 
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / reps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def print_kernel_times(title: str, per: dict, top: int = 8) -> None:
+    """The total and the `top` costliest kernels of a `kernel_times` dict."""
+    print(f"{title}: CUDA time {sum(per.values()):.2f} ms")
+    for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms:8.3f} ms  {name[:90]}")
+
+
+def run_profile(args):
+    """Per-kernel CUDA time of one forward+backward (torch.profiler), exact and ACP (spectrum b)."""
     from megatron_fox.ops import forgetting_attention, set_data_checks
 
     set_data_checks(False)
@@ -247,21 +266,8 @@ def run_profile(args):
                 o = forgetting_attention(q, k, v, g, log_eps=log_eps, logit_bound=math.sqrt(D),
                                          backward_pruning=pruning)
                 torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
-            per = {}
-            for e in prof.key_averages():
-                if e.device_time_total > 0:
-                    per[e.key] = e.device_time_total / 5 / 1e3
-            total = sum(per.values())
-            print(f"L={L} log_eps={log_eps} backward_pruning={pruning}: CUDA time per fwd+bwd {total:.2f} ms")
-            for name, ms in sorted(per.items(), key=lambda kv: -kv[1])[:8]:
-                print(f"  {ms:8.3f} ms  {name[:90]}")
+            per = kernel_times(step)
+            print_kernel_times(f"L={L} log_eps={log_eps} backward_pruning={pruning}, per fwd+bwd", per)
 
 
 def run_boundaries(args):

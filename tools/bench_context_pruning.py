@@ -13,6 +13,8 @@ docs/benchmarks.md learned to keep about a fifth of the pairs).
 
     python tools/bench_context_pruning.py                  # the table (needs a CUDA GPU)
     python tools/bench_context_pruning.py --lengths 1024   # one length
+    python tools/bench_context_pruning.py --profile        # per-kernel CUDA time of each fwd+bwd
+    python tools/bench_context_pruning.py --sweep          # tile shapes / warps of each kernel, one at a time
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench_attention import bench, gate_spectrum, make_inputs
+from bench_attention import bench, gate_spectrum, kernel_times, make_inputs, print_kernel_times
 
 
 def keep_inputs(B, L, device, kept, r=64):
@@ -44,12 +46,26 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--kept", type=float, default=0.2, help="share of the keys every later query keeps")
+    p.add_argument("--profile", action="store_true", help="per-kernel CUDA time (torch.profiler) of the mask's and "
+                   "the attention's fwd+bwd instead of the table")
+    p.add_argument("--sweep", action="store_true", help="time the mask at 4, 8, 16 warps and the attention with "
+                   "each kernel's candidate (block m, block n, warps, stages) in turn, the others as configured")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_context_pruning: needs a CUDA GPU")
     sys.path.insert(0, ".")
     print(f"{torch.cuda.get_device_name()}; {opts.tokens} tokens a step, {opts.heads} heads, head_dim "
           f"{opts.head_dim}, bf16; ms")
+    if opts.profile:
+        for L in opts.lengths:
+            for title, step in one_length(L, opts, steps_only=True).items():
+                print_kernel_times(f"L={L} {title}, per fwd+bwd (elapsed {bench(step):.2f} ms)", kernel_times(step),
+                                   top=10)
+        return
+    if opts.sweep:
+        for L in opts.lengths:
+            run_sweep(L, opts)
+        return
     print("| L | kept | mask triton fwd+bwd | mask reference fwd+bwd | dcp triton fwd | dcp triton fwd+bwd | "
           "dcp triton + acp fwd+bwd (skipped) | dcp reference fwd+bwd | fox acp fwd+bwd | sdpa cudnn fwd+bwd |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -61,8 +77,42 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
 
 
-def one_length(L, opts):
-    """(kept fraction, [ms of each column]) at sequence length L."""
+# candidates of the sweep besides the configured shapes: those whose tiles spill no or few
+# registers on sm_90 (ptxas -v, head_dim 128, bf16: at the configured shapes every kernel
+# spills 0.3-1.6 KB a thread; at 16 warps the 128-register cap spills more)
+_SWEEP = {"fwd": [(64, 64, 8, 2), (128, 64, 8, 2)],
+          "dq": [(64, 64, 8, 2), (64, 32, 4, 2)],
+          "dkdv": [(64, 64, 8, 2), (128, 32, 8, 2)],
+          "dkeep": [(64, 64, 8, 2), (32, 128, 8, 2)]}
+
+
+def run_sweep(L, opts):
+    """ms fwd+bwd of the mask per warps setting, and of the attention with ACP per kernel config."""
+    import importlib
+
+    function = importlib.import_module("megatron_fox.ops.context_pruning.function")
+    keep_mask = importlib.import_module("megatron_fox.ops.context_pruning.keep_mask")  # the module, not the op
+    steps = one_length(L, opts, steps_only=True)
+    warps_was = dict(keep_mask._WARPS)
+    for w in (4, 8, 16):
+        keep_mask._WARPS.update(probs=w, bwd=w)
+        print(f"L={L} mask, {w} warps: {bench(steps['mask triton']):.3f} ms", flush=True)
+    keep_mask._WARPS.update(warps_was)
+    config_was = dict(function._CONFIG)
+    print(f"L={L} dcp + acp, configured {config_was}: {bench(steps['dcp triton + acp']):.3f} ms", flush=True)
+    for name, candidates in _SWEEP.items():
+        for cfg in candidates:
+            function._CONFIG[name] = cfg
+            try:
+                print(f"L={L} dcp + acp, {name} {cfg}: {bench(steps['dcp triton + acp']):.3f} ms", flush=True)
+            except Exception as e:  # out of shared memory or registers: say so, go on
+                print(f"L={L} dcp + acp, {name} {cfg}: failed ({type(e).__name__})", flush=True)
+        function._CONFIG[name] = config_was[name]
+
+
+def one_length(L, opts, steps_only=False):
+    """(kept fraction, [ms of each column]) at sequence length L; with steps_only
+    {name: fwd+bwd step} of the mask and the Triton attention with and without ACP."""
     from megatron_fox.ops import forgetting_attention
     from megatron_fox.ops.context_pruning import (keep_mask, keep_mask_reference, kept_fraction,
                                                   pruned_forgetting_attention, pruned_forgetting_attention_reference)
@@ -106,6 +156,9 @@ def one_length(L, opts):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True).transpose(1, 2)
 
+    if steps_only:
+        return {"mask triton": mask_cost(keep_mask), "dcp triton": fwd_bwd(dcp, mask_in),
+                "dcp triton + acp": fwd_bwd(dcp_acp, mask_in), "fox acp": fwd_bwd(acp)}
     row = [bench(mask_cost(keep_mask)), bench(mask_cost(keep_mask_reference))]
     with torch.no_grad():
         row.append(bench(dcp))
