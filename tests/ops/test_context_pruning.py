@@ -150,10 +150,20 @@ def test_kept_fraction_and_errors():
     keep = torch.rand(B, T, T)
     pairs = torch.ones(T, T).tril(-1).bool()
     assert kept_fraction(keep).item() == pytest.approx(keep[:, pairs].mean().item(), rel=1e-6)
-    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    same_doc = pairs.clone()
-    same_doc[2:, :2] = False
-    assert kept_fraction(keep, cu).item() == pytest.approx(keep[:, same_doc].mean().item(), rel=1e-6)
+    # documents per sample, offsets over the batch's B * T tokens: sample 0 holds [0, 2) and
+    # [2, 6), sample 1 [0, 3) and [3, 6); each sample's fraction over its own pairs, then the mean
+    cu = torch.tensor([0, 2, 6, 9, 12], dtype=torch.int32)
+    fractions = []
+    for b, cut in enumerate((2, 3)):
+        same_doc = pairs.clone()
+        same_doc[cut:, :cut] = False
+        fractions.append(keep[b][same_doc].mean().item())
+    assert kept_fraction(keep, cu).item() == pytest.approx(sum(fractions) / 2, rel=1e-6)
+    assert kept_fraction(keep[:1], cu[:3]).item() == pytest.approx(fractions[0], rel=1e-6)
+    for bad, match in ((torch.tensor([0, 2, 6], dtype=torch.int32), "end at batch"),
+                       (torch.tensor([0, 2, 9, 12], dtype=torch.int32), "every sample's start")):
+        with pytest.raises(ValueError, match=match):
+            kept_fraction(keep, bad)
     q = torch.randn(1, T, 2, 16)
     with pytest.raises(ValueError, match="keep"):
         pruned_forgetting_attention_reference(q, q, q, torch.zeros(1, T, 2), torch.ones(1, T, T + 1))

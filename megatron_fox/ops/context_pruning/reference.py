@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from ..forgetting_attn.common import check_inputs, row_document_maps
-from ..forgetting_attn.reference import allowed_pairs, reference_logits
+from ..forgetting_attn.common import check_batch_offsets, check_inputs, row_document_maps
+from ..forgetting_attn.reference import reference_logits
 from .sparse_sigmoid import sparse_sigmoid
 
 
@@ -50,11 +50,18 @@ def keep_mask_reference(q_int: torch.Tensor, k_int: torch.Tensor, beta, alpha: f
 
 
 def kept_fraction(keep: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean of I over the pairs pruning can remove (key strictly before the query, same
-    document): keep [B, T, T] -> 0-dim float32, differentiable (the sparsity penalty)."""
-    T = keep.shape[-1]
-    pairs = allowed_pairs(T, cu_seqlens, keep.device).tril(-1)
-    return (keep * pairs).sum() / (pairs.sum() * keep.shape[0]).clamp(min=1)
+    """Mean over the samples of each one's mean of I over the pairs pruning can remove (key
+    strictly before the query, same document): keep [B, T, T] -> 0-dim float32,
+    differentiable (the sparsity penalty). cu_seqlens: document offsets over the batch's
+    B * T tokens, batch-major, holding every sample's start (as `pruned_forgetting_attention`'s)."""
+    B, T = keep.shape[:2]
+    later = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril(-1)
+    if cu_seqlens is None:
+        return (keep * later).sum() / (later.sum() * B).clamp(min=1)
+    check_batch_offsets(cu_seqlens, B, T)
+    start, _ = row_document_maps(cu_seqlens, B, T, keep.device)
+    pairs = later & (start[:, :, None] == start[:, None, :])  # [B, T, T]
+    return ((keep * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)).mean()
 
 
 def pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, *, sm_scale: Optional[float] = None,

@@ -176,22 +176,43 @@ def _check_values(log_fgate, logit_bound, cu_seqlens, T, sample_len=None):
     if isinstance(logit_bound, torch.Tensor):
         bad.append((logit_bound < 0).any() | ~torch.isfinite(logit_bound).all())
     if cu_seqlens is not None:
-        cs = cu_seqlens.to(log_fgate.device)
-        bad.append((cs[0] != 0) | (cs[-1] != T) | (cs[1:] <= cs[:-1]).any())
-        if sample_len is not None:
-            starts = torch.arange(0, T, sample_len, device=cs.device, dtype=cs.dtype)
-            bad.append(~torch.isin(starts, cs).all())
+        bad += _offset_flags(cu_seqlens.to(log_fgate.device), T, sample_len)
     flags = torch.stack(bad).tolist()  # one sync for all checks
     if flags[0]:
         raise ValueError("log_fgate must be finite and <= 0 (it is log of a forget gate in (0, 1])")
     if isinstance(logit_bound, torch.Tensor) and flags[1]:
         raise ValueError("logit_bound must be finite and >= 0")
     if cu_seqlens is not None:
-        if flags[-2 if sample_len is not None else -1]:
-            total = "batch * seq" if sample_len is not None else "seq"
-            raise ValueError(f"cu_seqlens must start at 0, end at {total} ({T}) and be strictly increasing")
-        if sample_len is not None and flags[-1]:
-            raise ValueError(f"cu_seqlens must hold every sample's start (the multiples of seq = {sample_len})")
+        _raise_offset_errors(flags[-2:] if sample_len is not None else flags[-1:], T, sample_len)
+
+
+def _offset_flags(cs: torch.Tensor, T: int, sample_len: Optional[int]) -> list:
+    """0-dim bool tensors, True where bad: the offsets' ends and order; with sample_len, whether
+    a sample's start (a multiple of it) is missing."""
+    bad = [(cs[0] != 0) | (cs[-1] != T) | (cs[1:] <= cs[:-1]).any()]
+    if sample_len is not None:
+        starts = torch.arange(0, T, sample_len, device=cs.device, dtype=cs.dtype)
+        bad.append(~torch.isin(starts, cs).all())
+    return bad
+
+
+def _raise_offset_errors(flags: list, T: int, sample_len: Optional[int]) -> None:
+    if flags[0]:
+        total = "batch * seq" if sample_len is not None else "seq"
+        raise ValueError(f"cu_seqlens must start at 0, end at {total} ({T}) and be strictly increasing")
+    if sample_len is not None and flags[1]:
+        raise ValueError(f"cu_seqlens must hold every sample's start (the multiples of seq = {sample_len})")
+
+
+def check_batch_offsets(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
+    """ValueError naming cu_seqlens unless it holds batch-major offsets over B * T tokens
+    (starting at 0, strictly increasing, every sample's start among them); one host sync,
+    none while data checks are off (`set_data_checks`)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if _DATA_CHECKS:
+        sample_len = T if B > 1 else None
+        _raise_offset_errors(torch.stack(_offset_flags(cu_seqlens, B * T, sample_len)).tolist(), B * T, sample_len)
 
 
 @memo_on_first_tensor
