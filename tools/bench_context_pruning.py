@@ -77,9 +77,8 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
 
 
-# candidates of the sweep besides the configured shapes: those whose tiles spill no or few
-# registers on sm_90 (ptxas -v, head_dim 128, bf16: at the configured shapes every kernel
-# spills 0.3-1.6 KB a thread; at 16 warps the 128-register cap spills more)
+# candidates of the sweep besides the configured tiles: more warps or smaller tiles, fewer
+# registers a thread (tools/kernel_report.py --kernel dcp_fwd dcp_dkdv dcp_dq dcp_dkeep)
 _SWEEP = {"fwd": [(64, 64, 8, 2), (128, 64, 8, 2)],
           "dq": [(64, 64, 8, 2), (64, 32, 4, 2)],
           "dkdv": [(64, 64, 8, 2), (128, 32, 8, 2)],

@@ -6,6 +6,8 @@
     python tools/kernel_report.py --kernel fwd --tile 128 128 8 3 --tma
     python tools/kernel_report.py --kernel dkdv --schedule   # order of MMAs and waits per loop
     python tools/kernel_report.py --kernel gluon_fwd --schedule   # the Gluon (warp-specialised) forward
+    python tools/kernel_report.py --kernel keep_probs keep_bwd dcp_fwd dcp_dkdv dcp_dq dcp_dkeep
+                                  # learned context pruning's keep mask and attention (tiles in use)
 
 Compiles each kernel for the target (ptxas ships with Triton, so a CPU machine will do),
 with the argument specialisation a real launch gets at long sequences (pointers and
@@ -87,6 +89,52 @@ def compile_kernel(name: str, tile: Tile, head_dim: int = 128, dtype: str = "bf1
         else:
             signature[arg] = "i32"  # lengths, head counts, strides
         attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+
+
+# learned context pruning (ops/context_pruning): the keep mask's two tile kernels that evaluate
+# the sparse sigmoid, and the attention under the mask
+CONTEXT_PRUNING = ("keep_probs", "keep_bwd", "dcp_fwd", "dcp_dkdv", "dcp_dq", "dcp_dkeep")
+
+
+def context_pruning_tile(name: str) -> Tile:
+    """The tile a context-pruning kernel launches with (keep_mask._BLOCK / _WARPS, function._CONFIG)."""
+    import importlib
+
+    if name.startswith("keep_"):
+        mask = importlib.import_module("megatron_fox.ops.context_pruning.keep_mask")  # the module, not the op
+        return Tile(mask._BLOCK, mask._BLOCK, mask._WARPS[name[5:]], 3)
+    from megatron_fox.ops.context_pruning.function import _CONFIG
+
+    return Tile(*_CONFIG[name[4:]])
+
+
+def compile_context_pruning(name: str, tile: Tile, head_dim: int = 128, r: int = 64, dtype: str = "bf16",
+                            arch: int = 90):
+    """Compile a context-pruning kernel for sm_<arch>: the keep mask's at interaction dim r
+    (sparse sigmoid with Newton steps, alpha >= 2), the attention's with ACP's block bounds,
+    no packed documents."""
+    from megatron_fox.ops.context_pruning import keep_mask_triton, triton_kernels
+    from megatron_fox.ops.context_pruning.keep_mask import _STEPS_NEWTON
+
+    if name.startswith("keep_"):
+        fn = getattr(keep_mask_triton, name + "_kernel")
+        const = dict(R=r, BM=tile.block_m, BN=tile.block_n, MODE=keep_mask_triton.SPARSE, STEPS=_STEPS_NEWTON,
+                     NEWTON=True)
+        kinds = {"T": "i32", "inv_sqrt_r": "fp32", "a": "fp32"}  # every other argument a float32 pointer
+    else:
+        fn = getattr(triton_kernels, "pruned_" + {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq",
+                                                   "dkeep": "bwd_dkeep"}[name[4:]] + "_kernel")
+        const = dict(D=head_dim, BM=tile.block_m, BN=tile.block_n, HAS_DOC=False, DOT_PREC="tf32", BOUNDED=True)
+        kinds = {a: "*" + dtype for a in ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV")}
+        kinds.update(DOC="*i32", BOUND="*i32", sm_scale="fp32",
+                     **{a: "i32" for a in fn.arg_names if a.startswith("s_") or a in ("T", "H", "GROUP")})
+    signature = {a: "constexpr" if a in const else kinds.get(a, "*fp32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a not in const and signature[a] != "fp32"}
     constexprs = {(fn.arg_names.index(k),): v for k, v in const.items()}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -206,7 +254,7 @@ def report(compiled, tile: Tile) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", choices=[*KERNELS, "gluon_fwd"], nargs="+", default=list(KERNELS))
+    p.add_argument("--kernel", choices=[*KERNELS, "gluon_fwd", *CONTEXT_PRUNING], nargs="+", default=list(KERNELS))
     p.add_argument("--tile", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"), default=None,
                    help="tile to compile (default: the one the op uses for this head_dim)")
     p.add_argument("--tma", action="store_true", help="with --tile: TMA descriptor loads")
@@ -230,6 +278,10 @@ def main(argv=None):
             row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile),
                        partition_regs=sorted({int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)",
                                                                        compiled.asm["ptx"])}))
+        elif name in CONTEXT_PRUNING:
+            tile = Tile(*args.tile) if args.tile else context_pruning_tile(name)
+            compiled = compile_context_pruning(name, tile, args.head_dim, arch=args.arch)
+            row = dict(kernel=name, tile=tile.__dict__, head_dim=args.head_dim, **report(compiled, tile))
         else:
             tile = Tile(*args.tile, tma=args.tma) if args.tile else getattr(config, name)
             compiled = compile_kernel(name, tile, args.head_dim, arch=args.arch)

@@ -90,3 +90,15 @@ def test_gluon_forward_falls_back_without_gluon(monkeypatch):
         function._gluon_tiles.cache_clear()
     monkeypatch.undo()
     assert 128 in function._gluon_tiles()
+
+
+def test_keep_mask_kernels_spill_less_at_the_warps_in_use():
+    """The keep mask's tile kernels hold [64, 64] float32 tiles through the sparse sigmoid's
+    root search: at 4 warps a thread both spill; at the warps in use (`keep_mask._WARPS`)
+    the probabilities' kernel spills nothing and the backward under a third as much."""
+    used = {r["kernel"]: r for r in _run_report("--kernel", "keep_probs", "keep_bwd")}
+    four = {r["kernel"]: r for r in _run_report("--kernel", "keep_probs", "keep_bwd", "--tile", "64", "64", "4", "3")}
+    assert four["keep_probs"]["stack_bytes"] > 0 and four["keep_bwd"]["stack_bytes"] > 0, four
+    assert used["keep_probs"]["tile"]["num_warps"] > 4, used
+    assert used["keep_probs"]["stack_bytes"] == 0, used
+    assert 3 * used["keep_bwd"]["stack_bytes"] < four["keep_bwd"]["stack_bytes"], (used, four)

@@ -16,6 +16,11 @@ from .reference import check_interaction, keep_mask_reference
 from .sparse_sigmoid import check_alpha
 
 _BLOCK = 64
+# warps of the two tile kernels that evaluate the sparse sigmoid (tools/kernel_report.py,
+# sm_90): at 4 warps their [64, 64] float32 tiles spill (255 registers, 624 / 920 B of stack
+# a thread); 16 warps (98 / 128 registers) ran fastest on an H100, 2.6x 4 warps' time and
+# 1.3x 8 warps' (docs/benchmarks.md, learned context pruning, thirteenth session)
+_WARPS = {"probs": 16, "bwd": 16}
 _MAX_R = 128  # two [64, r] float32 tiles and the score tile in registers; wider r: the reference
 # float32 registers: five halvings then four Newton steps (alpha >= 2; against an 80-halving
 # root, at float32's resolution, 6.6e-8, for alpha - 1 in [1, 20], as ten halvings were), or
@@ -55,7 +60,7 @@ class _KeepMask(torch.autograd.Function):
 
         grid = (triton.cdiv(T, _BLOCK) ** 2, B)
         keep_probs_kernel[grid](qi, ki, beta_t, keep, blk, T, 1.0 / math.sqrt(r), a, R=qi.shape[-1], BM=_BLOCK,
-                                BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
+                                BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton, num_warps=_WARPS["probs"])
         keep_scan_kernel[grid](keep, blk, T, BM=_BLOCK, BN=_BLOCK)
         ctx.save_for_backward(qi, ki, beta_t, keep)
         ctx.beta_shape = beta.shape
@@ -77,7 +82,7 @@ class _KeepMask(torch.autograd.Function):
         dki = torch.zeros_like(dqi)
         dbeta = torch.empty(B, grid[0], device=qi.device, dtype=torch.float32)
         keep_bwd_kernel[grid](qi, ki, beta_t, keep, g, blk, dqi, dki, dbeta, T, 1.0 / math.sqrt(r), a, R=R, BM=_BLOCK,
-                              BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton)
+                              BN=_BLOCK, MODE=mode, STEPS=steps, NEWTON=newton, num_warps=_WARPS["bwd"])
         return dqi[..., :r].to(q_dtype), dki[..., :r].to(k_dtype), dbeta.sum().reshape(ctx.beta_shape), None
 
 
