@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_context_pruning: needs a CUDA GPU")
     sys.path.insert(0, ".")
+    from megatron_fox.ops import set_data_checks
+
+    set_data_checks(False)  # as the layer calls the ops: no host sync for the inputs' value checks
     print(f"{torch.cuda.get_device_name()}; {opts.tokens} tokens a step, {opts.heads} heads, head_dim "
           f"{opts.head_dim}, bf16; ms")
     if opts.profile:
