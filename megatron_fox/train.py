@@ -253,6 +253,7 @@ def run(args, on_step=None) -> list[dict]:
     from tqdm import tqdm
 
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
+    from .training.scalars import ScalarLog
     from .layers.context_pruning import set_context_pruning_state
     from .training.step import context_pruning_alpha_at, global_batch
 
@@ -262,15 +263,7 @@ def run(args, on_step=None) -> list[dict]:
     model, engine, start = build_model_and_engine(args, device, tokenizer)
     vocab = model.vocab_size
     flops_per_step = step_flops(args, matmul_weight_elements(model))
-    writer = None
-    if rank0 and args.tensorboard_dir:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("megatron_fox.train: error: config key 'tensorboard_dir': the tensorboard package is not "
-                  "installed (pip install tensorboard)", file=sys.stderr)
-            sys.exit(2)
-        writer = SummaryWriter(args.tensorboard_dir)
+    scalars = ScalarLog(args, rank0)  # TensorBoard and/or Weights & Biases; false when neither
     if rank0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"megatron_fox: {device.type} world {dist.get_world_size()} (TP {args.tensor_model_parallel_size}, "
@@ -289,9 +282,9 @@ def run(args, on_step=None) -> list[dict]:
         if rank0:
             label = "validation" if name == "valid" else name
             bar.write(f"step {step:6d} | {label} loss {loss:.4f} | {label} ppl {math.exp(min(loss, 700.0)):.2f}")
-            if writer:
-                writer.add_scalar(f"{name}/loss", loss, step)
-                writer.add_scalar(f"{name}/ppl", math.exp(min(loss, 700.0)), step)
+            if scalars:
+                scalars.add_scalar(f"{name}/loss", loss, step)
+                scalars.add_scalar(f"{name}/ppl", math.exp(min(loss, 700.0)), step)
 
     tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(start, start if args.skip_train else args.train_iters):
@@ -308,9 +301,9 @@ def run(args, on_step=None) -> list[dict]:
             on_step(it + 1, out)
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
-        if writer and (it + 1) % args.tensorboard_log_interval == 0:
+        if scalars and (it + 1) % args.tensorboard_log_interval == 0:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
-                writer.add_scalar(f"train/{key}", out[key], it + 1)
+                scalars.add_scalar(f"train/{key}", out[key], it + 1)
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
             skipped, bwd, kept = _layer_stats(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
@@ -334,14 +327,14 @@ def run(args, on_step=None) -> list[dict]:
                           f"TFLOP/s/GPU {out['tflops_per_gpu']:.3g} | {extra}"
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
-                if writer:
+                if scalars:
                     for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha"):
                         if key in out:
-                            writer.add_scalar(f"train/{key}", out[key], it + 1)
-                    writer.add_scalar("acp/skipped_fraction", overall, it + 1)
-                    writer.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
+                            scalars.add_scalar(f"train/{key}", out[key], it + 1)
+                    scalars.add_scalar("acp/skipped_fraction", overall, it + 1)
+                    scalars.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
-                        writer.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
+                        scalars.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
         last = it + 1 == args.train_iters
         if args.eval_interval and args.eval_iters and ((it + 1) % args.eval_interval == 0 or last):
@@ -368,8 +361,7 @@ def run(args, on_step=None) -> list[dict]:
         engine.save(args.save, history[-1]["step"])
     if test_ds is not None and history and not stopped:  # as Megatron-LM: the test data once, after training
         evaluate(test_ds, "test", history[-1]["step"], history[-1])
-    if writer:
-        writer.close()
+    scalars.close()
     return history
 
 

@@ -8,6 +8,7 @@ the program with one line naming the key and exit code 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Any, Optional
@@ -136,6 +137,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
     "tensorboard_log_interval": (int, 1, "steps between TensorBoard's loss, lr, grad norm and throughput "
                                          "scalars (the per-layer ACP figures come with each log line)"),
+    "wandb_project": (str, None, "Weights & Biases project: the TensorBoard scalars also go there (rank 0; needs "
+                                 "the wandb package)"),
+    "wandb_exp_name": (str, None, "with wandb_project: the run's name"),
+    "wandb_entity": (str, None, "with wandb_project: the team or user it belongs to (default: wandb's)"),
+    "wandb_save_dir": (str, None, "with wandb_project: where wandb keeps the run's files (default: wandb's)"),
     "distributed_timeout_minutes": (int, 30, "timeout of the process group's collectives"),
     "save": (str, None, "checkpoint directory to save to"),
     "load": (str, None, "checkpoint directory to resume from; one without a checkpoint yet (a first launch with "
@@ -548,6 +554,21 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, "needs load (a checkpoint directory)")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
+    check_scalar_logs(args)
+
+
+def check_scalar_logs(args: argparse.Namespace) -> None:
+    """The packages the scalar logs need import, and the W&B keys come with wandb_project."""
+    for key in ("wandb_exp_name", "wandb_entity", "wandb_save_dir"):
+        if getattr(args, key) is not None and not args.wandb_project:
+            raise ConfigError(key, "needs wandb_project")
+    for key, module, package in (("tensorboard_dir", "torch.utils.tensorboard", "tensorboard"),
+                                 ("wandb_project", "wandb", "wandb")):
+        if getattr(args, key):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ConfigError(key, f"the {package} package is not installed (pip install {package})") from None
 
 
 def parse_or_exit(argv: Optional[list[str]] = None) -> argparse.Namespace:

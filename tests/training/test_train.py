@@ -49,6 +49,60 @@ def test_loss_falls_over_50_steps(cache, tmp_path):
     assert [e.step for e in events.Scalars("acp/skipped_fraction")] == [10, 20, 30, 40, 50]  # with the log lines
 
 
+# a stand-in for the wandb package: records init's arguments and every log call, one JSON line each
+_FAKE_WANDB = """
+import json, os
+
+
+def _write(entry):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+
+class _Run:
+    def log(self, data, step=None):
+        _write({"log": data, "step": step})
+
+    def finish(self):
+        _write({"finish": True})
+
+
+def init(**kwargs):
+    _write({"init": {k: kwargs[k] for k in ("project", "name", "entity", "dir")},
+            "config_seq_length": kwargs["config"]["seq_length"]})
+    return _Run()
+"""
+
+
+def test_wandb_gets_the_tensorboard_scalars(cache, tmp_path, monkeypatch):
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text(_FAKE_WANDB)
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    monkeypatch.setenv("FAKE_WANDB_LOG", str(tmp_path / "wandb.jsonl"))
+    hist = train(tmp_path, "wandb", ["--train-iters", "6", "--log-interval", "3", "--tensorboard-log-interval", "2",
+                                     "--wandb-project", "fox", "--wandb-exp-name", "run1"])
+    import json
+
+    entries = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text().splitlines()]
+    assert entries[0]["init"] == {"project": "fox", "name": "run1", "entity": None, "dir": None}
+    assert entries[0]["config_seq_length"] == 64 and entries[-1] == {"finish": True}
+    logged = [(e["step"], *e["log"].items()) for e in entries if "log" in e]
+    loss = [(step, value) for step, (name, value) in logged if name == "train/loss"]
+    assert [step for step, _ in loss] == [2, 4, 6]
+    assert [value for _, value in loss] == pytest.approx([h["loss"] for h in hist[1::2]], rel=1e-6)
+    assert [step for step, (name, _) in logged if name == "acp/skipped_fraction"] == [3, 6]
+
+
+def test_wandb_project_without_the_package_exits_2(tmp_path, monkeypatch):
+    shadow = tmp_path / "shadow" / "wandb"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no wandb here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow.parent))
+    r = _run_cli(["--wandb-project", "fox"], tmp_path)
+    assert r.returncode == 2 and "'wandb_project'" in r.stderr and "pip install wandb" in r.stderr, r.stderr
+
+
 def test_resume_matches_uninterrupted_run(cache, tmp_path):
     full = train(tmp_path, "full", ["--train-iters", "12"])
     ckpt = tmp_path / "ckpt"
@@ -112,6 +166,7 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--finetune"], "finetune"),
     (["--exit-signal-handler"], "exit_signal_handler"),
     (["--exit-duration-in-mins", "1"], "exit_duration_in_mins"),
+    (["--wandb-exp-name", "run1"], "wandb_exp_name"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
