@@ -99,7 +99,12 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "lr_warmup_fraction": (float, None, "warmup as a fraction of the decay length (instead of lr_warmup_iters)"),
     "lr_decay_iters": (int, None, "decay length; default train_iters"),
     "lr_decay_samples": (int, None, "decay length in sequences (instead of lr_decay_iters)"),
-    "lr_decay_style": (str, "cosine", "cosine | linear | constant"),
+    "lr_decay_style": (str, "cosine", "cosine | linear | constant | inverse-square-root | WSD (warmup, then "
+                                      "stable at lr, then the last lr_wsd_decay_iters steps before lr_decay_iters "
+                                      "down to min_lr)"),
+    "lr_wsd_decay_style": (str, "exponential", "WSD's final decay: exponential | linear | cosine | minus_sqrt"),
+    "lr_wsd_decay_iters": (int, None, "WSD: steps of the final decay"),
+    "lr_wsd_decay_samples": (int, None, "WSD: the final decay in sequences (instead of lr_wsd_decay_iters)"),
     "weight_decay": (float, 0.1, "AdamW weight decay (not on norms and biases)"),
     "adam_beta1": (float, 0.9, "AdamW beta1"),
     "adam_beta2": (float, 0.95, "AdamW beta2"),
@@ -439,6 +444,31 @@ def resolve_schedule(args: argparse.Namespace) -> None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.lr_warmup_iters < 0:
         raise ConfigError("lr_warmup_iters", f"must be >= 0, got {args.lr_warmup_iters}")
+    if _either(args, ("lr_wsd_decay_iters", "lr_wsd_decay_samples")) == "lr_wsd_decay_samples":
+        args.lr_wsd_decay_iters = steps("lr_wsd_decay_samples")
+    check_lr_decay(args)
+
+
+_LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
+def check_lr_decay(args: argparse.Namespace) -> None:
+    """lr_decay_style and, for WSD, its final decay: a length within the decay after warmup."""
+    if args.lr_decay_style not in _LR_DECAY_STYLES:
+        raise ConfigError("lr_decay_style", f"must be one of {', '.join(_LR_DECAY_STYLES)}, got {args.lr_decay_style!r}")
+    if args.lr_decay_style != "WSD":
+        if args.lr_wsd_decay_iters is not None:
+            raise ConfigError("lr_wsd_decay_iters", "needs lr_decay_style WSD")
+        return
+    if args.lr_wsd_decay_style not in _WSD_DECAY_STYLES:
+        raise ConfigError("lr_wsd_decay_style", f"must be one of {', '.join(_WSD_DECAY_STYLES)}, got "
+                                                f"{args.lr_wsd_decay_style!r}")
+    after_warmup = args.lr_decay_iters - args.lr_warmup_iters
+    if args.lr_wsd_decay_iters is None or not 1 <= args.lr_wsd_decay_iters <= after_warmup:
+        raise ConfigError("lr_wsd_decay_iters", f"WSD needs lr_wsd_decay_iters (or lr_wsd_decay_samples) in "
+                                                f"1..{after_warmup} (lr_decay_iters - lr_warmup_iters), got "
+                                                f"{args.lr_wsd_decay_iters}")
 
 
 def _world_size() -> int:
@@ -537,8 +567,6 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("acp_log_eps", f"must be <= 0, got {args.acp_log_eps}")
     if args.fox_context_pruning:
         check_context_pruning(args)
-    if args.lr_decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError("lr_decay_style", f"must be cosine, linear or constant, got {args.lr_decay_style!r}")
     if args.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
     check_data_paths(args)

@@ -13,16 +13,35 @@ from .data import cu_seqlens_from_tokens
 
 
 def lr_at(iteration: int, args) -> float:
-    """Linear warmup to args.lr over lr_warmup_iters, then cosine/linear/constant to min_lr."""
+    """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
+    lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
+    (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
+    steps before lr_decay_iters, then lr_wsd_decay_style's decay)."""
     if args.lr_warmup_iters > 0 and iteration < args.lr_warmup_iters:
         return args.lr * (iteration + 1) / args.lr_warmup_iters
-    if args.lr_decay_style == "constant":
+    style = args.lr_decay_style
+    if style == "constant":
         return args.lr
-    span = max(1, args.lr_decay_iters - args.lr_warmup_iters)
-    t = min(1.0, (iteration - args.lr_warmup_iters) / span)
-    if args.lr_decay_style == "linear":
-        return args.min_lr + (args.lr - args.min_lr) * (1.0 - t)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if style == "inverse-square-root":
+        return max(args.min_lr, args.lr * math.sqrt(max(args.lr_warmup_iters, 1) / max(iteration, 1)))
+    if style == "WSD":
+        anneal_start = args.lr_decay_iters - args.lr_wsd_decay_iters
+        t = min(1.0, max(0.0, (iteration - anneal_start) / args.lr_wsd_decay_iters))
+        style = args.lr_wsd_decay_style
+    else:
+        t = min(1.0, (iteration - args.lr_warmup_iters) / max(1, args.lr_decay_iters - args.lr_warmup_iters))
+    return args.min_lr + (args.lr - args.min_lr) * _decay_coefficient(style, t)
+
+
+def _decay_coefficient(style: str, t: float) -> float:
+    """The share of (lr - min_lr) left at fraction t in [0, 1] of a decay: 1 at t = 0, 0 at t = 1."""
+    if style == "linear":
+        return 1.0 - t
+    if style == "exponential":  # 0.5^t rescaled from [0.5, 1] to [0, 1]
+        return 2.0 * 0.5 ** t - 1.0
+    if style == "minus_sqrt":
+        return 1.0 - math.sqrt(t)
+    return 0.5 * (1.0 + math.cos(math.pi * t))  # cosine
 
 
 def context_pruning_alpha_at(iteration: int, args) -> float:

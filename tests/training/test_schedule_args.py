@@ -43,7 +43,37 @@ def test_command_line_wins_over_yaml_and_one_level_holds_one(tmp_path):
         parse_args(["--config", str(cfg)])
 
 
+@pytest.mark.parametrize("style,coeff_mid", [("linear", 0.5), ("cosine", 0.5), ("exponential", 2 * 0.5 ** 0.5 - 1),
+                                              ("minus_sqrt", 1 - 0.5 ** 0.5)])
+def test_wsd_holds_the_peak_then_decays_in_its_last_steps(style, coeff_mid):
+    """Warmup 10, stable at lr, decay over the last 20 of 100 steps (480 samples / 24)."""
+    args = parse_args(["--global-batch-size", "24", "--micro-batch-size", "4", "--train-iters", "100",
+                       "--lr-warmup-iters", "10", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "WSD",
+                       "--lr-wsd-decay-style", style, "--lr-wsd-decay-samples", "480"])
+    assert args.lr_wsd_decay_iters == 20
+    assert lr_at(4, args) == pytest.approx(0.5e-3)
+    assert [lr_at(i, args) for i in (10, 50, 79, 80)] == pytest.approx([1e-3] * 4)
+    assert lr_at(90, args) == pytest.approx(1e-4 + 0.9e-3 * coeff_mid)
+    assert lr_at(100, args) == pytest.approx(1e-4) and lr_at(120, args) == pytest.approx(1e-4)
+    assert 1e-4 < lr_at(99, args) < lr_at(95, args) < lr_at(85, args) < 1e-3
+
+
+def test_inverse_square_root_decay():
+    args = parse_args(["--train-iters", "1000", "--lr-warmup-iters", "16", "--lr", "1e-3", "--min-lr", "1e-5",
+                       "--lr-decay-style", "inverse-square-root"])
+    assert lr_at(15, args) == pytest.approx(1e-3)
+    assert lr_at(16, args) == pytest.approx(1e-3) and lr_at(64, args) == pytest.approx(0.5e-3)
+    assert lr_at(10 ** 6, args) == pytest.approx(1e-5)  # min_lr is the floor
+
+
 @pytest.mark.parametrize("flags,key", [
+    (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
+    (["--lr-decay-style", "WSD", "--train-iters", "100", "--lr-warmup-iters", "10", "--lr-wsd-decay-iters", "91"],
+     "lr_wsd_decay_iters"),
+    (["--lr-wsd-decay-iters", "5"], "lr_wsd_decay_iters"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "5", "--lr-wsd-decay-style", "step"], "lr_wsd_decay_style"),
+    (["--lr-decay-style", "step"], "lr_decay_style"),
+    (["--lr-wsd-decay-iters", "5", "--lr-wsd-decay-samples", "40", "--lr-decay-style", "WSD"], "lr_wsd_decay_samples"),
     (["--train-samples", "10", "--train-iters", "5"], "train_samples"),
     (["--lr-warmup-samples", "10", "--lr-warmup-fraction", "0.1"], "lr_warmup_fraction"),
     (["--lr-warmup-fraction", "1.5"], "lr_warmup_fraction"),
