@@ -160,6 +160,10 @@ def test_kept_fraction_and_errors():
         fractions.append(keep[b][same_doc].mean().item())
     assert kept_fraction(keep, cu).item() == pytest.approx(sum(fractions) / 2, rel=1e-6)
     assert kept_fraction(keep[:1], cu[:3]).item() == pytest.approx(fractions[0], rel=1e-6)
+    # its own backward (no [B, T, T] tensor saved) against finite differences
+    keep64 = keep.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda k: kept_fraction(k, cu), (keep64,))
+    assert torch.autograd.gradcheck(lambda k: kept_fraction(k), (keep64,))
     for bad, match in ((torch.tensor([0, 2, 6], dtype=torch.int32), "end at batch"),
                        (torch.tensor([0, 2, 9, 12], dtype=torch.int32), "every sample's start")):
         with pytest.raises(ValueError, match=match):

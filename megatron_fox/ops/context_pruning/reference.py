@@ -53,15 +53,38 @@ def kept_fraction(keep: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None)
     """Mean over the samples of each one's mean of I over the pairs pruning can remove (key
     strictly before the query, same document): keep [B, T, T] -> 0-dim float32,
     differentiable (the sparsity penalty). cu_seqlens: document offsets over the batch's
-    B * T tokens, batch-major, holding every sample's start (as `pruned_forgetting_attention`'s)."""
+    B * T tokens, batch-major, holding every sample's start (as `pruned_forgetting_attention`'s).
+    Its backward keeps no [B, T, T] tensor: the pairs are rebuilt from the documents' starts."""
     B, T = keep.shape[:2]
-    later = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril(-1)
     if cu_seqlens is None:
-        return (keep * later).sum() / (later.sum() * B).clamp(min=1)
-    check_batch_offsets(cu_seqlens, B, T)
-    start, _ = row_document_maps(cu_seqlens, B, T, keep.device)
-    pairs = later & (start[:, :, None] == start[:, None, :])  # [B, T, T]
-    return ((keep * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)).mean()
+        start = torch.zeros(B, T, dtype=torch.int32, device=keep.device)
+    else:
+        check_batch_offsets(cu_seqlens, B, T)
+        start, _ = row_document_maps(cu_seqlens, B, T, keep.device)
+    return _PerSampleMean.apply(keep, start).mean()
+
+
+def _prunable_pairs(start: torch.Tensor) -> torch.Tensor:
+    """[B, T, T] bool: key strictly before the query, both in one document (start [B, T])."""
+    T = start.shape[1]
+    later = torch.ones(T, T, dtype=torch.bool, device=start.device).tril(-1)
+    return later & (start[:, :, None] == start[:, None, :])
+
+
+class _PerSampleMean(torch.autograd.Function):
+    """keep [B, T, T], start [B, T] -> [B]: each sample's mean of keep over its prunable pairs."""
+
+    @staticmethod
+    def forward(ctx, keep, start):
+        pairs = _prunable_pairs(start)
+        count = pairs.sum((1, 2)).clamp(min=1).to(keep.dtype)
+        ctx.save_for_backward(start, count)
+        return torch.where(pairs, keep, 0).sum((1, 2)) / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, count = ctx.saved_tensors
+        return _prunable_pairs(start) * (grad / count)[:, None, None], None
 
 
 def pruned_forgetting_attention_reference(q, k, v, log_fgate, keep, *, sm_scale: Optional[float] = None,
