@@ -109,13 +109,14 @@ def build_data(args):
         from .training.data import MockGPTDataset
 
         def mock(samples, split):
-            return MockGPTDataset(samples, args.seq_length, tokenizer.eod, args.seed, split) if samples else None
+            return (MockGPTDataset(samples, args.seq_length, tokenizer.eod, args.seed, split,
+                                   eod_mask_loss=args.eod_mask_loss) if samples else None)
         return mock(max(n_train, 1), 0), mock(n_eval, 1), mock(n_test, 2), tokenizer
 
     def build(blend, samples, split):
         prefixes, weights = blend
         return build_gpt_datasets(prefixes, tokenizer, args.seq_length, samples, seed=args.seed, split=split,
-                                  cache_path=args.data_cache_path, weights=weights)
+                                  cache_path=args.data_cache_path, weights=weights, eod_mask_loss=args.eod_mask_loss)
 
     if "all" in blends:
         try:

@@ -134,6 +134,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
     "reset_attention_mask": (bool, True, "restart attention and the forget gate at each document"),
+    "eod_mask_loss": (bool, False, "no loss where the input token is the end of a document (its target, the "
+                                   "next document's first token, is not predictable), as Megatron-LM's"),
     "default_corpus_bytes": (int, 4_000_000, "bytes of the embedded corpus (Python stdlib source)"),
     "default_vocab_size": (int, 2048, "vocabulary of the tokenizer trained on the embedded corpus"),
     # logging and checkpoints

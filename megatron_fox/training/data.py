@@ -362,11 +362,14 @@ class MockGPTDataset(torch.utils.data.Dataset):
     """Megatron-LM's --mock-data: `num_samples` samples of seq_length tokens cut from
     documents of random ids in [0, eod) of random lengths (1 to seq_length), each followed by
     eod. Sample i of a split is the same on every call and rank (seeded by seed, split, i);
-    items are dicts as GPTDataset's (tokens, labels, loss_mask, position_ids)."""
+    items are dicts as GPTDataset's (tokens, labels, loss_mask, position_ids); eod_mask_loss:
+    loss_mask 0 where the token is eod, as GPTDataset's option of that name."""
 
-    def __init__(self, num_samples: int, seq_length: int, eod: int, seed: int, split: int = 0):
+    def __init__(self, num_samples: int, seq_length: int, eod: int, seed: int, split: int = 0,
+                 eod_mask_loss: bool = False):
         self.num_samples, self.seq_length, self.eod = int(num_samples), int(seq_length), int(eod)
         self.seed = (int(seed) * 3 + int(split)) * 1_000_003
+        self.eod_mask_loss = bool(eod_mask_loss)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -381,6 +384,9 @@ class MockGPTDataset(torch.utils.data.Dataset):
             parts += [torch.randint(0, self.eod, (n,), generator=g), torch.tensor([self.eod])]
             need -= n + 1
         ids = torch.cat(parts)[:self.seq_length + 1]
-        return {"tokens": ids[:-1].clone(), "labels": ids[1:].clone(),
-                "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+        tokens = ids[:-1].clone()
+        loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
+        if self.eod_mask_loss:
+            loss_mask[tokens == self.eod] = 0.0
+        return {"tokens": tokens, "labels": ids[1:].clone(), "loss_mask": loss_mask,
                 "position_ids": torch.arange(self.seq_length)}

@@ -140,6 +140,22 @@ def test_build_gpt_datasets_samples_come_from_split_docs(jsonl_dataset, tok, doc
     assert torch.equal(again[3]["tokens"], train[3]["tokens"])  # cached indices, same order
 
 
+def test_eod_mask_loss_leaves_out_the_eod_positions(jsonl_dataset, tok, tmp_path):
+    """GPTDatasetConfig's eod_mask_loss through build_gpt_datasets (--eod-mask-loss): the loss
+    mask is 0 exactly where the input token is the end of a document."""
+    plain, _, _ = build_gpt_datasets(jsonl_dataset, tok, 32, (20, 0, 0), seed=3, split="100,0,0",
+                                     cache_path=str(tmp_path / "a"))
+    masked, _, _ = build_gpt_datasets(jsonl_dataset, tok, 32, (20, 0, 0), seed=3, split="100,0,0",
+                                      cache_path=str(tmp_path / "b"), eod_mask_loss=True)
+    eods = 0
+    for i in range(20):
+        tokens = masked[i]["tokens"]
+        assert torch.equal(tokens, plain[i]["tokens"]) and bool((plain[i]["loss_mask"] == 1).all())
+        assert torch.equal(masked[i]["loss_mask"], (tokens != tok.eod).float())
+        eods += int((tokens == tok.eod).sum())
+    assert eods > 0  # the samples hold document ends
+
+
 def test_build_gpt_datasets_errors(jsonl_dataset, tok, tmp_path):
     with pytest.raises(ValueError, match="valid split"):
         build_gpt_datasets(jsonl_dataset, tok, 16, (10, 5, 0), split="99.9,0.1,0",

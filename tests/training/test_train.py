@@ -446,20 +446,26 @@ def test_mock_data_null_tokenizer(tmp_path):
     assert torch.equal(a["tokens"], b["tokens"]) and not torch.equal(ds[1]["tokens"], a["tokens"])
     assert torch.equal(a["tokens"][1:], a["labels"][:-1]) and int(a["tokens"].max()) <= 128
     assert (a["tokens"] == 128).any()  # documents end inside a sample
+    assert bool((a["loss_mask"] == 1).all())
+    masked = MockGPTDataset(4, 64, 128, seed=1, eod_mask_loss=True)[2]  # --eod-mask-loss
+    assert torch.equal(masked["tokens"], a["tokens"])
+    assert torch.equal(masked["loss_mask"], (a["tokens"] != 128).float())
     mock = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--train-iters", "4",
             "--eval-interval", "4", "--eval-iters", "1", "--split", "98,1,1"]
     env = dict(os.environ, MEGATRON_FOX_CACHE=str(tmp_path / "never"))  # nothing may be built
     runs = []
-    for name in ("one", "two"):
+    for name, extra in (("one", []), ("two", []), ("eod_masked", ["--eod-mask-loss"])):
         out = tmp_path / f"{name}.pt"
         os.environ["MEGATRON_FOX_CACHE"] = env["MEGATRON_FOX_CACHE"]
-        launch("train", 1, {"flags": TINY + mock, "out": str(out)})
+        launch("train", 1, {"flags": TINY + mock + extra, "out": str(out)})
         runs.append(torch.load(out))
     os.environ.pop("MEGATRON_FOX_CACHE")
     assert not (tmp_path / "never").exists()
     losses = [h["loss"] for h in runs[0]]
     assert abs(losses[0] - math.log(129)) < 0.5 and "valid_loss" in runs[0][-1] and "test_loss" in runs[0][-1]
     assert losses == [h["loss"] for h in runs[1]]
+    masked_losses = [h["loss"] for h in runs[2]]  # same batches, the EOD positions left out of the mean
+    assert all(math.isfinite(x) for x in masked_losses) and masked_losses[0] != losses[0]
     for suffix in (".bin", ".idx"):
         (tmp_path / f"x{suffix}").write_bytes(b"")
     for flags, key in ((["--mock-data"], "tokenizer_type"),
