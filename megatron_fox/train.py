@@ -256,6 +256,7 @@ def run(args, on_step=None) -> list[dict]:
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
     from .training.scalars import ScalarLog
     from .layers.context_pruning import set_context_pruning_state
+    from .training.rampup import step_batch
     from .training.step import context_pruning_alpha_at, global_batch
 
     device = init_distributed(args)
@@ -278,7 +279,7 @@ def run(args, on_step=None) -> list[dict]:
 
     def evaluate(ds, name: str, step: int, record: dict) -> None:
         """eval_iters batches of ds: record[name + '_loss'], the log line, TensorBoard."""
-        losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod)) for e in range(args.eval_iters)]
+        losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod, ramp=False)) for e in range(args.eval_iters)]
         loss = record[f"{name}_loss"] = sum(losses) / len(losses)
         if rank0:
             label = "validation" if name == "valid" else name
@@ -287,16 +288,18 @@ def run(args, on_step=None) -> list[dict]:
                 scalars.add_scalar(f"{name}/loss", loss, step)
                 scalars.add_scalar(f"{name}/ppl", math.exp(min(loss, 700.0)), step)
 
-    tokens_per_step = args.global_batch_size * args.seq_length
     for it in range(start, start if args.skip_train else args.train_iters):
         batches = global_batch(train_ds, it, args, tokenizer.eod)
+        batch_size = step_batch(it, args.rampup_batch_size, args.global_batch_size)[1]  # ramp-up: < global
+        step_share = batch_size / args.global_batch_size
         t0 = time.perf_counter()
         if args.fox_context_pruning:
             set_context_pruning_state(model, alpha=context_pruning_alpha_at(it, args))
         out = engine.train_step(batches, it)
         dt = time.perf_counter() - t0
-        out.update(step=it + 1, tokens_per_s=tokens_per_step / dt,
-                   tflops_per_gpu=flops_per_step / dt / dist.get_world_size() / 1e12, model_flops=flops_per_step)
+        out.update(step=it + 1, global_batch_size=batch_size, tokens_per_s=batch_size * args.seq_length / dt,
+                   tflops_per_gpu=flops_per_step * step_share / dt / dist.get_world_size() / 1e12,
+                   model_flops=flops_per_step * step_share)
         history.append(out)
         if on_step is not None:
             on_step(it + 1, out)
@@ -310,7 +313,7 @@ def run(args, on_step=None) -> list[dict]:
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
-            extra = ""
+            extra = f"global batch size {batch_size} | " if args.rampup_batch_size else ""
             if kept:
                 out["dcp_kept"], out["dcp_kept_by_layer"] = sum(kept.values()) / len(kept), kept
                 out["dcp_alpha"] = context_pruning_alpha_at(it, args)
@@ -329,7 +332,8 @@ def run(args, on_step=None) -> list[dict]:
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if scalars:
-                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha"):
+                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha") + (
+                            ("global_batch_size",) if args.rampup_batch_size else ()):
                         if key in out:
                             scalars.add_scalar(f"train/{key}", out[key], it + 1)
                     scalars.add_scalar("acp/skipped_fraction", overall, it + 1)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .rampup import ramp_sizes, steps_for_samples
+
 
 class ConfigError(ValueError):
     """A bad configuration value; str() is the one-line message naming the key."""
@@ -92,6 +94,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "train_iters": (int, 200, "optimizer steps"),
     "train_samples": (int, None, "train on this many sequences instead: train_iters = ceil(samples / "
                                  "global_batch_size)"),
+    "rampup_batch_size": (list, None, "START INCREMENT SAMPLES: the global batch ramps from START sequences by "
+                                      "INCREMENT to global_batch_size over SAMPLES consumed sequences, as "
+                                      "Megatron-LM's (the LR schedule follows the consumed sequences)"),
     "lr": (float, 2e-3, "peak learning rate"),
     "min_lr": (float, 0.0, "final learning rate"),
     "lr_warmup_iters": (int, 20, "linear warmup steps"),
@@ -418,10 +423,12 @@ def _either(args: argparse.Namespace, keys: tuple[str, ...]) -> Optional[str]:
 
 
 def resolve_schedule(args: argparse.Namespace) -> None:
-    """Steps from samples as Megatron-LM (no batch-size ramp-up): train_samples,
-    lr_decay_samples and lr_warmup_samples become steps of global_batch_size sequences
-    (rounded up), lr_warmup_fraction a share of the decay steps."""
+    """Steps from samples as Megatron-LM: train_samples becomes the steps that consume that
+    many sequences (through the batch-size ramp-up, if any); lr_decay_samples and
+    lr_warmup_samples become LR-schedule steps of global_batch_size sequences (rounded up),
+    lr_warmup_fraction a share of the decay steps."""
     gbs = args.global_batch_size
+    check_rampup(args)
 
     def steps(key: str) -> int:
         value = getattr(args, key)
@@ -430,7 +437,8 @@ def resolve_schedule(args: argparse.Namespace) -> None:
         return -(-value // gbs)
 
     if _either(args, ("train_iters", "train_samples")) == "train_samples":
-        args.train_iters = steps("train_samples")
+        steps("train_samples")  # its sign
+        args.train_iters = steps_for_samples(args.train_samples, args.rampup_batch_size, gbs)
     if args.train_iters < 0:
         raise ConfigError("train_iters", f"must be >= 0, got {args.train_iters}")
     if _either(args, ("lr_decay_iters", "lr_decay_samples")) == "lr_decay_samples":
@@ -449,6 +457,24 @@ def resolve_schedule(args: argparse.Namespace) -> None:
     if _either(args, ("lr_wsd_decay_iters", "lr_wsd_decay_samples")) == "lr_wsd_decay_samples":
         args.lr_wsd_decay_iters = steps("lr_wsd_decay_samples")
     check_lr_decay(args)
+
+
+def check_rampup(args: argparse.Namespace) -> None:
+    """rampup_batch_size: three integers START INCREMENT SAMPLES, START < global_batch_size,
+    the difference a multiple of INCREMENT; stored as ints."""
+    if args.rampup_batch_size is None:
+        return
+    try:
+        start, increment, samples = (int(v) for v in args.rampup_batch_size)
+    except ValueError:
+        raise ConfigError("rampup_batch_size", f"needs three integers START INCREMENT SAMPLES, got "
+                                               f"{' '.join(args.rampup_batch_size)}") from None
+    gbs = args.global_batch_size
+    if not (1 <= start < gbs and increment >= 1 and samples >= 1 and (gbs - start) % increment == 0):
+        raise ConfigError("rampup_batch_size", f"START {start}, INCREMENT {increment}, SAMPLES {samples}: need 1 <= "
+                                               f"START < global_batch_size ({gbs}), INCREMENT and SAMPLES >= 1, and "
+                                               f"global_batch_size - START a multiple of INCREMENT")
+    args.rampup_batch_size = [start, increment, samples]
 
 
 _LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
@@ -555,6 +581,11 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("global_batch_size", f"{args.global_batch_size} not divisible by micro_batch_size * "
                                                f"data_parallel_size = {per_step}")
     args.num_microbatches = args.global_batch_size // per_step
+    if args.rampup_batch_size is not None:
+        odd = [b for b in ramp_sizes(args.rampup_batch_size, args.global_batch_size) if b % per_step]
+        if odd:
+            raise ConfigError("rampup_batch_size", f"passes batch sizes {odd[:4]} not divisible by micro_batch_size * "
+                                                   f"data_parallel_size = {per_step}")
     if args.transformer_impl not in ("auto", "local", "transformer_engine"):
         raise ConfigError("transformer_impl", f"must be auto, local or transformer_engine, got {args.transformer_impl!r}")
     if args.acp_logit_bound not in ("qk_norm", "data"):

@@ -10,13 +10,16 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from .data import cu_seqlens_from_tokens
+from .rampup import step_batch
 
 
-def lr_at(iteration: int, args) -> float:
+def lr_at(iteration: float, args) -> float:
     """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
     lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
     steps before lr_decay_iters, then lr_wsd_decay_style's decay)."""
+    if args.rampup_batch_size:  # the schedule follows the consumed sequences
+        iteration = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
     if args.lr_warmup_iters > 0 and iteration < args.lr_warmup_iters:
         return args.lr * (iteration + 1) / args.lr_warmup_iters
     style = args.lr_decay_style
@@ -84,15 +87,18 @@ def with_documents(batch: dict, eod: int) -> dict:
     return batch
 
 
-def global_batch(dataset, iteration: int, args, eod: Optional[int] = None) -> list[dict]:
+def global_batch(dataset, iteration: int, args, eod: Optional[int] = None, ramp: bool = True) -> list[dict]:
     """This data-parallel rank's micro-batches of step `iteration` (deterministic in it).
 
-    Step i takes samples [i*G, (i+1)*G) of the dataset (G = global batch, wrapping
-    around); data-parallel rank r takes the r-th contiguous slice of micro_batch_size * M.
+    Step i takes the G samples after those of the steps before it (G = its global batch:
+    global_batch_size, or the ramp-up's size with ramp; wrapping around the dataset);
+    data-parallel rank r takes the r-th contiguous slice of micro_batch_size * M of them.
     """
-    G, mbs, M = args.global_batch_size, args.micro_batch_size, args.num_microbatches
+    mbs = args.micro_batch_size
+    consumed, G = step_batch(iteration, args.rampup_batch_size if ramp else None, args.global_batch_size)
+    M = G // (mbs * args.data_parallel_size)
     dp_rank = parallel_state.get_data_parallel_rank()
-    first = iteration * G + dp_rank * mbs * M
+    first = consumed + dp_rank * mbs * M
     n = len(dataset)
     batches = [collate([dataset[(first + m * mbs + j) % n] for j in range(mbs)]) for m in range(M)]
     if args.reset_attention_mask and eod is not None:

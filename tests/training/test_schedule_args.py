@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from megatron_fox.training.arguments import ConfigError, parse_args
+from megatron_fox.training.rampup import step_batch
 from megatron_fox.training.step import lr_at
 
 
@@ -66,7 +67,47 @@ def test_inverse_square_root_decay():
     assert lr_at(10 ** 6, args) == pytest.approx(1e-5)  # min_lr is the floor
 
 
+def _megatron_ramp(start, increment, samples, gbs, steps):
+    """Megatron-LM's rule step by step: the batch of a step is START + INCREMENT * (how many
+    SAMPLES / ((gbs - START) / INCREMENT) spans the consumed sequences fill), gbs past SAMPLES."""
+    out, consumed = [], 0
+    per = samples / ((gbs - start) // increment)
+    for _ in range(steps):
+        size = gbs if consumed > samples else start + int(consumed / per) * increment
+        out.append((consumed, size))
+        consumed += size
+    return out
+
+
+@pytest.mark.parametrize("ramp,gbs", [((4, 4, 100), 16), ((32, 32, 3000), 512), ((1, 1, 7), 3)])
+def test_rampup_steps_follow_megatron_rule(ramp, gbs):
+    expect = _megatron_ramp(*ramp, gbs, 200)
+    assert [step_batch(i, ramp, gbs) for i in range(200)] == expect
+    assert expect[-1][1] == gbs and expect[0][1] == ramp[0]
+
+
+def test_rampup_flags_train_samples_and_lr():
+    """--train-samples counts the ramp's smaller batches; the LR schedule runs on consumed
+    sequences (warmup of 10 full batches = 160 sequences)."""
+    args = parse_args(["--global-batch-size", "16", "--micro-batch-size", "4", "--rampup-batch-size", "4", "4", "100",
+                       "--train-samples", "200", "--lr-warmup-iters", "10", "--lr", "1e-3"])
+    assert args.rampup_batch_size == [4, 4, 100]
+    # the ramp: 9 steps of 4, 4 of 8, 3 of 12 (104 sequences), then 6 of 16 reach 200
+    assert args.train_iters == 16 + 6
+    assert lr_at(0, args) == pytest.approx(1e-3 * 1 / 10)  # nothing consumed yet: as step 0
+    assert lr_at(9, args) == pytest.approx(1e-3 * (36 / 16 + 1) / 10)  # 36 consumed before step 9
+    assert lr_at(16, args) == pytest.approx(1e-3 * (104 / 16 + 1) / 10)
+
+
 @pytest.mark.parametrize("flags,key", [
+    (["--rampup-batch-size", "4", "4"], "rampup_batch_size"),
+    (["--rampup-batch-size", "4", "x", "100"], "rampup_batch_size"),
+    (["--global-batch-size", "16", "--micro-batch-size", "4", "--rampup-batch-size", "16", "4", "100"],
+     "rampup_batch_size"),
+    (["--global-batch-size", "16", "--micro-batch-size", "4", "--rampup-batch-size", "4", "8", "100"],
+     "rampup_batch_size"),
+    (["--global-batch-size", "16", "--micro-batch-size", "4", "--rampup-batch-size", "2", "2", "100"],
+     "rampup_batch_size"),
     (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
     (["--lr-decay-style", "WSD", "--train-iters", "100", "--lr-warmup-iters", "10", "--lr-wsd-decay-iters", "91"],
      "lr_wsd_decay_iters"),

@@ -115,6 +115,25 @@ def test_resume_matches_uninterrupted_run(cache, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
 
 
+def test_rampup_batch_size_trains_and_resumes(cache, tmp_path):
+    """--rampup-batch-size 2 2 8 at global batch 4: steps 1-4 take 2 sequences (the same ones,
+    at a constant LR, as a run at global batch 2), step 5 on 4; a resume in the ramp
+    continues it exactly."""
+    common = ["--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--train-iters", "7"]
+    ramp = common + ["--rampup-batch-size", "2", "2", "8"]
+    full = train(tmp_path, "ramp", ramp)
+    assert [h["global_batch_size"] for h in full] == [2, 2, 2, 2, 4, 4, 4]
+    small = train(tmp_path, "small", common + ["--global-batch-size", "2", "--train-iters", "4"])
+    for a, b in zip(full[:4], small):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", ramp + ["--exit-interval", "3", "--save", str(ckpt)])
+    rest = train(tmp_path, "rest", ramp + ["--load", str(ckpt)])
+    assert [h["step"] for h in rest] == [4, 5, 6, 7]
+    for a, b in zip(full[3:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+
+
 @pytest.mark.parametrize("flags", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2_sp", "pp2"])
 def test_two_process_training_matches_single(cache, tmp_path, flags):
