@@ -93,7 +93,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "global_batch_size": (int, 8, "samples per step over all data-parallel ranks"),
     "train_iters": (int, 200, "optimizer steps"),
     "train_samples": (int, None, "train on this many sequences instead: train_iters = ceil(samples / "
-                                 "global_batch_size)"),
+                                 "global_batch_size), counting the ramp-up's smaller batches if any"),
     "rampup_batch_size": (list, None, "START INCREMENT SAMPLES: the global batch ramps from START sequences by "
                                       "INCREMENT to global_batch_size over SAMPLES consumed sequences, as "
                                       "Megatron-LM's (the LR schedule follows the consumed sequences)"),

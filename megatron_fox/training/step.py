@@ -13,26 +13,28 @@ from .data import cu_seqlens_from_tokens
 from .rampup import step_batch
 
 
-def lr_at(iteration: float, args) -> float:
+def lr_at(iteration: int, args) -> float:
     """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
     lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
-    steps before lr_decay_iters, then lr_wsd_decay_style's decay)."""
-    if args.rampup_batch_size:  # the schedule follows the consumed sequences
-        iteration = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
-    if args.lr_warmup_iters > 0 and iteration < args.lr_warmup_iters:
-        return args.lr * (iteration + 1) / args.lr_warmup_iters
+    steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
+    the schedule runs on the consumed sequences, in steps of global_batch_size."""
+    t_step = iteration
+    if args.rampup_batch_size:
+        t_step = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
+    if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:
+        return args.lr * (t_step + 1) / args.lr_warmup_iters
     style = args.lr_decay_style
     if style == "constant":
         return args.lr
     if style == "inverse-square-root":
-        return max(args.min_lr, args.lr * math.sqrt(max(args.lr_warmup_iters, 1) / max(iteration, 1)))
+        return max(args.min_lr, args.lr * math.sqrt(max(args.lr_warmup_iters, 1) / max(t_step, 1)))
     if style == "WSD":
         anneal_start = args.lr_decay_iters - args.lr_wsd_decay_iters
-        t = min(1.0, max(0.0, (iteration - anneal_start) / args.lr_wsd_decay_iters))
+        t = min(1.0, max(0.0, (t_step - anneal_start) / args.lr_wsd_decay_iters))
         style = args.lr_wsd_decay_style
     else:
-        t = min(1.0, (iteration - args.lr_warmup_iters) / max(1, args.lr_decay_iters - args.lr_warmup_iters))
+        t = min(1.0, (t_step - args.lr_warmup_iters) / max(1, args.lr_decay_iters - args.lr_warmup_iters))
     return args.min_lr + (args.lr - args.min_lr) * _decay_coefficient(style, t)
 
 
