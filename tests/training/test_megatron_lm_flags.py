@@ -21,6 +21,7 @@ MEGATRON_LM_SCRIPT = """
 --log-validation-ppl-to-tensorboard --log-memory-to-tensorboard --log-timers-to-tensorboard --timing-log-level 0
 --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
 --no-gradient-accumulation-fusion --num-workers 2 --tensorboard-log-interval 5 --distributed-timeout-minutes 20
+--eod-mask-loss
 """.split()
 
 
@@ -29,6 +30,20 @@ def test_megatron_lm_script_parses():
     assert (args.num_query_groups, args.train_iters, args.lr_warmup_iters) == (4, 2000, 20)
     assert args.overlap_param_gather and args.bf16 and args.position_embedding_type == "none"
     assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
+    assert args.eod_mask_loss
+
+
+def test_megatron_lm_script_with_rampup_and_wsd():
+    """The same script with a batch-size ramp-up and a WSD schedule in samples: the ramp's
+    smaller batches take more steps for the same 64000 sequences."""
+    args = parse_args(MEGATRON_LM_SCRIPT + ["--rampup-batch-size", "8", "8", "6400", "--lr-decay-style", "WSD",
+                                            "--lr-wsd-decay-samples", "6400", "--lr-wsd-decay-style", "linear"])
+    assert args.rampup_batch_size == [8, 8, 6400]
+    # ramp 8 -> 16 -> 24 over 6400 sequences (a third each, 2133.3): 267 steps of 8 (to 2136),
+    # 134 of 16 (to 4280), 89 of 24 (to 6416, past 6400: the next step takes 32), then
+    # ceil(57584 / 32) = 1800 steps of 32
+    assert args.train_iters == 267 + 134 + 89 + 1800
+    assert args.lr_wsd_decay_iters == 200
 
 
 @pytest.mark.parametrize("flags,key", [
