@@ -1,7 +1,7 @@
 """Generate text with a trained FoX model (one process; CPU or one GPU).
 
     python tools/generate.py --config configs/tiny.yaml --load checkpoints/tiny \\
-        --prompt "def main(" --max-new-tokens 64 [--temperature 0.8 --top-k 40] [--evict-log-eps -10]
+        --prompt "def main(" --max-new-tokens 64 [--temperature 0.8 --top-k 40 --top-p 0.95] [--evict-log-eps -10]
 
 Training flags (--config, model sizes, --data-path/--tokenizer-model, --device, ...) are the
 ones the model was trained with; without --data-path the embedded corpus's tokenizer is used,
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the most likely tokens up to this "
+                                                             "probability (with --temperature > 0)")
     p.add_argument("--evict-log-eps", type=_log_eps, default=-10.0, help="ACP eviction tolerance, or 'none'")
     p.add_argument("--max-length", type=int, default=None, help="prompt + generation bound (default: seq length)")
     p.add_argument("--gen-seed", type=int, default=0)
@@ -65,7 +67,7 @@ def main(argv=None) -> None:
         prompt = torch.tensor([tokenizer.tokenize(opts.prompt)], dtype=torch.long, device=device)
         t0 = time.perf_counter()
         out, cache = gen.generate(prompt, opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k,
-                                  eod=tokenizer.eod,
+                                  top_p=opts.top_p, eod=tokenizer.eod,
                                   generator=torch.Generator(device=device).manual_seed(opts.gen_seed))
     except ValueError as e:
         print(f"generate: error: {e}", file=sys.stderr)

@@ -99,23 +99,27 @@ class FoxGenerator:
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: Optional[int] = None, eod: Optional[int] = None,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eod: Optional[int] = None,
                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, InferenceCache]:
-        """prompt [b, s] int64 -> ([b, s + n] tokens, the cache). temperature 0: greedy.
-        Stops early once every sequence has produced `eod`."""
+        """prompt [b, s] int64 -> ([b, s + n] tokens, the cache). temperature 0: greedy;
+        else sampling at that temperature from the top_k most likely tokens and/or the
+        smallest set of them whose probability reaches top_p (nucleus). Stops early once
+        every sequence has produced `eod`."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
         self.model.eval()
         cache = self.new_cache()
         out = prompt
         done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         logits = self.forward(prompt, cache)[:, -1]
         for _ in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_k, generator)
+            nxt = _sample(logits, temperature, top_k, top_p, generator)
             if eod is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eod), nxt)
                 done |= nxt == eod
@@ -137,12 +141,23 @@ def _is_mlp(layer) -> bool:
     return hasattr(getattr(layer, "mlp", None), "linear_fc1")
 
 
-def _sample(logits, temperature, top_k, generator):
+def _sample(logits, temperature, top_k, top_p, generator):
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    probs = torch.softmax(sampling_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sampling_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """logits [b, V] with -inf outside the tokens sampling may draw: the top_k largest (ties
+    at the k-th kept) and, of those, the most likely ones until their probability reaches
+    top_p (the most likely token always stays)."""
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        before = torch.softmax(sorted_logits, dim=-1).cumsum(-1) - torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = before >= top_p  # the probability of the tokens ahead already reaches top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits

@@ -107,12 +107,33 @@ def test_bad_arguments(megatron_world):
         gen.generate(torch.zeros(1, 20, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="temperature"):
         gen.generate(torch.zeros(1, 4, dtype=torch.long), 1, temperature=-1.0)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            gen.generate(torch.zeros(1, 4, dtype=torch.long), 1, temperature=1.0, top_p=top_p)
     with pytest.raises(ValueError, match="fox_qk_norm"):
         FoxGenerator(_model("--no-acp", "--no-fox-qk-norm"), 16, evict_log_eps=-10.0)
     with pytest.raises(ValueError, match="model: .*Linear"):
         FoxGenerator(torch.nn.Linear(4, 4), 16)
     model.decoder.layers[1].mlp = torch.nn.Identity()  # a layer without its MLP still decodes its attention
     assert len(FoxGenerator(model, 16, evict_log_eps=None).attention_layers) == 2
+
+
+def test_sampling_logits_top_k_and_nucleus():
+    """The tokens sampling may draw, on probabilities worked out by hand: 0.5, 0.25, 0.15,
+    0.1 (shuffled). top_p 0.7 keeps the first two (0.5 < 0.7 <= 0.75), 0.74 the same, 0.76
+    three, 0.4 only the first; top_k 3 then top_p 0.9 keeps three; and draws stay inside."""
+    from megatron_fox.inference.generate import sampling_logits
+
+    probs = torch.tensor([[0.15, 0.5, 0.1, 0.25]])
+    logits = probs.log() + 3.0  # any shift
+    for top_k, top_p, kept in ((None, 0.7, {1, 3}), (None, 0.74, {1, 3}), (None, 0.76, {0, 1, 3}), (None, 0.4, {1}),
+                               (3, 0.9, {0, 1, 3}), (2, None, {1, 3}), (None, 1.0, {0, 1, 2, 3})):
+        out = sampling_logits(logits, top_k, top_p)
+        assert set(torch.isfinite(out[0]).nonzero()[:, 0].tolist()) == kept, (top_k, top_p)
+        assert torch.equal(out[0, sorted(kept)], logits[0, sorted(kept)])  # kept logits unchanged
+    g = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(torch.softmax(sampling_logits(logits.expand(400, 4), None, 0.7), -1), 1, generator=g)
+    assert set(draws[:, 0].tolist()) == {1, 3}
 
 
 def test_layer_cache_appends_and_evicts_like_a_list():
