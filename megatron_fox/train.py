@@ -79,9 +79,9 @@ def data_paths(args) -> tuple[dict, str]:
 def tokenizer_for(args):
     """The run's tokenizer: --tokenizer-type GPT2BPETokenizer's files, else the SentencePiece
     model of --tokenizer-model or of the embedded corpus."""
-    from .training.tokenizer import build_tokenizer
+    from .training.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
 
-    model = None if args.tokenizer_type != "SentencePieceTokenizer" else data_paths(args)[1]
+    model = None if args.tokenizer_type not in SENTENCEPIECE_TYPES else data_paths(args)[1]
     return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file, args.vocab_size)
 
 
@@ -90,13 +90,12 @@ def build_data(args):
     calls this together: the corpus cache is built under a file lock, Megatron's dataset
     builder has its own barriers."""
     from .training.data import build_gpt_datasets
+    from .training.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
 
-    if not args.data_blends and not args.mock_data and args.tokenizer_type != "SentencePieceTokenizer":
+    if not args.data_blends and not args.mock_data and args.tokenizer_type not in SENTENCEPIECE_TYPES:
         print(f"megatron_fox.train: error: config key 'tokenizer_type': {args.tokenizer_type} needs data tokenized "
               f"with it (data_path); the embedded corpus has its own SentencePiece model", file=sys.stderr)
         sys.exit(2)
-    from .training.tokenizer import build_tokenizer
-
     blends, sp_model = ({}, None) if args.mock_data else data_paths(args)  # may build the embedded corpus
     tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file, args.vocab_size)
     evaluating = bool(args.eval_iters) and bool(args.eval_interval or args.skip_train)

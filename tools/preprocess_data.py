@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from megatron_fox.training.data import (MissingKeyError, iter_documents, tokenize_stream,
                                         write_documents)
-from megatron_fox.training.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_fox.training.tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES, build_tokenizer
 
 
 def parse_args(argv=None):
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     missing = [f for f in args.input if not os.path.isfile(f)]
     if missing:
         p.error(f"--input: file(s) not found: {', '.join(missing)}")
-    needed = (("tokenizer_model",) if args.tokenizer_type == "SentencePieceTokenizer"
+    needed = (("tokenizer_model",) if args.tokenizer_type in SENTENCEPIECE_TYPES
               else ("vocab_file", "merge_file"))
     for key in needed:
         path = getattr(args, key)

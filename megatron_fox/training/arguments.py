@@ -127,7 +127,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                     "valid_data_path: each split from its own files, split ignored"),
     "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
     "test_data_path": (list, None, "test data of its own (with train_data_path), evaluated after training"),
-    "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model) | "
+    "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model; "
+                                                      "GPTSentencePieceTokenizer and Llama2Tokenizer the same) | "
                                                       "GPT2BPETokenizer (vocab_file, merge_file) | "
                                                       "NullTokenizer (vocab_size ids; end of document = vocab_size)"),
     "mock_data": (bool, False, "Megatron-LM's synthetic data: random documents of random ids, no corpus or "
@@ -379,7 +380,7 @@ def check_data_paths(args: argparse.Namespace) -> None:
         raise ConfigError(f"{next(iter(given))}_data_path", "give data_path or per-split paths, not both")
     if given and "train" not in given:
         raise ConfigError("train_data_path", f"needed with {next(iter(given))}_data_path")
-    from .tokenizer import TOKENIZER_TYPES
+    from .tokenizer import SENTENCEPIECE_TYPES, TOKENIZER_TYPES
 
     blends = {"all": args.data_path} if args.data_path is not None else given
     keys = {name: "data_path" if name == "all" else f"{name}_data_path" for name in blends}
@@ -402,7 +403,7 @@ def check_data_paths(args: argparse.Namespace) -> None:
         for key in ("vocab_file", "merge_file"):
             if getattr(args, key) is None or not os.path.isfile(getattr(args, key)):
                 raise ConfigError(key, f"{getattr(args, key)}: not found (needed by GPT2BPETokenizer)")
-    elif args.tokenizer_type == "SentencePieceTokenizer" and args.data_blends and args.tokenizer_model is None:
+    elif args.tokenizer_type in SENTENCEPIECE_TYPES and args.data_blends and args.tokenizer_model is None:
         raise ConfigError("tokenizer_model", "needed with " + ("data_path" if args.data_path else "train_data_path"))
     if args.eval_interval and args.data_blends.keys() == {"train"}:
         raise ConfigError("eval_interval", "needs validation data: valid_data_path (with train_data_path)")

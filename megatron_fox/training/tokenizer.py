@@ -151,14 +151,18 @@ class NullTokenizer:
         return " ".join(str(int(i)) for i in ids if int(i) != self._n)
 
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+# Megatron-LM's names for a SentencePiece model: megatron-core's tokenizer library builds all
+# three from the .model file with the end of document at its eos id, as SentencePieceTokenizer here
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("GPT2BPETokenizer", "NullTokenizer")
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_file=None, merge_file=None, vocab_size=None):
-    """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file),
+    """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file;
+    GPTSentencePieceTokenizer and Llama2Tokenizer the same),
     GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`) or NullTokenizer
     (vocab_size ids, no text)."""
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in SENTENCEPIECE_TYPES:
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)

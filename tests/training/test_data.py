@@ -82,6 +82,26 @@ def test_tokenizer_round_trip_and_specials(tok, docs):
     assert json.loads(json.dumps(tok.unique_identifiers))["vocab_size"] == SMALL_VOCAB
 
 
+@pytest.mark.parametrize("name", ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_megatron_sentencepiece_type_names(name, corpus, tok, docs, tmp_path):
+    """Megatron-LM's other names for a SentencePiece model give the same ids and end of
+    document (its eos), in the trainer and in preprocess_data; without a model they name
+    tokenizer_model."""
+    from megatron_fox.training.arguments import ConfigError, parse_args
+    from megatron_fox.training.tokenizer import build_tokenizer
+
+    other = build_tokenizer(name, corpus[1])
+    assert (other.eod, other.vocab_size) == (tok.eod, tok.vocab_size)
+    assert [other.tokenize(t) for t in docs[:5]] == [tok.tokenize(t) for t in docs[:5]]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")
+    out = _load_tool("preprocess_data").main(["--input", str(tmp_path / "d.jsonl"), "--output-prefix",
+                                              str(tmp_path / "d"), "--append-eod", "--tokenizer-type", name,
+                                              "--tokenizer-model", corpus[1]])
+    assert os.path.isfile(out[0] + ".bin")
+    with pytest.raises(ConfigError, match="'tokenizer_model'"):
+        parse_args(["--tokenizer-type", name, "--data-path", out[0]])
+
+
 def test_preprocess_jsonl_reads_back(jsonl_dataset, tok, docs):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
