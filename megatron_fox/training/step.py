@@ -19,11 +19,12 @@ def lr_at(iteration: int, args) -> float:
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
     steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
     the schedule runs on the consumed sequences, in steps of global_batch_size."""
-    t_step = iteration
+    t_step, t_end = iteration, iteration + 1
     if args.rampup_batch_size:
-        t_step = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
-    if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:
-        return args.lr * (t_step + 1) / args.lr_warmup_iters
+        before, batch = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)
+        t_step, t_end = before / args.global_batch_size, (before + batch) / args.global_batch_size
+    if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:  # warmup by the sequences consumed at step end
+        return args.lr * min(1.0, t_end / args.lr_warmup_iters)
     style = args.lr_decay_style
     if style == "constant":
         return args.lr

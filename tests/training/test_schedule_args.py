@@ -94,9 +94,13 @@ def test_rampup_flags_train_samples_and_lr():
     assert args.rampup_batch_size == [4, 4, 100]
     # the ramp: 9 steps of 4, 4 of 8, 3 of 12 (104 sequences), then 6 of 16 reach 200
     assert args.train_iters == 16 + 6
-    assert lr_at(0, args) == pytest.approx(1e-3 * 1 / 10)  # nothing consumed yet: as step 0
-    assert lr_at(9, args) == pytest.approx(1e-3 * (36 / 16 + 1) / 10)  # 36 consumed before step 9
-    assert lr_at(16, args) == pytest.approx(1e-3 * (104 / 16 + 1) / 10)
+    # warmup by the sequences consumed at the step's end, counted in full batches
+    assert lr_at(0, args) == pytest.approx(1e-3 * (4 / 16) / 10)
+    assert lr_at(9, args) == pytest.approx(1e-3 * (44 / 16) / 10)  # 36 before step 9, the first of 8
+    assert lr_at(16, args) == pytest.approx(1e-3 * (120 / 16) / 10)  # the first full batch
+    assert lr_at(19, args) == pytest.approx(1e-3)  # 168 sequences at its end: past the 160 of warmup
+    lrs = [lr_at(i, args) for i in range(args.train_iters)]
+    assert all(b >= a for a, b in zip(lrs, lrs[1:20])) and max(lrs) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("flags,key", [
