@@ -175,11 +175,17 @@ def _load(engine, args) -> int:
     """The step --load resumes from: Megatron-LM's rule for a directory without a checkpoint
     (a first launch with --save and --load the same): start from scratch, saying so, unless
     --exit-on-missing-checkpoint or --finetune (which needs weights) ask for one."""
-    from .checkpoint import has_checkpoint
+    from .checkpoint import checkpoint_iteration, has_checkpoint
 
     if not args.load:
         return 0
-    if has_checkpoint(args.load):
+    if has_checkpoint(args.load) or args.ckpt_step is not None:
+        try:
+            checkpoint_iteration(args.load, args.ckpt_step)
+        except (OSError, ValueError) as e:
+            key = "ckpt_step" if args.ckpt_step is not None else "load"
+            print(f"megatron_fox: error: config key '{key}': {e}", file=sys.stderr)
+            sys.exit(2)
         return engine.load(args.load)
     if args.exit_on_missing_checkpoint or args.finetune:
         print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -37,7 +38,21 @@ def read_latest(root: str) -> int:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load: no {TRACKER} in {root}")
     with open(path) as f:
-        return int(f.read().strip())
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"load: {path} holds {text[:40]!r}, not an iteration number")
+    return int(text)
+
+
+def checkpoint_iteration(root: str, step: Optional[int] = None) -> int:
+    """The iteration to load from root: `step` (Megatron-LM's --ckpt-step) or the tracker's
+    latest, checked to have its iter_NNNNNNN folder (a tracker can outlive a deleted one)."""
+    iteration = read_latest(root) if step is None else step
+    path = iteration_dir(root, iteration)
+    if not os.path.isdir(path):
+        named = f"ckpt_step {step}" if step is not None else f"{TRACKER} names iteration {iteration}"
+        raise FileNotFoundError(f"load: {named} but {path} does not exist")
+    return iteration
 
 
 def write_run_args(directory: str, values: dict) -> None:
@@ -51,9 +66,9 @@ def write_run_args(directory: str, values: dict) -> None:
         os.replace(path + ".tmp", path)
 
 
-def read_run_args(root: str) -> dict:
-    """The flags saved with the latest checkpoint under root."""
-    path = os.path.join(iteration_dir(root, read_latest(root)), RUN_ARGS)
+def read_run_args(root: str, step: Optional[int] = None) -> dict:
+    """The flags saved with the checkpoint under root that `checkpoint_iteration` picks."""
+    path = os.path.join(iteration_dir(root, checkpoint_iteration(root, step)), RUN_ARGS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {RUN_ARGS} in {os.path.dirname(path)} (saved before megatron_fox wrote one)")
     with open(path) as f:

@@ -165,6 +165,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "load_rng": (bool, True, "with load: also the RNG state (CPU path; the CUDA path saves none)"),
     "exit_on_missing_checkpoint": (bool, False, "with load: stop (exit 2) when it holds no checkpoint instead of "
                                                 "starting from scratch, as Megatron-LM's"),
+    "ckpt_step": (int, None, "with load: the iteration to load instead of the latest, as Megatron-LM's"),
     "use_checkpoint_args": (bool, False, "with load: the model's shape and tokenizer flags from the checkpoint's "
                                          "args.json (flags given here still win), as Megatron-LM's"),
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
@@ -290,7 +291,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         sources.update(dict.fromkeys(from_yaml, 1))
     given = {key: getattr(ns, key) for key in OPTIONS if getattr(ns, key) is not None}
     if {**values, **given}["use_checkpoint_args"]:  # between the YAML and the flags
-        values.update(checkpoint_args({**values, **given}["load"]))
+        values.update(checkpoint_args({**values, **given}["load"], {**values, **given}["ckpt_step"]))
     values.update(given)
     sources.update(dict.fromkeys(given, 2))
     args = argparse.Namespace(config=ns.config, config_sources=sources, **values)
@@ -298,14 +299,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def checkpoint_args(load: Optional[str]) -> dict:
-    """The CHECKPOINT_ARG_KEYS values saved with the latest checkpoint under load (args.json)."""
+def checkpoint_args(load: Optional[str], step: Optional[int] = None) -> dict:
+    """The CHECKPOINT_ARG_KEYS values saved with the checkpoint to load (args.json)."""
     from ..checkpoint.tracker import read_run_args
 
     if not load:
         raise ConfigError("use_checkpoint_args", "needs --load (the checkpoint to read the model's flags from)")
     try:
-        saved = read_run_args(load)
+        saved = read_run_args(load, step)
     except (OSError, ValueError) as e:
         raise ConfigError("use_checkpoint_args", str(e)) from None
     return {key: saved[key] for key in CHECKPOINT_ARG_KEYS if key in saved}
@@ -611,7 +612,9 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
-    for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint"):
+    if args.ckpt_step is not None and args.ckpt_step < 0:
+        raise ConfigError("ckpt_step", f"must be >= 0, got {args.ckpt_step}")
+    for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"):
         if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
             raise ConfigError(key, "needs load (a checkpoint directory)")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import iteration_dir, read_latest, write_latest, write_run_args
+from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
 from .step import lr_at, model_forward, set_context_pruning_penalty
 
 
@@ -171,9 +171,9 @@ class TorchEngine:
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:
-        """Resume from the latest checkpoint under root; returns the step to continue from
+        """Resume from the latest checkpoint under root (or --ckpt-step's); returns the step to continue from
         (its iteration, or 0 with --finetune, which loads the weights only)."""
-        iteration = read_latest(root)
+        iteration = checkpoint_iteration(root, self.args.ckpt_step)
         state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         if self.args.finetune:

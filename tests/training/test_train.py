@@ -115,6 +115,26 @@ def test_resume_matches_uninterrupted_run(cache, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
 
 
+def test_ckpt_step_resumes_an_earlier_checkpoint(cache, tmp_path):
+    """--ckpt-step 3 loads iter_0000003 although the tracker names 6, and the run goes on as
+    the uninterrupted one; a tracker naming a deleted folder, or a step never saved, exits 2
+    naming the key."""
+    full = train(tmp_path, "full", ["--train-iters", "6"])
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", ["--train-iters", "6", "--save", str(ckpt), "--save-interval", "3"])
+    rest = train(tmp_path, "rest", ["--train-iters", "6", "--load", str(ckpt), "--ckpt-step", "3"])
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for a, b in zip(full[3:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    for name in os.listdir(ckpt / "iter_0000006"):
+        os.remove(ckpt / "iter_0000006" / name)
+    os.rmdir(ckpt / "iter_0000006")
+    for flags, key, says in ((["--load", str(ckpt)], "'load'", "names iteration 6"),
+                             (["--load", str(ckpt), "--ckpt-step", "4"], "'ckpt_step'", "iter_0000004 does not exist")):
+        r = _run_cli(TINY + ["--train-iters", "6"] + flags, tmp_path)
+        assert r.returncode == 2 and key in r.stderr and says in r.stderr, r.stderr[-1500:]
+
+
 def test_rampup_batch_size_trains_and_resumes(cache, tmp_path):
     """--rampup-batch-size 2 2 8 at global batch 4: steps 1-4 take 2 sequences (the same ones,
     at a constant LR, as a run at global batch 2), step 5 on 4; a resume in the ramp
@@ -183,6 +203,8 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
     (["--train-samples", "64", "--train-iters", "5"], "train_samples"),
     (["--finetune"], "finetune"),
+    (["--ckpt-step", "3"], "ckpt_step"),
+    (["--load", "/tmp", "--ckpt-step", "-1"], "ckpt_step"),
     (["--exit-signal-handler"], "exit_signal_handler"),
     (["--exit-duration-in-mins", "1"], "exit_duration_in_mins"),
     (["--wandb-exp-name", "run1"], "wandb_exp_name"),
