@@ -8,6 +8,11 @@ unless --data-path is given) and reports median tokens/s after warm-up, the mean
 last 10 steps, and the fraction of attention FLOPs skipped in the forward and the backward.
 ACP off is exact FoX, which still skips the blocks whose weights are zero in float32 (the
 same numbers to the bit; MEGATRON_FOX_SKIP_ZERO=0 computes every block).
+
+Baselines of the same size in the same trainer: mode `transformer` is a Llama-style
+Transformer (RoPE, no forget gate, none of FoX-Pro's gates, norms or shifts; attention by
+torch SDPA, cuDNN first, across document borders as Megatron-LM's default), mode
+`transformer-pro` the same with FoX-Pro's output gate, output norm, QK-norm and KV-shift.
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ def _profiled(run, args, top=28):
     return hist
 
 
+_TRANSFORMER = ["--no-fox-forget-gate", "--position-embedding-type", "rope", "--no-reset-attention-mask"]
+_BASELINES = {"transformer": _TRANSFORMER + ["--no-fox-output-gate", "--no-fox-output-norm", "--no-fox-qk-norm",
+                                             "--no-fox-kv-shift"],
+              "transformer-pro": _TRANSFORMER}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -89,8 +100,9 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true",
                    help="profile each run: top CUDA kernels and GPU busy time (steps 5-7), Python host time (steps 9-11)")
-    p.add_argument("--acp-modes", nargs="+", default=["off", "lse"], choices=["off", "bound", "lse"],
-                   help="runs per length: ACP off, or on with the backward pruned by the bound or by the rows' lse")
+    p.add_argument("--acp-modes", nargs="+", default=["off", "lse"], choices=["off", "bound", "lse", *_BASELINES],
+                   help="runs per length: ACP off, or on with the backward pruned by the bound or by the rows' lse; "
+                        "or a Transformer baseline (transformer, transformer-pro)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags after --")
     args = p.parse_args(argv)
     from megatron_fox.train import run
@@ -105,8 +117,12 @@ def main(argv=None):
                      "--micro-batch-size", str(max(1, args.micro_batch_tokens // L)),
                      "--lr-warmup-iters", "10", "--log-interval", str(args.train_iters), "--no-progress-bar",
                      "--acp" if acp else "--no-acp", "--default-vocab-size", "8192",
-                     "--acp-backward-pruning", "lse" if mode == "off" else mode,
-                     "--default-corpus-bytes", "8000000"] + [a for a in args.extra if a != "--"]
+                     "--acp-backward-pruning", mode if mode in ("bound", "lse") else "lse",
+                     "--default-corpus-bytes", "8000000"] + _BASELINES.get(mode, []) + [a for a in args.extra if a != "--"]
+            # a fresh compile state a run, as a training process has: the FoX-Pro extras of
+            # earlier runs' shapes and options would otherwise fill torch.compile's cache
+            # (8 entries) and leave later runs on the eager path, slower and larger
+            torch._dynamo.reset()
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -81,6 +81,9 @@ def main(argv=None) -> None:
     args = parse_args(rest)
     layout = FoxLayout.from_args(args)
     try:
+        if opts.direction != "from-megatron" and (not args.fox_forget_gate or args.position_embedding_type != "none"):
+            raise ValueError("fox_forget_gate / position_embedding_type: the public FoX format holds FoX models "
+                             "(forget gate, no position embedding), not the Transformer baseline or rope")
         if opts.direction == "from-megatron":
             out = _from_megatron(opts.input, opts.iteration, args)
         elif opts.direction == "from-public":

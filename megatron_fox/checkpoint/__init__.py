@@ -1,9 +1,10 @@
 """Checkpoint layout helpers (TP/PP partitioning of the FoX model's state dict)."""
 
-from .tracker import checkpoint_iteration, has_checkpoint, iteration_dir, read_latest, read_run_args, write_latest, write_run_args
+from .tracker import (checkpoint_iteration, has_checkpoint, iteration_dir, read_latest, read_run_args, write_latest,
+                      write_run_args)
 from .partition import (full_shape, global_name, gpt_to_hybrid_names, hybrid_to_gpt_names, merge_state_dicts,
                         shard_state_dict, split_tensor)
 
-__all__ = ["checkpoint_iteration", "full_shape", "global_name", "has_checkpoint", "gpt_to_hybrid_names", "hybrid_to_gpt_names", "iteration_dir",
-           "merge_state_dicts", "read_latest", "read_run_args", "shard_state_dict", "split_tensor", "write_latest",
-           "write_run_args"]
+__all__ = ["checkpoint_iteration", "full_shape", "global_name", "has_checkpoint", "gpt_to_hybrid_names",
+           "hybrid_to_gpt_names", "iteration_dir", "merge_state_dicts", "read_latest", "read_run_args",
+           "shard_state_dict", "split_tensor", "write_latest", "write_run_args"]

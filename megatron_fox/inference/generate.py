@@ -52,6 +52,10 @@ class FoxGenerator:
         decoder = self.model.decoder
         self.final_norm = decoder.final_layernorm if hasattr(decoder, "final_layernorm") else decoder.final_norm
         cfg = self.model.config
+        if not getattr(cfg, "fox_forget_gate", True) or getattr(self.model, "position_embedding_type", "none") != "none":
+            raise ValueError("fox_forget_gate / position_embedding_type: cached decoding runs FoX models without "
+                             "position embeddings (the forget gate's prefix sums are the cache's positions), not "
+                             "the Transformer baseline or rope")
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(cfg, key, 1) != 1:
                 raise ValueError(f"generation runs with {key} = 1, got {getattr(cfg, key)}")

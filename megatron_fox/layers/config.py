@@ -12,6 +12,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class FoxTransformerConfig(TransformerConfig):
     """Megatron's TransformerConfig plus the FoX-Pro and ACP settings.
 
+    fox_forget_gate: the forget gate (FoX). False gives softmax attention without it: the
+        Transformer baseline (with position_embedding_type "rope" in the model), no ACP.
     fox_output_gate: o = norm(attn) * sigmoid(W_o x) before the output projection.
     fox_output_norm: per-head RMS norm of the attention output (FoX-Pro).
     fox_qk_norm: per-head RMS norm of q and k (weights per head and channel); gives ACP's bound.
@@ -37,6 +39,7 @@ class FoxTransformerConfig(TransformerConfig):
     fox_context_pruning_beta_init: initial bias of the keep score (2: most tokens kept at first).
     """
 
+    fox_forget_gate: bool = True
     fox_output_gate: bool = True
     fox_output_norm: bool = True
     fox_qk_norm: bool = True

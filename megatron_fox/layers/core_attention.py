@@ -45,12 +45,35 @@ class FoxCoreAttention(MegatronModule):
         keep [b, s, s]: learned context pruning's mask (`layers.context_pruning`), run by
         `ops.context_pruning.pruned_forgetting_attention`.
 
+        log_fgate None (no forget gate: the Transformer baseline): softmax attention, by torch
+        SDPA on CUDA where it applies (no documents, mask or context parallelism), else by the
+        same paths with log f = 0 (exact softmax attention; ACP then prunes nothing).
+
         The layer builds valid inputs by construction (log f = logsigmoid <= 0, offsets from
         our own packing), so the op's value checks and their host sync are skipped."""
         with no_data_checks():
+            if log_fgate is None:
+                if q.is_cuda and keep is None and cu_seqlens is None and self.config.context_parallel_size == 1:
+                    return self._sdpa(q, k, v)
+                log_fgate = q.new_zeros(q.shape[:3], dtype=torch.float32)
             if keep is not None:
                 return self._pruned(q, k, v, log_fgate, keep, logit_bound, cu_seqlens)
             return self._forward(q, k, v, log_fgate, logit_bound, cu_seqlens)
+
+    def _sdpa(self, q, k, v):
+        """Causal softmax attention by torch SDPA, cuDNN first, on [s, b, h, d] tensors."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        hpg = q.shape[2] // k.shape[2]
+        if hpg > 1:  # grouped-query attention: each key/value head serves hpg query heads
+            k, v = k.repeat_interleave(hpg, dim=2), v.repeat_interleave(hpg, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
+        with sdpa_kernel(order, set_priority=True):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        self._stats = None  # nothing skipped, nothing to report
+        return out.permute(2, 0, 1, 3)
 
     def _pruned(self, q, k, v, log_fgate, keep, logit_bound, cu_seqlens):
         """The keep mask's attention: the Triton op where the head dim allows (skipping what

@@ -22,7 +22,7 @@ def prepare(q, k, v, fgate, fgate_bias, shift: Optional[torch.Tensor], doc_start
     [s, b, g, 2] logits of the k and v shift gates (None: no shift); doc_start [s, b] bool;
     q_norm, k_norm [h, d] / [g, d] (None: no QK-norm); prev_kv: the raw k, v [1, b, g, d] of
     the token before these (decoding), None at a sequence start.
-    -> q, k, v, log f [s, b, h] float32."""
+    -> q, k, v, log f [s, b, h] float32 (None without the forget gate: fgate None)."""
     if shift is not None:
         prev_k, prev_v = (None, None) if prev_kv is None else prev_kv
         k = token_shift(k, shift[..., 0], doc_start, prev_k)
@@ -30,6 +30,8 @@ def prepare(q, k, v, fgate, fgate_bias, shift: Optional[torch.Tensor], doc_start
     if q_norm is not None:
         q = head_rms_norm(q, q_norm, eps)
         k = head_rms_norm(k, k_norm, eps)
+    if fgate is None:
+        return q, k, v, None
     return q, k, v, F.logsigmoid(fgate.float() + fgate_bias.float())
 
 

@@ -47,6 +47,9 @@ class FoxSelfAttention(MegatronModule):
     linear_qkv produces, per key/value group g (TP splits whole groups, so the layout does
     not depend on TP): [q of its heads (hpg*d) | k (d) | v (d) | forget-gate logits (hpg) |
     output-gate logits (hpg*d, if fox_output_gate) | k and v shift logits (2, if fox_kv_shift)].
+    Without the forget gate (fox_forget_gate False: the Transformer baseline) its logits are
+    not there, and the rotary embedding GPTModel passes (position_embedding_type "rope") turns
+    q and k after the QK-norm.
     """
 
     def __init__(self, config, submodules: FoxSelfAttentionSubmodules, layer_number: int,
@@ -62,7 +65,7 @@ class FoxSelfAttention(MegatronModule):
         self.heads, self.groups = heads // tp, groups // tp
         self.hpg = heads // groups
         d, hpg = self.head_dim, self.hpg
-        self.split_sizes = [hpg * d, d, d, hpg]
+        self.split_sizes = [hpg * d, d, d] + ([hpg] if config.fox_forget_gate else [])
         if config.fox_output_gate:
             self.split_sizes.append(hpg * d)
         if config.fox_kv_shift:
@@ -107,14 +110,14 @@ class FoxSelfAttention(MegatronModule):
 
     def _split(self, mixed):
         """linear_qkv output [s, b, groups * width] -> q [s, b, heads, d], k, v [s, b, groups, d],
-        forget-gate logits [s, b, heads], output-gate logits [s, b, heads, d] or None, shift
+        forget-gate logits [s, b, heads] or None, output-gate logits [s, b, heads, d] or None, shift
         logits [s, b, groups, 2] or None."""
         cfg, d = self.config, self.head_dim
         s, b = mixed.shape[:2]
         parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
         q = parts.pop(0).reshape(s, b, self.heads, d)
         k, v = parts.pop(0), parts.pop(0)
-        fgate = parts.pop(0).reshape(s, b, self.heads)
+        fgate = parts.pop(0).reshape(s, b, self.heads) if cfg.fox_forget_gate else None
         ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
         shift = parts.pop(0) if cfg.fox_kv_shift else None
         return q, k, v, fgate, ogate, shift
@@ -147,6 +150,9 @@ class FoxSelfAttention(MegatronModule):
         elif shift is not None and cu_seqlens is not None:
             doc_start = document_start_mask(cu_seqlens, s, b)
         q, k, v, log_fgate = self._prepare(q, k, v, fgate, shift, doc_start)
+        rotary = kwargs.get("rotary_pos_emb")
+        if rotary is not None:
+            q, k = self._rotate(q, k, rotary)
         keep = penalty_keep = None
         if self.context_pruning is not None and self.context_pruning.enabled:
             keep, penalty_keep = self.context_pruning.keep(hidden_states)
@@ -156,11 +162,21 @@ class FoxSelfAttention(MegatronModule):
             out = self.context_pruning.add_penalty(out, penalty_keep, cu_seqlens)
         return self.linear_proj(self._finish(out, ogate))
 
+    def _rotate(self, q, k, rotary):
+        """Megatron-Core's rotary embedding (its freqs [s, 1, 1, d], this CP rank's positions)
+        on q [s, b, h, d] and k [s, b, g, d]."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        if isinstance(rotary, tuple):  # GPTModel passes one tensor for q and k alike
+            rotary = rotary[0]
+        return apply_rotary_pos_emb(q, rotary, self.config), apply_rotary_pos_emb(k, rotary, self.config)
+
     def _prepare(self, q, k, v, fgate, shift, doc_start, prev_kv=None):
         cfg, hp = self.config, self.head_params
         norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
         prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, q.device)
-        return prepare(q, k, v, fgate, hp.fgate_bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
+        bias = hp.fgate_bias if cfg.fox_forget_gate else None
+        return prepare(q, k, v, fgate, bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
 
     def infer(self, hidden_states, cache):
         """Incremental inference (no autograd, TP = 1): hidden_states [s, b, h] of the new
@@ -170,6 +186,10 @@ class FoxSelfAttention(MegatronModule):
         training op; later tokens attend to the cache one at a time."""
         from ..ops import forgetting_attention_decode
         from ..ops.context_pruning import keep_mask, keep_probabilities
+
+        if not self.config.fox_forget_gate:
+            raise ValueError("fox_forget_gate: incremental decoding runs FoX models (the forget gate's prefix "
+                             "sums are its cache), not the Transformer baseline")
 
         mixed, _ = self.linear_qkv(hidden_states)
         q, k_raw, v_raw, fgate, ogate, shift = self._split(mixed)

@@ -9,7 +9,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
 class HeadParams(MegatronModule):
-    """Forget-gate bias [np] and norm weights [np or ng, head_dim] of this rank's heads.
+    """Forget-gate bias [np] (with the forget gate) and norm weights [np or ng, head_dim] of this rank's heads.
 
     All are split over TP ranks along dim 0, like the heads of linear_qkv.
     """
@@ -18,7 +18,8 @@ class HeadParams(MegatronModule):
         super().__init__(config=config)
         dev = None if config.use_cpu_initialization else torch.cuda.current_device()
         kw = dict(device=dev, dtype=config.params_dtype)
-        self.fgate_bias = torch.nn.Parameter(torch.full((heads,), config.fox_fgate_bias_init, **kw))
+        if config.fox_forget_gate:
+            self.fgate_bias = torch.nn.Parameter(torch.full((heads,), config.fox_fgate_bias_init, **kw))
         if config.fox_qk_norm:
             self.q_norm = torch.nn.Parameter(torch.ones(heads, head_dim, **kw))
             self.k_norm = torch.nn.Parameter(torch.ones(groups, head_dim, **kw))

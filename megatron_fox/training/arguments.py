@@ -45,6 +45,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                         "'*' a FoX attention layer, '-' an MLP layer, one symbol a layer "
                                         "('*-' * N is the N-layer FoX GPTModel); megatron-core >= 0.17"),
     # FoX / ACP
+    "fox_forget_gate": (bool, True, "the forget gate (FoX); --no-fox-forget-gate with --position-embedding-type "
+                                    "rope: the Transformer baseline (softmax attention, torch SDPA on CUDA, no ACP)"),
     "fox_output_gate": (bool, True, "FoX-Pro output gate"),
     "fox_output_norm": (bool, True, "FoX-Pro per-head output RMS norm"),
     "fox_qk_norm": (bool, True, "FoX-Pro QK-norm"),
@@ -52,7 +54,7 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_kv_shift": (bool, True, "FoX-Pro data-dependent k/v token shift"),
     "fox_fgate_bias_init": (float, 0.0, "initial forget-gate bias"),
     "fox_fuse_extras": (bool, True, "torch.compile the FoX-Pro shift/norm/gate work and SwiGLU (CUDA only)"),
-    "acp": (bool, True, "Adaptive Computation Pruning on"),
+    "acp": (bool, True, "Adaptive Computation Pruning on (off without the forget gate: nothing to prune)"),
     "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
     "acp_logit_bound": (str, "qk_norm", "qk_norm | data"),
     "acp_backward_pruning": (str, "lse", "lse (the backward also prunes by the rows' log-sum-exp) | bound"),
@@ -183,7 +185,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     # Megatron-LM script flags with one meaning in this model: accepted with that value (so
     # existing launch scripts run), any other value stops naming the key (see _FIXED)
     "normalization": (str, "RMSNorm", "RMSNorm (the FoX-Pro model's)"),
-    "position_embedding_type": (str, "none", "none: FoX's forget gate replaces position embeddings"),
+    "position_embedding_type": (str, "none", "none (FoX's forget gate replaces position embeddings) | rope"),
+    "rotary_base": (int, 10000, "with position_embedding_type rope: the base of its frequencies"),
+    "rotary_percent": (float, 1.0, "with position_embedding_type rope: the share of each head's channels it turns"),
     "swiglu": (bool, True, "SwiGLU MLP (the FoX-Pro model's)"),
     "disable_bias_linear": (bool, True, "linear layers have no bias"),
     "attention_dropout": (float, 0.0, "0: the FoX kernels apply no dropout"),
@@ -220,13 +224,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
 CHECKPOINT_ARG_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
     "norm_epsilon", "vocab_size", "make_vocab_size_divisible_by", "untie_embeddings_and_output_weights",
-    "hybrid_layer_pattern", "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
+    "hybrid_layer_pattern", "fox_forget_gate", "position_embedding_type", "rotary_base", "rotary_percent",
+    "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
     "fox_context_pruning", "fox_context_pruning_dim", "default_corpus_bytes", "default_vocab_size",
     "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 # keys above whose value is fixed here: the values accepted
 _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "ckpt_format": ("torch_dist",),
-          "normalization": ("RMSNorm",), "position_embedding_type": ("none",), "swiglu": (True,),
+          "normalization": ("RMSNorm",), "position_embedding_type": ("none", "rope"), "swiglu": (True,),
           "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
           "attention_softmax_in_fp32": (True,), "distributed_backend": (None, "nccl", "gloo")}
 
@@ -310,6 +315,20 @@ def checkpoint_args(load: Optional[str], step: Optional[int] = None) -> dict:
     except (OSError, ValueError) as e:
         raise ConfigError("use_checkpoint_args", str(e)) from None
     return {key: saved[key] for key in CHECKPOINT_ARG_KEYS if key in saved}
+
+
+def check_positions(args: argparse.Namespace) -> None:
+    """The rotary embedding's keys; without the forget gate ACP has nothing to prune (off)."""
+    if args.position_embedding_type == "rope":
+        if args.hybrid_layer_pattern is not None:
+            raise ConfigError("position_embedding_type", "rope: not with hybrid_layer_pattern (the FoX hybrid stack "
+                                                         "runs without position embeddings)")
+        if not 0.0 < args.rotary_percent <= 1.0:
+            raise ConfigError("rotary_percent", f"must be in (0, 1], got {args.rotary_percent}")
+        if args.rotary_base < 1:
+            raise ConfigError("rotary_base", f"must be >= 1, got {args.rotary_base}")
+    if not args.fox_forget_gate:
+        args.acp = False
 
 
 def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:
@@ -542,6 +561,7 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
+    check_positions(args)
     if args.fp16:
         raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
     if args.recompute_activations:

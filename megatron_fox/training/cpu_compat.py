@@ -9,7 +9,8 @@ states; on CPU its fork() becomes a no-op, so dropout there draws from the CPU g
 (our configs use no dropout), and activation recomputation saves and restores only the
 CPU generator. A process with CUDA is left alone unless its run chose the CPU (`--device cpu`
 on a GPU machine, where Megatron would otherwise reach for CUDA buffers and an unseeded CUDA
-RNG tracker).
+RNG tracker). The rotary embedding's context-parallel slice, which stages two indices in
+pinned memory, gets a plain-PyTorch twin.
 """
 
 from __future__ import annotations
@@ -36,4 +37,18 @@ def route_megatron_buffers_to_cpu(force: bool = False) -> bool:
     # generator's state around the recomputed forward: there is none; the CPU one it keeps
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
     mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    # the rotary embedding's context-parallel slice stages its indices in pinned memory
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    for module in (rope_utils, rotary_pos_embedding):
+        if hasattr(module, "get_pos_emb_on_this_cp_rank"):
+            module.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     return True
+
+
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """This rank's rows of a position embedding in the load-balanced layout: of 2 * CP
+    chunks along seq_dim, chunk r and chunk 2 * CP - 1 - r."""
+    size, rank = cp_group.size(), cp_group.rank()
+    chunks = pos_emb.chunk(2 * size, dim=seq_dim)
+    return torch.cat([chunks[rank], chunks[2 * size - 1 - rank]], dim=seq_dim)

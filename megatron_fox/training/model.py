@@ -58,6 +58,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         perform_initialization=True,
         variable_seq_lengths=False,
         calculate_per_token_loss=True,  # gradients / tokens of the global batch (CUDA path)
+        fox_forget_gate=args.fox_forget_gate,
         fox_output_gate=args.fox_output_gate,
         fox_output_norm=args.fox_output_norm,
         fox_qk_norm=args.fox_qk_norm,
@@ -79,13 +80,16 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
 
 
 def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> torch.nn.Module:
-    """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none),
+    """This rank's pipeline stage of the FoX GPTModel (no position embedding: FoX needs none;
+    rope for the Transformer baseline),
     or with --hybrid-layer-pattern Megatron-Core's HybridModel on the FoX hybrid stack."""
     common = dict(config=config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
                   pre_process=parallel_state.is_pipeline_first_stage(),
                   post_process=parallel_state.is_pipeline_last_stage(),
                   share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                  position_embedding_type="none")
+                  position_embedding_type=args.position_embedding_type)
+    if args.position_embedding_type == "rope":
+        common.update(rotary_base=args.rotary_base, rotary_percent=args.rotary_percent)
     if args.hybrid_layer_pattern is not None:
         from megatron.core.models.hybrid.hybrid_model import HybridModel
 

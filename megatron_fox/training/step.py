@@ -134,7 +134,9 @@ def packed_seq_params(batch: dict, eod: int) -> PackedSeqParams:
                              "(global_batch / with_documents before the split)")
         cu = cu_seqlens_from_tokens(tokens, eod)[0]
     cu = cu.to(device=tokens.device, dtype=torch.int32)
-    n = tokens.numel()
+    # a bound on the documents' length: a sample's whole sequence (before the context-parallel
+    # split), which is also the length GPTModel builds the rotary embedding for
+    n = tokens.shape[1] * parallel_state.get_context_parallel_world_size()
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
 
 

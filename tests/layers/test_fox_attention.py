@@ -91,3 +91,68 @@ def test_qk_norm_bound_covers_logits(megatron_world):
     k = head_rms_norm(x[:, :, :2], hp.k_norm.detach(), 0.0)
     logits = torch.einsum("sbhd,tbhd->bhst", q, k.repeat_interleave(2, dim=2)) / math.sqrt(d)
     assert torch.allclose(logits.abs().amax(dim=(0, 2, 3)), U, rtol=1e-4)
+
+
+def _rope_angles(s, d, base=10000.0):
+    """[s, 1, 1, d] rotation angles of positions 0..s-1 (channel i and i + d/2 share a frequency)."""
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(s, dtype=torch.float64)[:, None] * inv[None]
+    return torch.cat([ang, ang], dim=-1)[:, None, None, :]
+
+
+def _rotate(t, ang):
+    half = t.shape[-1] // 2
+    turned = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+    return t * torch.cos(ang) + turned * torch.sin(ang)
+
+
+@pytest.mark.parametrize("rope,documents", [(True, False), (True, True), (False, True)])
+def test_transformer_baseline_layer_matches_plain_softmax_attention(megatron_world, rope, documents):
+    """fox_forget_gate False: no forget-gate columns in the GEMM, causal softmax attention
+    (within documents when packed), rotary positions on q and k after the QK-norm."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_fox.layers import FoxSelfAttention, FoxTransformerConfig, get_fox_layer_spec
+
+    H, G, d, s, b = 4, 2, 16, 20, 2
+    cfg = FoxTransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=H, num_query_groups=G,
+                               ffn_hidden_size=128, normalization="RMSNorm", add_bias_linear=False,
+                               hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+                               layernorm_epsilon=1e-6, fox_kv_shift=False, fox_forget_gate=False, acp_log_eps=None)
+    layer = FoxSelfAttention(cfg, get_fox_layer_spec("local").submodules.self_attention.submodules, layer_number=1)
+    hp = layer.head_params
+    assert not hasattr(hp, "fgate_bias")
+    with torch.no_grad():
+        for p in hp.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(s, b, 64, requires_grad=True)
+    ang = _rope_angles(s, d)
+    cu = torch.tensor([0, 7, 20, 31, 40], dtype=torch.int32)  # batch-major offsets over b * s tokens
+    psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=s, max_seqlen_kv=s)
+    out, _ = layer(x, packed_seq_params=psp if documents else None, rotary_pos_emb=ang.float() if rope else None)
+
+    W = layer.linear_qkv.weight.detach().double()
+    hpg = H // G
+    sizes = [hpg * d, d, d, hpg * d]  # q | k | v | output gate: no forget-gate logits
+    assert W.shape[0] == G * sum(sizes)
+    parts = (x.double() @ W.t()).view(s, b, G, sum(sizes)).split(sizes, dim=-1)
+    q = head_rms_norm(parts[0].reshape(s, b, H, d), hp.q_norm.double(), 1e-5)
+    k = head_rms_norm(parts[1], hp.k_norm.double(), 1e-5).repeat_interleave(hpg, dim=2)
+    v = parts[2].repeat_interleave(hpg, dim=2)
+    if rope:
+        q, k = _rotate(q, ang), _rotate(k, ang)
+    doc = torch.zeros(b * s, dtype=torch.long)
+    if documents:
+        doc[cu[1:-1].long()] = 1
+        doc = doc.cumsum(0)
+    doc = doc.view(b, s)
+    pos = torch.arange(s)
+    allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc[:, :, None] == doc[:, None, :])  # [b, i, j]
+    logits = torch.einsum("ibhd,jbhd->bhij", q, k) / math.sqrt(d)
+    p = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    o = torch.einsum("bhij,jbhd->ibhd", p, v)
+    o = head_rms_norm(o, hp.output_norm.double(), 1e-6) * torch.sigmoid(parts[3].reshape(s, b, H, d))
+    ref = o.reshape(s, b, H * d) @ layer.linear_proj.weight.detach().double().t()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-5)
+    g, gr = torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
+    torch.testing.assert_close(g, gr, rtol=2e-4, atol=2e-5)

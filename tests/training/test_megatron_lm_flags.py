@@ -48,7 +48,7 @@ def test_megatron_lm_script_with_rampup_and_wsd():
 
 @pytest.mark.parametrize("flags,key", [
     (["--normalization", "LayerNorm"], "normalization"),
-    (["--position-embedding-type", "rope"], "position_embedding_type"),
+    (["--position-embedding-type", "learned_absolute"], "position_embedding_type"),
     (["--no-swiglu"], "swiglu"),
     (["--attention-dropout", "0.1"], "attention_dropout"),
     (["--hidden-dropout", "0.1"], "hidden_dropout"),

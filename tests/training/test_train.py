@@ -203,6 +203,8 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--ddp-bucket-size", "0"], "ddp_bucket_size"),
     (["--train-samples", "64", "--train-iters", "5"], "train_samples"),
     (["--finetune"], "finetune"),
+    (["--position-embedding-type", "learned_absolute"], "position_embedding_type"),
+    (["--position-embedding-type", "rope", "--rotary-percent", "0"], "rotary_percent"),
     (["--ckpt-step", "3"], "ckpt_step"),
     (["--load", "/tmp", "--ckpt-step", "-1"], "ckpt_step"),
     (["--exit-signal-handler"], "exit_signal_handler"),
@@ -231,6 +233,30 @@ def test_context_parallel_training_matches_single(cache, tmp_path, flags):
     multi = train(tmp_path, "cp2", common + ["--context-parallel-size", "2", *flags], world=2)
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
+
+
+def test_transformer_baseline_trains_alike_over_tp_and_cp(cache, tmp_path):
+    """--no-fox-forget-gate --position-embedding-type rope (the Transformer baseline): the loss
+    falls, and TP=2 with SP and CP=2 (each rank's rotary positions from GPTModel's embedding
+    of the whole sequence) give the single process's losses."""
+    common = ["--train-iters", "8", "--log-interval", "4", "--num-query-groups", "2", "--no-fox-forget-gate",
+              "--position-embedding-type", "rope"]
+    single = train(tmp_path, "single", common)
+    assert single[-1]["loss"] < single[0]["loss"] - 0.05
+    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                        ("cp2", ["--context-parallel-size", "2"])):
+        multi = train(tmp_path, name, common + flags, world=2)
+        for a, b in zip(single, multi):
+            assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (name, a["step"], a["loss"], b["loss"])
+    # cached decoding and the public FoX format are FoX's: both refuse the baseline, naming the key
+    ckpt = tmp_path / "ckpt"
+    _ok(tmp_path, "train", *TINY, *common[2:], "--train-iters", "1", "--save", str(ckpt))
+    for tool, args in (("generate.py", ["--load", str(ckpt), "--prompt", "def "]),
+                       ("convert_checkpoint.py", ["to-public", "--input", str(ckpt / "x.pt"),
+                                                  "--output", str(tmp_path / "y.pt")])):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args, *TINY, *common[2:]],
+                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 2 and "fox_forget_gate" in r.stderr, (tool, r.stderr[-1500:])
 
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
