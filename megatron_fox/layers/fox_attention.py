@@ -164,7 +164,8 @@ class FoxSelfAttention(MegatronModule):
 
     def _rotate(self, q, k, rotary):
         """Megatron-Core's rotary embedding (its freqs [s, 1, 1, d], this CP rank's positions)
-        on q [s, b, h, d] and k [s, b, g, d]."""
+        on q [s, b, h, d] and k [s, b, g, d]. A rotation keeps |q| and |k|, so ACP's logit
+        bound (from the QK-norm weights or the data) holds after it."""
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         if isinstance(rotary, tuple):  # GPTModel passes one tensor for q and k alike

@@ -106,10 +106,13 @@ def _rotate(t, ang):
     return t * torch.cos(ang) + turned * torch.sin(ang)
 
 
-@pytest.mark.parametrize("rope,documents", [(True, False), (True, True), (False, True)])
-def test_transformer_baseline_layer_matches_plain_softmax_attention(megatron_world, rope, documents):
-    """fox_forget_gate False: no forget-gate columns in the GEMM, causal softmax attention
-    (within documents when packed), rotary positions on q and k after the QK-norm."""
+@pytest.mark.parametrize("forget_gate,rope,documents", [(False, True, False), (False, True, True),
+                                                         (False, False, True), (True, True, True)])
+def test_rope_and_no_forget_gate_layer_matches_plain_attention(megatron_world, forget_gate, rope, documents):
+    """fox_forget_gate False (the Transformer baseline): no forget-gate columns in the GEMM,
+    causal softmax attention (within documents when packed); rope: rotary positions on q
+    and k after the QK-norm; FoX with rope adds the decay bias c_i - c_j (restarting at each
+    document) to the rotated logits."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_fox.layers import FoxSelfAttention, FoxTransformerConfig, get_fox_layer_spec
@@ -118,10 +121,11 @@ def test_transformer_baseline_layer_matches_plain_softmax_attention(megatron_wor
     cfg = FoxTransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=H, num_query_groups=G,
                                ffn_hidden_size=128, normalization="RMSNorm", add_bias_linear=False,
                                hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-                               layernorm_epsilon=1e-6, fox_kv_shift=False, fox_forget_gate=False, acp_log_eps=None)
+                               layernorm_epsilon=1e-6, fox_kv_shift=False, fox_forget_gate=forget_gate,
+                               acp_log_eps=None)
     layer = FoxSelfAttention(cfg, get_fox_layer_spec("local").submodules.self_attention.submodules, layer_number=1)
     hp = layer.head_params
-    assert not hasattr(hp, "fgate_bias")
+    assert hasattr(hp, "fgate_bias") == forget_gate
     with torch.no_grad():
         for p in hp.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -133,9 +137,9 @@ def test_transformer_baseline_layer_matches_plain_softmax_attention(megatron_wor
 
     W = layer.linear_qkv.weight.detach().double()
     hpg = H // G
-    sizes = [hpg * d, d, d, hpg * d]  # q | k | v | output gate: no forget-gate logits
+    sizes = [hpg * d, d, d] + ([hpg] if forget_gate else []) + [hpg * d]  # q | k | v | (f) | output gate
     assert W.shape[0] == G * sum(sizes)
-    parts = (x.double() @ W.t()).view(s, b, G, sum(sizes)).split(sizes, dim=-1)
+    parts = list((x.double() @ W.t()).view(s, b, G, sum(sizes)).split(sizes, dim=-1))
     q = head_rms_norm(parts[0].reshape(s, b, H, d), hp.q_norm.double(), 1e-5)
     k = head_rms_norm(parts[1], hp.k_norm.double(), 1e-5).repeat_interleave(hpg, dim=2)
     v = parts[2].repeat_interleave(hpg, dim=2)
@@ -149,9 +153,13 @@ def test_transformer_baseline_layer_matches_plain_softmax_attention(megatron_wor
     pos = torch.arange(s)
     allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc[:, :, None] == doc[:, None, :])  # [b, i, j]
     logits = torch.einsum("ibhd,jbhd->bhij", q, k) / math.sqrt(d)
+    if forget_gate:  # c_i - c_j = sum of log f over (j, i]: the same within a document
+        log_f = F.logsigmoid(parts[3].reshape(s, b, H) + hp.fgate_bias.double()).permute(1, 2, 0)  # [b, h, s]
+        c = log_f.cumsum(-1)
+        logits = logits + c[..., :, None] - c[..., None, :]
     p = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
     o = torch.einsum("bhij,jbhd->ibhd", p, v)
-    o = head_rms_norm(o, hp.output_norm.double(), 1e-6) * torch.sigmoid(parts[3].reshape(s, b, H, d))
+    o = head_rms_norm(o, hp.output_norm.double(), 1e-6) * torch.sigmoid(parts[-1].reshape(s, b, H, d))
     ref = o.reshape(s, b, H * d) @ layer.linear_proj.weight.detach().double().t()
     torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-5)
     g, gr = torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]

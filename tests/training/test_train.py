@@ -237,14 +237,14 @@ def test_context_parallel_training_matches_single(cache, tmp_path, flags):
 
 def test_transformer_baseline_trains_alike_over_tp_and_cp(cache, tmp_path):
     """--no-fox-forget-gate --position-embedding-type rope (the Transformer baseline): the loss
-    falls, and TP=2 with SP and CP=2 (each rank's rotary positions from GPTModel's embedding
-    of the whole sequence) give the single process's losses."""
+    falls, and TP=2 with SP, PP=2 and CP=2 (each rank's rotary positions from GPTModel's
+    embedding of the whole sequence) give the single process's losses."""
     common = ["--train-iters", "8", "--log-interval", "4", "--num-query-groups", "2", "--no-fox-forget-gate",
               "--position-embedding-type", "rope"]
     single = train(tmp_path, "single", common)
     assert single[-1]["loss"] < single[0]["loss"] - 0.05
     for name, flags in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-                        ("cp2", ["--context-parallel-size", "2"])):
+                        ("pp2", ["--pipeline-model-parallel-size", "2"]), ("cp2", ["--context-parallel-size", "2"])):
         multi = train(tmp_path, name, common + flags, world=2)
         for a, b in zip(single, multi):
             assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (name, a["step"], a["loss"], b["loss"])
