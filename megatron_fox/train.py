@@ -135,6 +135,10 @@ def build_data(args):
 
 
 def _make_engine(model, args, eod, device):
+    if args.deepspeed:
+        from .training.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, args, eod)
     if device.type == "cuda":
         from .training.megatron_engine import MegatronEngine
 
@@ -169,6 +173,11 @@ def for_inference(args) -> None:
     checkpoint (never evaluate a random model by mistake)."""
     args.load_optim = args.load_rng = False
     args.exit_on_missing_checkpoint = True
+    if args.deepspeed and args.zero_stage == 3:
+        print("megatron_fox: error: config key 'zero_stage': the tools use the weights whole; load a ZeRO-3 "
+              "checkpoint's weights with DeepSpeed's zero_to_fp32.py (--pretrained-checkpoint) or use stage 0-2",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def _load(engine, args) -> int:

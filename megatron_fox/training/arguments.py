@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Any, Optional
@@ -78,6 +79,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_cp_skip_chunks": (bool, True, "p2p ring: skip the transfers and blocks ACP prunes wholly"),
     "sequence_parallel": (bool, False, "sequence parallel (needs TP > 1)"),
     "use_distributed_optimizer": (bool, True, "Megatron distributed optimizer (CUDA path)"),
+    "deepspeed": (bool, False, "train with DeepSpeed's ZeRO (pip install deepspeed) instead of Megatron's DDP and "
+                               "distributed optimizer, as Megatron-DeepSpeed's flag; TP and CP kept, no PP or SP"),
+    "zero_stage": (int, 1, "with deepspeed: the ZeRO stage, 0-3"),
+    "deepspeed_config": (str, None, "with deepspeed: a JSON file merged over the config the flags give"),
     "overlap_grad_reduce": (bool, False, "start each gradient bucket's data-parallel reduce while the backward "
                                          "still runs (Megatron DDP; CUDA path)"),
     "overlap_param_gather": (bool, False, "all-gather the updated parameters bucket by bucket during the next "
@@ -640,6 +645,28 @@ def finalize(args: argparse.Namespace) -> None:
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
     check_scalar_logs(args)
+    check_deepspeed(args)
+
+
+def check_deepspeed(args: argparse.Namespace) -> None:
+    """The DeepSpeed engine's flags: the package imports, and nothing it cannot run."""
+    if not args.deepspeed:
+        for key in ("deepspeed_config",):
+            if getattr(args, key) is not None:
+                raise ConfigError(key, "needs deepspeed")
+        if getattr(args, "config_sources", {}).get("zero_stage") and args.zero_stage != OPTIONS["zero_stage"][1]:
+            raise ConfigError("zero_stage", "needs deepspeed")
+        return
+    if not 0 <= args.zero_stage <= 3:
+        raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {args.zero_stage}")
+    if args.pipeline_model_parallel_size > 1:
+        raise ConfigError("pipeline_model_parallel_size", "the DeepSpeed engine runs without pipeline parallelism")
+    if args.sequence_parallel:
+        raise ConfigError("sequence_parallel", "the DeepSpeed engine runs without sequence parallelism")
+    if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
+        raise ConfigError("deepspeed_config", f"file {args.deepspeed_config} not found")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("deepspeed", "the deepspeed package is not installed (pip install deepspeed)")
 
 
 def check_scalar_logs(args: argparse.Namespace) -> None:

@@ -131,13 +131,17 @@ class TorchEngine:
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
-    def _clip_grads(self) -> float:
+    def _grad_norm(self) -> float:
+        """L2 norm of the model's gradients, each tensor-parallel shard counted once."""
         sq = torch.zeros((), dtype=torch.float64)
         for p in self.params:
             if p.grad is not None and not _is_tp_duplicate(p):
-                sq += p.grad.double().pow(2).sum()
+                sq += p.grad.double().pow(2).sum().cpu()
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
-        norm = sq.sqrt().item()
+        return sq.sqrt().item()
+
+    def _clip_grads(self) -> float:
+        norm = self._grad_norm()
         if self.args.clip_grad > 0 and norm > self.args.clip_grad:
             scale = self.args.clip_grad / (norm + 1e-6)
             for p in self.params:

@@ -1,0 +1,95 @@
+"""The DeepSpeed engine (--deepspeed, ZeRO stages 0-3) on CPU (gloo): its losses and
+gradient norms equal the plain-PyTorch engine's on the same model and data, alone, with
+DP=2 and TP=2; it resumes exactly; its flags fail naming the key."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_fox.training.arguments import ConfigError, parse_args
+
+from .test_train import TINY, _run_cli, train
+from .workers import ROOT, tool_env
+
+pytest.importorskip("deepspeed")
+
+COMMON = ["--train-iters", "6", "--log-interval", "3", "--num-query-groups", "2", "--global-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus_cache")
+    os.environ["MEGATRON_FOX_CACHE"] = str(path)
+    yield path
+    os.environ.pop("MEGATRON_FOX_CACHE", None)
+
+
+def _same(a_hist, b_hist, what):
+    assert [h["step"] for h in a_hist] == [h["step"] for h in b_hist]
+    for a, b in zip(a_hist, b_hist):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (what, a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (what, a["step"])
+
+
+@pytest.fixture(scope="module")
+def plain(cache, tmp_path_factory):
+    """The plain-PyTorch engine's run, one process: the reference of every test here."""
+    return train(tmp_path_factory.mktemp("plain"), "plain", COMMON)
+
+
+def test_zero_stages_match_the_torch_engine(plain, tmp_path):
+    for stage in (0, 1, 3):
+        _same(plain, train(tmp_path, f"zero{stage}", COMMON + ["--deepspeed", "--zero-stage", str(stage)]),
+              f"zero {stage}")
+
+
+@pytest.mark.parametrize("flags", [["--zero-stage", "2"], ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]],
+                         ids=["dp2_zero2", "tp2_zero1"])
+def test_two_processes_match_one(plain, tmp_path, flags):
+    multi = train(tmp_path, "multi", COMMON + ["--deepspeed", *flags], world=2)
+    for a, b in zip(plain, multi):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
+
+
+def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
+    ds = COMMON + ["--deepspeed", "--zero-stage", "2"]
+    full = train(tmp_path, "full", ds)
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", ds + ["--exit-interval", "3", "--save", str(ckpt)])
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    rest = train(tmp_path, "rest", ds + ["--load", str(ckpt)])
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for a, b in zip(full[3:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    # the tools load the weights through the same engine; ZeRO-3's partitioned weights they refuse
+    gen = [sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, *COMMON, "--load", str(ckpt),
+           "--prompt", "def ", "--max-new-tokens", "3", "--deepspeed"]
+    r = subprocess.run(gen + ["--zero-stage", "2"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 0 and "checkpoint step 3;" in r.stderr, r.stderr[-1500:]
+    r = subprocess.run(gen + ["--zero-stage", "3"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode == 2 and "'zero_stage'" in r.stderr, r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("flags,key", [
+    (["--deepspeed", "--pipeline-model-parallel-size", "2"], "pipeline_model_parallel_size"),
+    (["--deepspeed", "--zero-stage", "4"], "zero_stage"),
+    (["--zero-stage", "2"], "zero_stage"),
+    (["--deepspeed", "--deepspeed-config", "/nonexistent/ds.json"], "deepspeed_config"),
+])
+def test_bad_flags_name_the_key(flags, key, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it: PP=2 fits, DeepSpeed refuses it
+    r = _run_cli(TINY + flags, tmp_path)
+    assert r.returncode == 2 and f"'{key}'" in r.stderr, r.stderr[-800:]
+
+
+def test_missing_package_names_the_flag(monkeypatch):
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find(name, *a))
+    with pytest.raises(ConfigError) as e:
+        parse_args(TINY + ["--deepspeed"])
+    assert e.value.key == "deepspeed" and "pip install deepspeed" in str(e.value)
