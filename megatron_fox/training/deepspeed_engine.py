@@ -99,6 +99,7 @@ class DeepSpeedEngine(TorchEngine):
             model=model, optimizer=self.optimizer, config=deepspeed_config(args), mpu=MegatronMpu(),
             dist_init_required=False)
         self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.device = next(model.parameters()).device
 
     def train_step(self, batches: list[dict], iteration: int) -> dict:
         """One optimizer step over the micro-batches: DeepSpeed averages gradients over its
@@ -108,33 +109,43 @@ class DeepSpeedEngine(TorchEngine):
         lr = lr_at(iteration, self.args)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=_dp_cp())
-        loss_sum, norm = torch.zeros(()), None
+        batches = self._on_device(batches)
+        tokens = self._global_tokens(batches)
+        loss_sum, norm = torch.zeros((), device=tokens.device), None
         for i, b in enumerate(batches):
             set_context_pruning_penalty(self.model, b, self.args, 1.0 / float(tokens))
             out = model_forward(self.ds, b, self.args, self.eod)
-            loss = (out.float() * b["loss_mask"].to(out.device)).sum()
-            loss_sum = loss_sum + loss.detach().cpu()
+            loss = (out.float() * b["loss_mask"]).sum()
+            loss_sum = loss_sum + loss.detach()
             # the sum over micro-batches and ranks of loss / tokens is the global mean
             self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
             if i == len(batches) - 1 and self.args.zero_stage == 0:
                 norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if norm is None else norm
-        return {"loss": self._reduce_loss(loss_sum, tokens.cpu()), "lr": lr,
+        return {"loss": self._reduce_loss(loss_sum, tokens), "lr": lr,
                 "grad_norm": float(norm) if norm is not None else float("nan")}
 
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
         self.ds.eval()
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=_dp_cp())
-        loss_sum = torch.zeros(())
+        batches = self._on_device(batches)
+        tokens = self._global_tokens(batches)
+        loss_sum = torch.zeros((), device=tokens.device)
         for b in batches:
             out = model_forward(self.ds, b, self.args, self.eod)
-            loss_sum = loss_sum + (out.float() * b["loss_mask"].to(out.device)).sum().cpu()
-        return self._reduce_loss(loss_sum, tokens.cpu())
+            loss_sum = loss_sum + (out.float() * b["loss_mask"]).sum()
+        return self._reduce_loss(loss_sum, tokens)
+
+    def _on_device(self, batches: list[dict]) -> list[dict]:
+        """The micro-batches on the model's device (NCCL reduces device tensors only)."""
+        return [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+
+    @staticmethod
+    def _global_tokens(batches: list[dict]) -> torch.Tensor:
+        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        dist.all_reduce(tokens, group=_dp_cp())
+        return tokens
 
     def save(self, root: str, iteration: int) -> None:
         """DeepSpeed's checkpoint (model, ZeRO optimizer partitions) in iter_NNNNNNN/ of root."""

@@ -133,10 +133,10 @@ class TorchEngine:
 
     def _grad_norm(self) -> float:
         """L2 norm of the model's gradients, each tensor-parallel shard counted once."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # NCCL reduces device tensors
         for p in self.params:
             if p.grad is not None and not _is_tp_duplicate(p):
-                sq += p.grad.double().pow(2).sum().cpu()
+                sq += p.grad.double().pow(2).sum()
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
         return sq.sqrt().item()
 
