@@ -147,6 +147,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
     "reset_attention_mask": (bool, True, "restart attention and the forget gate at each document"),
+    "reset_position_ids": (bool, False, "accepted with reset_attention_mask (or without position embeddings): "
+                                        "rope's attention within a document is the same whichever position it "
+                                        "starts from"),
     "eod_mask_loss": (bool, False, "no loss where the input token is the end of a document (its target, the "
                                    "next document's first token, is not predictable), as Megatron-LM's"),
     "default_corpus_bytes": (int, 4_000_000, "bytes of the embedded corpus (Python stdlib source)"),
@@ -332,6 +335,9 @@ def check_positions(args: argparse.Namespace) -> None:
             raise ConfigError("rotary_percent", f"must be in (0, 1], got {args.rotary_percent}")
         if args.rotary_base < 1:
             raise ConfigError("rotary_base", f"must be >= 1, got {args.rotary_base}")
+    if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
+        raise ConfigError("reset_position_ids", "with rope needs reset_attention_mask (positions restarting "
+                                                "inside attention that crosses documents are not built)")
     if not args.fox_forget_gate:
         args.acp = False
 

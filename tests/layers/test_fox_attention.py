@@ -143,13 +143,18 @@ def test_rope_and_no_forget_gate_layer_matches_plain_attention(megatron_world, f
     q = head_rms_norm(parts[0].reshape(s, b, H, d), hp.q_norm.double(), 1e-5)
     k = head_rms_norm(parts[1], hp.k_norm.double(), 1e-5).repeat_interleave(hpg, dim=2)
     v = parts[2].repeat_interleave(hpg, dim=2)
-    if rope:
-        q, k = _rotate(q, ang), _rotate(k, ang)
     doc = torch.zeros(b * s, dtype=torch.long)
     if documents:
         doc[cu[1:-1].long()] = 1
         doc = doc.cumsum(0)
     doc = doc.view(b, s)
+    if rope and documents:
+        # positions restarting at each document (--reset-position-ids): the same attention,
+        # as rope's logits depend on the distance within a document only
+        pos_in_doc = torch.arange(b * s) - cu.long()[doc.flatten()]  # doc ids count over the b * s tokens
+        ang = _rope_angles(s, d)[pos_in_doc.view(b, s).t()].squeeze(2)  # [s, b, 1, d]
+    if rope:
+        q, k = _rotate(q, ang), _rotate(k, ang)
     pos = torch.arange(s)
     allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc[:, :, None] == doc[:, None, :])  # [b, i, j]
     logits = torch.einsum("ibhd,jbhd->bhij", q, k) / math.sqrt(d)

@@ -205,6 +205,7 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--finetune"], "finetune"),
     (["--position-embedding-type", "learned_absolute"], "position_embedding_type"),
     (["--position-embedding-type", "rope", "--rotary-percent", "0"], "rotary_percent"),
+    (["--position-embedding-type", "rope", "--no-reset-attention-mask", "--reset-position-ids"], "reset_position_ids"),
     (["--ckpt-step", "3"], "ckpt_step"),
     (["--load", "/tmp", "--ckpt-step", "-1"], "ckpt_step"),
     (["--exit-signal-handler"], "exit_signal_handler"),
