@@ -19,14 +19,6 @@ pytest.importorskip("deepspeed")
 COMMON = ["--train-iters", "6", "--log-interval", "3", "--num-query-groups", "2", "--global-batch-size", "8"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus_cache")
-    os.environ["MEGATRON_FOX_CACHE"] = str(path)
-    yield path
-    os.environ.pop("MEGATRON_FOX_CACHE", None)
-
-
 def _same(a_hist, b_hist, what):
     assert [h["step"] for h in a_hist] == [h["step"] for h in b_hist]
     for a, b in zip(a_hist, b_hist):

@@ -16,14 +16,6 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
         "--make-vocab-size-divisible-by", "64"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus_cache")
-    os.environ["MEGATRON_FOX_CACHE"] = str(path)  # inherited by the workers
-    yield path
-    os.environ.pop("MEGATRON_FOX_CACHE", None)
-
-
 def train(tmp_path, name, flags, world=1):
     out = tmp_path / f"{name}.pt"
     launch("train", world, {"flags": TINY + flags, "out": str(out)})
