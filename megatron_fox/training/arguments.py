@@ -669,6 +669,9 @@ def check_deepspeed(args: argparse.Namespace) -> None:
         raise ConfigError("pipeline_model_parallel_size", "the DeepSpeed engine runs without pipeline parallelism")
     if args.sequence_parallel:
         raise ConfigError("sequence_parallel", "the DeepSpeed engine runs without sequence parallelism")
+    for key in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(args, key):
+            raise ConfigError(key, "Megatron DDP's option; with deepspeed set overlap_comm in deepspeed_config")
     if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
         raise ConfigError("deepspeed_config", f"file {args.deepspeed_config} not found")
     if importlib.util.find_spec("deepspeed") is None:

@@ -1,6 +1,6 @@
 """The DeepSpeed engine (--deepspeed, ZeRO stages 0-3) on CPU (gloo): its losses and
 gradient norms equal the plain-PyTorch engine's on the same model and data, alone, with
-DP=2 and TP=2; it resumes exactly; its flags fail naming the key."""
+DP=2, TP=2 and CP=2; it resumes exactly; its flags fail naming the key."""
 
 import importlib.util
 import os
@@ -38,8 +38,9 @@ def test_zero_stages_match_the_torch_engine(plain, tmp_path):
               f"zero {stage}")
 
 
-@pytest.mark.parametrize("flags", [["--zero-stage", "2"], ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]],
-                         ids=["dp2_zero2", "tp2_zero1"])
+@pytest.mark.parametrize("flags", [["--zero-stage", "2"], ["--zero-stage", "1", "--tensor-model-parallel-size", "2"],
+                                   ["--zero-stage", "1", "--context-parallel-size", "2"]],
+                         ids=["dp2_zero2", "tp2_zero1", "cp2_zero1"])
 def test_two_processes_match_one(plain, tmp_path, flags):
     multi = train(tmp_path, "multi", COMMON + ["--deepspeed", *flags], world=2)
     for a, b in zip(plain, multi):
@@ -70,6 +71,7 @@ def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
 @pytest.mark.parametrize("flags,key", [
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "pipeline_model_parallel_size"),
     (["--deepspeed", "--zero-stage", "4"], "zero_stage"),
+    (["--deepspeed", "--overlap-grad-reduce"], "overlap_grad_reduce"),
     (["--zero-stage", "2"], "zero_stage"),
     (["--deepspeed", "--deepspeed-config", "/nonexistent/ds.json"], "deepspeed_config"),
 ])
