@@ -113,7 +113,8 @@ class DeepSpeedEngine(TorchEngine):
         tokens = self._global_tokens(batches)
         loss_sum, norm = torch.zeros((), device=tokens.device), None
         for i, b in enumerate(batches):
-            set_context_pruning_penalty(self.model, b, self.args, 1.0 / float(tokens))
+            # the penalty's gradient scaled as the loss's (DeepSpeed then averages both over its ranks)
+            set_context_pruning_penalty(self.model, b, self.args, self.dp_size / float(tokens))
             out = model_forward(self.ds, b, self.args, self.eod)
             loss = (out.float() * b["loss_mask"]).sum()
             loss_sum = loss_sum + loss.detach()

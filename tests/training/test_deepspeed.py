@@ -47,6 +47,14 @@ def test_two_processes_match_one(plain, tmp_path, flags):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
 
 
+def test_context_pruning_penalty_scaled_as_the_loss(cache, tmp_path):
+    """Learned context pruning's penalty enters the backward beside the loss: with DP=2 its
+    gradient must be scaled as DeepSpeed scales the loss's (same losses and norms)."""
+    flags = COMMON + ["--fox-context-pruning"]
+    _same(train(tmp_path, "plain_dcp", flags),
+          train(tmp_path, "ds_dcp", flags + ["--deepspeed", "--zero-stage", "2"], world=2), "context pruning")
+
+
 def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
     ds = COMMON + ["--deepspeed", "--zero-stage", "2"]
     full = train(tmp_path, "full", ds)
