@@ -1,10 +1,12 @@
 """A training checkpoint of any TP/PP layout as one full (TP = PP = 1) state dict, the form
 `--pretrained-checkpoint` and `tools/convert_checkpoint.py to-public` take.
 
-Two formats, as `megatron_fox.train --save` writes them: on CUDA Megatron-Core's
+Three formats, as `megatron_fox.train --save` writes them: on CUDA Megatron-Core's
 `dist_checkpointing` (resharded by its own loader into a TP = PP = 1 model: see
 `tools/convert_checkpoint.py from-megatron`); on CPU one `mp_rank_TT_PPP.pt` file per
-model-parallel rank, merged here by the layout rules of `partition.py`.
+model-parallel rank; with `--deepspeed` DeepSpeed's `mp_rank_TT_model_states.pt` per
+tensor-parallel rank (its "module"; ZeRO-3 keeps none there). The last two are merged here
+by the layout rules of `partition.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from .partition import merge_state_dicts
 
 _RANK_FILE = re.compile(r"^mp_rank_(\d+)_(\d+)\.pt$")
+_DEEPSPEED_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # no pipeline stages with --deepspeed
 
 
 def rank_files(path: str) -> dict:
@@ -24,10 +27,21 @@ def rank_files(path: str) -> dict:
     for a dist_checkpointing folder)."""
     out = {}
     for name in os.listdir(path):
-        m = _RANK_FILE.match(name)
+        m, ds = _RANK_FILE.match(name), _DEEPSPEED_FILE.match(name)
         if m:
             out[(int(m.group(1)), int(m.group(2)))] = os.path.join(path, name)
+        elif ds:
+            out[(int(ds.group(1)), 0)] = os.path.join(path, name)
     return out
+
+
+def _model_state(saved: dict, path: str) -> dict:
+    """The model's state dict in one rank file: ours ("model") or DeepSpeed's ("module")."""
+    state = saved.get("model", saved.get("module"))
+    if state is None or any(t.numel() == 0 for t in state.values() if torch.is_tensor(t)):
+        raise ValueError(f"input: {path} holds no whole weights (a ZeRO-3 checkpoint keeps them partitioned: "
+                         f"gather them with DeepSpeed's zero_to_fp32.py)")
+    return state
 
 
 def merge_rank_files(path: str, num_layers: int) -> dict:
@@ -47,4 +61,4 @@ def merge_rank_files(path: str, num_layers: int) -> dict:
                          f"its layout TP={tp_size} x PP={pp_size} needs also {missing}")
     if num_layers % pp_size:
         raise ValueError(f"num_layers: {num_layers} not divisible by the checkpoint's {pp_size} pipeline stages")
-    return merge_state_dicts({rank: s["model"] for rank, s in saved.items()}, num_layers, tp_size, pp_size)
+    return merge_state_dicts({rank: _model_state(s, path) for rank, s in saved.items()}, num_layers, tp_size, pp_size)

@@ -76,6 +76,27 @@ def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
     assert r.returncode == 2 and "'zero_stage'" in r.stderr, r.stderr[-1500:]
 
 
+def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
+    """tools/convert_checkpoint.py from-megatron merges DeepSpeed's per-TP-rank module files
+    into the full state dict; after the same steps it equals the plain engine's export."""
+    import torch
+
+    flags = ["--train-iters", "2", "--num-query-groups", "2", "--global-batch-size", "8",
+             "--tensor-model-parallel-size", "2"]
+    exported = {}
+    for name, extra in (("plain", []), ("ds", ["--deepspeed", "--zero-stage", "1"])):
+        train(tmp_path, name, flags + extra + ["--save", str(tmp_path / name)], world=2)
+        out = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                            "--input", str(tmp_path / name), "--output", str(out), *TINY, "--num-query-groups", "2"],
+                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-1500:]
+        exported[name] = torch.load(out)
+    assert exported["ds"].keys() == exported["plain"].keys()
+    for key, t in exported["plain"].items():
+        torch.testing.assert_close(exported["ds"][key], t, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("flags,key", [
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "pipeline_model_parallel_size"),
     (["--deepspeed", "--zero-stage", "4"], "zero_stage"),
