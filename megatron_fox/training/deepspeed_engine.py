@@ -110,6 +110,8 @@ class DeepSpeedEngine(TorchEngine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._on_device(batches)
+        if len(batches) != self.ds.gradient_accumulation_steps():  # --rampup-batch-size: this step's batch
+            self.ds.set_train_batch_size(len(batches) * self.args.micro_batch_size * self.dp_size)
         tokens = self._global_tokens(batches)
         loss_sum, norm = torch.zeros((), device=tokens.device), None
         for i, b in enumerate(batches):

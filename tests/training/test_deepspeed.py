@@ -47,6 +47,15 @@ def test_two_processes_match_one(plain, tmp_path, flags):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
 
 
+def test_rampup_batch_size_changes_the_accumulation(cache, tmp_path):
+    """--rampup-batch-size: DeepSpeed's accumulation steps follow each step's micro-batches
+    (2 sequences of 2, then 8 of 4 with DP=2), the losses and norms those of one plain process."""
+    flags = COMMON + ["--rampup-batch-size", "4", "4", "8", "--lr-warmup-iters", "0"]
+    plain = train(tmp_path, "plain_ramp", flags)
+    assert [h["global_batch_size"] for h in plain][:3] == [4, 4, 8]
+    _same(plain, train(tmp_path, "ds_ramp", flags + ["--deepspeed", "--zero-stage", "2"], world=2), "ramp-up")
+
+
 def test_context_pruning_penalty_scaled_as_the_loss(cache, tmp_path):
     """Learned context pruning's penalty enters the backward beside the loss: with DP=2 its
     gradient must be scaled as DeepSpeed scales the loss's (same losses and norms)."""
