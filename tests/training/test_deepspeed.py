@@ -33,7 +33,7 @@ def plain(cache, tmp_path_factory):
 
 
 def test_zero_stages_match_the_torch_engine(plain, tmp_path):
-    for stage in (0, 1, 3):
+    for stage in (0, 3):  # stage 1: the two-process tests below
         _same(plain, train(tmp_path, f"zero{stage}", COMMON + ["--deepspeed", "--zero-stage", str(stage)]),
               f"zero {stage}")
 
