@@ -672,10 +672,35 @@ def check_deepspeed(args: argparse.Namespace) -> None:
     for key in ("overlap_grad_reduce", "overlap_param_gather"):
         if getattr(args, key):
             raise ConfigError(key, "Megatron DDP's option; with deepspeed set overlap_comm in deepspeed_config")
-    if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
-        raise ConfigError("deepspeed_config", f"file {args.deepspeed_config} not found")
+    if args.deepspeed_config is not None:
+        check_deepspeed_config(args.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("deepspeed", "the deepspeed package is not installed (pip install deepspeed)")
+
+
+# what the trainer's own flags decide (its data loop, AdamW and LR schedule)
+_DEEPSPEED_OWN_KEYS = {"train_batch_size": "global_batch_size", "train_micro_batch_size_per_gpu": "micro_batch_size",
+                       "gradient_accumulation_steps": "global_batch_size", "optimizer": "lr, adam_beta1, ...",
+                       "scheduler": "lr_decay_style, lr_warmup_iters, ..."}
+
+
+def check_deepspeed_config(path: str) -> None:
+    """A JSON object, without the keys the trainer's flags set."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ConfigError("deepspeed_config", f"file {path} not found")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ConfigError("deepspeed_config", f"{path} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError("deepspeed_config", f"{path} must hold a JSON object")
+    own = sorted(set(config) & set(_DEEPSPEED_OWN_KEYS))
+    if own:
+        raise ConfigError("deepspeed_config", f"{path} sets {', '.join(own)}: the trainer's flags decide those "
+                                              f"({'; '.join(_DEEPSPEED_OWN_KEYS[k] for k in own)})")
 
 
 def check_scalar_logs(args: argparse.Namespace) -> None:

@@ -65,7 +65,9 @@ def test_context_pruning_penalty_scaled_as_the_loss(cache, tmp_path):
 
 
 def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
-    ds = COMMON + ["--deepspeed", "--zero-stage", "2"]
+    extra = tmp_path / "ds.json"  # merged over the flags' config (small buckets: several reduces a step)
+    extra.write_text('{"zero_optimization": {"reduce_bucket_size": 20000, "allgather_bucket_size": 20000}}')
+    ds = COMMON + ["--deepspeed", "--zero-stage", "2", "--deepspeed-config", str(extra)]
     full = train(tmp_path, "full", ds)
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "first", ds + ["--exit-interval", "3", "--save", str(ckpt)])
@@ -112,8 +114,13 @@ def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
     (["--deepspeed", "--overlap-grad-reduce"], "overlap_grad_reduce"),
     (["--zero-stage", "2"], "zero_stage"),
     (["--deepspeed", "--deepspeed-config", "/nonexistent/ds.json"], "deepspeed_config"),
+    (["--deepspeed", "--deepspeed-config", "TMP/own.json"], "deepspeed_config"),
+    (["--deepspeed", "--deepspeed-config", "TMP/bad.json"], "deepspeed_config"),
 ])
 def test_bad_flags_name_the_key(flags, key, tmp_path, monkeypatch):
+    (tmp_path / "own.json").write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 64}')
+    (tmp_path / "bad.json").write_text('{"zero_optimization": ')
+    flags = [f.replace("TMP", str(tmp_path)) for f in flags]
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it: PP=2 fits, DeepSpeed refuses it
     r = _run_cli(TINY + flags, tmp_path)
     assert r.returncode == 2 and f"'{key}'" in r.stderr, r.stderr[-800:]
