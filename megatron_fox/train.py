@@ -309,7 +309,14 @@ def run(args, on_step=None) -> list[dict]:
         t0 = time.perf_counter()
         if args.fox_context_pruning:
             set_context_pruning_state(model, alpha=context_pruning_alpha_at(it, args))
-        out = engine.train_step(batches, it)
+        try:
+            out = engine.train_step(batches, it)
+        except FloatingPointError as e:  # --check-for-nan-in-loss-and-grad
+            if rank0:
+                bar.close()
+                print(f"megatron_fox: error: {e}; stopped (config key 'check_for_nan_in_loss_and_grad'; last "
+                      f"checkpoint: {f'step {saved_at}' if saved_at else 'none this run'})", file=sys.stderr)
+            sys.exit(1)
         dt = time.perf_counter() - t0
         out.update(step=it + 1, global_batch_size=batch_size, tokens_per_s=batch_size * args.seq_length / dt,
                    tflops_per_gpu=flops_per_step * step_share / dt / dist.get_world_size() / 1e12,

@@ -156,6 +156,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "default_vocab_size": (int, 2048, "vocabulary of the tokenizer trained on the embedded corpus"),
     # logging and checkpoints
     "log_interval": (int, 10, "steps between log lines"),
+    "check_for_nan_in_loss_and_grad": (bool, True, "stop the run at a non-finite loss or gradient norm, before "
+                                                   "that step's update where the engine allows, as Megatron-LM's"),
     "log_params_norm": (bool, False, "the parameters' L2 norm in each log line (one reduction over TP x PP)"),
     "tensorboard_dir": (str, None, "TensorBoard event directory"),
     "tensorboard_log_interval": (int, 1, "steps between TensorBoard's loss, lr, grad norm and throughput "

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import checkpoint_iteration, write_latest, write_run_args
-from .step import lr_at, model_forward, set_context_pruning_penalty
+from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
 from .torch_engine import TorchEngine, _dp_cp
 
 
@@ -122,12 +122,16 @@ class DeepSpeedEngine(TorchEngine):
             loss_sum = loss_sum + loss.detach()
             # the sum over micro-batches and ranks of loss / tokens is the global mean
             self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
-            if i == len(batches) - 1 and self.args.zero_stage == 0:
-                norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
+            if i == len(batches) - 1:  # before the update
+                check_finite(iteration, self.args, self._reduce_loss(loss_sum, tokens))
+                if self.args.zero_stage == 0:
+                    norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if norm is None else norm
-        return {"loss": self._reduce_loss(loss_sum, tokens), "lr": lr,
-                "grad_norm": float(norm) if norm is not None else float("nan")}
+        norm = None if norm is None else float(norm)
+        loss = self._reduce_loss(loss_sum, tokens)
+        check_finite(iteration, self.args, loss, norm)  # ZeRO knows the norm after its update only
+        return {"loss": loss, "lr": lr, "grad_norm": float("nan") if norm is None else norm}
 
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:

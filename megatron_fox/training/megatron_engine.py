@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
-from .step import lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
+from .step import check_finite, lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -107,7 +107,8 @@ class MegatronEngine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
             overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
-            use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=True)
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad)
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, bf16=args.bf16,
@@ -159,6 +160,7 @@ class MegatronEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._run(batches, forward_only=False)
+        check_finite(iteration, self.args, loss)  # before the update (DDP checks the gradients' NaNs)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {iteration + 1} failed (non-finite gradients)")

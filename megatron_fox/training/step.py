@@ -13,6 +13,17 @@ from .data import cu_seqlens_from_tokens
 from .rampup import step_batch
 
 
+def check_finite(iteration: int, args, loss: float, grad_norm: Optional[float] = None) -> None:
+    """--check-for-nan-in-loss-and-grad: a FloatingPointError naming the step and the values
+    when the loss or the gradient norm is not finite."""
+    if not args.check_for_nan_in_loss_and_grad:
+        return
+    bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+           if value is not None and not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"step {iteration + 1}: {' and '.join(bad)}")
+
+
 def lr_at(iteration: int, args) -> float:
     """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
     lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root

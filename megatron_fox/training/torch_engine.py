@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
-from .step import lr_at, model_forward, set_context_pruning_penalty
+from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -51,11 +51,13 @@ class TorchEngine:
         self.model.train()
         loss_sum, tokens = self.gradients(batches)
         grad_norm = self._clip_grads()
+        loss = self._reduce_loss(loss_sum, tokens)
+        check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
         lr = lr_at(iteration, self.args)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return {"loss": self._reduce_loss(loss_sum, tokens), "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
     def gradients(self, batches: list[dict]):
         """Fresh gradients of the global batch, summed over data/context-parallel ranks.

@@ -300,6 +300,26 @@ def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
     assert bad.returncode == 2 and "pretrained_checkpoint" in bad.stderr
 
 
+@pytest.mark.parametrize("engine", [[], ["--deepspeed", "--zero-stage", "1"]], ids=["plain", "deepspeed"])
+def test_non_finite_loss_or_gradient_stops_the_run(cache, tmp_path, engine):
+    """--check-for-nan-in-loss-and-grad (on by default, as in Megatron-LM): weights of std 1e30
+    overflow the first step; the run stops there with exit 1 naming the step and the key,
+    writes no checkpoint of it (the plain engine before the update; ZeRO knows its gradient
+    norm only after it); with --no-check-for-nan-in-loss-and-grad it runs on."""
+    if engine:
+        pytest.importorskip("deepspeed")
+    flags = [*TINY, *engine, "--train-iters", "2", "--init-method-std", "1e30", "--save", str(tmp_path / "ck"),
+             "--save-interval", "1"]
+    r = _run_cli(flags, tmp_path)
+    assert r.returncode == 1 and "step 1:" in r.stderr and "'check_for_nan_in_loss_and_grad'" in r.stderr, \
+        r.stderr[-1500:]
+    assert "nan" in r.stderr.lower() or "inf" in r.stderr.lower()
+    assert not (tmp_path / "ck" / "iter_0000001").exists()
+    if not engine:
+        r = _run_cli(flags + ["--no-check-for-nan-in-loss-and-grad"], tmp_path)
+        assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_finetune_and_no_load_optim(cache, tmp_path):
     """--load with --finetune: the weights only, from step 0 with a fresh optimizer, so the
     run equals one from the same weights as a --pretrained-checkpoint file (exported by
