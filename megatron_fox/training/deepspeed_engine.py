@@ -13,12 +13,13 @@ a schedule or a reduce DeepSpeed's engine does not make). Checkpoints are DeepSp
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import checkpoint_iteration, write_latest, write_run_args
+from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
 from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
 from .torch_engine import TorchEngine, _dp_cp
 
@@ -123,13 +124,13 @@ class DeepSpeedEngine(TorchEngine):
             # the sum over micro-batches and ranks of loss / tokens is the global mean
             self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
             if i == len(batches) - 1:  # before the update
-                check_finite(iteration, self.args, self._reduce_loss(loss_sum, tokens))
+                loss = self._reduce_loss(loss_sum, tokens)
+                check_finite(iteration, self.args, loss)
                 if self.args.zero_stage == 0:
                     norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if norm is None else norm
         norm = None if norm is None else float(norm)
-        loss = self._reduce_loss(loss_sum, tokens)
         check_finite(iteration, self.args, loss, norm)  # ZeRO knows the norm after its update only
         return {"loss": loss, "lr": lr, "grad_norm": float("nan") if norm is None else norm}
 
@@ -156,9 +157,10 @@ class DeepSpeedEngine(TorchEngine):
 
     def save(self, root: str, iteration: int) -> None:
         """DeepSpeed's checkpoint (model, ZeRO optimizer partitions) in iter_NNNNNNN/ of root."""
-        self.ds.save_checkpoint(root, tag=f"iter_{iteration:07d}", client_state={"iteration": iteration},
+        path = iteration_dir(root, iteration)
+        self.ds.save_checkpoint(root, tag=os.path.basename(path), client_state={"iteration": iteration},
                                 save_latest=False)
-        write_run_args(f"{root}/iter_{iteration:07d}", vars(self.args))
+        write_run_args(path, vars(self.args))
         write_latest(root, iteration)
 
     def load(self, root: str) -> int:
@@ -166,9 +168,9 @@ class DeepSpeedEngine(TorchEngine):
         the weights only and starts at step 0, --no-load-optim keeps the fresh optimizer."""
         iteration = checkpoint_iteration(root, self.args.ckpt_step)
         weights_only = self.args.finetune or not self.args.load_optim
-        path, state = self.ds.load_checkpoint(root, tag=f"iter_{iteration:07d}",
-                                              load_optimizer_states=not weights_only,
-                                              load_lr_scheduler_states=False, load_module_only=weights_only)
-        if path is None:
-            raise FileNotFoundError(f"load: no DeepSpeed checkpoint in {root}/iter_{iteration:07d}")
+        path = iteration_dir(root, iteration)
+        loaded, _ = self.ds.load_checkpoint(root, tag=os.path.basename(path), load_optimizer_states=not weights_only,
+                                            load_lr_scheduler_states=False, load_module_only=weights_only)
+        if loaded is None:
+            raise FileNotFoundError(f"load: no DeepSpeed checkpoint in {path}")
         return 0 if self.args.finetune else iteration
