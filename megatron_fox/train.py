@@ -190,12 +190,12 @@ def _load(engine, args) -> int:
         return 0
     if has_checkpoint(args.load) or args.ckpt_step is not None:
         try:
-            checkpoint_iteration(args.load, args.ckpt_step)
+            iteration = checkpoint_iteration(args.load, args.ckpt_step)
         except (OSError, ValueError) as e:
             key = "ckpt_step" if args.ckpt_step is not None else "load"
             print(f"megatron_fox: error: config key '{key}': {e}", file=sys.stderr)
             sys.exit(2)
-        return engine.load(args.load)
+        return engine.load(args.load, iteration)
     if args.exit_on_missing_checkpoint or args.finetune:
         print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "
               f"latest_checkpointed_iteration.txt)", file=sys.stderr)

@@ -659,9 +659,8 @@ def finalize(args: argparse.Namespace) -> None:
 def check_deepspeed(args: argparse.Namespace) -> None:
     """The DeepSpeed engine's flags: the package imports, and nothing it cannot run."""
     if not args.deepspeed:
-        for key in ("deepspeed_config",):
-            if getattr(args, key) is not None:
-                raise ConfigError(key, "needs deepspeed")
+        if args.deepspeed_config is not None:
+            raise ConfigError("deepspeed_config", "needs deepspeed")
         if getattr(args, "config_sources", {}).get("zero_stage") and args.zero_stage != OPTIONS["zero_stage"][1]:
             raise ConfigError("zero_stage", "needs deepspeed")
         return

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
+from ..checkpoint import iteration_dir, write_latest, write_run_args
 from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
 from .torch_engine import TorchEngine, _dp_cp
 
@@ -124,15 +124,15 @@ class DeepSpeedEngine(TorchEngine):
             # the sum over micro-batches and ranks of loss / tokens is the global mean
             self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
             if i == len(batches) - 1:  # before the update
-                loss = self._reduce_loss(loss_sum, tokens)
-                check_finite(iteration, self.args, loss)
+                mean_loss = self._reduce_loss(loss_sum, tokens)
+                check_finite(iteration, self.args, mean_loss)
                 if self.args.zero_stage == 0:
                     norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
             self.ds.step()
         norm = self.ds.get_global_grad_norm() if norm is None else norm
         norm = None if norm is None else float(norm)
-        check_finite(iteration, self.args, loss, norm)  # ZeRO knows the norm after its update only
-        return {"loss": loss, "lr": lr, "grad_norm": float("nan") if norm is None else norm}
+        check_finite(iteration, self.args, mean_loss, norm)  # ZeRO knows the norm after its update only
+        return {"loss": mean_loss, "lr": lr, "grad_norm": float("nan") if norm is None else norm}
 
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
@@ -149,12 +149,6 @@ class DeepSpeedEngine(TorchEngine):
         """The micro-batches on the model's device (NCCL reduces device tensors only)."""
         return [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
 
-    @staticmethod
-    def _global_tokens(batches: list[dict]) -> torch.Tensor:
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=_dp_cp())
-        return tokens
-
     def save(self, root: str, iteration: int) -> None:
         """DeepSpeed's checkpoint (model, ZeRO optimizer partitions) in iter_NNNNNNN/ of root."""
         path = iteration_dir(root, iteration)
@@ -163,10 +157,10 @@ class DeepSpeedEngine(TorchEngine):
         write_run_args(path, vars(self.args))
         write_latest(root, iteration)
 
-    def load(self, root: str) -> int:
-        """Resume from the latest checkpoint under root (or --ckpt-step's); --finetune takes
-        the weights only and starts at step 0, --no-load-optim keeps the fresh optimizer."""
-        iteration = checkpoint_iteration(root, self.args.ckpt_step)
+    def load(self, root: str, iteration: int) -> int:
+        """Resume from checkpoint `iteration` under root (`checkpoint.checkpoint_iteration`);
+        --finetune takes the weights only and starts at step 0, --no-load-optim keeps the
+        fresh optimizer."""
         weights_only = self.args.finetune or not self.args.load_optim
         path = iteration_dir(root, iteration)
         loaded, _ = self.ds.load_checkpoint(root, tag=os.path.basename(path), load_optimizer_states=not weights_only,

@@ -27,7 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
+from ..checkpoint import iteration_dir, write_latest, write_run_args
 from .step import check_finite, lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
 
 
@@ -227,11 +227,10 @@ class MegatronEngine:
         write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
 
-    def load(self, root: str) -> int:
-        """Resume from the latest checkpoint under root (or --ckpt-step's); returns the step to continue from
-        (its iteration, or 0 with --finetune, which loads the weights only; --no-load-optim
-        keeps the fresh optimizer)."""
-        iteration = checkpoint_iteration(root, self.args.ckpt_step)
+    def load(self, root: str, iteration: int) -> int:
+        """Resume from checkpoint `iteration` under root (`checkpoint.checkpoint_iteration`);
+        returns the step to continue from (that iteration, or 0 with --finetune, which loads
+        the weights only; --no-load-optim keeps the fresh optimizer)."""
         path = iteration_dir(root, iteration)
         model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])

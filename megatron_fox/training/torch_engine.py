@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import checkpoint_iteration, iteration_dir, write_latest, write_run_args
+from ..checkpoint import iteration_dir, write_latest, write_run_args
 from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
 
 
@@ -64,8 +64,7 @@ class TorchEngine:
         Returns (this rank's sum of masked token losses, tokens of the global batch)."""
         for p in self.params:
             p.grad = None
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=_dp_cp())
+        tokens = self._global_tokens(batches)
         loss_sum = self._forward_backward(batches, tokens)
         self._sync_grads()
         return loss_sum, tokens
@@ -73,10 +72,17 @@ class TorchEngine:
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
         self.model.eval()
-        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
-        dist.all_reduce(tokens, group=_dp_cp())
+        tokens = self._global_tokens(batches)
         loss_sum = self._forward_backward(batches, tokens, backward=False)
         return self._reduce_loss(loss_sum, tokens)
+
+    @staticmethod
+    def _global_tokens(batches: list[dict]) -> torch.Tensor:
+        """Loss tokens of the global batch: this rank's micro-batches summed over the
+        data- and context-parallel ranks."""
+        tokens = torch.stack([b["loss_mask"].sum() for b in batches]).sum()
+        dist.all_reduce(tokens, group=_dp_cp())
+        return tokens
 
     def _forward_backward(self, batches, tokens, backward=True):
         """GPipe: all micro-batch forwards, then all backwards. Loss = sum(mask*loss) / tokens."""
@@ -176,10 +182,10 @@ class TorchEngine:
         write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
 
-    def load(self, root: str) -> int:
-        """Resume from the latest checkpoint under root (or --ckpt-step's); returns the step to continue from
-        (its iteration, or 0 with --finetune, which loads the weights only)."""
-        iteration = checkpoint_iteration(root, self.args.ckpt_step)
+    def load(self, root: str, iteration: int) -> int:
+        """Resume from checkpoint `iteration` under root (`checkpoint.checkpoint_iteration`);
+        returns the step to continue from (its saved iteration, or 0 with --finetune, which
+        loads the weights only)."""
         state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         if self.args.finetune:
