@@ -54,5 +54,19 @@ def fused(fn, enabled: bool, device: torch.device):
     if not enabled or device.type != "cuda":
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
+        _compiled[fn] = _aligned_args(torch.compile(fn, dynamic=False))
     return _compiled[fn]
+
+
+def _aligned_args(compiled):
+    """compiled with every tensor argument 16-byte aligned. Inductor's kernels assume
+    parameters are (it copies only misaligned activations), but DeepSpeed's ZeRO packs
+    parameters into flat buffers, where a [heads]-sized one shifts the next off alignment
+    ("CUDA error: misaligned address" on an H200): those few small tensors go as clones,
+    through which the gradient still reaches the parameter."""
+
+    def call(*args, **kwargs):
+        args = [a.clone() if isinstance(a, torch.Tensor) and a.data_ptr() % 16 else a for a in args]
+        return compiled(*args, **kwargs)
+
+    return call

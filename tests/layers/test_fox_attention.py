@@ -169,3 +169,24 @@ def test_rope_and_no_forget_gate_layer_matches_plain_attention(megatron_world, f
     torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-5)
     g, gr = torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0]
     torch.testing.assert_close(g, gr, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_extras_get_aligned_parameters():
+    """DeepSpeed's ZeRO leaves parameters at odd offsets of a flat buffer; the compiled
+    extras receive 16-byte aligned copies and the gradient still reaches the parameter."""
+    from megatron_fox.layers.extras import _aligned_args
+
+    flat = torch.zeros(1 + 4 * 8, dtype=torch.bfloat16, requires_grad=True)
+    norm = flat[1:].view(4, 8)  # 2 bytes past an aligned start, as ZeRO packs a [heads] bias before it
+    assert norm.data_ptr() % 16 == 2
+    seen = []
+
+    def body(x, w):
+        seen.append(w.data_ptr() % 16)
+        return (x * w).sum()
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    _aligned_args(body)(x, norm).backward()
+    assert seen == [0]
+    torch.testing.assert_close(flat.grad[1:].view(4, 8), x)
+    assert flat.grad[0] == 0
