@@ -45,3 +45,21 @@ def test_gpu_zero_stages_follow_the_megatron_engine_and_resume(tmp_path):
     assert [h["step"] for h in rest] == list(range(11, 21))
     for a, b in zip(full[10:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_zero_two_gpus_follow_the_megatron_engine(tmp_path):
+    """2 GPUs, NCCL: ZeRO-2 and ZeRO-3 with DP=2 (gradients reduce-scattered, ZeRO-3's
+    weights gathered layer by layer) and ZeRO-1 with TP=2 train like the Megatron engine
+    with DP=2 on the same data."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    megatron = train(tmp_path, "megatron_dp2", STEPS, world=2)
+    for name, flags in (("zero2_dp2", ["--zero-stage", "2"]), ("zero3_dp2", ["--zero-stage", "3"]),
+                        ("zero1_tp2", ["--zero-stage", "1", "--tensor-model-parallel-size", "2"])):
+        ds = train(tmp_path, name, STEPS + ["--deepspeed", *flags], world=2)
+        print(name, [round(h["loss"], 4) for h in ds])
+        assert [h["step"] for h in ds] == [h["step"] for h in megatron]
+        assert ds[0]["loss"] == pytest.approx(megatron[0]["loss"], rel=2e-3), name
+        for a, b in zip(megatron, ds):
+            assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (name, a["step"], a["loss"], b["loss"])
+    print("megatron_dp2", [round(h["loss"], 4) for h in megatron])
