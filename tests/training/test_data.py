@@ -327,10 +327,15 @@ def test_prepare_default_corpus_builds_then_hits_cache(corpus, tok):
     assert len(ds) == meta["documents"] == len(files)
     assert ds[0].tolist() == tok.tokenize(Path(files[0]).read_text()) + [tok.eod]
     assert int(ds.sequence_lengths.sum()) == meta["tokens"]
-    t0 = time.time()
-    assert prepare_default_corpus(str(cache), vocab_size=SMALL_VOCAB, max_bytes=SMALL_BYTES) == (
-        prefix, model)
-    assert time.time() - t0 < 1.0  # cache hit: no training, no tokenizing
+    from megatron_fox.training import data as data_module
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("cache hit expected: no tokenizer training, no tokenizing")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data_module, "_build_default_corpus", no_rebuild)
+        assert prepare_default_corpus(str(cache), vocab_size=SMALL_VOCAB, max_bytes=SMALL_BYTES) == (
+            prefix, model)
     assert 0 < meta["tokenizer_seconds"] <= meta["total_seconds"] <= first_seconds
     assert sorted(os.listdir(cache)) == sorted([Path(prefix).parent.name,
                                                 Path(prefix).parent.name + ".lock"])
