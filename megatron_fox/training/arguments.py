@@ -124,6 +124,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "clip_grad": (float, 1.0, "gradient-norm clip"),
     "bf16": (bool, False, "bf16 parameters and compute (CUDA path)"),
     "fp16": (bool, None, "refused: fp16 with loss scaling is not built here; use bf16"),
+    "num_experts": (int, None, "refused: Mixture-of-Experts MLPs are not built here (dense SwiGLU MLP)"),
+    "expert_model_parallel_size": (int, 1, "refused above 1: no Mixture-of-Experts MLPs here"),
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
@@ -297,6 +299,10 @@ def load_yaml(path: str) -> dict:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Defaults < YAML < flags, then derived values and checks (ConfigError on bad input)."""
+    moe = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--moe-")]
+    if moe:  # Megatron-LM's MoE flags come in families: one message, not argparse's "unrecognized"
+        raise ConfigError(moe[0][2:].split("=")[0].replace("-", "_"),
+                          "Mixture-of-Experts MLPs are not built here (the FoX layers have a dense SwiGLU MLP)")
     ns = build_parser().parse_args(argv)
     values = {k: v[1] for k, v in OPTIONS.items()}
     sources = {}  # key -> 1 set in the YAML, 2 on the command line (the schedule's either/or keys)
@@ -577,6 +583,11 @@ def finalize(args: argparse.Namespace) -> None:
     check_positions(args)
     if args.fp16:
         raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
+    if args.num_experts is not None:
+        raise ConfigError("num_experts", "Mixture-of-Experts MLPs are not built here: the FoX layers have a dense "
+                                         "SwiGLU MLP (leave num_experts unset)")
+    if args.expert_model_parallel_size != 1:
+        raise ConfigError("expert_model_parallel_size", "must be 1: no Mixture-of-Experts MLPs to split here")
     if args.recompute_activations:
         raise ConfigError("recompute_activations", "Megatron-LM's selective recompute: FoX attention keeps no "
                                                    "[s, s] tensor to save; use --recompute-granularity full")
