@@ -59,14 +59,25 @@ def fused(fn, enabled: bool, device: torch.device):
 
 
 def _aligned_args(compiled):
-    """compiled with every tensor argument 16-byte aligned. Inductor's kernels assume
-    parameters are (it copies only misaligned activations), but DeepSpeed's ZeRO packs
-    parameters into flat buffers, where a [heads]-sized one shifts the next off alignment
-    ("CUDA error: misaligned address" on an H200): those few small tensors go as clones,
-    through which the gradient still reaches the parameter."""
+    """compiled, called with every tensor argument 16-byte aligned and none a Parameter.
+
+    Inductor's kernels assume Parameters are aligned (it checks and copies only other
+    inputs), but DeepSpeed's ZeRO packs parameters into flat buffers, where a
+    [heads]-sized one shifts the next off alignment ("CUDA error: misaligned address" on an
+    H200): those go as aligned clones. The others go as views, so that each argument has
+    one type in every layer (a Parameter in one call and a Tensor in the next would compile
+    the function again, up to torch.compile's limit, then run it eagerly). Gradients reach
+    the parameters through both."""
 
     def call(*args, **kwargs):
-        args = [a.clone() if isinstance(a, torch.Tensor) and a.data_ptr() % 16 else a for a in args]
-        return compiled(*args, **kwargs)
+        return compiled(*[_aligned_tensor(a) for a in args], **kwargs)
 
     return call
+
+
+def _aligned_tensor(a):
+    if not isinstance(a, torch.Tensor):
+        return a
+    if a.data_ptr() % 16:
+        return a.clone()
+    return a.view_as(a) if isinstance(a, torch.nn.Parameter) else a

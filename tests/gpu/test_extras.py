@@ -51,3 +51,32 @@ def test_fused_extras_match_eager(docs):
     for a, e in zip(torch.autograd.grad(fused, (out, ogate, onorm), cot),
                     torch.autograd.grad(eager, (out, ogate, onorm), cot)):
         _close(a, e, "finish grad")
+
+
+def test_fused_finish_with_zero_packed_parameters_compiles_once():
+    """Output-norm weights as DeepSpeed's ZeRO leaves them: Parameters viewing a flat bf16
+    buffer, one 16-byte aligned and one 2 bytes off (before the alignment fix this gave
+    "misaligned address" on an H200). Both layers equal eager, forward and backward, and share
+    one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    extras._compiled.clear()
+    dev = torch.device("cuda")
+    s, b, h, d = 300, 2, 4, 64
+    bf = {"device": dev, "dtype": torch.bfloat16}
+    flat = 1 + 0.1 * torch.randn(8 + 2 * h * d + 1, **bf)
+    for offset in (8, 8 + h * d + 1):  # aligned, then 2 bytes off
+        onorm = torch.nn.Parameter(flat[offset:offset + h * d].view(h, d))
+        out = torch.randn(s, b, h, d, **bf).requires_grad_()
+        ogate = torch.randn(s, b, h, d, **bf).requires_grad_()
+        eager = extras.finish(out, ogate, onorm, 1e-6)
+        fused = extras.fused(extras.finish, True, dev)(out, ogate, onorm, 1e-6)
+        _close(fused, eager, f"finish at offset {offset}")
+        cot = torch.randn_like(eager)
+        for a, e in zip(torch.autograd.grad(fused, (out, ogate, onorm), cot),
+                        torch.autograd.grad(eager, (out, ogate, onorm), cot)):
+            _close(a, e, f"finish grad at offset {offset}")
+    torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

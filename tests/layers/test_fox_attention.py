@@ -173,20 +173,24 @@ def test_rope_and_no_forget_gate_layer_matches_plain_attention(megatron_world, f
 
 def test_fused_extras_get_aligned_parameters():
     """DeepSpeed's ZeRO leaves parameters at odd offsets of a flat buffer; the compiled
-    extras receive 16-byte aligned copies and the gradient still reaches the parameter."""
+    extras receive 16-byte aligned copies of those, views of aligned parameters (plain
+    tensors either way, so one compiled graph serves every layer), the activations as they
+    are, and the gradient still reaches each parameter."""
     from megatron_fox.layers.extras import _aligned_args
 
-    flat = torch.zeros(1 + 4 * 8, dtype=torch.bfloat16, requires_grad=True)
-    norm = flat[1:].view(4, 8)  # 2 bytes past an aligned start, as ZeRO packs a [heads] bias before it
-    assert norm.data_ptr() % 16 == 2
+    flat = torch.zeros(1 + 4 * 8, dtype=torch.bfloat16)
+    odd = torch.nn.Parameter(flat[1:].view(4, 8))  # 2 bytes past an aligned start, as ZeRO packs a [heads] bias
+    even = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert odd.data_ptr() % 16 == 2 and even.data_ptr() % 16 == 0
     seen = []
 
-    def body(x, w):
-        seen.append(w.data_ptr() % 16)
-        return (x * w).sum()
+    def body(x, w1, w2):
+        seen.extend((type(t), t.data_ptr() % 16, t.data_ptr()) for t in (x, w1, w2))
+        return (x * w1 + 2 * x * w2).sum()
 
     x = torch.randn(4, 8, dtype=torch.bfloat16)
-    _aligned_args(body)(x, norm).backward()
-    assert seen == [0]
-    torch.testing.assert_close(flat.grad[1:].view(4, 8), x)
-    assert flat.grad[0] == 0
+    _aligned_args(body)(x, odd, even).backward()
+    assert [s[:2] for s in seen] == [(torch.Tensor, 0)] * 3
+    assert seen[0][2] == x.data_ptr() and seen[1][2] != odd.data_ptr() and seen[2][2] == even.data_ptr()
+    torch.testing.assert_close(odd.grad, x)
+    torch.testing.assert_close(even.grad, 2 * x)
