@@ -174,8 +174,8 @@ def for_inference(args) -> None:
     args.load_optim = args.load_rng = False
     args.exit_on_missing_checkpoint = True
     if args.deepspeed and args.zero_stage == 3:
-        print("megatron_fox: error: config key 'zero_stage': the tools use the weights whole; load a ZeRO-3 "
-              "checkpoint's weights with DeepSpeed's zero_to_fp32.py (--pretrained-checkpoint) or use stage 0-2",
+        print("megatron_fox: error: config key 'zero_stage': the tools use the weights whole; gather a ZeRO-3 "
+              "checkpoint's with tools/convert_checkpoint.py from-megatron, then --pretrained-checkpoint",
               file=sys.stderr)
         sys.exit(2)
 

@@ -5,7 +5,9 @@ Three formats, as `megatron_fox.train --save` writes them: on CUDA Megatron-Core
 `dist_checkpointing` (resharded by its own loader into a TP = PP = 1 model: see
 `tools/convert_checkpoint.py from-megatron`); on CPU one `mp_rank_TT_PPP.pt` file per
 model-parallel rank; with `--deepspeed` DeepSpeed's `mp_rank_TT_model_states.pt` per
-tensor-parallel rank (its "module"; ZeRO-3 keeps none there). The last two are merged here
+tensor-parallel rank (its "module"), or under ZeRO-3, which keeps no whole weights there,
+`zero_pp_rank_D_mp_rank_TT_*_states.pt` per data- and tensor-parallel rank (gathered over
+the data-parallel partitions by DeepSpeed's own zero_to_fp32). The last two are merged here
 by the layout rules of `partition.py`.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import torch
 
@@ -20,6 +23,7 @@ from .partition import merge_state_dicts
 
 _RANK_FILE = re.compile(r"^mp_rank_(\d+)_(\d+)\.pt$")
 _DEEPSPEED_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # no pipeline stages with --deepspeed
+_ZERO3_FILE = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")  # data-parallel rank 0's
 
 
 def rank_files(path: str) -> dict:
@@ -27,11 +31,32 @@ def rank_files(path: str) -> dict:
     for a dist_checkpointing folder)."""
     out = {}
     for name in os.listdir(path):
-        m, ds = _RANK_FILE.match(name), _DEEPSPEED_FILE.match(name)
+        m, ds = _RANK_FILE.match(name), _DEEPSPEED_FILE.match(name) or _ZERO3_FILE.match(name)
         if m:
             out[(int(m.group(1)), int(m.group(2)))] = os.path.join(path, name)
         elif ds:
             out[(int(ds.group(1)), 0)] = os.path.join(path, name)
+    return out
+
+
+def gather_zero3(path: str, tp_ranks: list) -> dict:
+    """{(tp_rank, 0): float32 state dict of that tensor-parallel shard} of a ZeRO-3
+    checkpoint folder, each gathered over its data-parallel partitions by DeepSpeed's
+    zero_to_fp32, which reads tensor-parallel rank 00 only: each rank's files are linked
+    into a folder of their own under that rank's name."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="zero3_") as tmp:
+        for tp in tp_ranks:
+            own = re.compile(rf"^(zero_pp_rank_\d+_mp_rank_){tp:02d}(_(model|optim)_states\.pt)$")
+            folder = os.path.join(tmp, f"tp{tp}", "tag")
+            os.makedirs(folder)
+            for name in os.listdir(path):
+                m = own.match(name)
+                if m:
+                    os.symlink(os.path.join(path, name), os.path.join(folder, f"{m.group(1)}00{m.group(2)}"))
+            out[(tp, 0)] = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag="tag")
     return out
 
 
@@ -50,6 +75,11 @@ def merge_rank_files(path: str, num_layers: int) -> dict:
     files = rank_files(path)
     if not files:
         raise FileNotFoundError(f"input: no mp_rank_*.pt files in {path}")
+    if any(_ZERO3_FILE.match(os.path.basename(f)) for f in files.values()):
+        tp_ranks = sorted(tp for tp, _ in files)
+        if tp_ranks != list(range(len(tp_ranks))):
+            raise ValueError(f"input: {path} holds the ZeRO-3 files of tensor-parallel ranks {tp_ranks} only")
+        return merge_state_dicts(gather_zero3(path, tp_ranks), num_layers, len(tp_ranks), 1)
     saved = {rank: torch.load(f, map_location="cpu", weights_only=False) for rank, f in files.items()}
     # the layout each file records (older files do not: then the highest ranks present)
     layout = next(iter(saved.values())).get("layout") or {"tp": 1 + max(tp for tp, _ in files),

@@ -89,13 +89,15 @@ def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
 
 def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
     """tools/convert_checkpoint.py from-megatron merges DeepSpeed's per-TP-rank module files
-    into the full state dict; after the same steps it equals the plain engine's export."""
+    into the full state dict, and gathers ZeRO-3's partitioned ones (per TP rank, through
+    DeepSpeed's zero_to_fp32); after the same steps both equal the plain engine's export."""
     import torch
 
     flags = ["--train-iters", "2", "--num-query-groups", "2", "--global-batch-size", "8",
              "--tensor-model-parallel-size", "2"]
     exported = {}
-    for name, extra in (("plain", []), ("ds", ["--deepspeed", "--zero-stage", "1"])):
+    for name, extra in (("plain", []), ("ds", ["--deepspeed", "--zero-stage", "1"]),
+                        ("zero3", ["--deepspeed", "--zero-stage", "3"])):
         train(tmp_path, name, flags + extra + ["--save", str(tmp_path / name)], world=2)
         out = tmp_path / f"{name}.pt"
         r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
@@ -103,9 +105,13 @@ def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
                            capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
         assert r.returncode == 0, r.stderr[-1500:]
         exported[name] = torch.load(out)
-    assert exported["ds"].keys() == exported["plain"].keys()
-    for key, t in exported["plain"].items():
-        torch.testing.assert_close(exported["ds"][key], t, rtol=1e-5, atol=1e-6, msg=key)
+    # ZeRO-3 trains with its own gradient reductions: float32 rounding left the embedding
+    # 1.2e-6 off (values up to 0.09) after the 2 steps, where a wrongly gathered shard would
+    # be off by the weights themselves
+    for name, rtol, atol in (("ds", 1e-5, 1e-6), ("zero3", 1e-4, 1e-5)):
+        assert exported[name].keys() == exported["plain"].keys(), name
+        for key, t in exported["plain"].items():
+            torch.testing.assert_close(exported[name][key], t, rtol=rtol, atol=atol, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("flags,key", [
