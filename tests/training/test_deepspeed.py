@@ -114,6 +114,28 @@ def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
             torch.testing.assert_close(exported[name][key], t, rtol=rtol, atol=atol, msg=f"{name} {key}")
 
 
+def test_export_gathers_zero3_data_parallel_partitions(cache, tmp_path):
+    """ZeRO-3 with DP=2 keeps each weight split over the two ranks' files; the export joins
+    them into what ZeRO-2's whole module files hold after the same steps."""
+    import torch
+
+    flags = ["--train-iters", "2", "--num-query-groups", "2", "--global-batch-size", "8"]
+    exported = {}
+    for stage in ("2", "3"):
+        ckpt = tmp_path / f"zero{stage}"
+        train(tmp_path, f"zero{stage}", flags + ["--deepspeed", "--zero-stage", stage, "--save", str(ckpt)], world=2)
+        out = tmp_path / f"zero{stage}.pt"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                            "--input", str(ckpt), "--output", str(out), *TINY, "--num-query-groups", "2"],
+                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-1500:]
+        exported[stage] = torch.load(out)
+    assert len(list((tmp_path / "zero3" / "iter_0000002").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert exported["3"].keys() == exported["2"].keys()
+    for key, t in exported["2"].items():
+        torch.testing.assert_close(exported["3"][key], t, rtol=1e-4, atol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("flags,key", [
     (["--deepspeed", "--pipeline-model-parallel-size", "2"], "pipeline_model_parallel_size"),
     (["--deepspeed", "--zero-stage", "4"], "zero_stage"),
