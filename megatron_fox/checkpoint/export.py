@@ -49,7 +49,8 @@ def gather_zero3(path: str, tp_ranks: list) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="zero3_") as tmp:
         for tp in tp_ranks:
-            own = re.compile(rf"^(zero_pp_rank_\d+_mp_rank_){tp:02d}(_(model|optim)_states\.pt)$")
+            # with --bf16 DeepSpeed names the optimizer files bf16_zero_pp_rank_...
+            own = re.compile(rf"^((?:bf16_)?zero_pp_rank_\d+_mp_rank_){tp:02d}(_(model|optim)_states\.pt)$")
             folder = os.path.join(tmp, f"tp{tp}", "tag")
             os.makedirs(folder)
             for name in os.listdir(path):

@@ -114,6 +114,25 @@ def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
             torch.testing.assert_close(exported[name][key], t, rtol=rtol, atol=atol, msg=f"{name} {key}")
 
 
+def test_export_of_a_bf16_zero3_checkpoint(cache, tmp_path):
+    """With --bf16 DeepSpeed names ZeRO-3's optimizer files bf16_zero_pp_rank_* (a GPU run's
+    checkpoint failed to export before): the export finds them, and the plain engine
+    evaluates the exported float32 master weights, in bf16, as the ZeRO-3 run evaluated its
+    own bf16 copies of them."""
+    flags = ["--train-iters", "4", "--split", "80,20,0", "--eval-interval", "4", "--eval-iters", "2", "--bf16"]
+    ckpt = tmp_path / "zero3"
+    hist = train(tmp_path, "zero3", flags + ["--deepspeed", "--zero-stage", "3", "--save", str(ckpt)])
+    assert list((ckpt / "iter_0000004").glob("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    out = tmp_path / "zero3.pt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                        "--input", str(ckpt), "--output", str(out), *TINY],
+                       capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    ev = train(tmp_path, "eval", flags + ["--pretrained-checkpoint", str(out), "--skip-train"])
+    print("zero3", hist[-1]["valid_loss"], "export", ev[0]["valid_loss"])
+    assert ev[0]["valid_loss"] == pytest.approx(hist[-1]["valid_loss"], rel=1e-3)
+
+
 def test_export_gathers_zero3_data_parallel_partitions(cache, tmp_path):
     """ZeRO-3 with DP=2 keeps each weight split over the two ranks' files; the export joins
     them into what ZeRO-2's whole module files hold after the same steps."""
