@@ -12,6 +12,7 @@ a schedule or a reduce DeepSpeed's engine does not make). Checkpoints are DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -163,8 +164,30 @@ class DeepSpeedEngine(TorchEngine):
         fresh optimizer."""
         weights_only = self.args.finetune or not self.args.load_optim
         path = iteration_dir(root, iteration)
-        loaded, _ = self.ds.load_checkpoint(root, tag=os.path.basename(path), load_optimizer_states=not weights_only,
-                                            load_lr_scheduler_states=False, load_module_only=weights_only)
+        with self._zero3_weights_from(path, weights_only):
+            loaded, _ = self.ds.load_checkpoint(root, tag=os.path.basename(path), load_optimizer_states=not weights_only,
+                                                load_lr_scheduler_states=False, load_module_only=weights_only)
         if loaded is None:
             raise FileNotFoundError(f"load: no DeepSpeed checkpoint in {path}")
         return 0 if self.args.finetune else iteration
+
+    @contextlib.contextmanager
+    def _zero3_weights_from(self, path: str, weights_only: bool):
+        """ZeRO-3 keeps its weights only in the optimizer files; a weights-only load has
+        DeepSpeed 0.19 gather them with zero_to_fp32 from the folder its 'latest' file names
+        (which these checkpoints do not write) and from every tensor-parallel rank's files at
+        once. During the load that call gets this rank's float32 weights of checkpoint `path`."""
+        if not (weights_only and self.args.zero_stage == 3):
+            yield
+            return
+        import deepspeed.runtime.engine as ds_engine
+
+        from ..checkpoint.export import gather_zero3
+
+        tp = ps.get_tensor_model_parallel_rank()
+        saved = ds_engine.get_fp32_state_dict_from_zero_checkpoint
+        ds_engine.get_fp32_state_dict_from_zero_checkpoint = lambda *a, **k: gather_zero3(path, [tp])[(tp, 0)]
+        try:
+            yield
+        finally:
+            ds_engine.get_fp32_state_dict_from_zero_checkpoint = saved
