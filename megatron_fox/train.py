@@ -37,6 +37,10 @@ def init_distributed(args) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("megatron_fox.train: error: config key 'device': cuda asked for but not available", file=sys.stderr)
         sys.exit(2)
+    if not use_cuda and args.num_experts and args.moe_token_dispatcher_type == "alltoall":
+        print("megatron_fox.train: error: config key 'moe_token_dispatcher_type': alltoall needs CUDA (Megatron-Core's "
+              "dispatcher makes CUDA streams); use allgather on the CPU", file=sys.stderr)
+        sys.exit(2)
     if "RANK" not in os.environ:  # plain `python -m`: a world of one, on a port of its own
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -271,14 +275,15 @@ def run(args, on_step=None) -> list[dict]:
     from .training.scalars import ScalarLog
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
-    from .training.step import context_pruning_alpha_at, global_batch
+    from .training.step import context_pruning_alpha_at, global_batch, moe_load_balancing_loss
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
     train_ds, valid_ds, test_ds, tokenizer = build_data(args)
     model, engine, start = build_model_and_engine(args, device, tokenizer)
     vocab = model.vocab_size
-    flops_per_step = step_flops(args, matmul_weight_elements(model))
+    experts = args.moe_router_topk / args.num_experts if args.num_experts else 1.0
+    flops_per_step = step_flops(args, matmul_weight_elements(model, experts))
     scalars = ScalarLog(args, rank0)  # TensorBoard and/or Weights & Biases; false when neither
     if rank0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -318,6 +323,9 @@ def run(args, on_step=None) -> list[dict]:
                       f"checkpoint: {f'step {saved_at}' if saved_at else 'none this run'})", file=sys.stderr)
             sys.exit(1)
         dt = time.perf_counter() - t0
+        balance = moe_load_balancing_loss(args, len(batches))
+        if balance is not None:
+            out["moe_load_balancing_loss"] = balance
         out.update(step=it + 1, global_batch_size=batch_size, tokens_per_s=batch_size * args.seq_length / dt,
                    tflops_per_gpu=flops_per_step * step_share / dt / dist.get_world_size() / 1e12,
                    model_flops=flops_per_step * step_share)
@@ -340,6 +348,8 @@ def run(args, on_step=None) -> list[dict]:
                 out["dcp_alpha"] = context_pruning_alpha_at(it, args)
                 extra = (f"context kept {out['dcp_kept']:.3f} (by layer: {' '.join(f'{v:.2f}' for v in kept.values())}"
                          f", alpha {out['dcp_alpha']:.2f}) | ")
+            if "moe_load_balancing_loss" in out:
+                extra += f"load balancing loss {out['moe_load_balancing_loss']:.3f} | "
             if args.log_params_norm:
                 out["params_norm"] = params_l2_norm(model)
                 extra += f"params norm {out['params_norm']:.3f} | "
@@ -353,7 +363,7 @@ def run(args, on_step=None) -> list[dict]:
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if scalars:
-                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha") + (
+                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha", "moe_load_balancing_loss") + (
                             ("global_batch_size",) if args.rampup_batch_size else ()):
                         if key in out:
                             scalars.add_scalar(f"train/{key}", out[key], it + 1)

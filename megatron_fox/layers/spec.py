@@ -32,8 +32,9 @@ def _use_te(transformer_impl: str) -> bool:
 
 
 def get_fox_block_spec(config, transformer_impl: str = "auto", vp_stage=None) -> TransformerBlockSubmodules:
-    """This pipeline stage's block: FoX layers and the final norm (RMSNorm that allows SP)."""
-    layer = get_fox_layer_spec(transformer_impl)
+    """This pipeline stage's block: FoX layers and the final norm (RMSNorm that allows SP);
+    with config.num_moe_experts each layer's MLP is Megatron-Core's MoELayer."""
+    layer = get_fox_layer_spec(transformer_impl, num_experts=config.num_moe_experts)
     final_norm = fox_modules(transformer_impl)[2]
     n = get_num_layers_to_build(config, vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
@@ -66,24 +67,41 @@ def fox_attention_submodules(transformer_impl: str = "auto") -> dict:
     return dict(input_layernorm=norm, self_attention=attention, self_attn_bda=get_bias_dropout_add)
 
 
-def fox_mlp_submodules(transformer_impl: str = "auto") -> dict:
+def fox_mlp_submodules(transformer_impl: str = "auto", num_experts: int | None = None) -> dict:
     """The MLP half of a FoX layer as TransformerLayerSubmodules keywords (pre-MLP norm,
-    MLP, its bias-dropout-add)."""
+    MLP or, with num_experts, Megatron-Core's MoELayer of that many SequentialMLP experts,
+    its bias-dropout-add)."""
     col, row, norm = fox_modules(transformer_impl)
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row))
+    if num_experts is None:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row))
+    else:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+        _define_te_general_gemm()
+        mlp = get_moe_module_spec(use_te=_use_te(transformer_impl), num_experts=num_experts, moe_grouped_gemm=False)
     return dict(pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)
 
 
-def get_fox_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
+def _define_te_general_gemm() -> None:
+    """megatron-core 0.16's router gating reads moe_utils.te_general_gemm, a name it defines
+    only when Transformer Engine imports (NameError without TE); None selects its torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def get_fox_layer_spec(transformer_impl: str = "auto", num_experts: int | None = None) -> ModuleSpec:
     """ModuleSpec of one FoX layer on Megatron-Core's TransformerLayer.
 
     transformer_impl: "auto" (Transformer Engine linears when TE imports, else local),
     "transformer_engine" or "local" (Megatron-Core's own layers, no TE, no Apex).
+    num_experts: a Mixture-of-Experts MLP of that many experts (None: the dense MLP).
     The config (FoxTransformerConfig) decides output gate, QK-norm, KV-shift and ACP;
     normalization should be "RMSNorm" and gated_linear_unit with silu gives SwiGLU.
     """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(**fox_attention_submodules(transformer_impl),
-                                              **fox_mlp_submodules(transformer_impl)),
+                                              **fox_mlp_submodules(transformer_impl, num_experts)),
     )

@@ -124,8 +124,18 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "clip_grad": (float, 1.0, "gradient-norm clip"),
     "bf16": (bool, False, "bf16 parameters and compute (CUDA path)"),
     "fp16": (bool, None, "refused: fp16 with loss scaling is not built here; use bf16"),
-    "num_experts": (int, None, "refused: Mixture-of-Experts MLPs are not built here (dense SwiGLU MLP)"),
-    "expert_model_parallel_size": (int, 1, "refused above 1: no Mixture-of-Experts MLPs here"),
+    # Mixture of Experts (Megatron-Core's MoELayer in place of the dense MLP)
+    "num_experts": (int, None, "Mixture-of-Experts: experts per layer (SwiGLU each) in place of the dense MLP"),
+    "moe_ffn_hidden_size": (int, None, "an expert's hidden size (default ffn_hidden_size)"),
+    "moe_router_topk": (int, 2, "experts each token goes to"),
+    "moe_router_load_balancing_type": (str, "aux_loss", "aux_loss (Switch/GShard, per micro-batch) | seq_aux_loss "
+                                                        "(per sequence) | none"),
+    "moe_aux_loss_coeff": (float, 1e-2, "weight of the load-balancing loss"),
+    "moe_z_loss_coeff": (float, None, "weight of the router's z-loss (ST-MoE); none: off"),
+    "moe_token_dispatcher_type": (str, "allgather", "allgather | alltoall (alltoall: CUDA)"),
+    "moe_router_pre_softmax": (bool, False, "softmax over all experts before the top-k (else over the top-k)"),
+    "moe_grouped_gemm": (bool, None, "refused: the experts run one after another (SequentialMLP)"),
+    "expert_model_parallel_size": (int, 1, "refused above 1: experts are replicated on every rank here"),
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
@@ -238,7 +248,8 @@ CHECKPOINT_ARG_KEYS = (
     "norm_epsilon", "vocab_size", "make_vocab_size_divisible_by", "untie_embeddings_and_output_weights",
     "hybrid_layer_pattern", "fox_forget_gate", "position_embedding_type", "rotary_base", "rotary_percent",
     "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
-    "fox_context_pruning", "fox_context_pruning_dim", "default_corpus_bytes", "default_vocab_size",
+    "fox_context_pruning", "fox_context_pruning_dim", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_router_pre_softmax", "default_corpus_bytes", "default_vocab_size",
     "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 # keys above whose value is fixed here: the values accepted
@@ -299,10 +310,11 @@ def load_yaml(path: str) -> dict:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Defaults < YAML < flags, then derived values and checks (ConfigError on bad input)."""
-    moe = [a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--moe-")]
-    if moe:  # Megatron-LM's MoE flags come in families: one message, not argparse's "unrecognized"
+    moe = [a for a in (sys.argv[1:] if argv is None else argv)
+           if a.startswith("--moe-") and a[2:].split("=")[0].replace("-", "_") not in OPTIONS]
+    if moe:  # Megatron-LM's other MoE flags: one message naming the key, not argparse's "unrecognized"
         raise ConfigError(moe[0][2:].split("=")[0].replace("-", "_"),
-                          "Mixture-of-Experts MLPs are not built here (the FoX layers have a dense SwiGLU MLP)")
+                          "this Mixture-of-Experts option is not built here (see --help for the moe_* keys)")
     ns = build_parser().parse_args(argv)
     values = {k: v[1] for k, v in OPTIONS.items()}
     sources = {}  # key -> 1 set in the YAML, 2 on the command line (the schedule's either/or keys)
@@ -348,6 +360,40 @@ def check_positions(args: argparse.Namespace) -> None:
                                                 "inside attention that crosses documents are not built)")
     if not args.fox_forget_gate:
         args.acp = False
+
+
+def check_moe(args: argparse.Namespace) -> None:
+    """Mixture-of-Experts keys: sizes, router, and what is not built (expert parallelism,
+    grouped GEMM, MoE in the hybrid stack)."""
+    if args.expert_model_parallel_size != 1:
+        raise ConfigError("expert_model_parallel_size", "must be 1: the experts are replicated on every "
+                                                        "data-parallel rank here (no expert parallelism)")
+    if args.moe_grouped_gemm:
+        raise ConfigError("moe_grouped_gemm", "not built: the experts run one after another (SequentialMLP)")
+    if args.num_experts is None:
+        return
+    if args.num_experts < 2:
+        raise ConfigError("num_experts", f"must be >= 2, got {args.num_experts}")
+    if not 1 <= args.moe_router_topk <= args.num_experts:
+        raise ConfigError("moe_router_topk", f"must be in 1..num_experts ({args.num_experts}), got "
+                                             f"{args.moe_router_topk}")
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.moe_ffn_hidden_size < 1 or args.moe_ffn_hidden_size % args.tensor_model_parallel_size:
+        raise ConfigError("moe_ffn_hidden_size", f"{args.moe_ffn_hidden_size} must be positive and divisible by "
+                                                 f"tensor_model_parallel_size {args.tensor_model_parallel_size}")
+    if args.moe_router_load_balancing_type not in ("aux_loss", "seq_aux_loss", "none"):
+        raise ConfigError("moe_router_load_balancing_type", f"must be aux_loss, seq_aux_loss or none, got "
+                                                            f"{args.moe_router_load_balancing_type!r}")
+    if args.moe_aux_loss_coeff < 0 or (args.moe_z_loss_coeff or 0) < 0:
+        raise ConfigError("moe_aux_loss_coeff" if args.moe_aux_loss_coeff < 0 else "moe_z_loss_coeff", "must be >= 0")
+    if args.moe_token_dispatcher_type not in ("allgather", "alltoall"):
+        raise ConfigError("moe_token_dispatcher_type", f"must be allgather or alltoall, got "
+                                                       f"{args.moe_token_dispatcher_type!r}")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        raise ConfigError("sequence_parallel", "Megatron-Core's MoE layers need it with tensor_model_parallel_size > 1")
+    if args.hybrid_layer_pattern is not None:
+        raise ConfigError("num_experts", "not with hybrid_layer_pattern (the FoX hybrid stack has dense MLPs)")
 
 
 def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:
@@ -583,11 +629,7 @@ def finalize(args: argparse.Namespace) -> None:
     check_positions(args)
     if args.fp16:
         raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
-    if args.num_experts is not None:
-        raise ConfigError("num_experts", "Mixture-of-Experts MLPs are not built here: the FoX layers have a dense "
-                                         "SwiGLU MLP (leave num_experts unset)")
-    if args.expert_model_parallel_size != 1:
-        raise ConfigError("expert_model_parallel_size", "must be 1: no Mixture-of-Experts MLPs to split here")
+    check_moe(args)
     if args.recompute_activations:
         raise ConfigError("recompute_activations", "Megatron-LM's selective recompute: FoX attention keeps no "
                                                    "[s, s] tensor to save; use --recompute-granularity full")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
+from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale
 from .torch_engine import TorchEngine, _dp_cp
 
 
@@ -115,6 +115,7 @@ class DeepSpeedEngine(TorchEngine):
         if len(batches) != self.ds.gradient_accumulation_steps():  # --rampup-batch-size: this step's batch
             self.ds.set_train_batch_size(len(batches) * self.args.micro_batch_size * self.dp_size)
         tokens = self._global_tokens(batches)
+        set_moe_aux_loss_scale(self.args, self.dp_size / float(tokens), self.device)
         loss_sum, norm = torch.zeros((), device=tokens.device), None
         for i, b in enumerate(batches):
             # the penalty's gradient scaled as the loss's (DeepSpeed then averages both over its ranks)

@@ -10,7 +10,9 @@ Forward FLOPs of one sequence of s tokens:
     linear:    2 * s * W, W = elements of the weight matrices applied to each token (the
                linear layers' 2-d `.weight`s: q/k/v with the FoX gates fused in, the output
                projection, the MLP, the output layer; with tied embeddings the output layer's
-               V x h is the embedding's; per-head norm weights are no matmul) -- summed over
+               V x h is the embedding's; per-head norm weights are no matmul; a
+               Mixture-of-Experts layer's experts times topk / num_experts, the share of
+               them each token runs through, its router whole) -- summed over
                tensor-parallel shards and pipeline stages;
     attention: 4 * heads * head_dim * s(s+1)/2 per attention layer (q.k and p.v over the
                causal pairs).
@@ -22,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 
-def matmul_weight_elements(model) -> int:
+def matmul_weight_elements(model, expert_share: float = 1.0) -> int:
     """W above for the whole model, from this rank's parameters: tensor-parallel shards summed,
     replicated weights once, every pipeline stage's layers; one all-reduce over Megatron's
-    model-parallel group (TP x PP) where one is initialised."""
+    model-parallel group (TP x PP) where one is initialised. expert_share: the part of the
+    MoE experts' weights a token runs through (moe_router_topk / num_experts)."""
     from megatron.core import parallel_state as ps
 
     share = _tp_share()
@@ -40,7 +43,7 @@ def matmul_weight_elements(model) -> int:
             last = not ps.model_parallel_is_initialized() or ps.is_pipeline_last_stage(ignore_virtual=True)
             tied_output += shard if (last and not _has_output_weight(model)) else 0
             continue
-        local += shard
+        local += shard * (expert_share if ".mlp.experts." in name else 1.0)
     return int(round(_model_parallel_sum(local + tied_output)))
 
 

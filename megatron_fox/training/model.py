@@ -73,10 +73,23 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         fox_context_pruning=args.fox_context_pruning,
         fox_context_pruning_dim=args.fox_context_pruning_dim,
         fox_context_pruning_beta_init=args.fox_context_pruning_beta_init,
+        **moe_config(args),
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method if args.recompute_granularity else None,
         recompute_num_layers=args.recompute_num_layers if args.recompute_granularity else None,
     )
+
+
+def moe_config(args: argparse.Namespace) -> dict:
+    """TransformerConfig keys of the Mixture-of-Experts MLP ({} for the dense one)."""
+    if args.num_experts is None:
+        return {}
+    return dict(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+                moe_router_topk=args.moe_router_topk, moe_router_pre_softmax=args.moe_router_pre_softmax,
+                moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+                moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+                moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                moe_router_dtype="fp32")  # routing decisions kept out of bf16 rounding
 
 
 def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_size: int) -> torch.nn.Module:

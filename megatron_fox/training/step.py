@@ -84,6 +84,38 @@ def set_context_pruning_penalty(model, batch: dict, args, tokens_scale: float) -
                               * tokens * tokens_scale)
 
 
+def set_moe_aux_loss_scale(args, tokens_scale: float, device) -> None:
+    """Before a step's backward: the gradient scale of the MoE load-balancing and z-losses.
+    Megatron-Core's router (per-token loss mode) weights each micro-batch's aux loss by its
+    tokens and expects the gradients divided by the global batch's tokens afterwards, as its
+    schedule does; these engines divide the loss instead, by tokens_scale's inverse."""
+    if args.num_experts is None:
+        return
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(tokens_scale, dtype=torch.float32, device=device))
+
+
+def moe_load_balancing_loss(args, micro_batches: int):
+    """The last step's MoE load-balancing loss before its coefficient (1.0 at perfect balance:
+    E * sum_e f_e P_e of Switch Transformer), mean over this rank's MoE layers and
+    micro-batches, read from Megatron-Core's aux-loss tracker, which is then cleared; None
+    without MoE or with no such loss."""
+    if args.num_experts is None:
+        return None
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    entry = tracker.get("load_balancing_loss") or tracker.get("seq_load_balancing_loss")
+    value = None
+    if entry is not None:
+        per_layer = entry["values"].float()
+        per_layer = per_layer[per_layer != 0]
+        value = float(per_layer.mean()) / micro_batches if per_layer.numel() else None
+    clear_aux_losses_tracker()
+    return value
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack dataset samples into [b, s] tensors: tokens, labels, loss_mask, position_ids."""
     out = {}

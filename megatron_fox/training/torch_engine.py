@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty
+from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -65,6 +65,7 @@ class TorchEngine:
         for p in self.params:
             p.grad = None
         tokens = self._global_tokens(batches)
+        set_moe_aux_loss_scale(self.args, 1.0 / float(tokens), self.params[0].device)
         loss_sum = self._forward_backward(batches, tokens)
         self._sync_grads()
         return loss_sum, tokens
