@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Optional
 
@@ -88,12 +89,29 @@ def set_moe_aux_loss_scale(args, tokens_scale: float, device) -> None:
     """Before a step's backward: the gradient scale of the MoE load-balancing and z-losses.
     Megatron-Core's router (per-token loss mode) weights each micro-batch's aux loss by its
     tokens and expects the gradients divided by the global batch's tokens afterwards, as its
-    schedule does; these engines divide the loss instead, by tokens_scale's inverse."""
+    schedule does; these engines divide the loss instead, by tokens_scale's inverse. A router
+    that counts only the tokens on its own TP x CP rank (megatron-core before Megatron-LM's
+    PR 5047, e.g. 0.16) gets the missing factor of that group's size here, so the gradient is
+    the same for every layout."""
     if args.num_experts is None:
         return
     from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
+    if not _router_counts_tp_cp_tokens():
+        tokens_scale *= (parallel_state.get_tensor_model_parallel_world_size()
+                         * parallel_state.get_context_parallel_world_size())
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(tokens_scale, dtype=torch.float32, device=device))
+
+
+@functools.cache
+def _router_counts_tp_cp_tokens() -> bool:
+    """Whether the installed router scales its aux losses by local tokens times the TP x CP
+    group's size (the fix of Megatron-LM PR 5047: megatron-core 0.19 has it, 0.16 has not)."""
+    import inspect
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
 
 
 def moe_load_balancing_loss(args, micro_batches: int):

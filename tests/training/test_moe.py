@@ -1,0 +1,96 @@
+"""Mixture-of-Experts MLPs (--num-experts): Megatron-Core's MoELayer in the FoX layers on
+the CPU engine. The load-balancing loss's gradient is checked against the Switch
+Transformer formula computed here from the routers' inputs; DP, TP+SP and PP layouts give
+one process's losses; a run resumes exactly; bad keys are named."""
+
+import pytest
+import torch
+
+from megatron_fox.training.arguments import ConfigError, parse_args
+from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
+
+from .test_train import train
+
+MOE = ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-router-topk", "2"]
+
+
+def _switch_aux_loss(x: torch.Tensor, weight: torch.Tensor, topk: int) -> torch.Tensor:
+    """E * sum_e f_e * P_e (Switch Transformer eq. 4, top-k as in GShard) of one micro-batch's
+    router inputs x [T, h]: f_e the share of the T * topk assignments going to expert e,
+    P_e the mean over tokens of the softmax over all experts."""
+    logits = x.double() @ weight.double().t()
+    experts = logits.shape[1]
+    chosen = torch.nn.functional.one_hot(logits.topk(topk, dim=1).indices, experts).sum(dim=(0, 1)).double()
+    return experts * (chosen / (x.shape[0] * topk) * logits.softmax(dim=1).mean(dim=0)).sum()
+
+
+def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
+    """Every parameter's gradient from the engine (Megatron's router adding its balancing
+    loss with coefficient c) equals autograd of the mean token loss plus c times each
+    layer's and micro-batch's load-balancing loss computed here from the routers' inputs,
+    weighted by the micro-batch's share of the global batch's tokens (as Megatron's
+    schedule scales them); the logged value is their mean."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+    from megatron_fox.training.step import collate, model_forward, moe_load_balancing_loss, with_documents
+    from megatron_fox.training.torch_engine import TorchEngine
+
+    route_megatron_buffers_to_cpu()
+    coeff, hidden, eod = 0.5, 32, 63
+    args = parse_args(["--num-layers", "2", "--hidden-size", str(hidden), "--num-attention-heads", "2",
+                       "--ffn-hidden-size", "64", "--seq-length", "24", "--micro-batch-size", "2",
+                       "--global-batch-size", "4", "--vocab-size", "64", "--device", "cpu",
+                       "--moe-aux-loss-coeff", str(coeff), *MOE])
+    torch.manual_seed(0)
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(0, eod, (2, 25))
+        samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(24), "position_ids": torch.arange(24)}
+                   for t in tokens]
+        batches.append(with_documents(collate(samples), eod))
+    engine = TorchEngine(model, args, eod=eod)
+    _, tokens = engine.gradients(batches)
+    engine_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    logged = moe_load_balancing_loss(args, len(batches))
+
+    routers = [m.router for m in model.modules() if hasattr(m, "router") and hasattr(m.router, "weight")]
+    assert len(routers) == 2
+    inputs = []
+    hooks = [r.register_forward_hook(lambda mod, a, out, r=r: inputs.append((r, a[0].reshape(-1, hidden))))
+             for r in routers]
+    model.config.moe_aux_loss_coeff = 0.0  # the routers read the shared config: Megatron adds nothing now
+    model.zero_grad(set_to_none=True)
+    objective, balance = 0.0, []
+    for b in batches:
+        inputs.clear()
+        loss = (model_forward(model, b, args, eod).float() * b["loss_mask"]).sum() / float(tokens)
+        aux = [_switch_aux_loss(x, r.weight, args.moe_router_topk) for r, x in inputs]
+        balance += [float(a) for a in aux]
+        objective = objective + loss + coeff * sum(a * x.shape[0] for a, (_, x) in zip(aux, inputs)) / float(tokens)
+    objective.backward()
+    for h in hooks:
+        h.remove()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(engine_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert logged == pytest.approx(sum(balance) / len(balance), rel=1e-5)
+    # the balancing term matters: without it the routers' gradients differ
+    model.zero_grad(set_to_none=True)
+    engine.gradients(batches)
+    assert all((engine_grads[n] - p.grad).abs().max() > 1e-4 for n, p in model.named_parameters() if "router" in n)
+
+
+@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["dp2", "tp2_sp", "cp2", "pp2"])
+def test_layouts_match_one_process(cache, tmp_path, layout):
+    """Two processes as DP=2, TP=2 with sequence parallelism or CP=2 (each router sees half
+    the tokens: the balancing loss's gradient must not halve, training/step.py
+    set_moe_aux_loss_scale) and PP=2 train like one."""
+    flags = MOE + ["--train-iters", "4", "--log-interval", "2"]
+    one = train(tmp_path, "one", flags)
+    two = train(tmp_path, "two", flags + layout, world=2)
+    assert [h["step"] for h in two] == [1, 2, 3, 4]
+    assert all(h.get("moe_load_balancing_loss", 0) > 0.9 for h in one[1::2]), one
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
