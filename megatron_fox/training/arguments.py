@@ -624,12 +624,12 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
     if args.num_layers % pp:
         raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
+    check_moe(args)
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
     check_positions(args)
     if args.fp16:
         raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
-    check_moe(args)
     if args.recompute_activations:
         raise ConfigError("recompute_activations", "Megatron-LM's selective recompute: FoX attention keeps no "
                                                    "[s, s] tensor to save; use --recompute-granularity full")

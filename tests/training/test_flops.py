@@ -15,9 +15,10 @@ TINY = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4"
         "--vocab-size", "96", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("extras", [True, False])
-def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras):
+@pytest.mark.parametrize("tied,extras,moe", [(False, True, False), (True, True, False), (False, False, False),
+                                             (True, False, False), (False, True, True)])
+def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras, moe):
+    """moe: 4 experts, top-2, every token's matmuls through 2 of them (and the router's)."""
     from megatron_fox.layers import core_attention
     from megatron_fox.training.arguments import parse_args
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
@@ -25,6 +26,7 @@ def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras
     route_megatron_buffers_to_cpu()
     flags = TINY + ([] if not tied else ["--no-untie-embeddings-and-output-weights"])
     flags += [] if extras else ["--no-fox-output-gate", "--no-fox-kv-shift", "--no-fox-qk-norm", "--no-acp"]
+    flags += ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48"] if moe else []
     args = parse_args(flags)
     model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(96, args)).eval()
     monkeypatch.setattr(core_attention, "forgetting_attention",
@@ -34,7 +36,7 @@ def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras
         model(tokens, None, None)
     measured = counter.get_total_flops()
 
-    W = matmul_weight_elements(model)
+    W = matmul_weight_elements(model, 2 / 4 if moe else 1.0)
     b, s, layers, heads, dh = 2, 40, 3, 4, 16
     dense_attention = layers * b * attention_flops(s, heads, dh, causal=False)
     assert measured == 2 * b * s * W + dense_attention
@@ -42,7 +44,7 @@ def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras
     causal_pairs = int(torch.ones(s, s).tril().sum())
     assert attention_flops(s, heads, dh) == 4 * heads * dh * causal_pairs
     assert step_flops(args, W) == 3 * (2 * b * s * W + layers * b * attention_flops(s, heads, dh))
-    assert W > 3 * (64 * 128 * 3)  # at least the SwiGLU weights of every layer
+    assert W > 3 * (64 * (48 if moe else 128) * 3)  # at least the SwiGLU weights of every layer
 
 
 def test_params_norm_is_the_norm_of_all_parameters(megatron_world):

@@ -94,3 +94,49 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+
+
+def test_resume_matches_uninterrupted(cache, tmp_path):
+    flags = MOE + ["--train-iters", "6", "--log-interval", "3"]
+    full = train(tmp_path, "full", flags)
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", flags + ["--exit-interval", "3", "--save", str(ckpt)])
+    rest = train(tmp_path, "rest", flags + ["--load", str(ckpt)])
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for a, b in zip(full[3:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+        assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags,key", [
+    (["--num-experts", "1"], "num_experts"),
+    (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "sequence_parallel"),
+    (["--num-experts", "4", "--moe-ffn-hidden-size", "63", "--tensor-model-parallel-size", "2",
+      "--sequence-parallel"], "moe_ffn_hidden_size"),
+    (["--num-experts", "4", "--moe-router-load-balancing-type", "sinkhorn"], "moe_router_load_balancing_type"),
+    (["--num-experts", "4", "--moe-aux-loss-coeff", "-1"], "moe_aux_loss_coeff"),
+    (["--num-experts", "4", "--moe-token-dispatcher-type", "flex"], "moe_token_dispatcher_type"),
+    (["--num-experts", "4", "--num-layers", "2", "--hybrid-layer-pattern", "*-"], "num_experts"),
+    (["--num-experts", "4", "--moe-grouped-gemm"], "moe_grouped_gemm"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0"], "moe_expert_capacity_factor"),
+])
+def test_bad_keys_are_named(flags, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        parse_args(flags)
+
+
+def test_alltoall_dispatcher_needs_cuda_and_public_format_is_dense(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .test_train import TINY, _run_cli
+    from .workers import ROOT, tool_env
+
+    r = _run_cli(TINY + MOE + ["--train-iters", "1", "--moe-token-dispatcher-type", "alltoall"], tmp_path)
+    assert r.returncode == 2 and "'moe_token_dispatcher_type'" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-public",
+                        "--input", "moe.pt", "--output", "out.bin", *TINY, *MOE], capture_output=True, text=True,
+                       env=tool_env(), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "num_experts: the public FoX format holds dense MLPs" in r.stderr, r.stderr[-2000:]
