@@ -116,13 +116,19 @@ def _router_counts_tp_cp_tokens() -> bool:
 
 def moe_load_balancing_loss(args, micro_batches: int):
     """The last step's MoE load-balancing loss before its coefficient (1.0 at perfect balance:
-    E * sum_e f_e P_e of Switch Transformer), mean over this rank's MoE layers and
-    micro-batches, read from Megatron-Core's aux-loss tracker, which is then cleared; None
-    without MoE or with no such loss."""
+    E * sum_e f_e P_e of Switch Transformer), mean over the MoE layers and micro-batches,
+    from Megatron-Core's aux-loss tracker (the TP x CP ranks' parts summed, the pipeline
+    stages' layers gathered, the data-parallel ranks averaged: collectives every rank must
+    call), which is then cleared; None without MoE or with no such loss."""
     if args.num_experts is None:
         return None
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
 
+    reduce_aux_losses_tracker_across_ranks()
     tracker = get_moe_layer_wise_logging_tracker()
     entry = tracker.get("load_balancing_loss") or tracker.get("seq_load_balancing_loss")
     value = None

@@ -94,6 +94,8 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
+        # the logged balance: the ranks' parts summed, stages gathered, DP averaged
+        assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5), a["step"]
 
 
 def test_resume_matches_uninterrupted(cache, tmp_path):
