@@ -47,6 +47,19 @@ def test_two_processes_match_one(plain, tmp_path, flags):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
 
 
+def test_moe_matches_the_plain_engine(cache, tmp_path):
+    """Mixture of Experts under ZeRO-2 and ZeRO-3 with DP=2 (DeepSpeed sees Megatron's expert
+    weights as plain parameters: no expert parallelism here): the plain engine's losses and
+    norms, its balancing loss scaled as the loss (step.set_moe_aux_loss_scale)."""
+    flags = COMMON + ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-aux-loss-coeff", "0.1"]
+    plain_moe = train(tmp_path, "plain_moe", flags)
+    for stage in ("2", "3"):
+        ds = train(tmp_path, f"zero{stage}_moe", flags + ["--deepspeed", "--zero-stage", stage], world=2)
+        _same(plain_moe, ds, f"moe zero {stage}")
+        for a, b in zip(plain_moe, ds):
+            assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5)
+
+
 def test_rampup_batch_size_changes_the_accumulation(cache, tmp_path):
     """--rampup-batch-size: DeepSpeed's accumulation steps follow each step's micro-batches
     (2 sequences of 2, then 8 of 4 with DP=2), the losses and norms those of one plain process."""
