@@ -142,7 +142,9 @@ def _is_attention(layer) -> bool:
 
 
 def _is_mlp(layer) -> bool:
-    return hasattr(getattr(layer, "mlp", None), "linear_fc1")
+    """The layer holds an MLP: a dense one or Megatron-Core's MoELayer (its experts)."""
+    mlp = getattr(layer, "mlp", None)
+    return hasattr(mlp, "linear_fc1") or hasattr(mlp, "experts")
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
