@@ -8,7 +8,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from .core_attention import FoxCoreAttention
 from .fox_attention import FoxSelfAttention, FoxSelfAttentionSubmodules
@@ -33,11 +37,27 @@ def _use_te(transformer_impl: str) -> bool:
 
 def get_fox_block_spec(config, transformer_impl: str = "auto", vp_stage=None) -> TransformerBlockSubmodules:
     """This pipeline stage's block: FoX layers and the final norm (RMSNorm that allows SP);
-    with config.num_moe_experts each layer's MLP is Megatron-Core's MoELayer."""
-    layer = get_fox_layer_spec(transformer_impl, num_experts=config.num_moe_experts)
+    with config.num_moe_experts the layers `moe_layer_pattern` marks have Megatron-Core's
+    MoELayer as their MLP."""
+    dense, moe = get_fox_layer_spec(transformer_impl), None
+    if config.num_moe_experts is not None:
+        moe = get_fox_layer_spec(transformer_impl, num_experts=config.num_moe_experts)
+    pattern = moe_layer_pattern(config)
     final_norm = fox_modules(transformer_impl)[2]
-    n = get_num_layers_to_build(config, vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
+    offset, n = get_transformer_layer_offset(config, vp_stage=vp_stage), get_num_layers_to_build(config, vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[moe if pattern[i] else dense for i in range(offset, offset + n)],
+                                      layer_norm=final_norm)
+
+
+def moe_layer_pattern(config) -> list[int]:
+    """1 for each layer of the whole model with a Mixture-of-Experts MLP, 0 for a dense one,
+    from config.moe_layer_freq as Megatron-Core reads it (N: layers 0, N, 2N, ...; or a list)."""
+    if config.num_moe_experts is None:
+        return [0] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(config.num_layers)]
+    return list(freq)
 
 
 def fox_modules(transformer_impl: str = "auto"):

@@ -134,6 +134,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "moe_z_loss_coeff": (float, None, "weight of the router's z-loss (ST-MoE); none: off"),
     "moe_token_dispatcher_type": (str, "allgather", "allgather | alltoall (alltoall: CUDA)"),
     "moe_router_pre_softmax": (bool, False, "softmax over all experts before the top-k (else over the top-k)"),
+    "moe_layer_freq": (str, "1", "which layers get experts, as Megatron-LM: N (layers 0, N, 2N, ...) or a Python "
+                                 "list expression of 0/1 per layer, e.g. '([1]*3+[0])*2'"),
+    "moe_shared_expert_intermediate_size": (int, None, "a shared expert of this hidden size every token runs "
+                                                       "through beside its routed ones (none: no shared expert)"),
     "moe_grouped_gemm": (bool, None, "refused: the experts run one after another (SequentialMLP)"),
     "expert_model_parallel_size": (int, 1, "refused above 1: experts are replicated on every rank here"),
     "seed": (int, 1234, "random seed"),
@@ -249,7 +253,8 @@ CHECKPOINT_ARG_KEYS = (
     "hybrid_layer_pattern", "fox_forget_gate", "position_embedding_type", "rotary_base", "rotary_percent",
     "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
     "fox_context_pruning", "fox_context_pruning_dim", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
-    "moe_router_pre_softmax", "default_corpus_bytes", "default_vocab_size",
+    "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size", "default_corpus_bytes",
+    "default_vocab_size",
     "tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
 
 # keys above whose value is fixed here: the values accepted
@@ -390,10 +395,34 @@ def check_moe(args: argparse.Namespace) -> None:
     if args.moe_token_dispatcher_type not in ("allgather", "alltoall"):
         raise ConfigError("moe_token_dispatcher_type", f"must be allgather or alltoall, got "
                                                        f"{args.moe_token_dispatcher_type!r}")
+    args.moe_layer_pattern = _moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    shared = args.moe_shared_expert_intermediate_size
+    if shared is not None and (shared < 1 or shared % args.tensor_model_parallel_size):
+        raise ConfigError("moe_shared_expert_intermediate_size", f"{shared} must be positive and divisible by "
+                                                                 f"tensor_model_parallel_size "
+                                                                 f"{args.tensor_model_parallel_size}")
     if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
         raise ConfigError("sequence_parallel", "Megatron-Core's MoE layers need it with tensor_model_parallel_size > 1")
     if args.hybrid_layer_pattern is not None:
         raise ConfigError("num_experts", "not with hybrid_layer_pattern (the FoX hybrid stack has dense MLPs)")
+
+
+def _moe_layer_pattern(freq: str, num_layers: int) -> list[int]:
+    """moe_layer_freq as Megatron-LM reads it: an integer N (1 for layers 0, N, 2N, ...) or a
+    Python list expression of 0/1 per layer; the per-layer list."""
+    text = str(freq).strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise ConfigError("moe_layer_freq", f"must be >= 1, got {text}")
+        return [int(i % int(text) == 0) for i in range(num_layers)]
+    try:
+        pattern = eval(text, {"__builtins__": {}}, {})  # noqa: S307 (the user's own list expression)
+    except Exception as e:  # noqa: BLE001 (any failure: not a pattern)
+        raise ConfigError("moe_layer_freq", f"{text!r} is neither an integer nor a list expression ({e})") from None
+    if not isinstance(pattern, list) or len(pattern) != num_layers or set(pattern) - {0, 1} or 1 not in pattern:
+        raise ConfigError("moe_layer_freq", f"{text!r} must give {num_layers} values (num_layers) of 0 or 1 with at "
+                                            f"least one 1, got {pattern!r}")
+    return pattern
 
 
 def check_hybrid_layer_pattern(args: argparse.Namespace) -> None:

@@ -117,27 +117,27 @@ def _router_counts_tp_cp_tokens() -> bool:
 def moe_load_balancing_loss(args, micro_batches: int):
     """The last step's MoE load-balancing loss before its coefficient (1.0 at perfect balance:
     E * sum_e f_e P_e of Switch Transformer), mean over the MoE layers and micro-batches,
-    from Megatron-Core's aux-loss tracker (the TP x CP ranks' parts summed, the pipeline
-    stages' layers gathered, the data-parallel ranks averaged: collectives every rank must
-    call), which is then cleared; None without MoE or with no such loss."""
-    if args.num_experts is None:
+    from Megatron-Core's aux-loss tracker, which is then cleared: each layer's TP x CP parts
+    summed, the pipeline stages' layers gathered, the data-parallel ranks averaged. Three
+    all-reduces every rank makes, also a stage without MoE layers (whose tracker has no
+    entry: Megatron's own reduce would skip them there and hang the others). None without
+    MoE or without a balancing loss."""
+    if args.num_experts is None or args.moe_router_load_balancing_type == "none" or args.moe_aux_loss_coeff == 0:
         return None
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
-    )
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
-    reduce_aux_losses_tracker_across_ranks()
-    tracker = get_moe_layer_wise_logging_tracker()
-    entry = tracker.get("load_balancing_loss") or tracker.get("seq_load_balancing_loss")
-    value = None
-    if entry is not None:
-        per_layer = entry["values"].float()
-        per_layer = per_layer[per_layer != 0]
-        value = float(per_layer.mean()) / micro_batches if per_layer.numel() else None
+    name = "seq_load_balancing_loss" if args.moe_router_load_balancing_type == "seq_aux_loss" else "load_balancing_loss"
+    entry = get_moe_layer_wise_logging_tracker().get(name)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = entry["values"].to(device, torch.float32, copy=True) if entry else torch.zeros(args.num_layers, device=device)
+    dist.all_reduce(values, group=parallel_state.get_tensor_and_context_parallel_group())
+    dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    values /= parallel_state.get_data_parallel_world_size()
     clear_aux_losses_tracker()
-    return value
+    per_layer = values[values != 0]
+    return float(per_layer.mean()) / micro_batches if per_layer.numel() else None
 
 
 def collate(samples: list[dict]) -> dict:

@@ -45,12 +45,13 @@ def _teacher_forced(gen, tokens, prompt_len, chunk_at=None):
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_decoding_equals_full_forward(megatron_world, moe):
-    """moe: Mixture-of-Experts MLPs route each token on its own, so one token a call
-    routes as the full forward does."""
+    """moe: a dense layer, then one with experts and a shared expert; the router takes each
+    token on its own, so one token a call routes as the full forward does."""
     from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
 
     route_megatron_buffers_to_cpu()  # the router asks for the CUDA device
-    model = _model("--no-acp", *(["--num-experts", "4", "--moe-ffn-hidden-size", "32"] if moe else []))
+    model = _model("--no-acp", *(["--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "[0,1]",
+                                  "--moe-shared-expert-intermediate-size", "16"] if moe else []))
     tokens = torch.randint(0, 96, (2, 40))
     gen = FoxGenerator(model, max_length=64, evict_log_eps=None)
     logits, cache = _teacher_forced(gen, tokens, prompt_len=17, chunk_at=25)

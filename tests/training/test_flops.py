@@ -18,7 +18,8 @@ TINY = ["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4"
 @pytest.mark.parametrize("tied,extras,moe", [(False, True, False), (True, True, False), (False, False, False),
                                              (True, False, False), (False, True, True)])
 def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras, moe):
-    """moe: 4 experts, top-2, every token's matmuls through 2 of them (and the router's)."""
+    """moe: layers 0 and 2 with 4 experts, top-2 (every token's matmuls through 2 of them,
+    the router's and a shared expert's), layer 1 dense."""
     from megatron_fox.layers import core_attention
     from megatron_fox.training.arguments import parse_args
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
@@ -26,7 +27,8 @@ def test_step_flops_match_flop_counter(megatron_world, monkeypatch, tied, extras
     route_megatron_buffers_to_cpu()
     flags = TINY + ([] if not tied else ["--no-untie-embeddings-and-output-weights"])
     flags += [] if extras else ["--no-fox-output-gate", "--no-fox-kv-shift", "--no-fox-qk-norm", "--no-acp"]
-    flags += ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48"] if moe else []
+    flags += ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48", "--moe-layer-freq", "2",
+              "--moe-shared-expert-intermediate-size", "40"] if moe else []
     args = parse_args(flags)
     model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(96, args)).eval()
     monkeypatch.setattr(core_attention, "forgetting_attention",

@@ -79,6 +79,27 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     assert all((engine_grads[n] - p.grad).abs().max() > 1e-4 for n, p in model.named_parameters() if "router" in n)
 
 
+@pytest.mark.parametrize("freq,expected", [("1", [1, 1, 1, 1]), ("2", [1, 0, 1, 0]), ("([0]+[1])*2", [0, 1, 0, 1])])
+def test_layer_frequency_and_shared_experts(megatron_world, freq, expected):
+    """--moe-layer-freq puts experts in the layers Megatron-LM's flag names, the others keep
+    the dense MLP; --moe-shared-expert-intermediate-size adds a shared expert to each MoE layer."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    args = parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size",
+                       "64", "--vocab-size", "64", "--device", "cpu", *MOE, "--moe-layer-freq", freq,
+                       "--moe-shared-expert-intermediate-size", "48"])
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+    kinds = [int(hasattr(layer.mlp, "router")) for layer in model.decoder.layers]
+    assert kinds == expected
+    for layer, moe in zip(model.decoder.layers, kinds):
+        if moe:
+            assert tuple(layer.mlp.shared_experts.linear_fc2.weight.shape) == (32, 48)
+            assert len(layer.mlp.experts.local_experts) == 4
+        else:
+            assert tuple(layer.mlp.linear_fc2.weight.shape) == (32, 64)
+
+
 @pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                     ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
                          ids=["dp2", "tp2_sp", "cp2", "pp2"])
@@ -86,7 +107,9 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
     """Two processes as DP=2, TP=2 with sequence parallelism or CP=2 (each router sees half
     the tokens: the balancing loss's gradient must not halve, training/step.py
     set_moe_aux_loss_scale) and PP=2 train like one."""
-    flags = MOE + ["--train-iters", "4", "--log-interval", "2"]
+    # layer 0 with experts (and a shared one), layer 1 dense: PP=2 puts one on each stage
+    flags = MOE + ["--train-iters", "4", "--log-interval", "2", "--moe-layer-freq", "2",
+                   "--moe-shared-expert-intermediate-size", "32"]
     one = train(tmp_path, "one", flags)
     two = train(tmp_path, "two", flags + layout, world=2)
     assert [h["step"] for h in two] == [1, 2, 3, 4]
@@ -121,6 +144,11 @@ def test_resume_matches_uninterrupted(cache, tmp_path):
     (["--num-experts", "4", "--moe-token-dispatcher-type", "flex"], "moe_token_dispatcher_type"),
     (["--num-experts", "4", "--num-layers", "2", "--hybrid-layer-pattern", "*-"], "num_experts"),
     (["--num-experts", "4", "--moe-grouped-gemm"], "moe_grouped_gemm"),
+    (["--num-experts", "4", "--moe-layer-freq", "0"], "moe_layer_freq"),
+    (["--num-experts", "4", "--num-layers", "3", "--moe-layer-freq", "[1,0]"], "moe_layer_freq"),
+    (["--num-experts", "4", "--num-layers", "2", "--moe-layer-freq", "[1,2]"], "moe_layer_freq"),
+    (["--num-experts", "4", "--moe-layer-freq", "every other"], "moe_layer_freq"),
+    (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"], "moe_shared_expert_intermediate_size"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0"], "moe_expert_capacity_factor"),
 ])
 def test_bad_keys_are_named(flags, key):
