@@ -73,10 +73,12 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
 
 def test_gpu_moe_trains_and_resumes(tmp_path):
     """Mixture of Experts on the Megatron engine (DDP, distributed optimizer, the schedule's
-    aux-loss scale, dist_checkpointing of the experts): Megatron-Core's alltoall dispatcher
-    (CUDA only) trains like the allgather one, and a saved run resumes exactly."""
+    aux-loss scale, dist_checkpointing of the experts): a layer with experts and a shared
+    one, then a dense layer; Megatron-Core's alltoall dispatcher (CUDA only) trains like the
+    allgather one, and a saved run resumes exactly."""
     os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
-    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256", "--train-iters", "20"]
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256", "--train-iters", "20",
+           "--moe-layer-freq", "[1,0]", "--moe-shared-expert-intermediate-size", "128"]
     a2a = train(tmp_path, "alltoall", moe + ["--moe-token-dispatcher-type", "alltoall"])
     gather = train(tmp_path, "allgather", moe)
     losses = [h["loss"] for h in a2a]
