@@ -109,9 +109,14 @@ def _router_counts_tp_cp_tokens() -> bool:
     group's size (the fix of Megatron-LM PR 5047: megatron-core 0.19 has it, 0.16 has not)."""
     import inspect
 
+    import megatron.core
     from megatron.core.transformer.moe.router import TopKRouter
+    from packaging.version import Version
 
-    return "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+    try:
+        return "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+    except (OSError, TypeError):  # installed without sources: by the releases seen (0.16 without, 0.19 with)
+        return Version(megatron.core.__version__) >= Version("0.19")
 
 
 def moe_load_balancing_loss(args, micro_batches: int):
