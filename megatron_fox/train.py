@@ -275,7 +275,7 @@ def run(args, on_step=None) -> list[dict]:
     from .training.scalars import ScalarLog
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
-    from .training.step import context_pruning_alpha_at, global_batch, moe_load_balancing_loss
+    from .training.step import context_pruning_alpha_at, global_batch, moe_load_balancing_losses
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
@@ -323,9 +323,11 @@ def run(args, on_step=None) -> list[dict]:
                       f"checkpoint: {f'step {saved_at}' if saved_at else 'none this run'})", file=sys.stderr)
             sys.exit(1)
         dt = time.perf_counter() - t0
-        balance = moe_load_balancing_loss(args, len(batches))
+        balance = moe_load_balancing_losses(args, len(batches))
         if balance is not None:
-            out["moe_load_balancing_loss"] = balance
+            out["moe_load_balancing_loss"] = sum(balance.values()) / len(balance)
+            if args.moe_per_layer_logging:
+                out["moe_load_balancing_loss_by_layer"] = balance
         out.update(step=it + 1, global_batch_size=batch_size, tokens_per_s=batch_size * args.seq_length / dt,
                    tflops_per_gpu=flops_per_step * step_share / dt / dist.get_world_size() / 1e12,
                    model_flops=flops_per_step * step_share)
@@ -371,6 +373,8 @@ def run(args, on_step=None) -> list[dict]:
                     scalars.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         scalars.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
+                    for layer, value in out.get("moe_load_balancing_loss_by_layer", {}).items():
+                        scalars.add_scalar(f"moe/load_balancing_loss_layer_{layer:02d}", value, it + 1)
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
         last = it + 1 == args.train_iters
         if args.eval_interval and args.eval_iters and ((it + 1) % args.eval_interval == 0 or last):

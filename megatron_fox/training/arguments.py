@@ -138,6 +138,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                  "list expression of 0/1 per layer, e.g. '([1]*3+[0])*2'"),
     "moe_shared_expert_intermediate_size": (int, None, "a shared expert of this hidden size every token runs "
                                                        "through beside its routed ones (none: no shared expert)"),
+    "moe_per_layer_logging": (bool, False, "also each MoE layer's load-balancing loss (record and TensorBoard "
+                                           "moe/load_balancing_loss_layer_NN)"),
     "moe_grouped_gemm": (bool, None, "refused: the experts run one after another (SequentialMLP)"),
     "expert_model_parallel_size": (int, 1, "refused above 1: experts are replicated on every rank here"),
     "seed": (int, 1234, "random seed"),

@@ -119,10 +119,11 @@ def _router_counts_tp_cp_tokens() -> bool:
         return Version(megatron.core.__version__) >= Version("0.19")
 
 
-def moe_load_balancing_loss(args, micro_batches: int):
+def moe_load_balancing_losses(args, micro_batches: int):
     """The last step's MoE load-balancing loss before its coefficient (1.0 at perfect balance:
-    E * sum_e f_e P_e of Switch Transformer), mean over the MoE layers and micro-batches,
-    from Megatron-Core's aux-loss tracker, which is then cleared: each layer's TP x CP parts
+    E * sum_e f_e P_e of Switch Transformer) of each MoE layer {layer number from 1: value},
+    mean over the micro-batches, from Megatron-Core's aux-loss tracker, which is then
+    cleared: each layer's TP x CP parts
     summed, the pipeline stages' layers gathered, the data-parallel ranks averaged. Three
     all-reduces every rank makes, also a stage without MoE layers (whose tracker has no
     entry: Megatron's own reduce would skip them there and hang the others). None without
@@ -141,8 +142,7 @@ def moe_load_balancing_loss(args, micro_batches: int):
     dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
     values /= parallel_state.get_data_parallel_world_size()
     clear_aux_losses_tracker()
-    per_layer = values[values != 0]
-    return float(per_layer.mean()) / micro_batches if per_layer.numel() else None
+    return {i + 1: float(v) / micro_batches for i, v in enumerate(values.tolist()) if v != 0} or None
 
 
 def collate(samples: list[dict]) -> dict:

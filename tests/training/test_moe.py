@@ -31,7 +31,7 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     weighted by the micro-batch's share of the global batch's tokens (as Megatron's
     schedule scales them); the logged value is their mean."""
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
-    from megatron_fox.training.step import collate, model_forward, moe_load_balancing_loss, with_documents
+    from megatron_fox.training.step import collate, model_forward, moe_load_balancing_losses, with_documents
     from megatron_fox.training.torch_engine import TorchEngine
 
     route_megatron_buffers_to_cpu()
@@ -51,7 +51,7 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     engine = TorchEngine(model, args, eod=eod)
     _, tokens = engine.gradients(batches)
     engine_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    logged = moe_load_balancing_loss(args, len(batches))
+    logged = moe_load_balancing_losses(args, len(batches))
 
     routers = [m.router for m in model.modules() if hasattr(m, "router") and hasattr(m.router, "weight")]
     assert len(routers) == 2
@@ -72,7 +72,8 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
         h.remove()
     for name, p in model.named_parameters():
         torch.testing.assert_close(engine_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert logged == pytest.approx(sum(balance) / len(balance), rel=1e-5)
+    # balance: [layer 1 batch 1, layer 2 batch 1, layer 1 batch 2, layer 2 batch 2]
+    assert logged == pytest.approx({1: (balance[0] + balance[2]) / 2, 2: (balance[1] + balance[3]) / 2}, rel=1e-5)
     # the balancing term matters: without it the routers' gradients differ
     model.zero_grad(set_to_none=True)
     engine.gradients(batches)
@@ -109,7 +110,7 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
     set_moe_aux_loss_scale) and PP=2 train like one."""
     # layer 0 with experts (and a shared one), layer 1 dense: PP=2 puts one on each stage
     flags = MOE + ["--train-iters", "4", "--log-interval", "2", "--moe-layer-freq", "2",
-                   "--moe-shared-expert-intermediate-size", "32"]
+                   "--moe-shared-expert-intermediate-size", "32", "--moe-per-layer-logging"]
     one = train(tmp_path, "one", flags)
     two = train(tmp_path, "two", flags + layout, world=2)
     assert [h["step"] for h in two] == [1, 2, 3, 4]
@@ -119,6 +120,7 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
         # the logged balance: the ranks' parts summed, stages gathered, DP averaged
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5), a["step"]
+        assert list(b["moe_load_balancing_loss_by_layer"]) == [1]  # layer 2 is dense
 
 
 def test_resume_matches_uninterrupted(cache, tmp_path):
