@@ -1,7 +1,8 @@
 """Mixture-of-Experts MLPs (--num-experts): Megatron-Core's MoELayer in the FoX layers on
 the CPU engine. The load-balancing loss's gradient is checked against the Switch
-Transformer formula computed here from the routers' inputs; DP, TP+SP and PP layouts give
-one process's losses; a run resumes exactly; bad keys are named."""
+Transformer formula computed here from the routers' inputs; --moe-layer-freq and shared
+experts build the layers asked for; DP, TP+SP, CP and PP layouts give one process's losses
+and logged balance; a run resumes exactly; bad keys are named."""
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     loss with coefficient c) equals autograd of the mean token loss plus c times each
     layer's and micro-batch's load-balancing loss computed here from the routers' inputs,
     weighted by the micro-batch's share of the global batch's tokens (as Megatron's
-    schedule scales them); the logged value is their mean."""
+    schedule scales them); the logged value of each layer is its mean over the micro-batches."""
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
     from megatron_fox.training.step import collate, model_forward, moe_load_balancing_losses, with_documents
     from megatron_fox.training.torch_engine import TorchEngine
