@@ -397,7 +397,7 @@ def check_moe(args: argparse.Namespace) -> None:
     if args.moe_token_dispatcher_type not in ("allgather", "alltoall"):
         raise ConfigError("moe_token_dispatcher_type", f"must be allgather or alltoall, got "
                                                        f"{args.moe_token_dispatcher_type!r}")
-    args.moe_layer_pattern = _moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    args.moe_layer_freq_value = _moe_layer_freq(args.moe_layer_freq, args.num_layers)
     shared = args.moe_shared_expert_intermediate_size
     if shared is not None and (shared < 1 or shared % args.tensor_model_parallel_size):
         raise ConfigError("moe_shared_expert_intermediate_size", f"{shared} must be positive and divisible by "
@@ -409,14 +409,15 @@ def check_moe(args: argparse.Namespace) -> None:
         raise ConfigError("num_experts", "not with hybrid_layer_pattern (the FoX hybrid stack has dense MLPs)")
 
 
-def _moe_layer_pattern(freq: str, num_layers: int) -> list[int]:
-    """moe_layer_freq as Megatron-LM reads it: an integer N (1 for layers 0, N, 2N, ...) or a
-    Python list expression of 0/1 per layer; the per-layer list."""
+def _moe_layer_freq(freq: str, num_layers: int) -> int | list[int]:
+    """moe_layer_freq as Megatron-LM reads it: an integer N (experts in layers 0, N, 2N, ...)
+    or a Python list expression of 0/1 per layer; the int or the list, as TransformerConfig's
+    moe_layer_freq takes it (layers.spec.moe_layer_pattern expands it)."""
     text = str(freq).strip()
     if text.isdigit():
         if int(text) < 1:
             raise ConfigError("moe_layer_freq", f"must be >= 1, got {text}")
-        return [int(i % int(text) == 0) for i in range(num_layers)]
+        return int(text)
     try:
         pattern = eval(text, {"__builtins__": {}}, {})  # noqa: S307 (the user's own list expression)
     except Exception as e:  # noqa: BLE001 (any failure: not a pattern)

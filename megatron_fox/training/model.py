@@ -89,7 +89,7 @@ def moe_config(args: argparse.Namespace) -> dict:
                 moe_router_load_balancing_type=args.moe_router_load_balancing_type,
                 moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
                 moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                moe_layer_freq=args.moe_layer_pattern,
+                moe_layer_freq=args.moe_layer_freq_value,
                 moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
                 moe_router_dtype="fp32")  # routing decisions kept out of bf16 rounding
 

@@ -123,11 +123,10 @@ def moe_load_balancing_losses(args, micro_batches: int):
     """The last step's MoE load-balancing loss before its coefficient (1.0 at perfect balance:
     E * sum_e f_e P_e of Switch Transformer) of each MoE layer {layer number from 1: value},
     mean over the micro-batches, from Megatron-Core's aux-loss tracker, which is then
-    cleared: each layer's TP x CP parts
-    summed, the pipeline stages' layers gathered, the data-parallel ranks averaged. Three
-    all-reduces every rank makes, also a stage without MoE layers (whose tracker has no
-    entry: Megatron's own reduce would skip them there and hang the others). None without
-    MoE or without a balancing loss."""
+    cleared: each layer's TP x CP parts summed, the pipeline stages' layers gathered, the
+    data-parallel ranks averaged. Three all-reduces every rank makes, also a stage without
+    MoE layers (whose tracker has no entry: Megatron's own reduce would skip them there and
+    hang the others). None without MoE or without a balancing loss."""
     if args.num_experts is None or args.moe_router_load_balancing_type == "none" or args.moe_aux_loss_coeff == 0:
         return None
     import torch.distributed as dist
