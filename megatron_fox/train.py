@@ -58,6 +58,7 @@ def init_distributed(args) -> torch.device:
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             context_parallel_size=args.context_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
         )
     torch.manual_seed(args.seed)
     if use_cuda:
@@ -289,7 +290,8 @@ def run(args, on_step=None) -> list[dict]:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"megatron_fox: {device.type} world {dist.get_world_size()} (TP {args.tensor_model_parallel_size}, "
               f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, DP "
-              f"{args.data_parallel_size}); params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
+              f"{args.data_parallel_size}{', EP %d' % args.expert_model_parallel_size if args.num_experts else ''}); "
+              f"params on rank 0: {n_params / 1e6:.2f}M; vocab {vocab}; "
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
               f"step; start step {start}", flush=True)
     history, saved_at, stopped = [], None, False

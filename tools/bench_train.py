@@ -1,7 +1,11 @@
-"""Training throughput and loss of a FoX config with ACP off and on (--acp-modes), one GPU, same data.
+"""Training throughput and loss of a FoX config with ACP off and on (--acp-modes), same data.
 
     python tools/bench_train.py --config configs/fox_pro_125m.yaml --lengths 4096 16384 \
         --tokens-per-step 131072 --train-iters 40
+
+One GPU, or several under `torchrun --nproc-per-node N tools/bench_train.py ...` (rank 0
+reports tokens/s of the whole job and rank 0's memory; layout flags such as
+--expert-model-parallel-size after `--`).
 
 Each (length, ACP) pair trains from the same seed on the same batches (the embedded corpus
 unless --data-path is given) and reports median tokens/s after warm-up, the mean loss of the
@@ -108,7 +112,7 @@ def main(argv=None):
     from megatron_fox.train import run
     from megatron_fox.training.arguments import parse_args
 
-    rows = []
+    rows, rank0 = [], int(os.environ.get("RANK", "0")) == 0  # under torchrun: one process a GPU, rank 0 reports
     for L in args.lengths:
         for mode in args.acp_modes:
             acp = mode != "off"
@@ -139,8 +143,13 @@ def main(argv=None):
                 "skipped_by_layer": {k: round(v, 3) for k, v in hist[-1].get("acp_skipped_by_layer", {}).items()},
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 "wall_s": round(time.time() - t0, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d')}")
+            if rank0:
+                print(json.dumps(rows[-1]), flush=True)
+    if not rank0:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(f"\nGPU: {torch.cuda.get_device_name()}{' x %d' % world if world > 1 else ''}  torch {torch.__version__}  "
+          f"{time.strftime('%Y-%m-%d')}")
     print("| L | ACP | tokens/s | model TFLOP/s | loss (mean last 10) | skipped fwd / bwd | peak GB |\n"
           "|---|---|---|---|---|---|---|")
     for r in rows:

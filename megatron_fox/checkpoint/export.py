@@ -1,14 +1,14 @@
-"""A training checkpoint of any TP/PP layout as one full (TP = PP = 1) state dict, the form
-`--pretrained-checkpoint` and `tools/convert_checkpoint.py to-public` take.
+"""A training checkpoint of any TP/PP/EP layout as one full (TP = PP = EP = 1) state dict,
+the form `--pretrained-checkpoint` and `tools/convert_checkpoint.py to-public` take.
 
 Three formats, as `megatron_fox.train --save` writes them: on CUDA Megatron-Core's
 `dist_checkpointing` (resharded by its own loader into a TP = PP = 1 model: see
 `tools/convert_checkpoint.py from-megatron`); on CPU one `mp_rank_TT_PPP.pt` file per
-model-parallel rank; with `--deepspeed` DeepSpeed's `mp_rank_TT_model_states.pt` per
-tensor-parallel rank (its "module"), or under ZeRO-3, which keeps no whole weights there,
-`zero_pp_rank_D_mp_rank_TT_*_states.pt` per data- and tensor-parallel rank (gathered over
-the data-parallel partitions by DeepSpeed's own zero_to_fp32). The last two are merged here
-by the layout rules of `partition.py`.
+model-parallel rank (`mp_rank_TT_PPP_EEE.pt` with expert parallelism); with `--deepspeed`
+DeepSpeed's `mp_rank_TT_model_states.pt` per tensor-parallel rank (its "module"), or under
+ZeRO-3, which keeps no whole weights there, `zero_pp_rank_D_mp_rank_TT_*_states.pt` per
+data- and tensor-parallel rank (gathered over the data-parallel partitions by DeepSpeed's
+own zero_to_fp32). The last two are merged here by the layout rules of `partition.py`.
 """
 
 from __future__ import annotations
@@ -19,21 +19,22 @@ import tempfile
 
 import torch
 
-from .partition import merge_state_dicts
+from .partition import merge_expert_shards, merge_state_dicts
 
-_RANK_FILE = re.compile(r"^mp_rank_(\d+)_(\d+)\.pt$")
+_RANK_FILE = re.compile(r"^mp_rank_(\d+)_(\d+)(?:_(\d+))?\.pt$")
 _DEEPSPEED_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # no pipeline stages with --deepspeed
 _ZERO3_FILE = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")  # data-parallel rank 0's
 
 
 def rank_files(path: str) -> dict:
     """{(tp_rank, pp_rank): file} of the per-rank files in a checkpoint iteration folder ({}
-    for a dist_checkpointing folder)."""
+    for a dist_checkpointing folder); with expert parallelism {(tp_rank, pp_rank, ep_rank): file}."""
     out = {}
     for name in os.listdir(path):
         m, ds = _RANK_FILE.match(name), _DEEPSPEED_FILE.match(name) or _ZERO3_FILE.match(name)
         if m:
-            out[(int(m.group(1)), int(m.group(2)))] = os.path.join(path, name)
+            ep = () if m.group(3) is None else (int(m.group(3)),)
+            out[(int(m.group(1)), int(m.group(2)), *ep)] = os.path.join(path, name)
         elif ds:
             out[(int(ds.group(1)), 0)] = os.path.join(path, name)
     return out
@@ -83,13 +84,17 @@ def merge_rank_files(path: str, num_layers: int) -> dict:
         return merge_state_dicts(gather_zero3(path, tp_ranks), num_layers, len(tp_ranks), 1)
     saved = {rank: torch.load(f, map_location="cpu", weights_only=False) for rank, f in files.items()}
     # the layout each file records (older files do not: then the highest ranks present)
-    layout = next(iter(saved.values())).get("layout") or {"tp": 1 + max(tp for tp, _ in files),
-                                                          "pp": 1 + max(pp for _, pp in files)}
-    tp_size, pp_size = layout["tp"], layout["pp"]
-    missing = [(tp, pp) for tp in range(tp_size) for pp in range(pp_size) if (tp, pp) not in files]
-    if missing or len(files) != tp_size * pp_size:
-        raise ValueError(f"input: {path} holds the files of model-parallel ranks (tp, pp) {sorted(files)}, "
-                         f"its layout TP={tp_size} x PP={pp_size} needs also {missing}")
+    layout = next(iter(saved.values())).get("layout") or {"tp": 1 + max(r[0] for r in files),
+                                                          "pp": 1 + max(r[1] for r in files)}
+    tp_size, pp_size, ep_size = layout["tp"], layout["pp"], layout.get("ep", 1)
+    ep_ranks = [(e,) for e in range(ep_size)] if ep_size > 1 else [()]
+    want = [(tp, pp, *e) for tp in range(tp_size) for pp in range(pp_size) for e in ep_ranks]
+    missing = [r for r in want if r not in files]
+    if missing or len(files) != len(want):
+        raise ValueError(f"input: {path} holds the files of model-parallel ranks (tp, pp{', ep' * (ep_size > 1)}) "
+                         f"{sorted(files)}, its layout TP={tp_size} x PP={pp_size} x EP={ep_size} needs also {missing}")
     if num_layers % pp_size:
         raise ValueError(f"num_layers: {num_layers} not divisible by the checkpoint's {pp_size} pipeline stages")
-    return merge_state_dicts({rank: _model_state(s, path) for rank, s in saved.items()}, num_layers, tp_size, pp_size)
+    shards = {(tp, pp): merge_expert_shards([_model_state(saved[(tp, pp, *e)], path) for e in ep_ranks])
+              for tp in range(tp_size) for pp in range(pp_size)}
+    return merge_state_dicts(shards, num_layers, tp_size, pp_size)

@@ -7,7 +7,9 @@ The layout rules of the local spec's parameters:
 - SwiGLU fc1 [gate; up]: each rank holds [its gate chunk; its up chunk];
 - norms: replicated.
 Pipeline stages hold layers [p*L/PP, (p+1)*L/PP) renumbered from 0; the first holds the
-embedding, the last the final norm and output layer.
+embedding, the last the final norm and output layer. With expert parallelism (EP) rank e
+holds experts [e*E/EP, (e+1)*E/EP) of each Mixture-of-Experts layer, renumbered from 0
+(`mlp.experts.local_experts.i`); the experts' tensors split over TP like the dense MLP's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
 def _tp_rule(name: str) -> str:
@@ -54,12 +57,57 @@ def _merge(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
     return parts[0]
 
 
-def global_name(name: str, pp_rank: int, layers_per_stage: int) -> str:
-    """Name of a stage-local parameter in the full model (layer index shifted by the stage)."""
+def global_name(name: str, pp_rank: int, layers_per_stage: int, ep_rank: int = 0, local_experts: int = 0) -> str:
+    """Name of a stage-local parameter in the full model (layer index shifted by the stage;
+    an expert's index by ep_rank * local_experts, the experts each expert-parallel rank holds)."""
+    e = _EXPERT.match(name)
+    if e and ep_rank:
+        name = f"{e.group(1)}{int(e.group(2)) + ep_rank * local_experts}{e.group(3)}"
     m = _LAYER.match(name)
     if not m:
         return name
     return f"decoder.layers.{int(m.group(1)) + pp_rank * layers_per_stage}.{m.group(2)}"
+
+
+def num_experts_in(state: dict) -> int:
+    """Experts per MoE layer in a full state dict (0: a dense model)."""
+    indices = [int(m.group(2)) for m in map(_EXPERT.match, state) if m]
+    return 1 + max(indices) if indices else 0
+
+
+def expert_shard(full: dict, ep_rank: int, ep_size: int) -> dict:
+    """Expert-parallel rank ep_rank's part of a full state dict: its experts renumbered
+    from 0, every other tensor as it is."""
+    if ep_size == 1:
+        return dict(full)
+    experts = num_experts_in(full)
+    if experts % ep_size:
+        raise ValueError(f"expert_model_parallel_size: {ep_size} does not divide the checkpoint's {experts} experts")
+    local = experts // ep_size
+    out = {}
+    for name, t in full.items():
+        e = _EXPERT.match(name)
+        if e:
+            i = int(e.group(2)) - ep_rank * local
+            if not 0 <= i < local:
+                continue
+            name = f"{e.group(1)}{i}{e.group(3)}"
+        out[name] = t
+    return out
+
+
+def merge_expert_shards(parts: list[dict]) -> dict:
+    """Inverse of `expert_shard`: parts[e] the state dict of expert-parallel rank e (same TP
+    and PP rank); the experts renamed to their global indices, the rest taken from rank 0."""
+    local = num_experts_in(parts[0])
+    out = {}
+    for e, part in enumerate(parts):
+        for name, t in part.items():
+            if _EXPERT.match(name):
+                out[global_name(name, 0, 0, e, local)] = t
+            elif e == 0:
+                out[name] = t
+    return out
 
 
 def full_shape(name: str, local_shape, tp_size: int) -> tuple:
@@ -79,12 +127,13 @@ def split_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> t
 
 
 def shard_state_dict(full: dict, num_layers: int, tp_rank: int = 0, tp_size: int = 1,
-                     pp_rank: int = 0, pp_size: int = 1) -> dict:
-    """This (tp_rank, pp_rank)'s part of a full state dict (tensors; _extra_state dropped)."""
+                     pp_rank: int = 0, pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> dict:
+    """This (tp_rank, pp_rank, ep_rank)'s part of a full state dict (tensors; _extra_state
+    dropped)."""
     per_stage = num_layers // pp_size
     lo, hi = pp_rank * per_stage, (pp_rank + 1) * per_stage
     out = {}
-    for name, t in full.items():
+    for name, t in expert_shard(full, ep_rank, ep_size).items():
         rule = _tp_rule(name)
         if rule == "skip":
             continue

@@ -141,7 +141,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "moe_per_layer_logging": (bool, False, "also each MoE layer's load-balancing loss (record and TensorBoard "
                                            "moe/load_balancing_loss_layer_NN)"),
     "moe_grouped_gemm": (bool, None, "refused: the experts run one after another (SequentialMLP)"),
-    "expert_model_parallel_size": (int, 1, "refused above 1: experts are replicated on every rank here"),
+    "expert_model_parallel_size": (int, 1, "experts split over this many data/context-parallel ranks (tokens "
+                                           "dispatched to their experts' rank); must divide num_experts"),
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
@@ -370,17 +371,19 @@ def check_positions(args: argparse.Namespace) -> None:
 
 
 def check_moe(args: argparse.Namespace) -> None:
-    """Mixture-of-Experts keys: sizes, router, and what is not built (expert parallelism,
-    grouped GEMM, MoE in the hybrid stack)."""
-    if args.expert_model_parallel_size != 1:
-        raise ConfigError("expert_model_parallel_size", "must be 1: the experts are replicated on every "
-                                                        "data-parallel rank here (no expert parallelism)")
+    """Mixture-of-Experts keys: sizes, router, expert parallelism (its fit to the world size:
+    `check_expert_parallel`), and what is not built (grouped GEMM, MoE in the hybrid stack)."""
+    ep = args.expert_model_parallel_size
+    if ep < 1 or (ep > 1 and args.num_experts is None):
+        raise ConfigError("expert_model_parallel_size", f"must be 1, or above 1 with num_experts; got {ep}")
     if args.moe_grouped_gemm:
         raise ConfigError("moe_grouped_gemm", "not built: the experts run one after another (SequentialMLP)")
     if args.num_experts is None:
         return
     if args.num_experts < 2:
         raise ConfigError("num_experts", f"must be >= 2, got {args.num_experts}")
+    if args.num_experts % ep:
+        raise ConfigError("expert_model_parallel_size", f"{ep} does not divide num_experts {args.num_experts}")
     if not 1 <= args.moe_router_topk <= args.num_experts:
         raise ConfigError("moe_router_topk", f"must be in 1..num_experts ({args.num_experts}), got "
                                              f"{args.moe_router_topk}")
@@ -407,6 +410,22 @@ def check_moe(args: argparse.Namespace) -> None:
         raise ConfigError("sequence_parallel", "Megatron-Core's MoE layers need it with tensor_model_parallel_size > 1")
     if args.hybrid_layer_pattern is not None:
         raise ConfigError("num_experts", "not with hybrid_layer_pattern (the FoX hybrid stack has dense MLPs)")
+
+
+def check_expert_parallel(args: argparse.Namespace) -> None:
+    """Expert parallelism's fit to the layout (after data_parallel_size is known): as in
+    Megatron-Core, the expert-parallel ranks are carved out of the data- and
+    context-parallel ranks (the experts keep the tensor-parallel split of the rest)."""
+    ep = args.expert_model_parallel_size
+    if ep == 1:
+        return
+    dp_cp = args.data_parallel_size * args.context_parallel_size
+    if dp_cp % ep:
+        raise ConfigError("expert_model_parallel_size", f"{ep} does not divide data_parallel_size x "
+                                                        f"context_parallel_size = {dp_cp}")
+    if args.deepspeed:
+        raise ConfigError("expert_model_parallel_size", "the DeepSpeed engine replicates the experts (DeepSpeed's "
+                                                        "own MoE is not wired in); use the Megatron engine")
 
 
 def _moe_layer_freq(freq: str, num_layers: int) -> int | list[int]:
@@ -701,6 +720,7 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("global_batch_size", f"{args.global_batch_size} not divisible by micro_batch_size * "
                                                f"data_parallel_size = {per_step}")
     args.num_microbatches = args.global_batch_size // per_step
+    check_expert_parallel(args)
     if args.rampup_batch_size is not None:
         odd = [b for b in ramp_sizes(args.rampup_batch_size, args.global_batch_size) if b % per_step]
         if odd:

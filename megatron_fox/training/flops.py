@@ -13,7 +13,7 @@ Forward FLOPs of one sequence of s tokens:
                V x h is the embedding's; per-head norm weights are no matmul; a
                Mixture-of-Experts layer's experts times topk / num_experts, the share of
                them each token runs through, its router whole) -- summed over
-               tensor-parallel shards and pipeline stages;
+               tensor-parallel shards, pipeline stages and expert-parallel ranks;
     attention: 4 * heads * head_dim * s(s+1)/2 per attention layer (q.k and p.v over the
                causal pairs).
 """
@@ -36,7 +36,8 @@ def matmul_weight_elements(model, expert_share: float = 1.0) -> int:
     for name, p in model.named_parameters():
         if p.dim() != 2 or not name.endswith(".weight"):
             continue
-        shard = p.numel() * share(p)
+        # every expert-parallel rank holds as many experts as this one
+        shard = p.numel() * share(p) * (_expert_parallel_size() if _is_expert_parallel(p) else 1)
         if "word_embeddings" in name:
             # the input lookup costs nothing; tied to the output layer it is also the logits' matmul
             # (counted on the last stage, where the output layer runs)
@@ -54,13 +55,29 @@ def params_l2_norm(model) -> float:
     from megatron.core import parallel_state as ps
 
     share = _tp_share()
-    local = 0.0
+    local, experts = 0.0, 0.0
     for p in model.parameters():
         if getattr(p, "shared", False) and not (ps.model_parallel_is_initialized()
                                                 and ps.is_pipeline_first_stage(ignore_virtual=True)):
             continue
-        local += float(p.detach().float().pow(2).sum()) * share(p)
-    return _model_parallel_sum(local) ** 0.5
+        if _is_expert_parallel(p):
+            experts += float(p.detach().float().pow(2).sum()) * share(p)
+        else:
+            local += float(p.detach().float().pow(2).sum()) * share(p)
+    if _expert_parallel_size() > 1:  # every rank joins (a stage may hold no experts)
+        experts = _model_parallel_sum(experts, ps.get_expert_tensor_model_pipeline_parallel_group)
+    return (_model_parallel_sum(local) + experts) ** 0.5
+
+
+def _is_expert_parallel(p) -> bool:
+    """An expert's weight split over expert-parallel ranks (Megatron-Core marks it allreduce=False)."""
+    return not getattr(p, "allreduce", True)
+
+
+def _expert_parallel_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
 
 
 def _tp_share():
@@ -73,13 +90,14 @@ def _tp_share():
     return lambda p: 1.0 if getattr(p, "tensor_model_parallel", False) else 1.0 / tp
 
 
-def _model_parallel_sum(value: float) -> float:
-    """value summed over Megatron's model-parallel group (TP x PP), where one is initialised."""
+def _model_parallel_sum(value: float, group_of=None) -> float:
+    """value summed over Megatron's model-parallel group (TP x PP), or the group
+    group_of() returns, where one is initialised."""
     from megatron.core import parallel_state as ps
 
     total = torch.tensor([value], dtype=torch.float64)
     if dist.is_initialized() and ps.model_parallel_is_initialized():
-        group = ps.get_model_parallel_group()
+        group = (group_of or ps.get_model_parallel_group)()
         if dist.get_world_size(group) > 1:
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
             total = total.to(dev)

@@ -84,7 +84,8 @@ def moe_config(args: argparse.Namespace) -> dict:
     """TransformerConfig keys of the Mixture-of-Experts MLP ({} for the dense one)."""
     if args.num_experts is None:
         return {}
-    return dict(num_moe_experts=args.num_experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+    return dict(num_moe_experts=args.num_experts, expert_model_parallel_size=args.expert_model_parallel_size,
+                moe_ffn_hidden_size=args.moe_ffn_hidden_size,
                 moe_router_topk=args.moe_router_topk, moe_router_pre_softmax=args.moe_router_pre_softmax,
                 moe_router_load_balancing_type=args.moe_router_load_balancing_type,
                 moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
@@ -118,10 +119,20 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
     return model
 
 
+def expert_layout(args: argparse.Namespace) -> tuple[int, int]:
+    """(this rank's expert-parallel rank, experts per MoE layer on each rank)."""
+    from megatron.core import parallel_state as ps
+
+    if args.num_experts is None:
+        return 0, 0
+    ep = args.expert_model_parallel_size
+    return (ps.get_expert_model_parallel_rank() if ep > 1 else 0), args.num_experts // ep
+
+
 @torch.no_grad()
 def init_layout_invariant(model, args) -> None:
     """Re-draw every matrix from a generator seeded by (seed, its full-model name), then
-    keep this rank's shard: the initial model is the same for any TP/PP layout.
+    keep this rank's shard: the initial model is the same for any TP/PP/EP layout.
 
     Normal(0, init_method_std); attention and MLP output projections use
     init_method_std / sqrt(2 * num_layers) as Megatron's scaled init. Norm weights and the
@@ -134,10 +145,11 @@ def init_layout_invariant(model, args) -> None:
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     per_stage = args.num_layers // args.pipeline_model_parallel_size
     pp_rank = ps.get_pipeline_model_parallel_rank()
+    ep_rank, local_experts = expert_layout(args)
     for name, p in model.named_parameters():
         if "layernorm" in name or ".head_params." in name or p.dim() < 2:
             continue
-        full = global_name(name, pp_rank, per_stage)
+        full = global_name(name, pp_rank, per_stage, ep_rank, local_experts)
         gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}:{full}".encode()))
         std = args.init_method_std
         if "linear_proj.weight" in name or "linear_fc2.weight" in name:
@@ -155,8 +167,8 @@ def attention_layers(model) -> list:
 
 @torch.no_grad()
 def load_full_state_dict(model, path: str, args) -> None:
-    """Copy a full (TP = PP = 1) state dict file (GPTModel names) into this rank's stage and TP
-    shard (a HybridModel "*-" * N: renamed to its layers). Raises ValueError naming the
+    """Copy a full (TP = PP = 1) state dict file (GPTModel names) into this rank's stage, TP
+    shard and experts (a HybridModel "*-" * N: renamed to its layers). Raises ValueError naming the
     tensors that are missing, extra or of the wrong shape."""
     from megatron.core import parallel_state as ps
 
@@ -168,7 +180,8 @@ def load_full_state_dict(model, path: str, args) -> None:
         full = gpt_to_hybrid_names(full)
     shard = shard_state_dict(full, args.num_layers, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
-                             ps.get_pipeline_model_parallel_world_size())
+                             ps.get_pipeline_model_parallel_world_size(), expert_layout(args)[0],
+                             args.expert_model_parallel_size)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if args.fox_context_pruning:  # fine-tuning a model without it: the new projections keep their init
         fresh = [k for k in own if ".context_pruning." in k and k not in shard]

@@ -2,9 +2,11 @@
 
 Megatron's DDP, distributed optimizer, pipeline schedules and dist_checkpointing assume
 CUDA. Here their nearest plain equivalents: gradients summed over data-parallel ranks with
-all_reduce, sequence-parallel norm gradients summed over tensor-parallel ranks, a GPipe
-schedule (all forwards, then all backwards) with blocking send/recv between stages,
-torch.optim.AdamW, and one torch.save file per model-parallel rank.
+all_reduce (an expert-parallel run's experts over their expert-data-parallel ranks, the
+ranks that hold the same experts), sequence-parallel norm gradients summed over
+tensor-parallel ranks, a GPipe schedule (all forwards, then all backwards) with blocking
+send/recv between stages, torch.optim.AdamW, and one torch.save file per model-parallel
+(and expert-parallel) rank.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ def _dp_cp():
 
 def _is_tp_duplicate(p) -> bool:
     return not getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_rank() > 0
+
+
+def _is_expert_parallel(p) -> bool:
+    """Megatron-Core marks the weights of experts split over expert-parallel ranks
+    allreduce=False (their gradients are not summed over all data-parallel ranks)."""
+    return not getattr(p, "allreduce", True)
+
+
+def _all_reduce_flat(grads: list, group) -> None:
+    if grads and dist.get_world_size(group) > 1:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
 
 
 class TorchEngine:
@@ -129,25 +145,27 @@ class TorchEngine:
         return torch.bfloat16 if self.args.bf16 else torch.float32
 
     def _sync_grads(self):
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if ps.get_data_parallel_world_size(with_context_parallel=True) > 1 and grads:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=_dp_cp())
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+        with_grad = [p for p in self.params if p.grad is not None]
+        _all_reduce_flat([p.grad for p in with_grad if not _is_expert_parallel(p)], _dp_cp())
+        experts = [p.grad for p in with_grad if _is_expert_parallel(p)]
+        if experts:
+            _all_reduce_flat(experts, ps.get_expert_data_parallel_group())
         if self.args.sequence_parallel:
             for p in self.params:
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
     def _grad_norm(self) -> float:
-        """L2 norm of the model's gradients, each tensor-parallel shard counted once."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)  # NCCL reduces device tensors
+        """L2 norm of the model's gradients, each tensor-parallel shard counted once, the
+        experts of every expert-parallel rank."""
+        sq = torch.zeros(2, dtype=torch.float64, device=self.params[0].device)  # NCCL reduces device tensors
         for p in self.params:
             if p.grad is not None and not _is_tp_duplicate(p):
-                sq += p.grad.double().pow(2).sum()
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
-        return sq.sqrt().item()
+                sq[int(_is_expert_parallel(p))] += p.grad.double().pow(2).sum()
+        dist.all_reduce(sq[0], group=ps.get_model_parallel_group())
+        if self.args.expert_model_parallel_size > 1:  # the split experts: over TP x EP x PP
+            dist.all_reduce(sq[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return sq.sum().sqrt().item()
 
     def _clip_grads(self) -> float:
         norm = self._grad_norm()
@@ -168,15 +186,20 @@ class TorchEngine:
 
     # --- checkpoints --------------------------------------------------------------------
     def _rank_file(self, root, iteration):
+        """mp_rank_TT_PPP.pt, with expert parallelism mp_rank_TT_PPP_EEE.pt (Megatron-LM's names)."""
         tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}.pt")
+        ep = f"_{ps.get_expert_model_parallel_rank():03d}" if self.args.expert_model_parallel_size > 1 else ""
+        return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}{ep}.pt")
 
     def save(self, root: str, iteration: int) -> None:
-        """Model, optimizer, RNG and iteration; data-parallel rank 0 of each model shard writes."""
-        if ps.get_data_parallel_rank() == 0:
+        """Model, optimizer, RNG and iteration; of the ranks holding the same model shard and
+        experts (an expert-data-parallel group: with EP = 1 the data- and context-parallel
+        ranks), the first writes."""
+        if ps.get_expert_data_parallel_rank() == 0:
             path = self._rank_file(root, iteration)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+            layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                      "ep": self.args.expert_model_parallel_size}
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "iteration": iteration, "layout": layout}, path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -187,7 +210,12 @@ class TorchEngine:
         """Resume from checkpoint `iteration` under root (`checkpoint.checkpoint_iteration`);
         returns the step to continue from (its saved iteration, or 0 with --finetune, which
         loads the weights only)."""
-        state = torch.load(self._rank_file(root, iteration), map_location="cpu", weights_only=False)
+        path = self._rank_file(root, iteration)
+        if not os.path.isfile(path):
+            raise ValueError(f"load: {root} iteration {iteration} has no {os.path.basename(path)}: the CPU engine "
+                             f"resumes the TP/PP/EP layout it saved (another layout: export it with "
+                             f"tools/convert_checkpoint.py and start from --pretrained-checkpoint)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         if self.args.finetune:
             return 0

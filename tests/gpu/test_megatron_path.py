@@ -23,6 +23,11 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "
          "--lr-warmup-iters", "5", "--log-interval", "5", "--no-progress-bar", "--device", "cuda", "--bf16",
          "--default-corpus-bytes", "2000000", "--default-vocab-size", "1024", "--split", "100,0,0"]
 
+# a layer with 4 experts (top 2) and a shared one, then a dense layer
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256", "--train-iters", "20",
+       "--moe-layer-freq", "[1,0]", "--moe-shared-expert-intermediate-size", "128",
+       "--moe-token-dispatcher-type", "alltoall"]
+
 
 def train(tmp_path, name, flags, world=1):
     out = tmp_path / f"{name}.pt"
@@ -77,10 +82,8 @@ def test_gpu_moe_trains_and_resumes(tmp_path):
     one, then a dense layer; Megatron-Core's alltoall dispatcher (CUDA only) trains like the
     allgather one, and a saved run resumes exactly."""
     os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
-    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256", "--train-iters", "20",
-           "--moe-layer-freq", "[1,0]", "--moe-shared-expert-intermediate-size", "128"]
-    a2a = train(tmp_path, "alltoall", moe + ["--moe-token-dispatcher-type", "alltoall"])
-    gather = train(tmp_path, "allgather", moe)
+    a2a = train(tmp_path, "alltoall", MOE)
+    gather = train(tmp_path, "allgather", MOE + ["--moe-token-dispatcher-type", "allgather"])
     losses = [h["loss"] for h in a2a]
     print("alltoall ", [round(x, 4) for x in losses])
     print("allgather", [round(h["loss"], 4) for h in gather])
@@ -89,12 +92,51 @@ def test_gpu_moe_trains_and_resumes(tmp_path):
     for a, b in zip(a2a, gather):  # the same routing and experts, other token orders (bf16 sums)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a["step"], a["loss"], b["loss"])
     ckpt = tmp_path / "ckpt"
-    flags = moe + ["--moe-token-dispatcher-type", "alltoall"]
-    train(tmp_path, "first", flags + ["--exit-interval", "10", "--save", str(ckpt)])
-    rest = train(tmp_path, "rest", flags + ["--load", str(ckpt)])
+    train(tmp_path, "first", MOE + ["--exit-interval", "10", "--save", str(ckpt)])
+    rest = train(tmp_path, "rest", MOE + ["--load", str(ckpt)])
     assert [h["step"] for h in rest] == list(range(11, 21))
     for a, b in zip(a2a[10:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_moe_two_gpu_layouts_match_one(tmp_path):
+    """2 GPUs on the Megatron engine: DP=2, DP=2 with the experts split (EP=2: the alltoall
+    dispatcher sends tokens to the other GPU's experts; Megatron's DDP reduces expert
+    gradients over their expert-data-parallel group) and TP=2 + SP train like one GPU (bf16:
+    other sum orders), with the same logged balance; an EP=2 checkpoint resumes exactly, and
+    its export (convert_checkpoint from-megatron, dist_checkpointing resharding the experts)
+    gives one GPU the weights the EP=2 run fine-tunes from."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    ep = ["--expert-model-parallel-size", "2"]
+    one = train(tmp_path, "one", MOE)
+    runs = {"dp2": train(tmp_path, "dp2", MOE, world=2), "ep2": train(tmp_path, "ep2", MOE + ep, world=2),
+            "tp2_sp": train(tmp_path, "tp2", MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                            world=2)}
+    print("one   ", [round(h["loss"], 4) for h in one])
+    for name, run in runs.items():
+        print(f"{name:6s}", [round(h["loss"], 4) for h in run])
+        for a, b in zip(one, run):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (name, a["step"], a["loss"], b["loss"])
+            assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=2e-2), name
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", MOE + ep + ["--exit-interval", "10", "--save", str(ckpt)], world=2)
+    rest = train(tmp_path, "rest", MOE + ep + ["--load", str(ckpt)], world=2)
+    assert [h["step"] for h in rest] == list(range(11, 21))
+    for a, b in zip(runs["ep2"][10:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    weights = tmp_path / "full.pt"
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                           "--input", str(ckpt), "--output", str(weights), *FLAGS, *MOE, "--vocab-size", "1024"],
+                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    assert any(".local_experts.3." in k for k in torch.load(weights))
+    short = ["--train-iters", "3", "--lr-warmup-iters", "1"]
+    tuned = train(tmp_path, "tuned", MOE + ep + short + ["--load", str(ckpt), "--finetune"], world=2)
+    pre = train(tmp_path, "pre", MOE + short + ["--pretrained-checkpoint", str(weights)])
+    assert tuned[0]["loss"] < one[0]["loss"] - 0.5
+    for a, b in zip(pre, tuned):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a["step"], a["loss"], b["loss"])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

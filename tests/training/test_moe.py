@@ -1,8 +1,11 @@
 """Mixture-of-Experts MLPs (--num-experts): Megatron-Core's MoELayer in the FoX layers on
 the CPU engine. The load-balancing loss's gradient is checked against the Switch
 Transformer formula computed here from the routers' inputs; --moe-layer-freq and shared
-experts build the layers asked for; DP, TP+SP, CP and PP layouts give one process's losses
-and logged balance; a run resumes exactly; bad keys are named."""
+experts build the layers asked for; DP, TP+SP, CP, PP and expert-parallel layouts give one
+process's losses and logged balance; a run resumes exactly; expert-parallel checkpoints
+resume, export and load whole weights; bad keys are named."""
+
+import os
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 from megatron_fox.training.arguments import ConfigError, parse_args
 from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
 
-from .test_train import train
+from .test_train import TINY, train
 
 MOE = ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-router-topk", "2"]
 
@@ -103,15 +106,18 @@ def test_layer_frequency_and_shared_experts(megatron_world, freq, expected):
 
 
 @pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-                         ids=["dp2", "tp2_sp", "cp2", "pp2"])
+                                    ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+                                    ["--expert-model-parallel-size", "2"]],
+                         ids=["dp2", "tp2_sp", "cp2", "pp2", "ep2"])
 def test_layouts_match_one_process(cache, tmp_path, layout):
     """Two processes as DP=2, TP=2 with sequence parallelism or CP=2 (each router sees half
     the tokens: the balancing loss's gradient must not halve, training/step.py
-    set_moe_aux_loss_scale) and PP=2 train like one."""
+    set_moe_aux_loss_scale), PP=2 and DP=2 with the experts split over them (EP=2: tokens
+    gathered to their expert's rank, expert gradients summed over no other rank, the
+    gradient norm over both ranks' experts) train like one."""
     # layer 0 with experts (and a shared one), layer 1 dense: PP=2 puts one on each stage
     flags = MOE + ["--train-iters", "4", "--log-interval", "2", "--moe-layer-freq", "2",
-                   "--moe-shared-expert-intermediate-size", "32", "--moe-per-layer-logging"]
+                   "--moe-shared-expert-intermediate-size", "32", "--moe-per-layer-logging", "--log-params-norm"]
     one = train(tmp_path, "one", flags)
     two = train(tmp_path, "two", flags + layout, world=2)
     assert [h["step"] for h in two] == [1, 2, 3, 4]
@@ -122,6 +128,11 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
         # the logged balance: the ranks' parts summed, stages gathered, DP averaged
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5), a["step"]
         assert list(b["moe_load_balancing_loss_by_layer"]) == [1]  # layer 2 is dense
+        # whole-model figures from the shards: every expert counted once
+        assert b["model_flops"] == pytest.approx(a["model_flops"], rel=1e-12)
+        if "params_norm" in a:
+            assert b["params_norm"] == pytest.approx(a["params_norm"], rel=1e-6), a["step"]
+    assert sum("params_norm" in h for h in one) == 2
 
 
 def test_resume_matches_uninterrupted(cache, tmp_path):
@@ -134,6 +145,75 @@ def test_resume_matches_uninterrupted(cache, tmp_path):
     for a, b in zip(full[3:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+
+
+def _export(tmp_path, ckpt, flags):
+    """tools/convert_checkpoint.py from-megatron of a checkpoint folder: the full state dict."""
+    import subprocess
+    import sys
+
+    from .workers import ROOT, tool_env
+
+    out = tmp_path / f"{ckpt.name}.pt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                        "--input", str(ckpt), "--output", str(out), *TINY, *flags], capture_output=True, text=True,
+                       env=tool_env(), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_expert_parallel_checkpoints(cache, tmp_path):
+    """EP=2 (DP=2): each rank's file holds its half of the experts (Megatron-LM's
+    mp_rank_TT_PPP_EEE.pt); the run resumes like the uninterrupted one-process run; its
+    export is the one-process checkpoint's (experts under their global numbers), and whole
+    weights loaded into EP=2 (--pretrained-checkpoint) train like one process from them."""
+    flags = MOE + ["--train-iters", "6", "--log-interval", "3"]
+    ep = ["--expert-model-parallel-size", "2"]
+    full = train(tmp_path, "full", flags + ["--exit-interval", "3", "--save", str(tmp_path / "one")])
+    ckpt = tmp_path / "two"
+    train(tmp_path, "first", flags + ep + ["--exit-interval", "3", "--save", str(ckpt)], world=2)
+    files = sorted(os.listdir(ckpt / "iter_0000003"))
+    assert [f for f in files if f.endswith(".pt")] == ["mp_rank_00_000_000.pt", "mp_rank_00_000_001.pt"], files
+    part = torch.load(ckpt / "iter_0000003" / "mp_rank_00_000_001.pt", weights_only=False)["model"]
+    assert sorted({k.split("local_experts.")[1][0] for k in part if "local_experts." in k}) == ["0", "1"]
+    rest = train(tmp_path, "rest", flags + ep + ["--load", str(ckpt)], world=2)
+    whole = train(tmp_path, "whole", flags)
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for a, b in zip(whole[3:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    assert full[-1]["loss"] == pytest.approx(whole[2]["loss"], rel=1e-6)
+
+    one, two = _export(tmp_path, tmp_path / "one", MOE), _export(tmp_path, ckpt, MOE)
+    assert set(two) == set(one) and any("local_experts.3." in k for k in two)
+    for name, t in one.items():
+        torch.testing.assert_close(two[name], t, rtol=1e-4, atol=1e-6, msg=name)
+    start = ["--train-iters", "2", "--log-interval", "1", "--pretrained-checkpoint", str(tmp_path / "two.pt")]
+    tuned_one, tuned_two = train(tmp_path, "t1", MOE + start), train(tmp_path, "t2", MOE + start + ep, world=2)
+    for a, b in zip(tuned_one, tuned_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+
+
+def test_expert_shards_round_trip():
+    """checkpoint.partition: expert_shard keeps rank e's experts renumbered from 0, the
+    dense tensors whole; merge_expert_shards restores the full dict; global_name maps a
+    local expert to its number in the full model."""
+    from megatron_fox.checkpoint import expert_shard, global_name, merge_expert_shards, num_experts_in
+
+    full = {f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight": torch.randn(4, 2)
+            for i in range(2) for e in range(6)}
+    full["decoder.layers.0.mlp.router.weight"] = torch.randn(6, 2)
+    parts = [expert_shard(full, e, 3) for e in range(3)]
+    assert num_experts_in(full) == 6 and all(num_experts_in(p) == 2 for p in parts)
+    assert torch.equal(parts[2]["decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"],
+                       full["decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight"])
+    assert all(torch.equal(p["decoder.layers.0.mlp.router.weight"], full["decoder.layers.0.mlp.router.weight"])
+               for p in parts)
+    merged = merge_expert_shards(parts)
+    assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
+    assert global_name("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight", 1, 2, 2, 3) == \
+        "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"
+    with pytest.raises(ValueError, match="expert_model_parallel_size"):
+        expert_shard(full, 0, 4)
 
 
 @pytest.mark.parametrize("flags,key", [
@@ -153,14 +233,18 @@ def test_resume_matches_uninterrupted(cache, tmp_path):
     (["--num-experts", "4", "--moe-layer-freq", "every other"], "moe_layer_freq"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"], "moe_shared_expert_intermediate_size"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0"], "moe_expert_capacity_factor"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "3"], "expert_model_parallel_size"),
+    (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
+    (["--num-experts", "4", "--expert-model-parallel-size", "4"], "expert_model_parallel_size"),  # DP x CP = 2
+    (["--num-experts", "4", "--expert-model-parallel-size", "2", "--deepspeed"], "expert_model_parallel_size"),
 ])
-def test_bad_keys_are_named(flags, key):
+def test_bad_keys_are_named(flags, key, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=f"'{key}'"):
         parse_args(flags)
 
 
 def test_alltoall_dispatcher_needs_cuda_and_public_format_is_dense(tmp_path):
-    import os
     import subprocess
     import sys
 
