@@ -37,6 +37,9 @@ class FoxTransformerConfig(TransformerConfig):
         memory: a fine-tuning method for short contexts; ACP's block skipping applies as
         for the unmasked op). No context parallelism.
     fox_context_pruning_beta_init: initial bias of the keep score (2: most tokens kept at first).
+    fox_moe_grouped_gemm: the MoE layers' experts as two grouped GEMMs (torch._grouped_mm;
+        `layers.grouped_experts`) instead of one MLP after another. Megatron's own
+        moe_grouped_gemm (Transformer Engine's or the grouped_gemm package's kernels) stays off.
     """
 
     fox_forget_gate: bool = True
@@ -55,6 +58,7 @@ class FoxTransformerConfig(TransformerConfig):
     fox_context_pruning: bool = False
     fox_context_pruning_dim: int = 64
     fox_context_pruning_beta_init: float = 2.0
+    fox_moe_grouped_gemm: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -41,7 +41,8 @@ def get_fox_block_spec(config, transformer_impl: str = "auto", vp_stage=None) ->
     MoELayer as their MLP."""
     dense, moe = get_fox_layer_spec(transformer_impl), None
     if config.num_moe_experts is not None:
-        moe = get_fox_layer_spec(transformer_impl, num_experts=config.num_moe_experts)
+        moe = get_fox_layer_spec(transformer_impl, num_experts=config.num_moe_experts,
+                                 grouped_gemm=getattr(config, "fox_moe_grouped_gemm", False))
     pattern = moe_layer_pattern(config)
     final_norm = fox_modules(transformer_impl)[2]
     offset, n = get_transformer_layer_offset(config, vp_stage=vp_stage), get_num_layers_to_build(config, vp_stage)
@@ -87,10 +88,12 @@ def fox_attention_submodules(transformer_impl: str = "auto") -> dict:
     return dict(input_layernorm=norm, self_attention=attention, self_attn_bda=get_bias_dropout_add)
 
 
-def fox_mlp_submodules(transformer_impl: str = "auto", num_experts: int | None = None) -> dict:
+def fox_mlp_submodules(transformer_impl: str = "auto", num_experts: int | None = None,
+                       grouped_gemm: bool = False) -> dict:
     """The MLP half of a FoX layer as TransformerLayerSubmodules keywords (pre-MLP norm,
-    MLP or, with num_experts, Megatron-Core's MoELayer of that many SequentialMLP experts,
-    its bias-dropout-add)."""
+    MLP or, with num_experts, Megatron-Core's MoELayer of that many SequentialMLP experts --
+    with grouped_gemm our GroupedGemmExperts, SequentialMLP's weights run as two grouped
+    GEMMs -- its bias-dropout-add)."""
     col, row, norm = fox_modules(transformer_impl)
     if num_experts is None:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row))
@@ -99,6 +102,10 @@ def fox_mlp_submodules(transformer_impl: str = "auto", num_experts: int | None =
 
         _define_te_general_gemm()
         mlp = get_moe_module_spec(use_te=_use_te(transformer_impl), num_experts=num_experts, moe_grouped_gemm=False)
+        if grouped_gemm:
+            from .grouped_experts import GroupedGemmExperts
+
+            mlp.submodules.experts.module = GroupedGemmExperts
     return dict(pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)
 
 
@@ -111,17 +118,19 @@ def _define_te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
-def get_fox_layer_spec(transformer_impl: str = "auto", num_experts: int | None = None) -> ModuleSpec:
+def get_fox_layer_spec(transformer_impl: str = "auto", num_experts: int | None = None,
+                       grouped_gemm: bool = False) -> ModuleSpec:
     """ModuleSpec of one FoX layer on Megatron-Core's TransformerLayer.
 
     transformer_impl: "auto" (Transformer Engine linears when TE imports, else local),
     "transformer_engine" or "local" (Megatron-Core's own layers, no TE, no Apex).
-    num_experts: a Mixture-of-Experts MLP of that many experts (None: the dense MLP).
+    num_experts: a Mixture-of-Experts MLP of that many experts (None: the dense MLP);
+    grouped_gemm: its experts as grouped GEMMs (`grouped_experts.GroupedGemmExperts`).
     The config (FoxTransformerConfig) decides output gate, QK-norm, KV-shift and ACP;
     normalization should be "RMSNorm" and gated_linear_unit with silu gives SwiGLU.
     """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(**fox_attention_submodules(transformer_impl),
-                                              **fox_mlp_submodules(transformer_impl, num_experts)),
+                                              **fox_mlp_submodules(transformer_impl, num_experts, grouped_gemm)),
     )

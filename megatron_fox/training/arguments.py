@@ -140,7 +140,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                                        "through beside its routed ones (none: no shared expert)"),
     "moe_per_layer_logging": (bool, False, "also each MoE layer's load-balancing loss (record and TensorBoard "
                                            "moe/load_balancing_loss_layer_NN)"),
-    "moe_grouped_gemm": (bool, None, "refused: the experts run one after another (SequentialMLP)"),
+    "moe_grouped_gemm": (bool, False, "the experts as two grouped GEMMs (torch._grouped_mm: bf16 on Hopper or "
+                                      "newer, or CPU; elsewhere one after another) instead of SequentialMLP's loop"),
     "expert_model_parallel_size": (int, 1, "experts split over this many data/context-parallel ranks (tokens "
                                            "dispatched to their experts' rank); must divide num_experts"),
     "seed": (int, 1234, "random seed"),
@@ -372,12 +373,10 @@ def check_positions(args: argparse.Namespace) -> None:
 
 def check_moe(args: argparse.Namespace) -> None:
     """Mixture-of-Experts keys: sizes, router, expert parallelism (its fit to the world size:
-    `check_expert_parallel`), and what is not built (grouped GEMM, MoE in the hybrid stack)."""
+    `check_expert_parallel`), and what is not built (MoE in the hybrid stack)."""
     ep = args.expert_model_parallel_size
     if ep < 1 or (ep > 1 and args.num_experts is None):
         raise ConfigError("expert_model_parallel_size", f"must be 1, or above 1 with num_experts; got {ep}")
-    if args.moe_grouped_gemm:
-        raise ConfigError("moe_grouped_gemm", "not built: the experts run one after another (SequentialMLP)")
     if args.num_experts is None:
         return
     if args.num_experts < 2:

@@ -92,6 +92,7 @@ def moe_config(args: argparse.Namespace) -> dict:
                 moe_token_dispatcher_type=args.moe_token_dispatcher_type,
                 moe_layer_freq=args.moe_layer_freq_value,
                 moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+                fox_moe_grouped_gemm=args.moe_grouped_gemm,
                 moe_router_dtype="fp32")  # routing decisions kept out of bf16 rounding
 
 

@@ -101,6 +101,7 @@ def test_layer_frequency_and_shared_experts(megatron_world, freq, expected):
         if moe:
             assert tuple(layer.mlp.shared_experts.linear_fc2.weight.shape) == (32, 48)
             assert len(layer.mlp.experts.local_experts) == 4
+            assert type(layer.mlp.experts).__name__ == "SequentialMLP"
         else:
             assert tuple(layer.mlp.linear_fc2.weight.shape) == (32, 64)
 
@@ -145,6 +146,38 @@ def test_resume_matches_uninterrupted(cache, tmp_path):
     for a, b in zip(full[3:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+
+
+def test_grouped_gemm_keeps_sequential_names(megatron_world):
+    """--moe-grouped-gemm builds GroupedGemmExperts with SequentialMLP's state-dict names and
+    shapes (checkpoints and exports are the same either way)."""
+    from megatron_fox.layers.grouped_experts import GroupedGemmExperts
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    states = {}
+    for extra in ([], ["--moe-grouped-gemm"]):
+        args = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size",
+                           "64", "--vocab-size", "64", "--device", "cpu", *MOE, *extra])
+        model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+        grouped = [isinstance(layer.mlp.experts, GroupedGemmExperts) for layer in model.decoder.layers]
+        assert grouped == [bool(extra)] * 2
+        states[bool(extra)] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert states[True] == states[False]
+
+
+@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--expert-model-parallel-size", "2"]], ids=["one", "tp2_sp", "ep2"])
+def test_grouped_gemm_trains_like_sequential(cache, tmp_path, layout):
+    """--moe-grouped-gemm (the experts as two torch._grouped_mm calls over SequentialMLP's own
+    weights) trains like Megatron-Core's SequentialMLP in one process, also with the experts'
+    weights split over TP ranks or their experts over EP ranks."""
+    flags = MOE + ["--train-iters", "3", "--log-interval", "1", "--moe-shared-expert-intermediate-size", "32"]
+    seq = train(tmp_path, "seq", flags)
+    grouped = train(tmp_path, "grouped", flags + ["--moe-grouped-gemm"] + layout, world=2 if layout else 1)
+    for a, b in zip(seq, grouped):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
 
 
 def _export(tmp_path, ckpt, flags):
@@ -226,7 +259,6 @@ def test_expert_shards_round_trip():
     (["--num-experts", "4", "--moe-aux-loss-coeff", "-1"], "moe_aux_loss_coeff"),
     (["--num-experts", "4", "--moe-token-dispatcher-type", "flex"], "moe_token_dispatcher_type"),
     (["--num-experts", "4", "--num-layers", "2", "--hybrid-layer-pattern", "*-"], "num_experts"),
-    (["--num-experts", "4", "--moe-grouped-gemm"], "moe_grouped_gemm"),
     (["--num-experts", "4", "--moe-layer-freq", "0"], "moe_layer_freq"),
     (["--num-experts", "4", "--num-layers", "3", "--moe-layer-freq", "[1,0]"], "moe_layer_freq"),
     (["--num-experts", "4", "--num-layers", "2", "--moe-layer-freq", "[1,2]"], "moe_layer_freq"),
