@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
@@ -103,10 +105,21 @@ def fox_mlp_submodules(transformer_impl: str = "auto", num_experts: int | None =
         _define_te_general_gemm()
         mlp = get_moe_module_spec(use_te=_use_te(transformer_impl), num_experts=num_experts, moe_grouped_gemm=False)
         if grouped_gemm:
-            from .grouped_experts import GroupedGemmExperts
-
-            mlp.submodules.experts.module = GroupedGemmExperts
+            _use_grouped_experts(mlp)
     return dict(pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)
+
+
+def _use_grouped_experts(moe_spec) -> None:
+    """Swap SequentialMLP for GroupedGemmExperts in Megatron-Core's MoE spec, in place:
+    a ModuleSpec whose experts are a ModuleSpec (0.16) or a functools.partial of MoELayer
+    whose experts are a partial of SequentialMLP (0.19)."""
+    from .grouped_experts import GroupedGemmExperts
+
+    if isinstance(moe_spec, functools.partial):
+        moe = moe_spec.keywords["submodules"]
+        moe.experts = functools.partial(GroupedGemmExperts, *moe.experts.args, **moe.experts.keywords)
+    else:
+        moe_spec.submodules.experts.module = GroupedGemmExperts
 
 
 def _define_te_general_gemm() -> None:

@@ -48,3 +48,25 @@ def test_grouped_experts_match_loop(dtype, tol, counts):
     x.grad = None
     grouped_swiglu_experts(x, w1, w2, probs, torch.tensor(counts)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_spec_swap_in_both_megatron_forms():
+    """layers.spec puts GroupedGemmExperts in Megatron-Core's MoE spec in either form it
+    comes in: a ModuleSpec (megatron-core 0.16) or functools.partial builders (0.19)."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+
+    from megatron_fox.layers.grouped_experts import GroupedGemmExperts
+    from megatron_fox.layers.spec import _use_grouped_experts, fox_mlp_submodules
+
+    spec = fox_mlp_submodules("local", num_experts=4, grouped_gemm=True)["mlp"]
+    assert spec.submodules.experts.module is GroupedGemmExperts
+    inner = MLPSubmodules(linear_fc1=object, linear_fc2=object)
+    partial_spec = functools.partial(MoELayer, submodules=MoESubmodules(
+        experts=functools.partial(SequentialMLP, submodules=inner)))
+    _use_grouped_experts(partial_spec)
+    experts = partial_spec.keywords["submodules"].experts
+    assert experts.func is GroupedGemmExperts and experts.keywords == {"submodules": inner}
