@@ -35,18 +35,25 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def grouped_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, probs: torch.Tensor,
-                           tokens_per_expert: torch.Tensor) -> torch.Tensor:
+                           tokens_per_expert: torch.Tensor, fused_activation: bool = False) -> torch.Tensor:
     """SwiGLU experts on tokens sorted by expert.
 
     x: [T, h] (the rows of expert e follow those of expert e-1); w1: [E, 2F, h] ([gate; up]
     rows, as Megatron's linear_fc1 holds them); w2: [E, h, F]; probs: [T] router weights;
-    tokens_per_expert: [E] (sum T). Returns [T, h] in x's dtype.
+    tokens_per_expert: [E] (sum T). fused_activation: Megatron's weighted SwiGLU kernel
+    (float32 inside, saves only its input; what SequentialMLP runs with
+    bias_activation_fusion). Returns [T, h] in x's dtype.
     """
     offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     h = _dense_grad(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))
-    gate, up = h.chunk(2, dim=-1)
-    a = (F.silu(gate) * up).float() * probs.float().unsqueeze(-1)
-    return _dense_grad(torch._grouped_mm(a.to(x.dtype), w2.transpose(1, 2), offs=offs))
+    if fused_activation:
+        from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+        a = weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1))
+    else:  # as Megatron's unfused MLP: the GLU in h's dtype, then the router weight in float32
+        gate, up = h.chunk(2, dim=-1)
+        a = ((F.silu(gate) * up).float() * probs.float().unsqueeze(-1)).to(x.dtype)
+    return _dense_grad(torch._grouped_mm(a, w2.transpose(1, 2), offs=offs))
 
 
 def _dense_grad(y: torch.Tensor) -> torch.Tensor:
@@ -83,4 +90,5 @@ class GroupedGemmExperts(SequentialMLP):
             return super().forward(x, tokens_per_expert, permuted_probs)
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
-        return grouped_swiglu_experts(x, w1, w2, permuted_probs, tokens_per_expert), None
+        return grouped_swiglu_experts(x, w1, w2, permuted_probs, tokens_per_expert,
+                                      fused_activation=self.config.bias_activation_fusion), None

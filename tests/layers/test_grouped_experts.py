@@ -21,15 +21,17 @@ def _loop_reference(x, w1, w2, probs, counts):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol,fused", [(torch.float32, 1e-5, False), (torch.bfloat16, 3e-2, False),
+                                             (torch.float32, 1e-5, True)], ids=["fp32", "bf16", "fp32_fused"])
 @pytest.mark.parametrize("counts", [[5, 0, 9, 2], [4, 4, 4, 4], [0, 0, 16, 0]])
-def test_grouped_experts_match_loop(dtype, tol, counts):
+def test_grouped_experts_match_loop(dtype, tol, fused, counts):
+    """fused: the activation by Megatron's weighted SwiGLU kernel (the CUDA path's)."""
     E, h, ffn, T = len(counts), 32, 24, sum(counts)
     x = torch.randn(T, h, dtype=dtype, requires_grad=True)
     w1 = (torch.randn(E, 2 * ffn, h) / h ** 0.5).to(dtype).requires_grad_()
     w2 = (torch.randn(E, h, ffn) / ffn ** 0.5).to(dtype).requires_grad_()
     probs = torch.rand(T, requires_grad=True)
-    y = grouped_swiglu_experts(x, w1, w2, probs, torch.tensor(counts))
+    y = grouped_swiglu_experts(x, w1, w2, probs, torch.tensor(counts), fused_activation=fused)
     assert y.dtype == dtype and y.shape == (T, h)
     grad = torch.randn(T, h, dtype=torch.float64)
     (y.double() * grad).sum().backward()
