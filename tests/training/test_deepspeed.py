@@ -49,13 +49,18 @@ def test_two_processes_match_one(plain, tmp_path, flags):
 
 def test_moe_matches_the_plain_engine(cache, tmp_path):
     """Mixture of Experts under ZeRO-2 and ZeRO-3 with DP=2 (DeepSpeed sees Megatron's expert
-    weights as plain parameters: no expert parallelism here): the plain engine's losses and
-    norms, its balancing loss scaled as the loss (step.set_moe_aux_loss_scale)."""
+    weights as plain parameters: no expert parallelism here), also with the grouped experts:
+    the plain engine's losses and norms, its balancing loss scaled as the loss
+    (step.set_moe_aux_loss_scale)."""
     flags = COMMON + ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-aux-loss-coeff", "0.1"]
     plain_moe = train(tmp_path, "plain_moe", flags)
-    for stage in ("2", "3"):
-        ds = train(tmp_path, f"zero{stage}_moe", flags + ["--deepspeed", "--zero-stage", stage], world=2)
-        _same(plain_moe, ds, f"moe zero {stage}")
+    # the grouped experts read their weights outside the experts' own forward: under ZeRO-3
+    # with every parameter partitioned (no small ones kept whole) they must still be gathered
+    config = tmp_path / "partition_all.json"
+    config.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+    for stage, extra in (("2", []), ("3", []), ("3", ["--moe-grouped-gemm", "--deepspeed-config", str(config)])):
+        ds = train(tmp_path, f"zero{stage}_moe", flags + ["--deepspeed", "--zero-stage", stage, *extra], world=2)
+        _same(plain_moe, ds, f"moe zero {stage} {extra}")
         for a, b in zip(plain_moe, ds):
             assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5)
 
