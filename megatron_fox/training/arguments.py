@@ -140,6 +140,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                                        "through beside its routed ones (none: no shared expert)"),
     "moe_per_layer_logging": (bool, False, "also each MoE layer's load-balancing loss (record and TensorBoard "
                                            "moe/load_balancing_loss_layer_NN)"),
+    "moe_expert_capacity_factor": (float, None, "token dropping: each expert takes at most ceil(factor x tokens x "
+                                                "topk / num_experts) of a router call's tokens (a micro-batch's, or "
+                                                "its TP/CP part); none: dropless"),
+    "moe_token_drop_policy": (str, "probs", "with a capacity factor, which tokens an expert keeps: probs (the "
+                                            "highest router weights) | position (Megatron-Core's topk over the "
+                                            "routing map)"),
+    "moe_pad_expert_input_to_capacity": (bool, False, "with a capacity factor, every expert gets exactly its "
+                                                      "capacity of rows (zero-weighted padding)"),
     "moe_grouped_gemm": (bool, False, "the experts as two grouped GEMMs (torch._grouped_mm: bf16 on Hopper or "
                                       "newer, or CPU; elsewhere one after another) instead of SequentialMLP's loop"),
     "expert_model_parallel_size": (int, 1, "experts split over this many data/context-parallel ranks (tokens "
@@ -396,6 +404,13 @@ def check_moe(args: argparse.Namespace) -> None:
                                                             f"{args.moe_router_load_balancing_type!r}")
     if args.moe_aux_loss_coeff < 0 or (args.moe_z_loss_coeff or 0) < 0:
         raise ConfigError("moe_aux_loss_coeff" if args.moe_aux_loss_coeff < 0 else "moe_z_loss_coeff", "must be >= 0")
+    cf = args.moe_expert_capacity_factor
+    if cf is not None and cf <= 0:
+        raise ConfigError("moe_expert_capacity_factor", f"must be > 0, got {cf} (leave it unset for dropless)")
+    if args.moe_token_drop_policy not in ("probs", "position"):
+        raise ConfigError("moe_token_drop_policy", f"must be probs or position, got {args.moe_token_drop_policy!r}")
+    if args.moe_pad_expert_input_to_capacity and cf is None:
+        raise ConfigError("moe_pad_expert_input_to_capacity", "needs moe_expert_capacity_factor")
     if args.moe_token_dispatcher_type not in ("allgather", "alltoall"):
         raise ConfigError("moe_token_dispatcher_type", f"must be allgather or alltoall, got "
                                                        f"{args.moe_token_dispatcher_type!r}")

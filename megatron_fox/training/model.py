@@ -93,6 +93,9 @@ def moe_config(args: argparse.Namespace) -> dict:
                 moe_layer_freq=args.moe_layer_freq_value,
                 moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
                 fox_moe_grouped_gemm=args.moe_grouped_gemm,
+                moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+                moe_token_drop_policy=args.moe_token_drop_policy,
+                moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
                 moe_router_dtype="fp32")  # routing decisions kept out of bf16 rounding
 
 

@@ -5,10 +5,12 @@ experts build the layers asked for; DP, TP+SP, CP, PP and expert-parallel layout
 process's losses and logged balance; a run resumes exactly; expert-parallel checkpoints
 resume, export and load whole weights; bad keys are named."""
 
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_fox.training.arguments import ConfigError, parse_args
 from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
@@ -106,21 +108,27 @@ def test_layer_frequency_and_shared_experts(megatron_world, freq, expected):
             assert tuple(layer.mlp.linear_fc2.weight.shape) == (32, 64)
 
 
-@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
-                                    ["--expert-model-parallel-size", "2"]],
-                         ids=["dp2", "tp2_sp", "cp2", "pp2", "ep2"])
+TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+EP2 = ["--expert-model-parallel-size", "2"]
+
+
+@pytest.mark.parametrize("layout", [[], TP2_SP, ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+                                    EP2, EP2 + ["--context-parallel-size", "2"], EP2 + TP2_SP,
+                                    EP2 + ["--pipeline-model-parallel-size", "2"]],
+                         ids=["dp2", "tp2_sp", "cp2", "pp2", "ep2", "ep2_cp2", "ep2_tp2_sp_dp2", "ep2_pp2_dp2"])
 def test_layouts_match_one_process(cache, tmp_path, layout):
     """Two processes as DP=2, TP=2 with sequence parallelism or CP=2 (each router sees half
     the tokens: the balancing loss's gradient must not halve, training/step.py
     set_moe_aux_loss_scale), PP=2 and DP=2 with the experts split over them (EP=2: tokens
     gathered to their expert's rank, expert gradients summed over no other rank, the
-    gradient norm over both ranks' experts) train like one."""
+    gradient norm over both ranks' experts) train like one; so do EP=2 over the two
+    context-parallel ranks, and four processes of EP=2 beside TP=2 + SP or PP=2."""
     # layer 0 with experts (and a shared one), layer 1 dense: PP=2 puts one on each stage
     flags = MOE + ["--train-iters", "4", "--log-interval", "2", "--moe-layer-freq", "2",
                    "--moe-shared-expert-intermediate-size", "32", "--moe-per-layer-logging", "--log-params-norm"]
     one = train(tmp_path, "one", flags)
-    two = train(tmp_path, "two", flags + layout, world=2)
+    ep_beside = EP2[0] in layout and any(k in layout for k in (TP2_SP[0], "--pipeline-model-parallel-size"))
+    two = train(tmp_path, "two", flags + layout, world=4 if ep_beside else 2)
     assert [h["step"] for h in two] == [1, 2, 3, 4]
     assert all(h.get("moe_load_balancing_loss", 0) > 0.9 for h in one[1::2]), one
     for a, b in zip(one, two):
@@ -146,6 +154,73 @@ def test_resume_matches_uninterrupted(cache, tmp_path):
     for a, b in zip(full[3:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+
+
+def _dropping_reference(x, layer, topk, capacity_factor):
+    """A MoE layer's output from its weights, in float64: the router's top-k logits, a
+    softmax over them, each expert keeping the ceil(T * topk / E * factor) assignments of
+    highest weight (Megatron's "probs" policy), output = sum of weight x SwiGLU expert.
+    Returns (output [T, h], assignments dropped)."""
+    xs = x.reshape(-1, x.shape[-1]).double()
+    logits = xs @ layer.router.weight.double().t()
+    experts = logits.shape[1]
+    top, chosen = logits.topk(topk, dim=1)
+    weights = torch.zeros_like(logits).scatter(1, chosen, top.softmax(dim=1))
+    capacity = math.ceil(xs.shape[0] * topk / experts * capacity_factor)
+    out, dropped = torch.zeros_like(xs), 0
+    for e, expert in enumerate(layer.experts.local_experts):
+        routed = weights[:, e].nonzero().flatten()
+        keep = routed[weights[routed, e].argsort(descending=True)[:capacity]]
+        dropped += len(routed) - len(keep)
+        gate, up = (xs[keep] @ expert.linear_fc1.weight.double().t()).chunk(2, dim=-1)
+        out[keep] += weights[keep, e, None] * ((F.silu(gate) * up) @ expert.linear_fc2.weight.double().t())
+    return out, dropped
+
+
+@pytest.mark.parametrize("extra", [[], ["--moe-pad-expert-input-to-capacity"],
+                                   ["--moe-pad-expert-input-to-capacity", "--moe-grouped-gemm"]],
+                         ids=["drop", "drop_and_pad", "drop_and_pad_grouped"])
+def test_capacity_factor_drops_as_the_reference(megatron_world, extra):
+    """--moe-expert-capacity-factor: the MoE layer's output is the reference's with the
+    overflowing assignments of each expert dropped (some are, at factor 0.5); padding each
+    expert's input to its capacity (zero-weighted rows), through SequentialMLP or the
+    grouped GEMMs, changes nothing; without the factor the output differs."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    outs = {}
+    for factor in ("0.5", None):
+        flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
+                 "--vocab-size", "64", "--device", "cpu", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+                 "--moe-router-topk", "2"]
+        flags += ["--moe-expert-capacity-factor", factor, *extra] if factor else []
+        args = parse_args(flags)
+        torch.manual_seed(0)
+        model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+        layer = model.decoder.layers[0].mlp
+        layer.eval()
+        x = torch.randn(24, 2, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            outs[factor] = layer(x)[0].reshape(-1, 32).double()
+            if factor:
+                ref, dropped = _dropping_reference(x, layer, 2, float(factor))
+    assert dropped >= 48, dropped  # of 48 x 2 assignments each expert keeps 12 at most
+    torch.testing.assert_close(outs["0.5"], ref, rtol=1e-4, atol=1e-5)
+    assert (outs[None] - ref).abs().max() > 1e-3
+
+
+def test_capacity_factor_trains_alike_with_experts_split(cache, tmp_path):
+    """With a capacity factor each router call drops by its own tokens (a micro-batch on
+    each rank): DP=2 with the experts split (EP=2) trains like one process, and the drops
+    change the losses against the dropless run."""
+    flags = MOE + ["--train-iters", "3", "--log-interval", "1", "--moe-expert-capacity-factor", "0.5"]
+    one = train(tmp_path, "one", flags)
+    two = train(tmp_path, "two", flags + EP2, world=2)
+    dropless = train(tmp_path, "dropless", MOE + ["--train-iters", "3", "--log-interval", "1"])
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    gaps = [abs(c["loss"] - a["loss"]) for a, c in zip(one, dropless)]
+    assert max(gaps) > 1e-4, gaps
 
 
 def test_grouped_gemm_keeps_sequential_names(megatron_world):
@@ -264,7 +339,11 @@ def test_expert_shards_round_trip():
     (["--num-experts", "4", "--num-layers", "2", "--moe-layer-freq", "[1,2]"], "moe_layer_freq"),
     (["--num-experts", "4", "--moe-layer-freq", "every other"], "moe_layer_freq"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"], "moe_shared_expert_intermediate_size"),
-    (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0"], "moe_expert_capacity_factor"),
+    (["--num-experts", "4", "--moe-router-score-function", "sigmoid"], "moe_router_score_function"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "moe_expert_capacity_factor"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "1", "--moe-token-drop-policy", "random"],
+     "moe_token_drop_policy"),
+    (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], "moe_pad_expert_input_to_capacity"),
     (["--num-experts", "4", "--expert-model-parallel-size", "3"], "expert_model_parallel_size"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
     (["--num-experts", "4", "--expert-model-parallel-size", "4"], "expert_model_parallel_size"),  # DP x CP = 2
