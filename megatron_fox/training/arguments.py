@@ -134,6 +134,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "moe_z_loss_coeff": (float, None, "weight of the router's z-loss (ST-MoE); none: off"),
     "moe_token_dispatcher_type": (str, "allgather", "allgather | alltoall (alltoall: CUDA)"),
     "moe_router_pre_softmax": (bool, False, "softmax over all experts before the top-k (else over the top-k)"),
+    "moe_router_score_function": (str, "softmax", "softmax | sigmoid (DeepSeek-V3's scores; the top-k weights "
+                                                  "normalised to sum 1 where topk > 1)"),
+    "moe_router_enable_expert_bias": (bool, False, "aux-loss-free balancing (DeepSeek-V3): a per-expert bias "
+                                                   "added to the scores for the top-k choice only, moved each "
+                                                   "step by moe_router_bias_update_rate toward equal loads; "
+                                                   "needs the sigmoid score function"),
+    "moe_router_bias_update_rate": (float, 1e-3, "the expert bias's step per global batch"),
+    "moe_router_topk_scaling_factor": (float, None, "multiplies the routing weights (DeepSeek-V3: 2.5)"),
     "moe_layer_freq": (str, "1", "which layers get experts, as Megatron-LM: N (layers 0, N, 2N, ...) or a Python "
                                  "list expression of 0/1 per layer, e.g. '([1]*3+[0])*2'"),
     "moe_shared_expert_intermediate_size": (int, None, "a shared expert of this hidden size every token runs "
@@ -404,6 +412,15 @@ def check_moe(args: argparse.Namespace) -> None:
                                                             f"{args.moe_router_load_balancing_type!r}")
     if args.moe_aux_loss_coeff < 0 or (args.moe_z_loss_coeff or 0) < 0:
         raise ConfigError("moe_aux_loss_coeff" if args.moe_aux_loss_coeff < 0 else "moe_z_loss_coeff", "must be >= 0")
+    if args.moe_router_score_function not in ("softmax", "sigmoid"):
+        raise ConfigError("moe_router_score_function", f"must be softmax or sigmoid, got "
+                                                       f"{args.moe_router_score_function!r}")
+    if args.moe_router_enable_expert_bias and args.moe_router_score_function != "sigmoid":
+        raise ConfigError("moe_router_enable_expert_bias", "needs moe_router_score_function sigmoid (as Megatron-Core)")
+    if args.moe_router_bias_update_rate <= 0:
+        raise ConfigError("moe_router_bias_update_rate", f"must be > 0, got {args.moe_router_bias_update_rate}")
+    if args.moe_router_topk_scaling_factor is not None and args.moe_router_topk_scaling_factor <= 0:
+        raise ConfigError("moe_router_topk_scaling_factor", f"must be > 0, got {args.moe_router_topk_scaling_factor}")
     cf = args.moe_expert_capacity_factor
     if cf is not None and cf <= 0:
         raise ConfigError("moe_expert_capacity_factor", f"must be > 0, got {cf} (leave it unset for dropless)")

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale
+from .step import (check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale,
+                   update_router_expert_bias)
 from .torch_engine import TorchEngine, _dp_cp
 
 
@@ -131,6 +132,7 @@ class DeepSpeedEngine(TorchEngine):
                 if self.args.zero_stage == 0:
                     norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
             self.ds.step()
+        update_router_expert_bias(self.model, self.args)
         norm = self.ds.get_global_grad_norm() if norm is None else norm
         norm = None if norm is None else float(norm)
         check_finite(iteration, self.args, mean_loss, norm)  # ZeRO knows the norm after its update only

@@ -7,6 +7,7 @@ import math
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -117,6 +118,27 @@ def _router_counts_tp_cp_tokens() -> bool:
         return "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
     except (OSError, TypeError):  # installed without sources: by the releases seen (0.16 without, 0.19 with)
         return Version(megatron.core.__version__) >= Version("0.19")
+
+
+@torch.no_grad()
+def update_router_expert_bias(model, args) -> None:
+    """Aux-loss-free load balancing (Wang et al. 2024, DeepSeek-V3), once per global batch:
+    each router's expert bias b_e += rate * sign(mean_e' c_e' - c_e), c_e the tokens the
+    router sent to expert e in this step's forwards (Megatron-Core counts them in
+    local_tokens_per_expert) summed over the TP x CP x DP ranks; the counts restart at 0.
+    The Megatron engine gets this from Megatron-Core's finalize_model_grads; the CPU and
+    DeepSpeed engines call it after their backward passes."""
+    if not args.moe_router_enable_expert_bias:
+        return
+    routers = [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
+    if not routers:  # a pipeline stage without MoE layers (its whole TP x CP x DP group alike)
+        return
+    counts = torch.stack([r.local_tokens_per_expert for r in routers])
+    dist.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+    offsets = counts.mean(dim=-1, keepdim=True) - counts
+    for router, offset in zip(routers, offsets):
+        router.expert_bias += torch.sign(offset) * args.moe_router_bias_update_rate
+        router.local_tokens_per_expert.zero_()
 
 
 def moe_load_balancing_losses(args, micro_batches: int):

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale
+from .step import (check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale,
+                   update_router_expert_bias)
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -84,6 +85,7 @@ class TorchEngine:
         set_moe_aux_loss_scale(self.args, 1.0 / float(tokens), self.params[0].device)
         loss_sum = self._forward_backward(batches, tokens)
         self._sync_grads()
+        update_router_expert_bias(self.model, self.args)
         return loss_sum, tokens
 
     @torch.no_grad()

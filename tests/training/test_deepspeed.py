@@ -65,6 +65,17 @@ def test_moe_matches_the_plain_engine(cache, tmp_path):
             assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-5)
 
 
+def test_moe_expert_bias_matches_the_plain_engine(cache, tmp_path):
+    """Aux-loss-free balancing under DeepSpeed (ZeRO-1, DP=2): the engine moves the routers'
+    expert biases after each step as the plain engine does (training/step.py
+    update_router_expert_bias), so the routing and the losses stay the plain engine's."""
+    flags = COMMON + ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-router-score-function", "sigmoid",
+                      "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05"]
+    plain_bias = train(tmp_path, "plain_bias", flags)
+    _same(plain_bias, train(tmp_path, "zero1_bias", flags + ["--deepspeed", "--zero-stage", "1"], world=2),
+          "expert bias zero 1")
+
+
 def test_rampup_batch_size_changes_the_accumulation(cache, tmp_path):
     """--rampup-batch-size: DeepSpeed's accumulation steps follow each step's micro-batches
     (2 sequences of 2, then 8 of 4 with DP=2), the losses and norms those of one plain process."""

@@ -144,8 +144,12 @@ def test_layouts_match_one_process(cache, tmp_path, layout):
     assert sum("params_norm" in h for h in one) == 2
 
 
-def test_resume_matches_uninterrupted(cache, tmp_path):
-    flags = MOE + ["--train-iters", "6", "--log-interval", "3"]
+@pytest.mark.parametrize("extra", [[], ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                                         "--moe-router-bias-update-rate", "0.05"]], ids=["aux_loss", "expert_bias"])
+def test_resume_matches_uninterrupted(cache, tmp_path, extra):
+    """A resumed run continues the uninterrupted one (with aux-loss-free balancing the
+    routers' expert biases are in the checkpoint)."""
+    flags = MOE + ["--train-iters", "6", "--log-interval", "3", *extra]
     full = train(tmp_path, "full", flags)
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "first", flags + ["--exit-interval", "3", "--save", str(ckpt)])
@@ -221,6 +225,64 @@ def test_capacity_factor_trains_alike_with_experts_split(cache, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
     gaps = [abs(c["loss"] - a["loss"]) for a, c in zip(one, dropless)]
     assert max(gaps) > 1e-4, gaps
+
+
+def test_expert_bias_moves_toward_balance(megatron_world):
+    """--moe-router-enable-expert-bias (sigmoid scores): after each step every router's bias
+    is the previous one plus rate * sign(mean load - load of e), the loads counted here from
+    the routers' inputs as top-k of sigmoid(logits) + bias over the step's micro-batches;
+    the counts restart each step."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+    from megatron_fox.training.step import collate, with_documents
+    from megatron_fox.training.torch_engine import TorchEngine
+
+    route_megatron_buffers_to_cpu()
+    rate, hidden, eod = 0.01, 32, 63
+    args = parse_args(["--num-layers", "2", "--hidden-size", str(hidden), "--num-attention-heads", "2",
+                       "--ffn-hidden-size", "64", "--seq-length", "24", "--micro-batch-size", "2",
+                       "--global-batch-size", "4", "--vocab-size", "64", "--device", "cpu", *MOE,
+                       "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                       "--moe-router-bias-update-rate", str(rate), "--moe-router-load-balancing-type", "none"])
+    torch.manual_seed(0)
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+    engine = TorchEngine(model, args, eod=eod)
+    routers = [m.router for m in model.modules() if hasattr(m, "router") and hasattr(m.router, "weight")]
+    inputs = {id(r): [] for r in routers}
+    for r in routers:
+        r.register_forward_hook(lambda mod, a, out, r=r: inputs[id(r)].append(a[0].detach().reshape(-1, hidden)))
+    expected = {id(r): torch.zeros(4, dtype=torch.float64) for r in routers}
+    for step in range(3):
+        batches = []
+        for _ in range(2):
+            tokens = torch.randint(0, eod, (2, 25))
+            samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(24),
+                        "position_ids": torch.arange(24)} for t in tokens]
+            batches.append(with_documents(collate(samples), eod))
+        for r in routers:
+            inputs[id(r)].clear()
+        engine.gradients(batches)
+        for r in routers:
+            counts = torch.zeros(4, dtype=torch.float64)
+            for x in inputs[id(r)]:
+                scores = torch.sigmoid(x.double() @ r.weight.double().t()) + expected[id(r)]
+                counts += torch.nn.functional.one_hot(scores.topk(2, dim=1).indices, 4).sum(dim=(0, 1))
+            assert counts.sum() == 2 * 2 * 2 * 24 and len(inputs[id(r)]) == 2
+            expected[id(r)] += rate * torch.sign(counts.mean() - counts)
+            torch.testing.assert_close(r.expert_bias.double(), expected[id(r)], rtol=0, atol=1e-6)
+            assert not r.local_tokens_per_expert.any()
+    assert any(b.abs().sum() > 0 for b in expected.values())
+
+
+@pytest.mark.parametrize("layout", [EP2, TP2_SP], ids=["dp2_ep2", "tp2_sp"])
+def test_expert_bias_layouts_match_one_process(cache, tmp_path, layout):
+    """The expert-bias update counts every rank's tokens (TP x CP x DP): DP=2 with EP=2 and
+    TP=2 + SP train like one process (the biases decide the routing of later steps)."""
+    flags = MOE + ["--train-iters", "5", "--log-interval", "1", "--moe-router-score-function", "sigmoid",
+                   "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05"]
+    one = train(tmp_path, "one", flags)
+    two = train(tmp_path, "two", flags + layout, world=2)
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
 
 
 def test_grouped_gemm_keeps_sequential_names(megatron_world):
@@ -339,7 +401,11 @@ def test_expert_shards_round_trip():
     (["--num-experts", "4", "--num-layers", "2", "--moe-layer-freq", "[1,2]"], "moe_layer_freq"),
     (["--num-experts", "4", "--moe-layer-freq", "every other"], "moe_layer_freq"),
     (["--num-experts", "4", "--moe-shared-expert-intermediate-size", "0"], "moe_shared_expert_intermediate_size"),
-    (["--num-experts", "4", "--moe-router-score-function", "sigmoid"], "moe_router_score_function"),
+    (["--num-experts", "4", "--moe-router-score-function", "tanh"], "moe_router_score_function"),
+    (["--num-experts", "4", "--moe-router-enable-expert-bias"], "moe_router_enable_expert_bias"),
+    (["--num-experts", "4", "--moe-router-bias-update-rate", "0"], "moe_router_bias_update_rate"),
+    (["--num-experts", "4", "--moe-router-topk-scaling-factor", "-1"], "moe_router_topk_scaling_factor"),
+    (["--num-experts", "4", "--moe-router-num-groups", "2"], "moe_router_num_groups"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "moe_expert_capacity_factor"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "1", "--moe-token-drop-policy", "random"],
      "moe_token_drop_policy"),
