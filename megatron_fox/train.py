@@ -200,7 +200,11 @@ def _load(engine, args) -> int:
             key = "ckpt_step" if args.ckpt_step is not None else "load"
             print(f"megatron_fox: error: config key '{key}': {e}", file=sys.stderr)
             sys.exit(2)
-        return engine.load(args.load, iteration)
+        try:
+            return engine.load(args.load, iteration)
+        except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors)
+            print(f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
+            sys.exit(2)
     if args.exit_on_missing_checkpoint or args.finetune:
         print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "
               f"latest_checkpointed_iteration.txt)", file=sys.stderr)

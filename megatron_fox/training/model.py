@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import zlib
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -174,16 +175,17 @@ def attention_layers(model) -> list:
 
 
 @torch.no_grad()
-def load_full_state_dict(model, path: str, args) -> None:
+def load_full_state_dict(model, path: str, args, full: Optional[dict] = None) -> None:
     """Copy a full (TP = PP = 1) state dict file (GPTModel names) into this rank's stage, TP
-    shard and experts (a HybridModel "*-" * N: renamed to its layers). Raises ValueError naming the
+    shard and experts (a HybridModel "*-" * N: renamed to its layers). full: that state dict
+    already read (path then only names it in messages). Raises ValueError naming the
     tensors that are missing, extra or of the wrong shape."""
     from megatron.core import parallel_state as ps
 
     from ..checkpoint import gpt_to_hybrid_names, shard_state_dict
     from ..checkpoint.public_fox import load_state_file
 
-    full = load_state_file(path)
+    full = load_state_file(path) if full is None else full
     if args.hybrid_layer_pattern is not None:  # the file holds GPTModel names; "*-" * N takes them
         full = gpt_to_hybrid_names(full)
     shard = shard_state_dict(full, args.num_layers, ps.get_tensor_model_parallel_rank(),
@@ -199,7 +201,7 @@ def load_full_state_dict(model, path: str, args) -> None:
     missing, extra = sorted(set(own) - set(shard)), sorted(set(shard) - set(own))
     wrong = [k for k in own if k in shard and tuple(shard[k].shape) != tuple(own[k].shape)]
     if missing or extra or wrong:
-        raise ValueError(f"pretrained_checkpoint {path} does not fit the model: missing {missing[:4]}, "
+        raise ValueError(f"{path} does not fit the model: missing {missing[:4]}, "
                          f"unexpected {extra[:4]}, wrong shape {[(k, tuple(shard[k].shape)) for k in wrong[:4]]}")
     for name, t in own.items():
         t.copy_(shard[name])

@@ -187,6 +187,10 @@ class TorchEngine:
         return (loss / tokens.double()).item()
 
     # --- checkpoints --------------------------------------------------------------------
+    def _layout(self) -> dict:
+        return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                "ep": self.args.expert_model_parallel_size}
+
     def _rank_file(self, root, iteration):
         """mp_rank_TT_PPP.pt, with expert parallelism mp_rank_TT_PPP_EEE.pt (Megatron-LM's names)."""
         tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
@@ -200,8 +204,7 @@ class TorchEngine:
         if ps.get_expert_data_parallel_rank() == 0:
             path = self._rank_file(root, iteration)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-                      "ep": self.args.expert_model_parallel_size}
+            layout = self._layout()
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "iteration": iteration, "layout": layout}, path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -213,11 +216,15 @@ class TorchEngine:
         returns the step to continue from (its saved iteration, or 0 with --finetune, which
         loads the weights only)."""
         path = self._rank_file(root, iteration)
-        if not os.path.isfile(path):
-            raise ValueError(f"load: {root} iteration {iteration} has no {os.path.basename(path)}: the CPU engine "
-                             f"resumes the TP/PP/EP layout it saved (another layout: export it with "
-                             f"tools/convert_checkpoint.py and start from --pretrained-checkpoint)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+        saved = (state or {}).get("layout")  # files before the layout was recorded: TP and PP only
+        if state is None or (saved is not None and {"ep": 1, **saved} != self._layout()):
+            if not (self.args.finetune or not (self.args.load_optim or self.args.load_rng)):
+                raise ValueError(f"{root} iteration {iteration} was saved with another TP/PP/EP layout than this "
+                                 f"run's {self._layout()} (this rank's {os.path.basename(path)} "
+                                 f"{'differs' if state else 'is missing'}): a resume keeps the layout; its weights "
+                                 f"load into any layout with --finetune, or --no-load-optim --no-load-rng")
+            return self._load_weights_of_other_layout(root, iteration)
         self.model.load_state_dict(state["model"])
         if self.args.finetune:
             return 0
@@ -226,3 +233,14 @@ class TorchEngine:
         if self.args.load_rng:
             torch.set_rng_state(state["rng"])
         return state["iteration"]
+
+    def _load_weights_of_other_layout(self, root: str, iteration: int) -> int:
+        """The weights of a checkpoint saved with another TP/PP/EP layout: every rank file
+        merged into the full model (as tools/convert_checkpoint.py exports it), this rank's
+        part taken."""
+        from ..checkpoint.export import merge_rank_files
+        from .model import load_full_state_dict
+
+        folder = iteration_dir(root, iteration)
+        load_full_state_dict(self.model, folder, self.args, full=merge_rank_files(folder, self.args.num_layers))
+        return 0 if self.args.finetune else iteration

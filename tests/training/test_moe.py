@@ -335,8 +335,10 @@ def _export(tmp_path, ckpt, flags):
 def test_expert_parallel_checkpoints(cache, tmp_path):
     """EP=2 (DP=2): each rank's file holds its half of the experts (Megatron-LM's
     mp_rank_TT_PPP_EEE.pt); the run resumes like the uninterrupted one-process run; its
-    export is the one-process checkpoint's (experts under their global numbers), and whole
-    weights loaded into EP=2 (--pretrained-checkpoint) train like one process from them."""
+    export is the one-process checkpoint's (experts under their global numbers); whole
+    weights loaded into EP=2 (--pretrained-checkpoint) train like one process from them, and
+    so does one process fine-tuning from the EP=2 checkpoint itself (--load --finetune), while
+    a full resume into another layout stops naming 'load'."""
     flags = MOE + ["--train-iters", "6", "--log-interval", "3"]
     ep = ["--expert-model-parallel-size", "2"]
     full = train(tmp_path, "full", flags + ["--exit-interval", "3", "--save", str(tmp_path / "one")])
@@ -359,8 +361,17 @@ def test_expert_parallel_checkpoints(cache, tmp_path):
         torch.testing.assert_close(two[name], t, rtol=1e-4, atol=1e-6, msg=name)
     start = ["--train-iters", "2", "--log-interval", "1", "--pretrained-checkpoint", str(tmp_path / "two.pt")]
     tuned_one, tuned_two = train(tmp_path, "t1", MOE + start), train(tmp_path, "t2", MOE + start + ep, world=2)
-    for a, b in zip(tuned_one, tuned_two):
+    # the EP=2 checkpoint's weights straight into one process (merged from its rank files)
+    direct = train(tmp_path, "t3", MOE + ["--train-iters", "2", "--log-interval", "1", "--load", str(ckpt),
+                                          "--finetune"])
+    for a, b, c in zip(tuned_one, tuned_two, direct):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], c["loss"])
+    # a full resume must keep the layout: named, exit 2
+    from .test_train import _run_cli
+
+    r = _run_cli(TINY + flags + ["--load", str(ckpt)], tmp_path)
+    assert r.returncode == 2 and "'load'" in r.stderr and "mp_rank_00_000.pt is missing" in r.stderr, r.stderr[-2000:]
 
 
 def test_expert_shards_round_trip():

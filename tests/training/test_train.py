@@ -149,9 +149,18 @@ def test_rampup_batch_size_trains_and_resumes(cache, tmp_path):
 @pytest.mark.parametrize("flags", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2_sp", "pp2"])
 def test_two_process_training_matches_single(cache, tmp_path, flags):
+    """TP=2 + SP and PP=2 train like one process; the checkpoint's weights load into one
+    process (--finetune: its rank files merged, this layout's part taken) as into its own
+    layout, and a full resume into another layout stops naming 'load'."""
     common = ["--train-iters", "6", "--num-query-groups", "2", "--log-params-norm", "--log-interval", "3"]
     single = train(tmp_path, "single", common)
-    multi = train(tmp_path, "multi", common + flags, world=2)
+    ckpt = tmp_path / "ckpt"
+    multi = train(tmp_path, "multi", common + flags + ["--save", str(ckpt)], world=2)
+    tune = ["--train-iters", "1", "--num-query-groups", "2", "--load", str(ckpt), "--finetune"]
+    same_layout, one = train(tmp_path, "same", tune + flags, world=2), train(tmp_path, "one", tune)
+    assert one[0]["loss"] == pytest.approx(same_layout[0]["loss"], rel=1e-5)
+    r = _run_cli(TINY + ["--num-query-groups", "2", "--train-iters", "8", "--load", str(ckpt)], tmp_path)
+    assert r.returncode == 2 and "'load'" in r.stderr and "another TP/PP/EP layout" in r.stderr, r.stderr[-2000:]
     assert [h["step"] for h in single if "params_norm" in h] == [3, 6]
     for a, b in zip(single, multi):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (a["step"], a["loss"], b["loss"])
