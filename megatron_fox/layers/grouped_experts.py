@@ -58,9 +58,11 @@ def grouped_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, 
 
 def _dense_grad(y: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm's backward refuses a broadcast (stride 0) incoming gradient, as
-    y.sum() gives: hand it a dense one."""
+    y.sum() gives: hand it a dense one (a copy: an empty tensor stays stride 0 under
+    .contiguous(), and a rank can get no tokens at all)."""
     if y.requires_grad:
-        y.register_hook(lambda g: g.contiguous())
+        y.register_hook(lambda g: g if g.is_contiguous() and 0 not in g.stride() else
+                        g.clone(memory_format=torch.contiguous_format))
     return y
 
 

@@ -72,3 +72,16 @@ def test_spec_swap_in_both_megatron_forms():
     _use_grouped_experts(partial_spec)
     experts = partial_spec.keywords["submodules"].experts
     assert experts.func is GroupedGemmExperts and experts.keywords == {"submodules": inner}
+
+
+def test_no_tokens_gives_zero_gradients():
+    """A rank whose experts get no token at all (expert parallelism, small batches): an empty
+    output and zero weight gradients, as SequentialMLP's loop over empty inputs gives (every
+    rank must hand the same gradients to the all-reduce)."""
+    x = torch.randn(0, 16, requires_grad=True)
+    w1, w2 = torch.randn(3, 16, 16, requires_grad=True), torch.randn(3, 16, 8, requires_grad=True)
+    probs = torch.rand(0, requires_grad=True)
+    y = grouped_swiglu_experts(x, w1, w2, probs, torch.zeros(3, dtype=torch.long))
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert w1.grad is not None and not w1.grad.any() and w2.grad is not None and not w2.grad.any()
