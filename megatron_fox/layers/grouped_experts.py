@@ -25,12 +25,13 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs for these inputs: on CPU (torch's reference loop) any
-    float dtype; on CUDA bfloat16 on compute capability 9.0 or newer (CUTLASS kernels)."""
+    """Whether torch._grouped_mm runs for these inputs: on CPU (torch's reference loop)
+    float32, bfloat16 or float16; on CUDA bfloat16 on compute capability 9.0 or newer
+    (CUTLASS kernels)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cpu":
-        return True
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
 
 

@@ -85,3 +85,14 @@ def test_no_tokens_gives_zero_gradients():
     assert y.shape == (0, 16)
     y.sum().backward()
     assert w1.grad is not None and not w1.grad.any() and w2.grad is not None and not w2.grad.any()
+
+
+def test_availability_by_device_and_dtype():
+    from megatron_fox.layers.grouped_experts import grouped_mm_available
+
+    cpu = torch.device("cpu")
+    assert grouped_mm_available(cpu, torch.float32) and grouped_mm_available(cpu, torch.bfloat16)
+    assert not grouped_mm_available(cpu, torch.float64)  # torch._grouped_mm refuses it: the loop runs
+    with pytest.raises(RuntimeError):
+        torch._grouped_mm(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(1, 8, 8, dtype=torch.float64),
+                          offs=torch.tensor([2], dtype=torch.int32))
