@@ -219,7 +219,8 @@ class TorchEngine:
         state = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
         saved = (state or {}).get("layout")  # files before the layout was recorded: TP and PP only
         if state is None or (saved is not None and {"ep": 1, **saved} != self._layout()):
-            if not (self.args.finetune or not (self.args.load_optim or self.args.load_rng)):
+            weights_only = self.args.finetune or not (self.args.load_optim or self.args.load_rng)
+            if not weights_only:
                 raise ValueError(f"{root} iteration {iteration} was saved with another TP/PP/EP layout than this "
                                  f"run's {self._layout()} (this rank's {os.path.basename(path)} "
                                  f"{'differs' if state else 'is missing'}): a resume keeps the layout; its weights "
