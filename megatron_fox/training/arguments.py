@@ -142,6 +142,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                                    "needs the sigmoid score function"),
     "moe_router_bias_update_rate": (float, 1e-3, "the expert bias's step per global batch"),
     "moe_router_topk_scaling_factor": (float, None, "multiplies the routing weights (DeepSeek-V3: 2.5)"),
+    "moe_router_num_groups": (int, None, "group-limited routing (DeepSeek-V2/V3): the experts in this many equal "
+                                         "groups (e.g. the EP ranks or nodes), each token's experts from "
+                                         "moe_router_group_topk of them"),
+    "moe_router_group_topk": (int, None, "groups a token's experts come from (the groups of highest sum of "
+                                         "their top moe_router_topk / moe_router_group_topk scores)"),
     "moe_layer_freq": (str, "1", "which layers get experts, as Megatron-LM: N (layers 0, N, 2N, ...) or a Python "
                                  "list expression of 0/1 per layer, e.g. '([1]*3+[0])*2'"),
     "moe_shared_expert_intermediate_size": (int, None, "a shared expert of this hidden size every token runs "
@@ -421,6 +426,19 @@ def check_moe(args: argparse.Namespace) -> None:
         raise ConfigError("moe_router_bias_update_rate", f"must be > 0, got {args.moe_router_bias_update_rate}")
     if args.moe_router_topk_scaling_factor is not None and args.moe_router_topk_scaling_factor <= 0:
         raise ConfigError("moe_router_topk_scaling_factor", f"must be > 0, got {args.moe_router_topk_scaling_factor}")
+    groups, group_topk = args.moe_router_num_groups, args.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        raise ConfigError("moe_router_group_topk" if groups else "moe_router_num_groups",
+                          "group-limited routing needs both moe_router_num_groups and moe_router_group_topk")
+    if groups is not None:
+        if groups < 1 or args.num_experts % groups:
+            raise ConfigError("moe_router_num_groups", f"{groups} must divide num_experts {args.num_experts}")
+        if not 1 <= group_topk <= groups or args.moe_router_topk % group_topk:
+            raise ConfigError("moe_router_group_topk", f"{group_topk} must be in 1..moe_router_num_groups ({groups}) "
+                                                       f"and divide moe_router_topk {args.moe_router_topk}")
+        if args.moe_router_topk // group_topk > args.num_experts // groups:
+            raise ConfigError("moe_router_group_topk", f"the {group_topk} groups of {args.num_experts // groups} "
+                                                       f"experts cannot hold moe_router_topk {args.moe_router_topk}")
     cf = args.moe_expert_capacity_factor
     if cf is not None and cf <= 0:
         raise ConfigError("moe_expert_capacity_factor", f"must be > 0, got {cf} (leave it unset for dropless)")

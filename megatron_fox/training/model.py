@@ -92,6 +92,7 @@ def moe_config(args: argparse.Namespace) -> dict:
                 moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
                 moe_router_bias_update_rate=args.moe_router_bias_update_rate,
                 moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+                moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
                 moe_router_load_balancing_type=args.moe_router_load_balancing_type,
                 moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
                 moe_token_dispatcher_type=args.moe_token_dispatcher_type,

@@ -58,7 +58,7 @@ def test_megatron_lm_script_with_rampup_and_wsd():
     (["--recompute-activations"], "recompute_activations"),
     (["--fp16"], "fp16"),
     (["--tensorboard-log-interval", "0"], "tensorboard_log_interval"),
-    (["--num-experts", "8", "--moe-router-num-groups", "2"], "moe_router_num_groups"),
+    (["--num-experts", "8", "--moe-router-fusion"], "moe_router_fusion"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
 ])
 def test_unavailable_values_name_the_key(flags, key):

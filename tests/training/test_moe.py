@@ -160,6 +160,16 @@ def test_resume_matches_uninterrupted(cache, tmp_path, extra):
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
 
 
+def _experts_output(xs, layer, weights):
+    """sum_e weights[t, e] * SwiGLU_e(x_t) in float64 from the layer's expert weights."""
+    out = torch.zeros_like(xs)
+    for e, expert in enumerate(layer.experts.local_experts):
+        rows = weights[:, e].nonzero().flatten()
+        gate, up = (xs[rows] @ expert.linear_fc1.weight.double().t()).chunk(2, dim=-1)
+        out[rows] += weights[rows, e, None] * ((F.silu(gate) * up) @ expert.linear_fc2.weight.double().t())
+    return out
+
+
 def _dropping_reference(x, layer, topk, capacity_factor):
     """A MoE layer's output from its weights, in float64: the router's top-k logits, a
     softmax over them, each expert keeping the ceil(T * topk / E * factor) assignments of
@@ -171,14 +181,12 @@ def _dropping_reference(x, layer, topk, capacity_factor):
     top, chosen = logits.topk(topk, dim=1)
     weights = torch.zeros_like(logits).scatter(1, chosen, top.softmax(dim=1))
     capacity = math.ceil(xs.shape[0] * topk / experts * capacity_factor)
-    out, dropped = torch.zeros_like(xs), 0
-    for e, expert in enumerate(layer.experts.local_experts):
+    kept = torch.zeros_like(weights)
+    for e in range(experts):
         routed = weights[:, e].nonzero().flatten()
         keep = routed[weights[routed, e].argsort(descending=True)[:capacity]]
-        dropped += len(routed) - len(keep)
-        gate, up = (xs[keep] @ expert.linear_fc1.weight.double().t()).chunk(2, dim=-1)
-        out[keep] += weights[keep, e, None] * ((F.silu(gate) * up) @ expert.linear_fc2.weight.double().t())
-    return out, dropped
+        kept[keep, e] = weights[keep, e]
+    return _experts_output(xs, layer, kept), int((weights > 0).sum() - (kept > 0).sum())
 
 
 @pytest.mark.parametrize("extra", [[], ["--moe-pad-expert-input-to-capacity"],
@@ -283,6 +291,45 @@ def test_expert_bias_layouts_match_one_process(cache, tmp_path, layout):
     two = train(tmp_path, "two", flags + layout, world=2)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+
+
+def test_group_limited_sigmoid_routing_as_the_reference(megatron_world):
+    """DeepSeek-style routing: sigmoid scores, the experts in --moe-router-num-groups groups,
+    each token's top-k taken within the --moe-router-group-topk groups of highest sum of
+    their top (k / group_topk) scores, the chosen scores normalised to sum 1 and scaled by
+    --moe-router-topk-scaling-factor: the layer's output is the reference's; without the
+    groups some tokens' experts span groups and the output differs."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    experts, groups, topk, scale = 8, 2, 2, 2.5
+    outs = {}
+    for grouped in (True, False):
+        flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
+                 "--vocab-size", "64", "--device", "cpu", "--num-experts", str(experts), "--moe-ffn-hidden-size", "16",
+                 "--moe-router-topk", str(topk), "--moe-router-score-function", "sigmoid",
+                 "--moe-router-topk-scaling-factor", str(scale)]
+        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", "1"] if grouped else []
+        args = parse_args(flags)
+        torch.manual_seed(0)
+        model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+        layer = model.decoder.layers[0].mlp
+        layer.eval()
+        x = torch.randn(24, 2, 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            outs[grouped] = layer(x)[0].reshape(-1, 32).double()
+    xs = x.reshape(-1, 32).double()
+    scores = torch.sigmoid(xs @ layer.router.weight.double().t()).view(-1, groups, experts // groups)
+    best_group = scores.topk(topk, dim=-1).values.sum(dim=-1).argmax(dim=-1)  # group_topk 1
+    within = scores[torch.arange(len(xs)), best_group]  # [T, experts per group]
+    top, idx = within.topk(topk, dim=-1)
+    chosen = best_group[:, None] * (experts // groups) + idx
+    weights = torch.zeros(len(xs), experts, dtype=torch.float64).scatter(1, chosen, scale * top / top.sum(-1, True))
+    ref = _experts_output(xs, layer, weights)
+    torch.testing.assert_close(outs[True], ref, rtol=1e-4, atol=1e-5)
+    free = scores.flatten(1).topk(topk, dim=-1).indices // (experts // groups)
+    assert (free[:, 0] != free[:, 1]).sum() > 3  # tokens whose free choice spans both groups
+    assert (outs[False] - ref).abs().max() > 1e-3
 
 
 def test_grouped_gemm_keeps_sequential_names(megatron_world):
@@ -416,7 +463,12 @@ def test_expert_shards_round_trip():
     (["--num-experts", "4", "--moe-router-enable-expert-bias"], "moe_router_enable_expert_bias"),
     (["--num-experts", "4", "--moe-router-bias-update-rate", "0"], "moe_router_bias_update_rate"),
     (["--num-experts", "4", "--moe-router-topk-scaling-factor", "-1"], "moe_router_topk_scaling_factor"),
-    (["--num-experts", "4", "--moe-router-num-groups", "2"], "moe_router_num_groups"),
+    (["--num-experts", "4", "--moe-router-num-groups", "2"], "moe_router_group_topk"),
+    (["--num-experts", "4", "--moe-router-num-groups", "3", "--moe-router-group-topk", "1"], "moe_router_num_groups"),
+    (["--num-experts", "4", "--moe-router-num-groups", "2", "--moe-router-group-topk", "3"], "moe_router_group_topk"),
+    (["--num-experts", "4", "--moe-router-topk", "3", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1"],
+     "moe_router_group_topk"),
+    (["--num-experts", "4", "--moe-router-expert-pad", "1"], "moe_router_expert_pad"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "moe_expert_capacity_factor"),
     (["--num-experts", "4", "--moe-expert-capacity-factor", "1", "--moe-token-drop-policy", "random"],
      "moe_token_drop_policy"),
