@@ -160,6 +160,24 @@ def test_resume_matches_uninterrupted(cache, tmp_path, extra):
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
 
 
+def _one_moe_layer(experts: int, topk: int, extra: list):
+    """(a 1-layer model's MoELayer in eval mode, its input x [24, 2, 32], its output [48, 32]
+    in float64) for hidden 32, experts of 16; the same weights for any routing flags."""
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+
+    route_megatron_buffers_to_cpu()
+    args = parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size",
+                       "64", "--vocab-size", "64", "--device", "cpu", "--num-experts", str(experts),
+                       "--moe-ffn-hidden-size", "16", "--moe-router-topk", str(topk), *extra])
+    torch.manual_seed(0)
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+    layer = model.decoder.layers[0].mlp
+    layer.eval()
+    x = torch.randn(24, 2, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return layer, x, layer(x)[0].reshape(-1, 32).double()
+
+
 def _experts_output(xs, layer, weights):
     """sum_e weights[t, e] * SwiGLU_e(x_t) in float64 from the layer's expert weights."""
     out = torch.zeros_like(xs)
@@ -197,28 +215,13 @@ def test_capacity_factor_drops_as_the_reference(megatron_world, extra):
     overflowing assignments of each expert dropped (some are, at factor 0.5); padding each
     expert's input to its capacity (zero-weighted rows), through SequentialMLP or the
     grouped GEMMs, changes nothing; without the factor the output differs."""
-    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
-
-    route_megatron_buffers_to_cpu()
-    outs = {}
-    for factor in ("0.5", None):
-        flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
-                 "--vocab-size", "64", "--device", "cpu", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
-                 "--moe-router-topk", "2"]
-        flags += ["--moe-expert-capacity-factor", factor, *extra] if factor else []
-        args = parse_args(flags)
-        torch.manual_seed(0)
-        model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
-        layer = model.decoder.layers[0].mlp
-        layer.eval()
-        x = torch.randn(24, 2, 32, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            outs[factor] = layer(x)[0].reshape(-1, 32).double()
-            if factor:
-                ref, dropped = _dropping_reference(x, layer, 2, float(factor))
+    layer, x, dropping = _one_moe_layer(4, 2, ["--moe-expert-capacity-factor", "0.5", *extra])
+    _, _, dropless = _one_moe_layer(4, 2, [])
+    with torch.no_grad():
+        ref, dropped = _dropping_reference(x, layer, 2, 0.5)
     assert dropped >= 48, dropped  # of 48 x 2 assignments each expert keeps 12 at most
-    torch.testing.assert_close(outs["0.5"], ref, rtol=1e-4, atol=1e-5)
-    assert (outs[None] - ref).abs().max() > 1e-3
+    torch.testing.assert_close(dropping, ref, rtol=1e-4, atol=1e-5)
+    assert (dropless - ref).abs().max() > 1e-3
 
 
 def test_capacity_factor_trains_alike_with_experts_split(cache, tmp_path):
@@ -299,25 +302,11 @@ def test_group_limited_sigmoid_routing_as_the_reference(megatron_world):
     their top (k / group_topk) scores, the chosen scores normalised to sum 1 and scaled by
     --moe-router-topk-scaling-factor: the layer's output is the reference's; without the
     groups some tokens' experts span groups and the output differs."""
-    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
-
-    route_megatron_buffers_to_cpu()
     experts, groups, topk, scale = 8, 2, 2, 2.5
-    outs = {}
-    for grouped in (True, False):
-        flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
-                 "--vocab-size", "64", "--device", "cpu", "--num-experts", str(experts), "--moe-ffn-hidden-size", "16",
-                 "--moe-router-topk", str(topk), "--moe-router-score-function", "sigmoid",
-                 "--moe-router-topk-scaling-factor", str(scale)]
-        flags += ["--moe-router-num-groups", str(groups), "--moe-router-group-topk", "1"] if grouped else []
-        args = parse_args(flags)
-        torch.manual_seed(0)
-        model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
-        layer = model.decoder.layers[0].mlp
-        layer.eval()
-        x = torch.randn(24, 2, 32, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            outs[grouped] = layer(x)[0].reshape(-1, 32).double()
+    sigmoid = ["--moe-router-score-function", "sigmoid", "--moe-router-topk-scaling-factor", str(scale)]
+    layer, x, grouped = _one_moe_layer(experts, topk, sigmoid + ["--moe-router-num-groups", str(groups),
+                                                                 "--moe-router-group-topk", "1"])
+    _, _, free_output = _one_moe_layer(experts, topk, sigmoid)
     xs = x.reshape(-1, 32).double()
     scores = torch.sigmoid(xs @ layer.router.weight.double().t()).view(-1, groups, experts // groups)
     best_group = scores.topk(topk, dim=-1).values.sum(dim=-1).argmax(dim=-1)  # group_topk 1
@@ -326,10 +315,10 @@ def test_group_limited_sigmoid_routing_as_the_reference(megatron_world):
     chosen = best_group[:, None] * (experts // groups) + idx
     weights = torch.zeros(len(xs), experts, dtype=torch.float64).scatter(1, chosen, scale * top / top.sum(-1, True))
     ref = _experts_output(xs, layer, weights)
-    torch.testing.assert_close(outs[True], ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grouped, ref, rtol=1e-4, atol=1e-5)
     free = scores.flatten(1).topk(topk, dim=-1).indices // (experts // groups)
     assert (free[:, 0] != free[:, 1]).sum() > 3  # tokens whose free choice spans both groups
-    assert (outs[False] - ref).abs().max() > 1e-3
+    assert (free_output - ref).abs().max() > 1e-3
 
 
 def test_grouped_gemm_keeps_sequential_names(megatron_world):
