@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .step import is_split_expert
+
 
 def matmul_weight_elements(model, expert_share: float = 1.0) -> int:
     """W above for the whole model, from this rank's parameters: tensor-parallel shards summed,
@@ -37,7 +39,7 @@ def matmul_weight_elements(model, expert_share: float = 1.0) -> int:
         if p.dim() != 2 or not name.endswith(".weight"):
             continue
         # every expert-parallel rank holds as many experts as this one
-        shard = p.numel() * share(p) * (_expert_parallel_size() if _is_expert_parallel(p) else 1)
+        shard = p.numel() * share(p) * (_expert_parallel_size() if is_split_expert(p) else 1)
         if "word_embeddings" in name:
             # the input lookup costs nothing; tied to the output layer it is also the logits' matmul
             # (counted on the last stage, where the output layer runs)
@@ -60,18 +62,14 @@ def params_l2_norm(model) -> float:
         if getattr(p, "shared", False) and not (ps.model_parallel_is_initialized()
                                                 and ps.is_pipeline_first_stage(ignore_virtual=True)):
             continue
-        if _is_expert_parallel(p):
-            experts += float(p.detach().float().pow(2).sum()) * share(p)
+        sq = float(p.detach().float().pow(2).sum()) * share(p)
+        if is_split_expert(p):
+            experts += sq
         else:
-            local += float(p.detach().float().pow(2).sum()) * share(p)
+            local += sq
     if _expert_parallel_size() > 1:  # every rank joins (a stage may hold no experts)
         experts = _model_parallel_sum(experts, ps.get_expert_tensor_model_pipeline_parallel_group)
     return (_model_parallel_sum(local) + experts) ** 0.5
-
-
-def _is_expert_parallel(p) -> bool:
-    """An expert's weight split over expert-parallel ranks (Megatron-Core marks it allreduce=False)."""
-    return not getattr(p, "allreduce", True)
 
 
 def _expert_parallel_size() -> int:

@@ -120,6 +120,12 @@ def _router_counts_tp_cp_tokens() -> bool:
         return Version(megatron.core.__version__) >= Version("0.19")
 
 
+def is_split_expert(p: torch.nn.Parameter) -> bool:
+    """An expert's weight split over expert-parallel ranks (Megatron-Core marks it
+    allreduce=False: its gradient is summed over the ranks holding the same experts only)."""
+    return not getattr(p, "allreduce", True)
+
+
 @torch.no_grad()
 def update_router_expert_bias(model, args) -> None:
     """Aux-loss-free load balancing (Wang et al. 2024, DeepSeek-V3), once per global batch:
@@ -151,7 +157,6 @@ def moe_load_balancing_losses(args, micro_batches: int):
     hang the others). None without MoE or without a balancing loss."""
     if args.num_experts is None or args.moe_router_load_balancing_type == "none" or args.moe_aux_loss_coeff == 0:
         return None
-    import torch.distributed as dist
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     name = "seq_load_balancing_loss" if args.moe_router_load_balancing_type == "seq_aux_loss" else "load_balancing_loss"

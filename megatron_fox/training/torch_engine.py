@@ -18,8 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import (check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale,
-                   update_router_expert_bias)
+from .step import (check_finite, is_split_expert, lr_at, model_forward, set_context_pruning_penalty,
+                   set_moe_aux_loss_scale, update_router_expert_bias)
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -33,12 +33,6 @@ def _dp_cp():
 
 def _is_tp_duplicate(p) -> bool:
     return not getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_rank() > 0
-
-
-def _is_expert_parallel(p) -> bool:
-    """Megatron-Core marks the weights of experts split over expert-parallel ranks
-    allreduce=False (their gradients are not summed over all data-parallel ranks)."""
-    return not getattr(p, "allreduce", True)
 
 
 def _all_reduce_flat(grads: list, group) -> None:
@@ -148,10 +142,8 @@ class TorchEngine:
 
     def _sync_grads(self):
         with_grad = [p for p in self.params if p.grad is not None]
-        _all_reduce_flat([p.grad for p in with_grad if not _is_expert_parallel(p)], _dp_cp())
-        experts = [p.grad for p in with_grad if _is_expert_parallel(p)]
-        if experts:
-            _all_reduce_flat(experts, ps.get_expert_data_parallel_group())
+        _all_reduce_flat([p.grad for p in with_grad if not is_split_expert(p)], _dp_cp())
+        _all_reduce_flat([p.grad for p in with_grad if is_split_expert(p)], ps.get_expert_data_parallel_group())
         if self.args.sequence_parallel:
             for p in self.params:
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
@@ -163,7 +155,7 @@ class TorchEngine:
         sq = torch.zeros(2, dtype=torch.float64, device=self.params[0].device)  # NCCL reduces device tensors
         for p in self.params:
             if p.grad is not None and not _is_tp_duplicate(p):
-                sq[int(_is_expert_parallel(p))] += p.grad.double().pow(2).sum()
+                sq[int(is_split_expert(p))] += p.grad.double().pow(2).sum()
         dist.all_reduce(sq[0], group=ps.get_model_parallel_group())
         if self.args.expert_model_parallel_size > 1:  # the split experts: over TP x EP x PP
             dist.all_reduce(sq[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())

@@ -30,6 +30,19 @@ def _switch_aux_loss(x: torch.Tensor, weight: torch.Tensor, topk: int) -> torch.
     return experts * (chosen / (x.shape[0] * topk) * logits.softmax(dim=1).mean(dim=0)).sum()
 
 
+def _random_batches(eod: int) -> list[dict]:
+    """2 micro-batches of 2 random sequences of 24 tokens (the trainer's collated form)."""
+    from megatron_fox.training.step import collate, with_documents
+
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(0, eod, (2, 25))
+        samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(24), "position_ids": torch.arange(24)}
+                   for t in tokens]
+        batches.append(with_documents(collate(samples), eod))
+    return batches
+
+
 def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     """Every parameter's gradient from the engine (Megatron's router adding its balancing
     loss with coefficient c) equals autograd of the mean token loss plus c times each
@@ -37,7 +50,7 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
     weighted by the micro-batch's share of the global batch's tokens (as Megatron's
     schedule scales them); the logged value of each layer is its mean over the micro-batches."""
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
-    from megatron_fox.training.step import collate, model_forward, moe_load_balancing_losses, with_documents
+    from megatron_fox.training.step import model_forward, moe_load_balancing_losses
     from megatron_fox.training.torch_engine import TorchEngine
 
     route_megatron_buffers_to_cpu()
@@ -48,12 +61,7 @@ def test_aux_loss_gradient_is_the_token_weighted_switch_loss(megatron_world):
                        "--moe-aux-loss-coeff", str(coeff), *MOE])
     torch.manual_seed(0)
     model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
-    batches = []
-    for _ in range(2):
-        tokens = torch.randint(0, eod, (2, 25))
-        samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(24), "position_ids": torch.arange(24)}
-                   for t in tokens]
-        batches.append(with_documents(collate(samples), eod))
+    batches = _random_batches(eod)
     engine = TorchEngine(model, args, eod=eod)
     _, tokens = engine.gradients(batches)
     engine_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -244,7 +252,6 @@ def test_expert_bias_moves_toward_balance(megatron_world):
     the routers' inputs as top-k of sigmoid(logits) + bias over the step's micro-batches;
     the counts restart each step."""
     from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
-    from megatron_fox.training.step import collate, with_documents
     from megatron_fox.training.torch_engine import TorchEngine
 
     route_megatron_buffers_to_cpu()
@@ -263,12 +270,7 @@ def test_expert_bias_moves_toward_balance(megatron_world):
         r.register_forward_hook(lambda mod, a, out, r=r: inputs[id(r)].append(a[0].detach().reshape(-1, hidden)))
     expected = {id(r): torch.zeros(4, dtype=torch.float64) for r in routers}
     for step in range(3):
-        batches = []
-        for _ in range(2):
-            tokens = torch.randint(0, eod, (2, 25))
-            samples = [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(24),
-                        "position_ids": torch.arange(24)} for t in tokens]
-            batches.append(with_documents(collate(samples), eod))
+        batches = _random_batches(eod)
         for r in routers:
             inputs[id(r)].clear()
         engine.gradients(batches)
@@ -355,16 +357,10 @@ def test_grouped_gemm_trains_like_sequential(cache, tmp_path, layout):
 
 def _export(tmp_path, ckpt, flags):
     """tools/convert_checkpoint.py from-megatron of a checkpoint folder: the full state dict."""
-    import subprocess
-    import sys
-
-    from .workers import ROOT, tool_env
+    from .test_train import _ok
 
     out = tmp_path / f"{ckpt.name}.pt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                        "--input", str(ckpt), "--output", str(out), *TINY, *flags], capture_output=True, text=True,
-                       env=tool_env(), cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _ok(tmp_path, "convert_checkpoint.py", "from-megatron", "--input", str(ckpt), "--output", str(out), *TINY, *flags)
     return torch.load(out)
 
 
