@@ -35,6 +35,17 @@ def train(tmp_path, name, flags, world=1):
     return torch.load(out)
 
 
+def export(tmp_path, ckpt, flags):
+    """tools/convert_checkpoint.py from-megatron of a dist_checkpointing folder into
+    tmp_path/full.pt (exit 0 asserted); returns that path."""
+    weights = tmp_path / "full.pt"
+    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
+                           "--input", str(ckpt), "--output", str(weights), *FLAGS, *flags, "--vocab-size", "1024"],
+                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=600)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    return weights
+
+
 def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
     full = train(tmp_path, "full", ["--train-iters", "30"])
@@ -64,11 +75,7 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     # --finetune: step 15's weights only, from step 0 with a fresh optimizer: the run from the
     # same weights as a full state dict (without reload_model_params the optimizer's float32
     # copies would still hold the initial weights and the first update would undo the load)
-    weights = tmp_path / "full.pt"
-    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                           "--input", str(ckpt), "--output", str(weights), *FLAGS, "--vocab-size", "1024"],
-                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=600)
-    assert conv.returncode == 0, conv.stderr[-3000:]
+    weights = export(tmp_path, ckpt, [])
     tuned = train(tmp_path, "tuned", ["--train-iters", "5", "--load", str(ckpt), "--finetune"])
     pre = train(tmp_path, "pre", ["--train-iters", "5", "--pretrained-checkpoint", str(weights)])
     assert [h["step"] for h in tuned] == [1, 2, 3, 4, 5] and tuned[0]["loss"] < losses[0] - 0.5
@@ -138,11 +145,7 @@ def test_gpu_moe_two_gpu_layouts_match_one(tmp_path):
     assert [h["step"] for h in rest] == list(range(11, 21))
     for a, b in zip(runs["ep2"][10:], rest):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
-    weights = tmp_path / "full.pt"
-    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                           "--input", str(ckpt), "--output", str(weights), *FLAGS, *MOE, "--vocab-size", "1024"],
-                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=600)
-    assert conv.returncode == 0, conv.stderr[-3000:]
+    weights = export(tmp_path, ckpt, MOE)
     assert any(".local_experts.3." in k for k in torch.load(weights))
     short = ["--train-iters", "3", "--lr-warmup-iters", "1"]
     tuned = train(tmp_path, "tuned", MOE + ep + short + ["--load", str(ckpt), "--finetune"], world=2)
