@@ -29,9 +29,10 @@ MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", 
        "--moe-token-dispatcher-type", "alltoall"]
 
 
-def train(tmp_path, name, flags, world=1):
+def train(tmp_path, name, flags, world=1, base=FLAGS):
+    """The losses logged by `megatron_fox.train` with base + flags on `world` processes."""
     out = tmp_path / f"{name}.pt"
-    launch("train", world, {"flags": FLAGS + flags, "out": str(out)}, timeout=600)
+    launch("train", world, {"flags": base + flags, "out": str(out)}, timeout=600)
     return torch.load(out)
 
 
@@ -119,6 +120,40 @@ def test_gpu_moe_grouped_gemm_trains_like_sequential(tmp_path):
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=2e-2)
 
 
+ROUTING = {
+    # DeepSeek-style: sigmoid scores, 2 groups of 2 experts with the best group only, the
+    # weights scaled, and the aux-loss-free balancing bias (a fast rate, so it routes soon)
+    "sigmoid_groups_bias": ["--moe-router-score-function", "sigmoid", "--moe-router-num-groups", "2",
+                            "--moe-router-group-topk", "1", "--moe-router-topk-scaling-factor", "2.5",
+                            "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05"],
+    # tokens over each expert's capacity dropped by probability
+    "capacity_drop": ["--moe-expert-capacity-factor", "0.5"],
+}
+
+
+@pytest.mark.parametrize("routing", list(ROUTING), ids=list(ROUTING))
+def test_gpu_moe_routing_options_equal_cpu_engine(tmp_path, routing):
+    """The routing options on the Megatron engine (the expert bias updated in Megatron's
+    finalize_model_grads, the router's group limit, capacity drops in the alltoall
+    dispatcher) against the CPU engine (the bias from megatron_fox's own update, the
+    allgather dispatcher), both float32 from the same layout-invariant init; a run without
+    the option differs, so the comparison sees it."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    fp32 = [f for f in FLAGS if f != "--bf16"]
+    short = MOE + ["--train-iters", "6", "--log-interval", "1", "--lr-warmup-iters", "2"]
+    gpu = train(tmp_path, "gpu", short + ROUTING[routing], base=fp32)
+    cpu = train(tmp_path, "cpu", short + ROUTING[routing] + ["--moe-token-dispatcher-type", "allgather"],
+                base=[("cpu" if f == "cuda" else f) for f in fp32])
+    plain = train(tmp_path, "plain", short, base=fp32)
+    print("gpu  ", [round(h["loss"], 5) for h in gpu])
+    print("cpu  ", [round(h["loss"], 5) for h in cpu])
+    print("plain", [round(h["loss"], 5) for h in plain])
+    assert [h["step"] for h in gpu] == [h["step"] for h in cpu] == list(range(1, 7))
+    for a, b in zip(gpu, cpu):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
+    assert max(abs(a["loss"] - c["loss"]) for a, c in zip(gpu, plain)) > 1e-2
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gpu_moe_two_gpu_layouts_match_one(tmp_path):
     """2 GPUs on the Megatron engine: DP=2, DP=2 with the experts split (EP=2: the alltoall
@@ -153,6 +188,27 @@ def test_gpu_moe_two_gpu_layouts_match_one(tmp_path):
     assert tuned[0]["loss"] < one[0]["loss"] - 0.5
     for a, b in zip(pre, tuned):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+def test_gpu_moe_expert_and_tensor_parallel_grad_norm_matches_one(tmp_path):
+    """EP=2 beside TP=2 + SP on 4 GPUs (expert tensor parallel = TP, so the experts' grads
+    sit on TP x EP ranks and the dense ones on TP ranks): the logged gradient norm, which
+    Megatron-Core sums over both kinds of shards (Megatron-LM PR 5916 fixed an undercount
+    there), and the losses equal one GPU's, float32; with --clip-grad 0.05 every step clips,
+    so a wrong norm changes the updates."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    fp32 = [f for f in FLAGS if f != "--bf16"]
+    flags = MOE + ["--train-iters", "8", "--log-interval", "1", "--clip-grad", "0.05"]
+    one = train(tmp_path, "one", flags, base=fp32)
+    four = train(tmp_path, "four", flags + ["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                                            "--sequence-parallel"], world=4, base=fp32)
+    print("one ", [(round(h["loss"], 5), round(h["grad_norm"], 5)) for h in one])
+    print("four", [(round(h["loss"], 5), round(h["grad_norm"], 5)) for h in four])
+    assert all(h["grad_norm"] > 0.05 for h in one)
+    for a, b in zip(one, four):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a["step"], a["grad_norm"], b["grad_norm"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
