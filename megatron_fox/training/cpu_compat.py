@@ -22,19 +22,24 @@ import torch
 
 def route_megatron_buffers_to_cpu(force: bool = False) -> bool:
     """On a CUDA-less process, or with force (a run that keeps to the CPU although CUDA is
-    there), make torch.cuda.current_device() return the CPU device (and with force,
-    torch.cuda.is_available() False).
+    there), make torch.cuda.current_device() return the CPU device; beside a GPU also
+    torch.cuda.is_available() False and torch.compile off (compiled functions run eagerly).
 
     Returns True when the stand-in is (now) active.
     """
-    if torch.cuda.is_available() and not force:
+    beside_gpu = torch.cuda.is_available()
+    if beside_gpu and not force:
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
-    # beside a GPU the run must look CUDA-less too: torch.compile (megatron-core 0.19's
-    # compiled router functions) asks for the properties of the "current" CUDA device when
-    # CUDA is available, and indexing them by the CPU device raised a TypeError (H200,
-    # --device cpu with the expert bias or a capacity factor)
-    torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+    if beside_gpu:
+        # Beside a GPU the run must look CUDA-less too. torch.compile (megatron-core 0.19's
+        # compiled router functions) asked for the properties of the "current" CUDA device,
+        # indexed by the CPU device (a TypeError in dynamo, H200; with is_available() false,
+        # a ValueError in inductor's cache key, H100): those functions run eagerly here
+        torch.cuda.is_available = lambda: False  # type: ignore[assignment]
+        import torch._dynamo as dynamo
+
+        dynamo.config.disable = True
     from megatron.core.tensor_parallel import random as mp_random
 
     tracker = mp_random.get_cuda_rng_tracker()
