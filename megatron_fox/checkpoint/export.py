@@ -73,7 +73,8 @@ def _model_state(saved: dict, path: str) -> dict:
 
 def merge_rank_files(path: str, num_layers: int) -> dict:
     """The full state dict of the per-rank files in `path` (an `iter_NNNNNNN` folder);
-    num_layers: the model's layers (to renumber the pipeline stages')."""
+    num_layers: the model's layers (to renumber the pipeline stages' layers, by the split
+    the files record)."""
     files = rank_files(path)
     if not files:
         raise FileNotFoundError(f"input: no mp_rank_*.pt files in {path}")
@@ -93,8 +94,11 @@ def merge_rank_files(path: str, num_layers: int) -> dict:
     if missing or len(files) != len(want):
         raise ValueError(f"input: {path} holds the files of model-parallel ranks (tp, pp{', ep' * (ep_size > 1)}) "
                          f"{sorted(files)}, its layout TP={tp_size} x PP={pp_size} x EP={ep_size} needs also {missing}")
-    if num_layers % pp_size:
+    stages = layout.get("stages")  # files before the uneven split was built: an even one
+    if stages is None and num_layers % pp_size:
         raise ValueError(f"num_layers: {num_layers} not divisible by the checkpoint's {pp_size} pipeline stages")
+    if stages is not None and stages[-1][1] != num_layers:
+        raise ValueError(f"num_layers: {num_layers}, but the checkpoint's pipeline stages hold {stages[-1][1]} layers")
     shards = {(tp, pp): merge_expert_shards([_model_state(saved[(tp, pp, *e)], path) for e in ep_ranks])
               for tp in range(tp_size) for pp in range(pp_size)}
-    return merge_state_dicts(shards, num_layers, tp_size, pp_size)
+    return merge_state_dicts(shards, num_layers, tp_size, pp_size, stages)

@@ -6,8 +6,9 @@ The layout rules of the local spec's parameters:
 - row-parallel (split dim 1): linear_proj, linear_fc2;
 - SwiGLU fc1 [gate; up]: each rank holds [its gate chunk; its up chunk];
 - norms: replicated.
-Pipeline stages hold layers [p*L/PP, (p+1)*L/PP) renumbered from 0; the first holds the
-embedding, the last the final norm and output layer. With expert parallelism (EP) rank e
+Pipeline stages hold consecutive layers renumbered from 0 (`stage_layers`: L/PP each, or
+Megatron's uneven split with a given count on the first and/or last stage); the first holds
+the embedding, the last the final norm and output layer. With expert parallelism (EP) rank e
 holds experts [e*E/EP, (e+1)*E/EP) of each Mixture-of-Experts layer, renumbered from 0
 (`mlp.experts.local_experts.i`); the experts' tensors split over TP like the dense MLP's.
 """
@@ -15,6 +16,7 @@ holds experts [e*E/EP, (e+1)*E/EP) of each Mixture-of-Experts layer, renumbered 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 
@@ -57,16 +59,41 @@ def _merge(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
     return parts[0]
 
 
-def global_name(name: str, pp_rank: int, layers_per_stage: int, ep_rank: int = 0, local_experts: int = 0) -> str:
-    """Name of a stage-local parameter in the full model (layer index shifted by the stage;
-    an expert's index by ep_rank * local_experts, the experts each expert-parallel rank holds)."""
+def stage_layers(num_layers: int, pp_size: int, first: Optional[int] = None,
+                 last: Optional[int] = None) -> list[tuple[int, int]]:
+    """[lo, hi) of the decoder layers each pipeline stage holds, as Megatron-Core builds them
+    (get_num_layers_to_build / get_transformer_layer_offset): `first` layers on stage 0 and
+    `last` on the last stage where given, the rest split evenly over the other stages.
+    Raises ValueError naming the Megatron-LM key (decoder_first/last_pipeline_num_layers,
+    num_layers) where the layers do not split so, or a stage would be empty."""
+    fixed = {0: first, pp_size - 1: last} if pp_size > 1 else {}
+    given = {stage: n for stage, n in fixed.items() if n is not None}
+    for stage, n in given.items():
+        if n < 1:
+            key = "decoder_first_pipeline_num_layers" if stage == 0 else "decoder_last_pipeline_num_layers"
+            raise ValueError(f"{key}: must be >= 1, got {n}")
+    rest, middle = num_layers - sum(given.values()), pp_size - len(given)
+    if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle):
+        keys = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+        what = " and ".join(k for k, n in zip(keys, (first, last)) if n is not None) or "pipeline_model_parallel_size"
+        raise ValueError(f"num_layers: {num_layers} layers less the {sum(given.values())} of {what} do not split "
+                         f"into {middle} equal non-empty pipeline stage(s)")
+    counts = [given.get(stage, rest // middle if middle else 0) for stage in range(pp_size)]
+    bounds = [sum(counts[:stage]) for stage in range(pp_size + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def global_name(name: str, layer_offset: int = 0, ep_rank: int = 0, local_experts: int = 0) -> str:
+    """Name of a stage-local parameter in the full model (layer index shifted by the stage's
+    first layer, `stage_layers`; an expert's index by ep_rank * local_experts, the experts
+    each expert-parallel rank holds)."""
     e = _EXPERT.match(name)
     if e and ep_rank:
         name = f"{e.group(1)}{int(e.group(2)) + ep_rank * local_experts}{e.group(3)}"
     m = _LAYER.match(name)
     if not m:
         return name
-    return f"decoder.layers.{int(m.group(1)) + pp_rank * layers_per_stage}.{m.group(2)}"
+    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
 
 
 def num_experts_in(state: dict) -> int:
@@ -104,7 +131,7 @@ def merge_expert_shards(parts: list[dict]) -> dict:
     for e, part in enumerate(parts):
         for name, t in part.items():
             if _EXPERT.match(name):
-                out[global_name(name, 0, 0, e, local)] = t
+                out[global_name(name, 0, e, local)] = t
             elif e == 0:
                 out[name] = t
     return out
@@ -127,11 +154,11 @@ def split_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> t
 
 
 def shard_state_dict(full: dict, num_layers: int, tp_rank: int = 0, tp_size: int = 1,
-                     pp_rank: int = 0, pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1) -> dict:
+                     pp_rank: int = 0, pp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                     stages: Optional[list] = None) -> dict:
     """This (tp_rank, pp_rank, ep_rank)'s part of a full state dict (tensors; _extra_state
-    dropped)."""
-    per_stage = num_layers // pp_size
-    lo, hi = pp_rank * per_stage, (pp_rank + 1) * per_stage
+    dropped). stages: each stage's [lo, hi) layers (`stage_layers`; default an even split)."""
+    lo, hi = (stages or stage_layers(num_layers, pp_size))[pp_rank]
     out = {}
     for name, t in expert_shard(full, ep_rank, ep_size).items():
         rule = _tp_rule(name)
@@ -151,9 +178,11 @@ def shard_state_dict(full: dict, num_layers: int, tp_rank: int = 0, tp_size: int
     return out
 
 
-def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int) -> dict:
-    """Inverse of shard_state_dict. shards[(tp_rank, pp_rank)] = that rank's dict."""
-    per_stage = num_layers // pp_size
+def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int,
+                      stages: Optional[list] = None) -> dict:
+    """Inverse of shard_state_dict. shards[(tp_rank, pp_rank)] = that rank's dict; stages as
+    there."""
+    stages = stages or stage_layers(num_layers, pp_size)
     full = {}
     for pp in range(pp_size):
         names = shards[(0, pp)].keys()
@@ -162,7 +191,7 @@ def merge_state_dicts(shards: dict, num_layers: int, tp_size: int, pp_size: int)
             if rule == "skip":
                 continue
             merged = _merge([shards[(tp, pp)][name] for tp in range(tp_size)], rule)
-            full[global_name(name, pp, per_stage)] = merged
+            full[global_name(name, stages[pp][0])] = merged
     return full
 
 

@@ -73,6 +73,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     # parallelism
     "tensor_model_parallel_size": (int, 1, "tensor-parallel ranks"),
     "pipeline_model_parallel_size": (int, 1, "pipeline stages"),
+    "decoder_first_pipeline_num_layers": (int, None, "uneven pipeline split: layers on the first stage (the "
+                                                     "others share the rest evenly), as Megatron-LM"),
+    "decoder_last_pipeline_num_layers": (int, None, "uneven pipeline split: layers on the last stage"),
     "context_parallel_size": (int, 1, "context-parallel ranks"),
     "cp_comm_type": (str, "p2p", "context-parallel communication: p2p (ring, skips pruned chunks) | a2a "
                                  "(heads over ranks, dealt by estimated ACP cost)"),
@@ -390,6 +393,24 @@ def check_positions(args: argparse.Namespace) -> None:
                                                 "inside attention that crosses documents are not built)")
     if not args.fox_forget_gate:
         args.acp = False
+
+
+def check_pipeline_split(args: argparse.Namespace) -> list[int]:
+    """The decoder layers of each pipeline stage (Megatron-LM's uneven split with
+    --decoder-first/last-pipeline-num-layers, else num_layers / PP each); ConfigError naming
+    the key where they do not split so."""
+    from ..checkpoint.partition import stage_layers
+
+    pp = args.pipeline_model_parallel_size
+    for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+        if getattr(args, key) is not None and pp == 1:
+            raise ConfigError(key, "needs pipeline_model_parallel_size > 1")
+    try:
+        return [hi - lo for lo, hi in stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                                                   args.decoder_last_pipeline_num_layers)]
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None
 
 
 def check_moe(args: argparse.Namespace) -> None:
@@ -722,8 +743,7 @@ def finalize(args: argparse.Namespace) -> None:
                                               f"tensor_model_parallel_size {tp}")
     if args.ffn_hidden_size % tp:
         raise ConfigError("ffn_hidden_size", f"{args.ffn_hidden_size} not divisible by tensor_model_parallel_size {tp}")
-    if args.num_layers % pp:
-        raise ConfigError("num_layers", f"{args.num_layers} not divisible by pipeline_model_parallel_size {pp}")
+    stage_sizes = check_pipeline_split(args)
     check_moe(args)
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
@@ -738,8 +758,8 @@ def finalize(args: argparse.Namespace) -> None:
                                                    f"[s, s] tensor for 'selective' to save)")
     if args.recompute_method not in ("uniform", "block"):
         raise ConfigError("recompute_method", f"must be uniform or block, got {args.recompute_method!r}")
-    if not 1 <= args.recompute_num_layers <= args.num_layers // pp:
-        raise ConfigError("recompute_num_layers", f"must be in 1..{args.num_layers // pp} (layers per pipeline "
+    if not 1 <= args.recompute_num_layers <= max(stage_sizes):
+        raise ConfigError("recompute_num_layers", f"must be in 1..{max(stage_sizes)} (layers per pipeline "
                                                   f"stage), got {args.recompute_num_layers}")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ConfigError("overlap_param_gather", "needs use_distributed_optimizer (as in Megatron-LM)")

@@ -49,6 +49,8 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         context_parallel_size=args.context_parallel_size,
         cp_comm_type=args.cp_comm_type,
         sequence_parallel=args.sequence_parallel,
@@ -129,6 +131,15 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
     return model
 
 
+def pipeline_stages(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """[lo, hi) of the decoder layers on each pipeline stage (--decoder-first/last-pipeline-num-layers
+    as Megatron-LM's uneven split, else L / PP each)."""
+    from ..checkpoint import stage_layers
+
+    return stage_layers(args.num_layers, args.pipeline_model_parallel_size, args.decoder_first_pipeline_num_layers,
+                        args.decoder_last_pipeline_num_layers)
+
+
 def expert_layout(args: argparse.Namespace) -> tuple[int, int]:
     """(this rank's expert-parallel rank, experts per MoE layer on each rank)."""
     from megatron.core import parallel_state as ps
@@ -153,13 +164,12 @@ def init_layout_invariant(model, args) -> None:
     from ..checkpoint import full_shape, global_name, split_tensor
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    per_stage = args.num_layers // args.pipeline_model_parallel_size
-    pp_rank = ps.get_pipeline_model_parallel_rank()
+    offset = pipeline_stages(args)[ps.get_pipeline_model_parallel_rank()][0]
     ep_rank, local_experts = expert_layout(args)
     for name, p in model.named_parameters():
         if "layernorm" in name or ".head_params." in name or p.dim() < 2:
             continue
-        full = global_name(name, pp_rank, per_stage, ep_rank, local_experts)
+        full = global_name(name, offset, ep_rank, local_experts)
         gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}:{full}".encode()))
         std = args.init_method_std
         if "linear_proj.weight" in name or "linear_fc2.weight" in name:
@@ -192,7 +202,7 @@ def load_full_state_dict(model, path: str, args, full: Optional[dict] = None) ->
     shard = shard_state_dict(full, args.num_layers, ps.get_tensor_model_parallel_rank(),
                              ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
                              ps.get_pipeline_model_parallel_world_size(), expert_layout(args)[0],
-                             args.expert_model_parallel_size)
+                             args.expert_model_parallel_size, pipeline_stages(args))
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     if args.fox_context_pruning:  # fine-tuning a model without it: the new projections keep their init
         fresh = [k for k in own if ".context_pruning." in k and k not in shard]

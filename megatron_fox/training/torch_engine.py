@@ -12,12 +12,13 @@ send/recv between stages, torch.optim.AdamW, and one torch.save file per model-p
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import iteration_dir, write_latest, write_run_args
+from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
 from .step import (check_finite, is_split_expert, lr_at, model_forward, set_context_pruning_penalty,
                    set_moe_aux_loss_scale, update_router_expert_bias)
 
@@ -180,8 +181,20 @@ class TorchEngine:
 
     # --- checkpoints --------------------------------------------------------------------
     def _layout(self) -> dict:
+        """TP, PP, EP sizes and each pipeline stage's [lo, hi) layers."""
+        from .model import pipeline_stages
+
         return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-                "ep": self.args.expert_model_parallel_size}
+                "ep": self.args.expert_model_parallel_size, "stages": [list(b) for b in pipeline_stages(self.args)]}
+
+    def _saved_layout(self, state: dict) -> Optional[dict]:
+        """A rank file's layout in `_layout`'s form (files before EP or the stages were
+        recorded: EP 1, an even split; before the layout itself: None)."""
+        saved = state.get("layout")
+        if saved is None:
+            return None
+        stages = [list(b) for b in stage_layers(self.args.num_layers, saved["pp"])] if "stages" not in saved else []
+        return {"ep": 1, "stages": stages, **saved}
 
     def _rank_file(self, root, iteration):
         """mp_rank_TT_PPP.pt, with expert parallelism mp_rank_TT_PPP_EEE.pt (Megatron-LM's names)."""
@@ -209,8 +222,8 @@ class TorchEngine:
         loads the weights only)."""
         path = self._rank_file(root, iteration)
         state = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
-        saved = (state or {}).get("layout")  # files before the layout was recorded: TP and PP only
-        if state is None or (saved is not None and {"ep": 1, **saved} != self._layout()):
+        saved = self._saved_layout(state) if state is not None else None
+        if state is None or (saved is not None and saved != self._layout()):
             weights_only = self.args.finetune or not (self.args.load_optim or self.args.load_rng)
             if not weights_only:
                 raise ValueError(f"{root} iteration {iteration} was saved with another TP/PP/EP layout than this "

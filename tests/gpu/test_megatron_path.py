@@ -221,6 +221,35 @@ def test_gpu_moe_expert_and_tensor_parallel_grad_norm_matches_one(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_uneven_pipeline_matches_one_gpu_and_resumes(tmp_path):
+    """PP=2 with 1 + 3 layers (--decoder-first-pipeline-num-layers 1) through Megatron's
+    pipeline schedule trains like one GPU (float32); its dist_checkpointing checkpoint
+    resumes exactly and exports the weights one GPU continues from alike."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    fp32 = [f for f in FLAGS if f != "--bf16"]
+    flags = ["--num-layers", "4", "--train-iters", "10", "--log-interval", "1"]
+    pp = ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"]
+    one = train(tmp_path, "one", flags, base=fp32)
+    two = train(tmp_path, "two", flags + pp, world=2, base=fp32)
+    print("one", [round(h["loss"], 5) for h in one])
+    print("two", [round(h["loss"], 5) for h in two])
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", flags + pp + ["--exit-interval", "5", "--save", str(ckpt)], world=2, base=fp32)
+    rest = train(tmp_path, "rest", flags + pp + ["--load", str(ckpt)], world=2, base=fp32)
+    assert [h["step"] for h in rest] == list(range(6, 11))
+    for a, b in zip(two[5:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    weights = export(tmp_path, ckpt, ["--num-layers", "4", "--no-bf16"])  # float32 weights, as trained
+    short = ["--num-layers", "4", "--train-iters", "2", "--log-interval", "1"]
+    pre = train(tmp_path, "pre", short + ["--pretrained-checkpoint", str(weights)], base=fp32)
+    tuned = train(tmp_path, "tuned", short + pp + ["--load", str(ckpt), "--finetune"], world=2, base=fp32)
+    for a, b in zip(pre, tuned):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_gpu_data_parallel_overlap_matches_plain(tmp_path):
     """DP=2: --overlap-grad-reduce --overlap-param-gather (small buckets, so several) give
     the losses and validation losses of the plain run (one bucket) to rounding; a checkpoint

@@ -423,7 +423,7 @@ def test_expert_shards_round_trip():
                for p in parts)
     merged = merge_expert_shards(parts)
     assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
-    assert global_name("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight", 1, 2, 2, 3) == \
+    assert global_name("decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight", 2, 2, 3) == \
         "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"
     with pytest.raises(ValueError, match="expert_model_parallel_size"):
         expert_shard(full, 0, 4)

@@ -62,6 +62,7 @@ def task_grads(opts):
     """Load the shared weights into this rank's shard, one global batch forward+backward;
     save (loss, grads of this shard) to out_<rank>.pt."""
     from megatron_fox.checkpoint import shard_state_dict
+    from megatron_fox.training.model import pipeline_stages
     from megatron_fox.training.torch_engine import TorchEngine
 
     args, model, ps = _build(opts)
@@ -69,7 +70,7 @@ def task_grads(opts):
     full = torch.load(opts["weights"])
     missing, unexpected = model.load_state_dict(
         shard_state_dict(full, args.num_layers, tp, args.tensor_model_parallel_size, pp,
-                         args.pipeline_model_parallel_size), strict=False)
+                         args.pipeline_model_parallel_size, stages=pipeline_stages(args)), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     batches = torch.load(opts["batch"])
     from megatron_fox.training.step import context_parallel_part, with_documents
@@ -251,13 +252,14 @@ def task_save(opts):
     import zlib
 
     from megatron_fox.checkpoint import global_name, iteration_dir, write_latest
+    from megatron_fox.training.model import pipeline_stages
 
     torch.manual_seed(opts["seed"])
     args, model, ps = _build(opts)
-    per_stage = args.num_layers // args.pipeline_model_parallel_size
+    offset = pipeline_stages(args)[ps.get_pipeline_model_parallel_rank()][0]
     with torch.no_grad():
         for name, p in model.named_parameters():
-            full = global_name(name, ps.get_pipeline_model_parallel_rank(), per_stage)
+            full = global_name(name, offset)
             p.mul_(1.0 + (zlib.crc32(full.encode()) % 1000) / 1000.0)
     root = opts["root"]
     if opts["format"] == "files":
