@@ -59,19 +59,32 @@ def _merge(parts: list[torch.Tensor], rule: str) -> torch.Tensor:
     return parts[0]
 
 
-def stage_layers(num_layers: int, pp_size: int, first: Optional[int] = None,
-                 last: Optional[int] = None) -> list[tuple[int, int]]:
+def stage_layers(num_layers: int, pp_size: int, first: Optional[int] = None, last: Optional[int] = None,
+                 embedding: bool = False, loss: bool = False) -> list[tuple[int, int]]:
     """[lo, hi) of the decoder layers each pipeline stage holds, as Megatron-Core builds them
     (get_num_layers_to_build / get_transformer_layer_offset): `first` layers on stage 0 and
-    `last` on the last stage where given, the rest split evenly over the other stages.
-    Raises ValueError naming the Megatron-LM key (decoder_first/last_pipeline_num_layers,
-    num_layers) where the layers do not split so, or a stage would be empty."""
+    `last` on the last stage where given, the rest split evenly over the other stages; or,
+    with `embedding` / `loss` (account_for_embedding/loss_in_pipeline_split), the embedding
+    and the loss counted as one layer each of an even split, so stage 0 / the last stage
+    build one layer less. Raises ValueError naming the Megatron-LM key where the layers do
+    not split so, or a stage would be empty."""
+    if (embedding or loss) and (first is not None or last is not None):
+        raise ValueError("account_for_embedding_in_pipeline_split: not with decoder_first/last_pipeline_num_layers "
+                         "(as Megatron-Core)")
+    if embedding or loss:
+        per = (num_layers + embedding + loss) // pp_size
+        if per * pp_size != num_layers + embedding + loss:
+            raise ValueError(f"num_layers: {num_layers} layers plus the embedding and/or loss do not split into "
+                             f"{pp_size} equal pipeline stages")
+        first, last = (per - 1 if embedding else None), (per - 1 if loss else None)
     fixed = {0: first, pp_size - 1: last} if pp_size > 1 else {}
     given = {stage: n for stage, n in fixed.items() if n is not None}
     for stage, n in given.items():
         if n < 1:
-            key = "decoder_first_pipeline_num_layers" if stage == 0 else "decoder_last_pipeline_num_layers"
-            raise ValueError(f"{key}: must be >= 1, got {n}")
+            key = ("account_for_embedding_in_pipeline_split" if embedding else "decoder_first_pipeline_num_layers") \
+                if stage == 0 else ("account_for_loss_in_pipeline_split" if loss else "decoder_last_pipeline_num_layers")
+            raise ValueError(f"{key}: the {'first' if stage == 0 else 'last'} pipeline stage would hold {n} layers "
+                             f"(at least 1)")
     rest, middle = num_layers - sum(given.values()), pp_size - len(given)
     if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle):
         keys = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")

@@ -76,6 +76,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "decoder_first_pipeline_num_layers": (int, None, "uneven pipeline split: layers on the first stage (the "
                                                      "others share the rest evenly), as Megatron-LM"),
     "decoder_last_pipeline_num_layers": (int, None, "uneven pipeline split: layers on the last stage"),
+    "account_for_embedding_in_pipeline_split": (bool, False, "count the embedding as a layer of an even pipeline "
+                                                             "split (the first stage builds one layer less)"),
+    "account_for_loss_in_pipeline_split": (bool, False, "count the loss as a layer of an even pipeline split (the "
+                                                        "last stage builds one layer less)"),
     "context_parallel_size": (int, 1, "context-parallel ranks"),
     "cp_comm_type": (str, "p2p", "context-parallel communication: p2p (ring, skips pruned chunks) | a2a "
                                  "(heads over ranks, dealt by estimated ACP cost)"),
@@ -397,17 +401,20 @@ def check_positions(args: argparse.Namespace) -> None:
 
 def check_pipeline_split(args: argparse.Namespace) -> list[int]:
     """The decoder layers of each pipeline stage (Megatron-LM's uneven split with
-    --decoder-first/last-pipeline-num-layers, else num_layers / PP each); ConfigError naming
-    the key where they do not split so."""
+    --decoder-first/last-pipeline-num-layers or --account-for-embedding/loss-in-pipeline-split,
+    else num_layers / PP each); ConfigError naming the key where they do not split so."""
     from ..checkpoint.partition import stage_layers
 
     pp = args.pipeline_model_parallel_size
-    for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
-        if getattr(args, key) is not None and pp == 1:
+    for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        if getattr(args, key) not in (None, False) and pp == 1:
             raise ConfigError(key, "needs pipeline_model_parallel_size > 1")
     try:
         return [hi - lo for lo, hi in stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
-                                                   args.decoder_last_pipeline_num_layers)]
+                                                   args.decoder_last_pipeline_num_layers,
+                                                   args.account_for_embedding_in_pipeline_split,
+                                                   args.account_for_loss_in_pipeline_split)]
     except ValueError as e:
         key, _, message = str(e).partition(": ")
         raise ConfigError(key, message) from None

@@ -51,6 +51,8 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split,
         context_parallel_size=args.context_parallel_size,
         cp_comm_type=args.cp_comm_type,
         sequence_parallel=args.sequence_parallel,
@@ -132,12 +134,14 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
 
 
 def pipeline_stages(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """[lo, hi) of the decoder layers on each pipeline stage (--decoder-first/last-pipeline-num-layers
-    as Megatron-LM's uneven split, else L / PP each)."""
+    """[lo, hi) of the decoder layers on each pipeline stage (Megatron-LM's uneven splits:
+    --decoder-first/last-pipeline-num-layers, --account-for-embedding/loss-in-pipeline-split;
+    else L / PP each)."""
     from ..checkpoint import stage_layers
 
     return stage_layers(args.num_layers, args.pipeline_model_parallel_size, args.decoder_first_pipeline_num_layers,
-                        args.decoder_last_pipeline_num_layers)
+                        args.decoder_last_pipeline_num_layers, args.account_for_embedding_in_pipeline_split,
+                        args.account_for_loss_in_pipeline_split)
 
 
 def expert_layout(args: argparse.Namespace) -> tuple[int, int]:

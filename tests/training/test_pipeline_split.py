@@ -18,7 +18,7 @@ def _four_layers(flags: list) -> list:
     return flags
 
 
-def _megatron_stages(num_layers, pp, first, last):
+def _megatron_stages(num_layers, pp, first, last, embedding=False, loss=False):
     """[lo, hi) per stage from Megatron-Core's own get_transformer_layer_offset and
     get_num_layers_to_build (the reference; no parallel state needed with pp_rank given)."""
     from megatron.core.transformer import TransformerConfig
@@ -28,7 +28,8 @@ def _megatron_stages(num_layers, pp, first, last):
     config = TransformerConfig(num_layers=num_layers, hidden_size=16, num_attention_heads=2,
                                pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
                                num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
-                               use_cpu_initialization=True)
+                               account_for_embedding_in_pipeline_split=embedding,
+                               account_for_loss_in_pipeline_split=loss, use_cpu_initialization=True)
     out = []
     for rank in range(pp):
         lo = get_transformer_layer_offset(config, pp_rank=rank)
@@ -50,6 +51,22 @@ def test_stage_layers_match_megatron_core(num_layers, pp):
         assert ours[0][0] == 0 and ours[-1][1] == num_layers and all(hi > lo for lo, hi in ours)
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("num_layers,pp", [(7, 2), (6, 2), (6, 4), (10, 4), (14, 4), (5, 3)])
+def test_stage_layers_accounting_for_embedding_and_loss_match_megatron_core(num_layers, pp):
+    """--account-for-embedding/loss-in-pipeline-split: the embedding and the loss count as
+    a layer each of an even split, as Megatron-Core builds it."""
+    checked = 0
+    for embedding, loss in [(True, False), (False, True), (True, True)]:
+        try:
+            ours = stage_layers(num_layers, pp, embedding=embedding, loss=loss)
+        except ValueError:
+            continue
+        assert ours == _megatron_stages(num_layers, pp, None, None, embedding, loss), (embedding, loss)
+        assert ours[-1][1] == num_layers and all(hi > lo for lo, hi in ours)
+        checked += 1
+    assert checked >= 1
 
 
 def test_shards_of_an_uneven_split_merge_back():
@@ -74,6 +91,12 @@ def test_shards_of_an_uneven_split_merge_back():
     (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
       "--decoder-last-pipeline-num-layers", "2"], "num_layers"),
     (["--pipeline-model-parallel-size", "3"], "num_layers"),
+    (["--account-for-loss-in-pipeline-split"], "account_for_loss_in_pipeline_split"),  # PP = 1
+    (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split"], "num_layers"),  # 5 / 2
+    (["--pipeline-model-parallel-size", "6", "--account-for-embedding-in-pipeline-split",
+      "--account-for-loss-in-pipeline-split"], "account_for_embedding_in_pipeline_split"),  # (4 + 2) / 6 - 1 = 0
+    (["--pipeline-model-parallel-size", "2", "--account-for-embedding-in-pipeline-split",
+      "--decoder-last-pipeline-num-layers", "1"], "account_for_embedding_in_pipeline_split"),
 ])
 def test_bad_pipeline_splits_name_the_key(flags, key):
     with pytest.raises(ConfigError) as e:
