@@ -84,6 +84,8 @@ def main(argv=None) -> None:
         if opts.direction != "from-megatron" and (not args.fox_forget_gate or args.position_embedding_type != "none"):
             raise ValueError("fox_forget_gate / position_embedding_type: the public FoX format holds FoX models "
                              "(forget gate, no position embedding), not the Transformer baseline or rope")
+        if opts.direction != "from-megatron" and args.fox_forget_gate_type != "data_dependent":
+            raise ValueError("fox_forget_gate_type: the public FoX format holds data-dependent forget gates")
         if opts.direction != "from-megatron" and args.num_experts is not None:
             raise ValueError("num_experts: the public FoX format holds dense MLPs, not Mixture-of-Experts layers")
         if opts.direction == "from-megatron":

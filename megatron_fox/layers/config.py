@@ -8,6 +8,9 @@ from typing import Optional
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+FORGET_GATE_TYPES = ("data_dependent", "data_independent", "alibi")
+
+
 @dataclass
 class FoxTransformerConfig(TransformerConfig):
     """Megatron's TransformerConfig plus the FoX-Pro and ACP settings.
@@ -21,6 +24,11 @@ class FoxTransformerConfig(TransformerConfig):
         use layernorm_epsilon).
     fox_kv_shift: k_t, v_t mixed with k_{t-1}, v_{t-1} by a data-dependent sigmoid gate.
     fox_fgate_bias_init: initial bias of the forget-gate logit (0 -> f = 0.5).
+    fox_forget_gate_type: "data_dependent" (FoX: f_t = sigmoid(w.x_t + b) per head),
+        "data_independent" (a learned constant per head, f = sigmoid(b), b initialised so
+        that log f equals ALiBi's slope of the head: a learnable ALiBi) or "alibi" (fixed
+        log f = -m_h, ALiBi's slopes of Press et al. 2022: the decay bias c_i - c_j is then
+        ALiBi's -m_h (i - j)). The FoX paper's ablations; ACP prunes all three alike.
     acp_log_eps: ACP tolerance log(eps); None turns pruning off (exact FoX).
     acp_logit_bound: "qk_norm" (bound from the norm weights, needs fox_qk_norm) or "data".
     acp_backward_pruning: "lse" (the backward also skips pairs its rows' log-sum-exp shows
@@ -49,6 +57,7 @@ class FoxTransformerConfig(TransformerConfig):
     fox_kv_shift: bool = True
     fox_qk_norm_eps: float = 1e-5
     fox_fgate_bias_init: float = 0.0
+    fox_forget_gate_type: str = "data_dependent"
     acp_log_eps: Optional[float] = -10.0
     acp_logit_bound: str = "qk_norm"
     acp_backward_pruning: str = "lse"
@@ -62,6 +71,8 @@ class FoxTransformerConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.fox_forget_gate_type not in FORGET_GATE_TYPES:
+            raise ValueError(f"fox_forget_gate_type must be one of {FORGET_GATE_TYPES}, got {self.fox_forget_gate_type!r}")
         if self.acp_logit_bound not in ("qk_norm", "data"):
             raise ValueError(f"acp_logit_bound must be 'qk_norm' or 'data', got {self.acp_logit_bound!r}")
         if self.acp_logit_bound == "qk_norm" and self.acp_log_eps is not None and not self.fox_qk_norm:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -41,6 +42,15 @@ def _tp_size(kwargs) -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+def _tp_rank(kwargs) -> int:
+    pg = kwargs.get("pg_collection")
+    if pg is not None and getattr(pg, "tp", None) is not None:
+        return pg.tp.rank()
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
 class FoxSelfAttention(MegatronModule):
     """FoX(-Pro) self-attention.
 
@@ -65,7 +75,8 @@ class FoxSelfAttention(MegatronModule):
         self.heads, self.groups = heads // tp, groups // tp
         self.hpg = heads // groups
         d, hpg = self.head_dim, self.hpg
-        self.split_sizes = [hpg * d, d, d] + ([hpg] if config.fox_forget_gate else [])
+        self.data_dependent_gate = config.fox_forget_gate and config.fox_forget_gate_type == "data_dependent"
+        self.split_sizes = [hpg * d, d, d] + ([hpg] if self.data_dependent_gate else [])
         if config.fox_output_gate:
             self.split_sizes.append(hpg * d)
         if config.fox_kv_shift:
@@ -75,7 +86,7 @@ class FoxSelfAttention(MegatronModule):
             submodules.linear_qkv, config.hidden_size, groups * width, config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
             is_expert=False, tp_comm_buffer_name="qkv")
-        self.head_params = HeadParams(config, self.heads, self.groups, d)
+        self.head_params = HeadParams(config, self.heads, self.groups, d, _tp_rank(kwargs), tp)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         self.context_pruning = ContextPruning(config, layer_number) if config.fox_context_pruning else None
         self.linear_proj = build_module(
@@ -117,7 +128,7 @@ class FoxSelfAttention(MegatronModule):
         parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
         q = parts.pop(0).reshape(s, b, self.heads, d)
         k, v = parts.pop(0), parts.pop(0)
-        fgate = parts.pop(0).reshape(s, b, self.heads) if cfg.fox_forget_gate else None
+        fgate = parts.pop(0).reshape(s, b, self.heads) if self.data_dependent_gate else None
         ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
         shift = parts.pop(0) if cfg.fox_kv_shift else None
         return q, k, v, fgate, ogate, shift
@@ -176,8 +187,13 @@ class FoxSelfAttention(MegatronModule):
         cfg, hp = self.config, self.head_params
         norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
         prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, q.device)
-        bias = hp.fgate_bias if cfg.fox_forget_gate else None
-        return prepare(q, k, v, fgate, bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
+        bias = hp.fgate_bias if self.data_dependent_gate else None
+        q, k, v, log_fgate = prepare(q, k, v, fgate, bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
+        if cfg.fox_forget_gate and not self.data_dependent_gate:  # the same log f at every token
+            per_head = (F.logsigmoid(hp.fgate_bias.float()) if cfg.fox_forget_gate_type == "data_independent"
+                        else -hp.alibi_slopes_on(q.device))
+            log_fgate = per_head.expand(*q.shape[:3]).contiguous()
+        return q, k, v, log_fgate
 
     def infer(self, hidden_states, cache):
         """Incremental inference (no autograd, TP = 1): hidden_states [s, b, h] of the new

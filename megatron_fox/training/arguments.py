@@ -54,6 +54,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "fox_qk_norm_eps": (float, 1e-5, "epsilon of the QK-norm (the public FoX code's 1e-5)"),
     "fox_kv_shift": (bool, True, "FoX-Pro data-dependent k/v token shift"),
     "fox_fgate_bias_init": (float, 0.0, "initial forget-gate bias"),
+    "fox_forget_gate_type": (str, "data_dependent", "data_dependent (FoX) | data_independent (a learned log f per "
+                                                    "head, from ALiBi's slopes) | alibi (fixed: ALiBi's bias); the "
+                                                    "FoX paper's ablations"),
     "fox_fuse_extras": (bool, True, "torch.compile the FoX-Pro shift/norm/gate work and SwiGLU (CUDA only)"),
     "acp": (bool, True, "Adaptive Computation Pruning on (off without the forget gate: nothing to prune)"),
     "acp_log_eps": (float, -10.0, "ACP tolerance log(eps)"),
@@ -282,7 +285,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
 CHECKPOINT_ARG_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
     "norm_epsilon", "vocab_size", "make_vocab_size_divisible_by", "untie_embeddings_and_output_weights",
-    "hybrid_layer_pattern", "fox_forget_gate", "position_embedding_type", "rotary_base", "rotary_percent",
+    "hybrid_layer_pattern", "fox_forget_gate", "fox_forget_gate_type", "position_embedding_type", "rotary_base",
+    "rotary_percent",
     "fox_output_gate", "fox_output_norm", "fox_qk_norm", "fox_qk_norm_eps", "fox_kv_shift",
     "fox_context_pruning", "fox_context_pruning_dim", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
     "moe_router_pre_softmax", "moe_layer_freq", "moe_shared_expert_intermediate_size", "default_corpus_bytes",
@@ -395,6 +399,13 @@ def check_positions(args: argparse.Namespace) -> None:
     if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
         raise ConfigError("reset_position_ids", "with rope needs reset_attention_mask (positions restarting "
                                                 "inside attention that crosses documents are not built)")
+    from ..layers.config import FORGET_GATE_TYPES
+
+    if args.fox_forget_gate_type not in FORGET_GATE_TYPES:
+        raise ConfigError("fox_forget_gate_type", f"{args.fox_forget_gate_type!r}: use one of "
+                                                  f"{', '.join(FORGET_GATE_TYPES)}")
+    if not args.fox_forget_gate and args.fox_forget_gate_type != "data_dependent":
+        raise ConfigError("fox_forget_gate_type", "needs the forget gate (not with --no-fox-forget-gate)")
     if not args.fox_forget_gate:
         args.acp = False
 

@@ -70,6 +70,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         fox_qk_norm_eps=args.fox_qk_norm_eps,
         fox_kv_shift=args.fox_kv_shift,
         fox_fgate_bias_init=args.fox_fgate_bias_init,
+        fox_forget_gate_type=args.fox_forget_gate_type,
         fox_fuse_extras=args.fox_fuse_extras,
         fox_cp_skip_chunks=args.fox_cp_skip_chunks,
         acp_log_eps=args.acp_log_eps if args.acp else None,

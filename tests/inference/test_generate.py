@@ -43,15 +43,18 @@ def _teacher_forced(gen, tokens, prompt_len, chunk_at=None):
     return torch.cat(out, dim=1), cache
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_decoding_equals_full_forward(megatron_world, moe):
+@pytest.mark.parametrize("moe,gate", [(False, "data_dependent"), (True, "data_dependent"), (False, "alibi"),
+                                      (False, "data_independent")], ids=["dense", "moe", "alibi", "data_independent"])
+def test_decoding_equals_full_forward(megatron_world, moe, gate):
     """moe: a dense layer, then one with experts and a shared expert; the router takes each
-    token on its own, so one token a call routes as the full forward does."""
+    token on its own, so one token a call routes as the full forward does. gate: the forget
+    gate's kind (the cache's prefix sums of a per-head constant log f for the other two)."""
     from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
 
     route_megatron_buffers_to_cpu()  # the router asks for the CUDA device
-    model = _model("--no-acp", *(["--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "[0,1]",
-                                  "--moe-shared-expert-intermediate-size", "16"] if moe else []))
+    model = _model("--no-acp", "--fox-forget-gate-type", gate,
+                   *(["--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-layer-freq", "[0,1]",
+                      "--moe-shared-expert-intermediate-size", "16"] if moe else []))
     tokens = torch.randint(0, 96, (2, 40))
     gen = FoxGenerator(model, max_length=64, evict_log_eps=None)
     logits, cache = _teacher_forced(gen, tokens, prompt_len=17, chunk_at=25)

@@ -129,3 +129,15 @@ def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs,
         r = ref["grads"][key]
         err = (g - r).abs().max().item()
         assert err <= 1e-4 * (r.abs().max().item() + 1e-3), f"{key}: max abs err {err}"
+
+
+@pytest.fixture(scope="module", params=["alibi", "data_independent"])
+def shared_gate_type(request, tmp_path_factory):
+    """Same as `shared` with the fixed (ALiBi) or the data-independent forget gate."""
+    return _prepare(tmp_path_factory, f"equiv_{request.param}", ["--fox-forget-gate-type", request.param])
+
+
+@pytest.mark.parametrize("name,tp,pp,sp", [("tp2_sp", 2, 1, True)])
+def test_forget_gate_types_equal_single_rank(shared_gate_type, name, tp, pp, sp):
+    """Each TP rank takes its own heads' ALiBi slopes / gate biases."""
+    test_equals_single_rank(shared_gate_type, name, tp, pp, sp)

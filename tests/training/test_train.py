@@ -212,6 +212,8 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--exit-signal-handler"], "exit_signal_handler"),
     (["--exit-duration-in-mins", "1"], "exit_duration_in_mins"),
     (["--wandb-exp-name", "run1"], "wandb_exp_name"),
+    (["--fox-forget-gate-type", "sliding"], "fox_forget_gate_type"),
+    (["--fox-forget-gate-type", "alibi", "--no-fox-forget-gate"], "fox_forget_gate_type"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)
@@ -259,6 +261,23 @@ def test_transformer_baseline_trains_alike_over_tp_and_cp(cache, tmp_path):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args, *TINY, *common[2:]],
                            capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
         assert r.returncode == 2 and "fox_forget_gate" in r.stderr, (tool, r.stderr[-1500:])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-public", "--input",
+                        str(ckpt / "x.pt"), "--output", str(tmp_path / "y.pt"), *TINY, "--fox-forget-gate-type", "alibi"],
+                       capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "fox_forget_gate_type" in r.stderr, r.stderr[-1500:]
+
+
+def test_data_independent_gate_trains_alike_over_tp_and_cp(cache, tmp_path):
+    """From the layout-invariant init (each TP rank's biases from its heads' slopes), TP=2 +
+    SP and CP=2 (the per-head log f summed across the ranks' chunks) train like one process."""
+    flags = ["--fox-forget-gate-type", "data_independent", "--train-iters", "4", "--log-interval", "2",
+             "--num-query-groups", "2"]
+    one = train(tmp_path, "one", flags)
+    for name, extra in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                        ("cp2", ["--context-parallel-size", "2"])):
+        two = train(tmp_path, name, flags + extra, world=2)
+        for a, b in zip(one, two):
+            assert b["loss"] == pytest.approx(a["loss"], rel=2e-4), (name, a["step"], a["loss"], b["loss"])
 
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
