@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import sys
 import time
 from typing import Optional
@@ -239,26 +240,34 @@ class _ExitRequest:
         return {0.0: None, 1.0: "duration", 2.0: "signal"}[flag.item()]
 
 
-def _layer_stats(model) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
+def _layer_stats(model) -> tuple[dict[int, float], dict[int, float], dict[int, float], dict[int, float]]:
     """Per layer, over all ranks (one gather): the fraction of attention FLOPs skipped in its
-    last forward and in its backward, and (learned context pruning) the fraction of
-    prunable pairs kept."""
+    last forward and in its backward, (learned context pruning) the fraction of prunable
+    pairs kept, and the median over heads of the forget gate's half-life in tokens,
+    ln 0.5 / (mean log f of the head), from the last forward (each rank's heads and tokens)."""
     from .layers.context_pruning import context_pruning_modules
     from .training.model import attention_layers
 
-    local = {}
+    local, gates = {}, {}
     for m in attention_layers(model):
         if m.skipped_fraction is not None:
             local[m.layer_number] = (float(m.skipped_fraction), float(m.backward_skipped_fraction), None)
+        if m.mean_log_fgate is not None:
+            gates[m.layer_number] = m.mean_log_fgate.tolist()
     for m in context_pruning_modules(model):
         if m.last_kept_fraction is not None and m.layer_number in local:
             local[m.layer_number] = local[m.layer_number][:2] + (float(m.last_kept_fraction),)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, (local, gates))
     merged: dict[int, list] = {}
-    for part in gathered:
+    heads: dict[int, list] = {}
+    for part, part_gates in gathered:
         for layer, fracs in part.items():
             merged.setdefault(layer, []).append(fracs)
+        for layer, means in part_gates.items():
+            heads.setdefault(layer, []).extend(means)
+    half_lives = {layer: statistics.median(math.log(0.5) / min(m, -1e-30) for m in means)
+                  for layer, means in sorted(heads.items())}
 
     def mean(i):
         out = {}
@@ -268,7 +277,7 @@ def _layer_stats(model) -> tuple[dict[int, float], dict[int, float], dict[int, f
                 out[layer] = sum(vals) / len(vals)
         return out
 
-    return mean(0), mean(1), mean(2)
+    return mean(0), mean(1), mean(2), half_lives
 
 
 def run(args, on_step=None) -> list[dict]:
@@ -346,9 +355,11 @@ def run(args, on_step=None) -> list[dict]:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
                 scalars.add_scalar(f"train/{key}", out[key], it + 1)
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
-            skipped, bwd, kept = _layer_stats(model)
+            skipped, bwd, kept, half_lives = _layer_stats(model)
             overall = sum(skipped.values()) / len(skipped) if skipped else 0.0
             out["acp_skipped"], out["acp_skipped_by_layer"] = overall, skipped
+            if half_lives:
+                out["gate_half_life_by_layer"] = half_lives
             out["acp_bwd_skipped"] = sum(bwd.values()) / len(bwd) if bwd else 0.0
             extra = f"global batch size {batch_size} | " if args.rampup_batch_size else ""
             if kept:
@@ -379,6 +390,8 @@ def run(args, on_step=None) -> list[dict]:
                     scalars.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         scalars.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
+                    for layer, value in half_lives.items():
+                        scalars.add_scalar(f"fox/gate_half_life_layer_{layer:02d}", value, it + 1)
                     for layer, value in out.get("moe_load_balancing_loss_by_layer", {}).items():
                         scalars.add_scalar(f"moe/load_balancing_loss_layer_{layer:02d}", value, it + 1)
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)

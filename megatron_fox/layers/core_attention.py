@@ -20,7 +20,9 @@ class FoxCoreAttention(MegatronModule):
     at every document. With config.fox_collect_stats, `self.skipped_fraction` gives the
     fraction of attention FLOPs ACP skipped in the last forward (a device tensor, computed
     only when read: no kernels or host sync in steps that do not log it);
-    `self.backward_skipped_fraction` the same for the backward (config.acp_backward_pruning).
+    `self.backward_skipped_fraction` the same for the backward (config.acp_backward_pruning),
+    and `self.mean_log_fgate` the mean log forget gate of each of its heads over the last
+    forward's tokens (one small reduction a call; the gates' memory: half-life ln 0.5 / it).
     """
 
     def __init__(self, config, layer_number: int = 1, **kwargs):
@@ -29,6 +31,7 @@ class FoxCoreAttention(MegatronModule):
         self._stats = None
         self._head_costs = None  # context parallel a2a: head costs carried to the next call
         self._skip_memory = None  # context parallel p2p: whether the last call had dead chunk pairs
+        self._mean_log_fgate = None
 
     @property
     def skipped_fraction(self) -> Optional[torch.Tensor]:
@@ -39,6 +42,12 @@ class FoxCoreAttention(MegatronModule):
         if self._stats is None:
             return None
         return getattr(self._stats, "backward_skipped_fraction", self._stats.skipped_fraction).detach()
+
+    @property
+    def mean_log_fgate(self) -> Optional[torch.Tensor]:
+        """[heads of this rank] float32: mean log f over the last forward's tokens (None
+        without the forget gate or stats)."""
+        return self._mean_log_fgate
 
     def forward(self, q, k, v, log_fgate, logit_bound=None, cu_seqlens=None, keep=None):
         """q [s, b, h, d], k/v [s, b, g, d], log_fgate [s, b, h] float32 -> [s, b, h, d].
@@ -51,6 +60,8 @@ class FoxCoreAttention(MegatronModule):
 
         The layer builds valid inputs by construction (log f = logsigmoid <= 0, offsets from
         our own packing), so the op's value checks and their host sync are skipped."""
+        if log_fgate is not None and self.config.fox_collect_stats:
+            self._mean_log_fgate = log_fgate.detach().mean(dim=(0, 1))
         with no_data_checks():
             if log_fgate is None:
                 if q.is_cuda and keep is None and cu_seqlens is None and self.config.context_parallel_size == 1:

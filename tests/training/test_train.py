@@ -1,5 +1,6 @@
 """The training entry point on CPU: config errors, loss falls, resume, TP=2 / PP=2 runs."""
 
+import math
 import os
 import subprocess
 import sys
@@ -269,7 +270,8 @@ def test_transformer_baseline_trains_alike_over_tp_and_cp(cache, tmp_path):
 
 def test_data_independent_gate_trains_alike_over_tp_and_cp(cache, tmp_path):
     """From the layout-invariant init (each TP rank's biases from its heads' slopes), TP=2 +
-    SP and CP=2 (the per-head log f summed across the ranks' chunks) train like one process."""
+    SP and CP=2 (the per-head log f summed across the ranks' chunks) train like one process;
+    the logged forget-gate half-lives are ALiBi's with the fixed gate."""
     flags = ["--fox-forget-gate-type", "data_independent", "--train-iters", "4", "--log-interval", "2",
              "--num-query-groups", "2"]
     one = train(tmp_path, "one", flags)
@@ -278,6 +280,14 @@ def test_data_independent_gate_trains_alike_over_tp_and_cp(cache, tmp_path):
         two = train(tmp_path, name, flags + extra, world=2)
         for a, b in zip(one, two):
             assert b["loss"] == pytest.approx(a["loss"], rel=2e-4), (name, a["step"], a["loss"], b["loss"])
+    # the logged gate half-life: with ALiBi's fixed gates ln 2 / m_h of the 4 heads
+    # (m = 2^-2, 2^-4, 2^-6, 2^-8), their median 40 ln 2 in every layer, on one rank and
+    # with the heads split over two
+    alibi = ["--fox-forget-gate-type", "alibi", "--train-iters", "2", "--log-interval", "1", "--num-query-groups", "2"]
+    for name, world, extra in (("alibi", 1, []), ("alibi_tp2", 2, ["--tensor-model-parallel-size", "2"])):
+        for h in train(tmp_path, name, alibi + extra, world=world):
+            assert h["gate_half_life_by_layer"] == pytest.approx({1: 40 * math.log(2), 2: 40 * math.log(2)}), name
+    assert one[-1]["gate_half_life_by_layer"][1] > 0.0
 
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
