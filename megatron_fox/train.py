@@ -287,6 +287,7 @@ def run(args, on_step=None) -> list[dict]:
 
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
     from .training.scalars import ScalarLog
+    from .training.timers import PhaseTimers
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
     from .training.step import context_pruning_alpha_at, global_batch, moe_load_balancing_losses
@@ -322,8 +323,11 @@ def run(args, on_step=None) -> list[dict]:
                 scalars.add_scalar(f"{name}/loss", loss, step)
                 scalars.add_scalar(f"{name}/ppl", math.exp(min(loss, 700.0)), step)
 
+    timers = PhaseTimers(args.timing_log_level >= 1, device)
+    engine.timers = timers
     for it in range(start, start if args.skip_train else args.train_iters):
-        batches = global_batch(train_ds, it, args, tokenizer.eod)
+        with timers.phase("batch-generator"):
+            batches = global_batch(train_ds, it, args, tokenizer.eod)
         batch_size = step_batch(it, args.rampup_batch_size, args.global_batch_size)[1]  # ramp-up: < global
         step_share = batch_size / args.global_batch_size
         t0 = time.perf_counter()
@@ -338,6 +342,7 @@ def run(args, on_step=None) -> list[dict]:
                       f"checkpoint: {f'step {saved_at}' if saved_at else 'none this run'})", file=sys.stderr)
             sys.exit(1)
         dt = time.perf_counter() - t0
+        timers.step_done()
         balance = moe_load_balancing_losses(args, len(batches))
         if balance is not None:
             out["moe_load_balancing_loss"] = sum(balance.values()) / len(balance)
@@ -372,6 +377,10 @@ def run(args, on_step=None) -> list[dict]:
             if args.log_params_norm:
                 out["params_norm"] = params_l2_norm(model)
                 extra += f"params norm {out['params_norm']:.3f} | "
+            phase_ms = timers.report()
+            if phase_ms:
+                out["timers_ms"] = phase_ms
+                extra += "time (ms) " + " ".join(f"| {name} {ms:.1f} " for name, ms in phase_ms.items()) + "| "
             if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
                 out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 extra += f"mem {out['max_mem_gb']:.1f} GB | "
@@ -390,6 +399,9 @@ def run(args, on_step=None) -> list[dict]:
                     scalars.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         scalars.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
+                    if args.log_timers_to_tensorboard:
+                        for name, ms in phase_ms.items():
+                            scalars.add_scalar(f"timers/{name}", ms, it + 1)
                     for layer, value in half_lives.items():
                         scalars.add_scalar(f"fox/gate_half_life_layer_{layer:02d}", value, it + 1)
                     for layer, value in out.get("moe_load_balancing_loss_by_layer", {}).items():

@@ -267,8 +267,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "log_throughput": (bool, None, "accepted: tokens/s and TFLOP/s are always logged"),
     "log_validation_ppl_to_tensorboard": (bool, None, "accepted: valid/ppl is always written"),
     "log_memory_to_tensorboard": (bool, None, "accepted: the peak memory is always written (CUDA)"),
-    "log_timers_to_tensorboard": (bool, None, "accepted: no per-phase timers here"),
-    "timing_log_level": (int, None, "accepted: no per-phase timers here"),
+    "log_timers_to_tensorboard": (bool, False, "the per-phase timers (--timing-log-level 1) to TensorBoard too"),
+    "timing_log_level": (int, 0, "0: no per-phase timers; 1 (and 2: no finer timers here): batch generation, "
+                                 "forward-backward and optimizer ms per step, max over ranks, on each log line "
+                                 "(CUDA syncs at phase edges)"),
     "masked_softmax_fusion": (bool, None, "accepted: FoX attention has no masked-softmax kernel"),
     "bias_gelu_fusion": (bool, None, "accepted: no GeLU (SwiGLU MLP), no bias"),
     "bias_swiglu_fusion": (bool, None, "accepted: the SwiGLU's fusion follows --fox-fuse-extras"),
@@ -783,6 +785,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("overlap_param_gather", "needs use_distributed_optimizer (as in Megatron-LM)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ConfigError("overlap_param_gather", "needs overlap_grad_reduce (as in Megatron-LM)")
+    if args.timing_log_level not in (0, 1, 2):
+        raise ConfigError("timing_log_level", f"must be 0, 1 or 2, got {args.timing_log_level}")
     if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
         raise ConfigError("ddp_bucket_size", f"must be >= 1, got {args.ddp_bucket_size}")
     if args.cp_comm_type not in ("p2p", "a2a"):

@@ -119,19 +119,21 @@ class DeepSpeedEngine(TorchEngine):
         set_moe_aux_loss_scale(self.args, self.dp_size / float(tokens), self.device)
         loss_sum, norm = torch.zeros((), device=tokens.device), None
         for i, b in enumerate(batches):
-            # the penalty's gradient scaled as the loss's (DeepSpeed then averages both over its ranks)
-            set_context_pruning_penalty(self.model, b, self.args, self.dp_size / float(tokens))
-            out = model_forward(self.ds, b, self.args, self.eod)
-            loss = (out.float() * b["loss_mask"]).sum()
-            loss_sum = loss_sum + loss.detach()
-            # the sum over micro-batches and ranks of loss / tokens is the global mean
-            self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
+            with self.timers.phase("forward-backward"):
+                # the penalty's gradient scaled as the loss's (DeepSpeed then averages both over its ranks)
+                set_context_pruning_penalty(self.model, b, self.args, self.dp_size / float(tokens))
+                out = model_forward(self.ds, b, self.args, self.eod)
+                loss = (out.float() * b["loss_mask"]).sum()
+                loss_sum = loss_sum + loss.detach()
+                # the sum over micro-batches and ranks of loss / tokens is the global mean
+                self.ds.backward(loss * (self.dp_size / float(tokens)), scale_wrt_gas=False)
             if i == len(batches) - 1:  # before the update
                 mean_loss = self._reduce_loss(loss_sum, tokens)
                 check_finite(iteration, self.args, mean_loss)
                 if self.args.zero_stage == 0:
                     norm = self._grad_norm()  # averaged gradients, before the step clips and clears them
-            self.ds.step()
+            with self.timers.phase("optimizer" if i == len(batches) - 1 else "forward-backward"):
+                self.ds.step()  # the update at the last micro-batch (the accumulation boundary)
         update_router_expert_bias(self.model, self.args)
         norm = self.ds.get_global_grad_norm() if norm is None else norm
         norm = None if norm is None else float(norm)

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
 from .step import check_finite, lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
+from .timers import NO_TIMERS
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -98,6 +99,8 @@ def _restore_adam_step(optimizer, steps: int) -> None:
 class MegatronEngine:
     """Owns the wrapped model, the Megatron optimizer and the step of the CUDA path."""
 
+    timers = NO_TIMERS  # train.run sets its PhaseTimers (--timing-log-level)
+
     def __init__(self, model, args, eod: int):
         self.args, self.eod = args, eod
         config = model.config
@@ -159,9 +162,11 @@ class MegatronEngine:
         lr = lr_at(iteration, self.args)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self._run(batches, forward_only=False)
+        with self.timers.phase("forward-backward"):
+            loss = self._run(batches, forward_only=False)
         check_finite(iteration, self.args, loss)  # before the update (DDP checks the gradients' NaNs)
-        ok, grad_norm, _ = self.optimizer.step()
+        with self.timers.phase("optimizer"):
+            ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {iteration + 1} failed (non-finite gradients)")
         if self.args.overlap_param_gather and not self._hooks_on:

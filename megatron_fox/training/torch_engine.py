@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
 from .step import (check_finite, is_split_expert, lr_at, model_forward, set_context_pruning_penalty,
                    set_moe_aux_loss_scale, update_router_expert_bias)
+from .timers import NO_TIMERS
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -47,6 +48,8 @@ def _all_reduce_flat(grads: list, group) -> None:
 class TorchEngine:
     """Owns model, optimizer and the step of the CPU path."""
 
+    timers = NO_TIMERS  # train.run sets its PhaseTimers (--timing-log-level)
+
     def __init__(self, model, args, eod: int):
         self.model, self.args, self.eod = model, args, eod
         decay, no_decay = [], []
@@ -61,14 +64,16 @@ class TorchEngine:
     def train_step(self, batches: list[dict], iteration: int) -> dict:
         """Forward/backward over the micro-batches, gradient sync, clip, AdamW step."""
         self.model.train()
-        loss_sum, tokens = self.gradients(batches)
-        grad_norm = self._clip_grads()
-        loss = self._reduce_loss(loss_sum, tokens)
-        check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
-        lr = lr_at(iteration, self.args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        with self.timers.phase("forward-backward"):
+            loss_sum, tokens = self.gradients(batches)
+        with self.timers.phase("optimizer"):
+            grad_norm = self._clip_grads()
+            loss = self._reduce_loss(loss_sum, tokens)
+            check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
+            lr = lr_at(iteration, self.args)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
     def gradients(self, batches: list[dict]):

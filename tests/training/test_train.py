@@ -214,6 +214,7 @@ def _ok(tmp_path, tool, *args) -> str:
     (["--exit-duration-in-mins", "1"], "exit_duration_in_mins"),
     (["--wandb-exp-name", "run1"], "wandb_exp_name"),
     (["--fox-forget-gate-type", "sliding"], "fox_forget_gate_type"),
+    (["--timing-log-level", "3"], "timing_log_level"),
     (["--fox-forget-gate-type", "alibi", "--no-fox-forget-gate"], "fox_forget_gate_type"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
@@ -288,6 +289,29 @@ def test_data_independent_gate_trains_alike_over_tp_and_cp(cache, tmp_path):
         for h in train(tmp_path, name, alibi + extra, world=world):
             assert h["gate_half_life_by_layer"] == pytest.approx({1: 40 * math.log(2), 2: 40 * math.log(2)}), name
     assert one[-1]["gate_half_life_by_layer"][1] > 0.0
+
+
+
+def test_timing_log_level_reports_phases(cache, tmp_path):
+    """--timing-log-level 1: each log line's forward-backward and optimizer milliseconds per
+    step (max over ranks) fit in the step's wall time, which excludes the batch generation;
+    --log-timers-to-tensorboard writes them too. Level 0 (the default) reports none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--train-iters", "4", "--log-interval", "2", "--timing-log-level", "1", "--log-timers-to-tensorboard",
+             "--tensorboard-dir", str(tmp_path / "tb")]
+    hist = train(tmp_path, "timed", flags, world=2)
+    logged = [h for h in hist if "timers_ms" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    for h in logged:
+        t = h["timers_ms"]
+        assert set(t) == {"batch-generator", "forward-backward", "optimizer"} and all(v > 0 for v in t.values()), t
+        step_ms = 1e3 * h["global_batch_size"] * 64 / h["tokens_per_s"]  # this step's wall time (seq 64)
+        assert t["forward-backward"] > t["optimizer"] and t["forward-backward"] < 3 * step_ms, (t, step_ms)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("timers/forward-backward")] == [2, 4]
+    assert all("timers_ms" not in h for h in train(tmp_path, "plain", ["--train-iters", "2", "--log-interval", "1"]))
 
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
