@@ -7,7 +7,8 @@ The layout rules of the local spec's parameters:
 - SwiGLU fc1 [gate; up]: each rank holds [its gate chunk; its up chunk];
 - norms: replicated.
 Pipeline stages hold consecutive layers renumbered from 0 (`stage_layers`: L/PP each, or
-Megatron's uneven split with a given count on the first and/or last stage); the first holds
+Megatron's uneven splits: a given count on the first and/or last stage, or the embedding and
+loss counted as layers); the first holds
 the embedding, the last the final norm and output layer. With expert parallelism (EP) rank e
 holds experts [e*E/EP, (e+1)*E/EP) of each Mixture-of-Experts layer, renumbered from 0
 (`mlp.experts.local_experts.i`); the experts' tensors split over TP like the dense MLP's.
@@ -77,18 +78,17 @@ def stage_layers(num_layers: int, pp_size: int, first: Optional[int] = None, las
             raise ValueError(f"num_layers: {num_layers} layers plus the embedding and/or loss do not split into "
                              f"{pp_size} equal pipeline stages")
         first, last = (per - 1 if embedding else None), (per - 1 if loss else None)
+    keys = {0: "account_for_embedding_in_pipeline_split" if embedding else "decoder_first_pipeline_num_layers",
+            pp_size - 1: "account_for_loss_in_pipeline_split" if loss else "decoder_last_pipeline_num_layers"}
     fixed = {0: first, pp_size - 1: last} if pp_size > 1 else {}
     given = {stage: n for stage, n in fixed.items() if n is not None}
     for stage, n in given.items():
         if n < 1:
-            key = ("account_for_embedding_in_pipeline_split" if embedding else "decoder_first_pipeline_num_layers") \
-                if stage == 0 else ("account_for_loss_in_pipeline_split" if loss else "decoder_last_pipeline_num_layers")
-            raise ValueError(f"{key}: the {'first' if stage == 0 else 'last'} pipeline stage would hold {n} layers "
-                             f"(at least 1)")
+            raise ValueError(f"{keys[stage]}: the {'first' if stage == 0 else 'last'} pipeline stage would hold {n} "
+                             f"layers (at least 1)")
     rest, middle = num_layers - sum(given.values()), pp_size - len(given)
-    if middle == 0 and rest != 0 or middle and (rest < middle or rest % middle):
-        keys = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
-        what = " and ".join(k for k, n in zip(keys, (first, last)) if n is not None) or "pipeline_model_parallel_size"
+    if (middle == 0 and rest != 0) or (middle and (rest < middle or rest % middle)):
+        what = " and ".join(keys[stage] for stage in given) or "pipeline_model_parallel_size"
         raise ValueError(f"num_layers: {num_layers} layers less the {sum(given.values())} of {what} do not split "
                          f"into {middle} equal non-empty pipeline stage(s)")
     counts = [given.get(stage, rest // middle if middle else 0) for stage in range(pp_size)]
