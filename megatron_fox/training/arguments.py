@@ -128,6 +128,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "lr_wsd_decay_iters": (int, None, "WSD: steps of the final decay"),
     "lr_wsd_decay_samples": (int, None, "WSD: the final decay in sequences (instead of lr_wsd_decay_iters)"),
     "weight_decay": (float, 0.1, "AdamW weight decay (not on norms and biases)"),
+    "start_weight_decay": (float, None, "weight decay at the start of an increasing schedule "
+                                        "(weight_decay_incr_style linear or cosine)"),
+    "end_weight_decay": (float, None, "weight decay at the end of training (train_iters) of that schedule"),
+    "weight_decay_incr_style": (str, "constant", "constant (weight_decay throughout) | linear | cosine (from "
+                                                 "start_weight_decay to end_weight_decay over train_iters)"),
     "adam_beta1": (float, 0.9, "AdamW beta1"),
     "adam_beta2": (float, 0.95, "AdamW beta2"),
     "adam_eps": (float, 1e-8, "AdamW epsilon"),
@@ -649,6 +654,24 @@ def _either(args: argparse.Namespace, keys: tuple[str, ...]) -> Optional[str]:
     return winners[0]
 
 
+def check_weight_decay_schedule(args: argparse.Namespace) -> None:
+    """Megatron-LM's weight-decay schedule keys: constant uses weight_decay (no start or end
+    weight decay, as there); linear and cosine need both ends, >= 0."""
+    style = args.weight_decay_incr_style
+    if style not in ("constant", "linear", "cosine"):
+        raise ConfigError("weight_decay_incr_style", f"must be constant, linear or cosine, got {style!r}")
+    for key in ("start_weight_decay", "end_weight_decay"):
+        if style == "constant" and getattr(args, key) is not None:
+            raise ConfigError(key, "only with weight_decay_incr_style linear or cosine (constant uses weight_decay)")
+    if style == "constant":
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    for key in ("start_weight_decay", "end_weight_decay"):
+        if getattr(args, key) is None:
+            raise ConfigError(key, f"needed with weight_decay_incr_style {style}")
+        if getattr(args, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {getattr(args, key)}")
+
+
 def resolve_schedule(args: argparse.Namespace) -> None:
     """Steps from samples as Megatron-LM: train_samples becomes the steps that consume that
     many sequences (through the batch-size ramp-up, if any); lr_decay_samples and
@@ -742,6 +765,7 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, f"{getattr(args, key)!r}: not available in this FoX model "
                                    f"(accepted: {', '.join(repr(a) for a in accepted if a is not None)})")
     resolve_schedule(args)
+    check_weight_decay_schedule(args)
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.kv_channels is None:

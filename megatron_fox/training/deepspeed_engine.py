@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import (check_finite, lr_at, model_forward, set_context_pruning_penalty, set_moe_aux_loss_scale,
+from .step import (check_finite, model_forward, set_context_pruning_penalty, set_lr_and_wd, set_moe_aux_loss_scale,
                    update_router_expert_bias)
 from .torch_engine import TorchEngine, _dp_cp
 
@@ -109,9 +109,7 @@ class DeepSpeedEngine(TorchEngine):
         data-parallel ranks and accumulation steps; the loss given to it is scaled so that
         the update is that of the global batch's mean token loss, as in the other engines."""
         self.ds.train()
-        lr = lr_at(iteration, self.args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults)
         batches = self._on_device(batches)
         if len(batches) != self.ds.gradient_accumulation_steps():  # --rampup-batch-size: this step's batch
             self.ds.set_train_batch_size(len(batches) * self.args.micro_batch_size * self.dp_size)

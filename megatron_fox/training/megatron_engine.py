@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .step import check_finite, lr_at, micro_batch_iterator, model_forward, set_context_pruning_penalty
+from .step import check_finite, micro_batch_iterator, model_forward, set_context_pruning_penalty, set_lr_and_wd
 from .timers import NO_TIMERS
 
 
@@ -159,9 +159,9 @@ class MegatronEngine:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        lr = lr_at(iteration, self.args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        # Megatron's groups carry wd_mult (0 for norms and biases), as its scheduler reads them
+        lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args,
+                           [group.get("wd_mult", 1.0) for group in self.optimizer.param_groups])
         with self.timers.phase("forward-backward"):
             loss = self._run(batches, forward_only=False)
         check_finite(iteration, self.args, loss)  # before the update (DDP checks the gradients' NaNs)

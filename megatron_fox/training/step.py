@@ -52,6 +52,31 @@ def lr_at(iteration: int, args) -> float:
     return args.min_lr + (args.lr - args.min_lr) * _decay_coefficient(style, t)
 
 
+def wd_at(iteration: int, args) -> float:
+    """Megatron-LM's weight-decay schedule: from start_weight_decay to end_weight_decay over
+    the train_iters steps' sequences, linearly or by a cosine rise
+    (start + (end - start) * (1 - cos(pi r)) / 2 at the consumed fraction r), constant
+    (weight_decay) otherwise."""
+    if args.weight_decay_incr_style == "constant":
+        return args.weight_decay
+    t_step = iteration
+    if args.rampup_batch_size:
+        t_step = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
+    r = min(1.0, t_step / max(1, args.train_iters))
+    coeff = r if args.weight_decay_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1.0 - r)) + 1.0)
+    return args.start_weight_decay + coeff * (args.end_weight_decay - args.start_weight_decay)
+
+
+def set_lr_and_wd(param_groups, iteration: int, args, wd_mults) -> float:
+    """Set each optimizer group's lr (`lr_at`) and weight decay (`wd_at` times the group's
+    multiplier: 0 for norms and biases); returns the lr."""
+    lr, wd = lr_at(iteration, args), wd_at(iteration, args)
+    for group, mult in zip(param_groups, wd_mults):
+        group["lr"] = lr
+        group["weight_decay"] = wd * mult
+    return lr
+
+
 def _decay_coefficient(style: str, t: float) -> float:
     """The share of (lr - min_lr) left at fraction t in [0, 1] of a decay: 1 at t = 0, 0 at t = 1."""
     if style == "linear":

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
-from .step import (check_finite, is_split_expert, lr_at, model_forward, set_context_pruning_penalty,
+from .step import (check_finite, is_split_expert, model_forward, set_context_pruning_penalty, set_lr_and_wd,
                    set_moe_aux_loss_scale, update_router_expert_bias)
 from .timers import NO_TIMERS
 
@@ -58,6 +58,7 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        self.wd_mults = (1.0, 0.0)  # the groups above: decayed, then norms and biases
         self.params = [p for p in model.parameters()]
 
     # --- one optimizer step -------------------------------------------------------------
@@ -70,9 +71,7 @@ class TorchEngine:
             grad_norm = self._clip_grads()
             loss = self._reduce_loss(loss_sum, tokens)
             check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
-            lr = lr_at(iteration, self.args)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults)
             self.optimizer.step()
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 

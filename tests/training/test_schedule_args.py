@@ -9,7 +9,7 @@ import yaml
 
 from megatron_fox.training.arguments import ConfigError, parse_args
 from megatron_fox.training.rampup import step_batch
-from megatron_fox.training.step import lr_at
+from megatron_fox.training.step import lr_at, wd_at
 
 
 def test_samples_become_steps_and_drive_the_lr():
@@ -123,7 +123,53 @@ def test_rampup_flags_train_samples_and_lr():
     (["--lr-warmup-samples", "10", "--lr-warmup-fraction", "0.1"], "lr_warmup_fraction"),
     (["--lr-warmup-fraction", "1.5"], "lr_warmup_fraction"),
     (["--train-samples", "-8"], "train_samples"),
+    (["--weight-decay-incr-style", "step"], "weight_decay_incr_style"),
+    (["--start-weight-decay", "0.01"], "start_weight_decay"),  # constant style: weight_decay only
+    (["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.01"], "end_weight_decay"),
+    (["--weight-decay-incr-style", "cosine", "--start-weight-decay", "-1", "--end-weight-decay", "0.1"],
+     "start_weight_decay"),
 ])
 def test_bad_schedule_names_the_key(flags, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         parse_args(flags)
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_schedule_as_megatron_lm(style):
+    """--weight-decay-incr-style: from start to end over train_iters, linearly or by a cosine
+    rise, end afterwards; constant (the default) is --weight-decay throughout."""
+    args = parse_args(["--train-iters", "100", "--weight-decay-incr-style", style, "--start-weight-decay", "0.02",
+                       "--end-weight-decay", "0.1"])
+    for it in (0, 10, 50, 73, 100, 150):
+        r = min(1.0, it / 100)
+        coeff = r if style == "linear" else (1 - math.cos(math.pi * r)) / 2  # 0 -> 1, slow at both ends
+        assert wd_at(it, args) == pytest.approx(0.02 + 0.08 * coeff), it
+    constant = parse_args(["--train-iters", "100", "--weight-decay", "0.05"])
+    assert {wd_at(it, constant) for it in (0, 50, 99)} == {0.05}
+
+
+def test_engine_applies_the_weight_decay_schedule_to_decayed_groups_only(megatron_world):
+    """The CPU engine's AdamW groups after a step: the decayed one at wd_at(step), norms and
+    biases at 0, lr at lr_at(step)."""
+    import torch
+
+    from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
+    from megatron_fox.training.model import build_model, padded_vocab_size, transformer_config
+    from megatron_fox.training.torch_engine import TorchEngine
+
+    route_megatron_buffers_to_cpu()
+    args = parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size",
+                       "64", "--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "1",
+                       "--vocab-size", "64", "--device", "cpu", "--train-iters", "10", "--weight-decay-incr-style",
+                       "linear", "--start-weight-decay", "0.0", "--end-weight-decay", "0.2"])
+    model = build_model(args, transformer_config(args, torch.device("cpu")), padded_vocab_size(64, args))
+    engine = TorchEngine(model, args, eod=63)
+    tokens = torch.randint(0, 63, (1, 17))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, 16),
+             "position_ids": torch.arange(16)[None], "attention_mask": None}
+    for it in (0, 4, 7):
+        engine.train_step([batch], it)
+        decayed, free = engine.optimizer.param_groups
+        assert decayed["weight_decay"] == pytest.approx(0.2 * it / 10) and free["weight_decay"] == 0.0
+        assert decayed["lr"] == free["lr"] == pytest.approx(lr_at(it, args))
+        assert any("norm" in n for n, p in model.named_parameters() if any(p is q for q in free["params"]))
