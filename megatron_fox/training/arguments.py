@@ -394,7 +394,7 @@ def checkpoint_args(load: Optional[str], step: Optional[int] = None) -> dict:
 
 
 def check_positions(args: argparse.Namespace) -> None:
-    """The rotary embedding's keys; without the forget gate ACP has nothing to prune (off)."""
+    """The rotary embedding's keys."""
     if args.position_embedding_type == "rope":
         if args.hybrid_layer_pattern is not None:
             raise ConfigError("position_embedding_type", "rope: not with hybrid_layer_pattern (the FoX hybrid stack "
@@ -406,6 +406,10 @@ def check_positions(args: argparse.Namespace) -> None:
     if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
         raise ConfigError("reset_position_ids", "with rope needs reset_attention_mask (positions restarting "
                                                 "inside attention that crosses documents are not built)")
+
+
+def check_forget_gate(args: argparse.Namespace) -> None:
+    """The forget gate's kind; without the gate ACP has nothing to prune (off)."""
     from ..layers.config import FORGET_GATE_TYPES
 
     if args.fox_forget_gate_type not in FORGET_GATE_TYPES:
@@ -417,22 +421,26 @@ def check_positions(args: argparse.Namespace) -> None:
         args.acp = False
 
 
-def check_pipeline_split(args: argparse.Namespace) -> list[int]:
-    """The decoder layers of each pipeline stage (Megatron-LM's uneven split with
-    --decoder-first/last-pipeline-num-layers or --account-for-embedding/loss-in-pipeline-split,
-    else num_layers / PP each); ConfigError naming the key where they do not split so."""
+def pipeline_stages(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """[lo, hi) of the decoder layers on each pipeline stage (Megatron-LM's uneven splits:
+    --decoder-first/last-pipeline-num-layers, --account-for-embedding/loss-in-pipeline-split;
+    else L / PP each). ValueError naming the key where they do not split so."""
     from ..checkpoint.partition import stage_layers
 
-    pp = args.pipeline_model_parallel_size
+    return stage_layers(args.num_layers, args.pipeline_model_parallel_size, args.decoder_first_pipeline_num_layers,
+                        args.decoder_last_pipeline_num_layers, args.account_for_embedding_in_pipeline_split,
+                        args.account_for_loss_in_pipeline_split)
+
+
+def check_pipeline_split(args: argparse.Namespace) -> list[int]:
+    """The decoder layers of each pipeline stage (`pipeline_stages`); ConfigError naming the
+    key where they do not split so."""
     for key in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
                 "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
-        if getattr(args, key) not in (None, False) and pp == 1:
+        if getattr(args, key) not in (None, False) and args.pipeline_model_parallel_size == 1:
             raise ConfigError(key, "needs pipeline_model_parallel_size > 1")
     try:
-        return [hi - lo for lo, hi in stage_layers(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
-                                                   args.decoder_last_pipeline_num_layers,
-                                                   args.account_for_embedding_in_pipeline_split,
-                                                   args.account_for_loss_in_pipeline_split)]
+        return [hi - lo for lo, hi in pipeline_stages(args)]
     except ValueError as e:
         key, _, message = str(e).partition(": ")
         raise ConfigError(key, message) from None
@@ -792,6 +800,7 @@ def finalize(args: argparse.Namespace) -> None:
     if args.hybrid_layer_pattern is not None:
         check_hybrid_layer_pattern(args)
     check_positions(args)
+    check_forget_gate(args)
     if args.fp16:
         raise ConfigError("fp16", "fp16 training (with loss scaling) is not built here: use --bf16")
     if args.recompute_activations:

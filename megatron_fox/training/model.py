@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ..layers import FoxTransformerConfig, get_fox_block_spec
+from .arguments import pipeline_stages
 
 
 def embedding_ids(args: argparse.Namespace, tokenizer_vocab: int = 0) -> int:
@@ -132,17 +133,6 @@ def build_model(args: argparse.Namespace, config: FoxTransformerConfig, vocab_si
         model = GPTModel(transformer_layer_spec=get_fox_block_spec(config, args.transformer_impl), **common)
     init_layout_invariant(model, args)
     return model
-
-
-def pipeline_stages(args: argparse.Namespace) -> list[tuple[int, int]]:
-    """[lo, hi) of the decoder layers on each pipeline stage (Megatron-LM's uneven splits:
-    --decoder-first/last-pipeline-num-layers, --account-for-embedding/loss-in-pipeline-split;
-    else L / PP each)."""
-    from ..checkpoint import stage_layers
-
-    return stage_layers(args.num_layers, args.pipeline_model_parallel_size, args.decoder_first_pipeline_num_layers,
-                        args.decoder_last_pipeline_num_layers, args.account_for_embedding_in_pipeline_split,
-                        args.account_for_loss_in_pipeline_split)
 
 
 def expert_layout(args: argparse.Namespace) -> tuple[int, int]:

@@ -26,16 +26,22 @@ def check_finite(iteration: int, args, loss: float, grad_norm: Optional[float] =
         raise FloatingPointError(f"step {iteration + 1}: {' and '.join(bad)}")
 
 
+def _schedule_position(iteration: int, args) -> tuple[float, float]:
+    """Where the schedules stand at the start and the end of a step, in steps of
+    global_batch_size sequences (with a batch-size ramp-up: the consumed sequences)."""
+    if not args.rampup_batch_size:
+        return iteration, iteration + 1
+    before, batch = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)
+    return before / args.global_batch_size, (before + batch) / args.global_batch_size
+
+
 def lr_at(iteration: int, args) -> float:
     """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
     lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
     steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
     the schedule runs on the consumed sequences, in steps of global_batch_size."""
-    t_step, t_end = iteration, iteration + 1
-    if args.rampup_batch_size:
-        before, batch = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)
-        t_step, t_end = before / args.global_batch_size, (before + batch) / args.global_batch_size
+    t_step, t_end = _schedule_position(iteration, args)
     if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:  # warmup by the sequences consumed at step end
         return args.lr * min(1.0, t_end / args.lr_warmup_iters)
     style = args.lr_decay_style
@@ -59,10 +65,7 @@ def wd_at(iteration: int, args) -> float:
     (weight_decay) otherwise."""
     if args.weight_decay_incr_style == "constant":
         return args.weight_decay
-    t_step = iteration
-    if args.rampup_batch_size:
-        t_step = step_batch(iteration, args.rampup_batch_size, args.global_batch_size)[0] / args.global_batch_size
-    r = min(1.0, t_step / max(1, args.train_iters))
+    r = min(1.0, _schedule_position(iteration, args)[0] / max(1, args.train_iters))
     coeff = r if args.weight_decay_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1.0 - r)) + 1.0)
     return args.start_weight_decay + coeff * (args.end_weight_decay - args.start_weight_decay)
 

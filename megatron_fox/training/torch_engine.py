@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
+from .arguments import pipeline_stages
 from .step import (check_finite, is_split_expert, model_forward, set_context_pruning_penalty, set_lr_and_wd,
                    set_moe_aux_loss_scale, update_router_expert_bias)
 from .timers import NO_TIMERS
@@ -186,8 +187,6 @@ class TorchEngine:
     # --- checkpoints --------------------------------------------------------------------
     def _layout(self) -> dict:
         """TP, PP, EP sizes and each pipeline stage's [lo, hi) layers."""
-        from .model import pipeline_stages
-
         return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
                 "ep": self.args.expert_model_parallel_size, "stages": [list(b) for b in pipeline_stages(self.args)]}
 
@@ -197,8 +196,10 @@ class TorchEngine:
         saved = state.get("layout")
         if saved is None:
             return None
-        stages = [list(b) for b in stage_layers(self.args.num_layers, saved["pp"])] if "stages" not in saved else []
-        return {"ep": 1, "stages": stages, **saved}
+        saved = {"ep": 1, **saved}
+        if "stages" not in saved:
+            saved["stages"] = [list(b) for b in stage_layers(self.args.num_layers, saved["pp"])]
+        return saved
 
     def _rank_file(self, root, iteration):
         """mp_rank_TT_PPP.pt, with expert parallelism mp_rank_TT_PPP_EEE.pt (Megatron-LM's names)."""

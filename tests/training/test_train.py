@@ -291,7 +291,6 @@ def test_data_independent_gate_trains_alike_over_tp_and_cp(cache, tmp_path):
     assert one[-1]["gate_half_life_by_layer"][1] > 0.0
 
 
-
 def test_timing_log_level_reports_phases(cache, tmp_path):
     """--timing-log-level 1: each log line's forward-backward and optimizer milliseconds per
     step (max over ranks) fit in the step's wall time, which excludes the batch generation;
