@@ -321,42 +321,219 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
 
     port = free_port()
     logs = tempfile.TemporaryDirectory(prefix=f"mf_{task}_")
+    zygote = _zygote()
     procs, errs = [], []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"),
                    PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        err = open(os.path.join(logs.name, f"rank{rank}.err"), "w+")
+        err = os.path.join(logs.name, f"rank{rank}.err")
         errs.append(err)
-        procs.append(subprocess.Popen([sys.executable, __file__, task, json.dumps(opts)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=err, text=True))
+        argv = [__file__, task, json.dumps(opts)]
+        if zygote is not None:
+            procs.append(zygote.start(argv, env, err))
+        else:
+            with open(err, "w") as f:
+                procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=f))
     deadline = time.monotonic() + timeout
     errors = []
     try:
         for rank, p in enumerate(procs):
             try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 for q in procs:
                     q.kill()
                 raise RuntimeError(f"{task}: rank {rank} timed out")
-            if p.returncode != 0:
-                errs[rank].seek(0)
-                errors.append(f"rank {rank} exit {p.returncode}:\n{errs[rank].read()[-3000:]}")
+            if code != 0:
+                with open(errs[rank]) as f:
+                    errors.append(f"rank {rank} exit {code}:\n{f.read()[-3000:]}")
     finally:
-        for f in errs:
-            f.close()
         logs.cleanup()
     if errors:
         raise RuntimeError(f"{task} failed:\n" + "\n".join(errors))
 
 
-if __name__ == "__main__":
-    globals()[f"task_{sys.argv[1]}"](json.loads(sys.argv[2]))
+class _Zygote:
+    """A process that imported torch and Megatron-Core once and forks each worker from
+    there: a worker then starts in a few milliseconds instead of the ~5 s of CPU those
+    imports cost every fresh interpreter (the multi-process tests start hundreds). It
+    imports nothing of megatron_fox, so a worker still defines the kernels under its own
+    TRITON_INTERPRET. MEGATRON_FOX_TEST_FORK=0 starts every worker as a fresh process."""
+
+    def __init__(self):
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, __file__, "--zygote"], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.exits: dict[int, int] = {}
+        self.pending = b""
+        while self._line(300) != "ready":  # whatever the imports printed
+            pass
+
+    def _line(self, timeout: float) -> str:
+        self.pending, line = _read_line(self.proc.stdout.fileno(), self.pending, timeout)
+        if line is None:
+            raise RuntimeError("the test zygote died")
+        return line
+
+    def _send(self, request: dict) -> None:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def start(self, argv: list, env: dict, err: str) -> "_Forked":
+        self._send({"argv": argv, "env": env, "err": err, "cwd": os.getcwd()})
+        while True:  # exits of earlier workers may come first
+            kind, pid, *rest = self._line(60).split()
+            if kind == "pid":
+                return _Forked(self, int(pid))
+            self.exits[int(pid)] = int(rest[0])
+
+    def wait(self, pid: int, timeout: float) -> int:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while pid not in self.exits:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(str(pid), timeout)
+            kind, other, *rest = self._line(left).split()
+            self.exits[int(other)] = int(rest[0])
+        return self.exits.pop(pid)
+
+
+class _Forked:
+    """A worker forked by the zygote, waited for and killed like a subprocess.Popen."""
+
+    def __init__(self, zygote: _Zygote, pid: int):
+        self.zygote, self.pid = zygote, pid
+
+    def wait(self, timeout: float) -> int:
+        return self.zygote.wait(self.pid, timeout)
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+_ZYGOTE: list = []
+
+
+def _read_line(fd: int, pending: bytes, timeout: float | None) -> tuple[bytes, str | None]:
+    """The next line from file descriptor fd, read unbuffered so that select() sees what is
+    left (a buffered reader may hold several lines while select waits on an empty pipe):
+    (what was read past that line, the line, None at end of file)."""
+    import select
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], left)[0]:
+            raise subprocess.TimeoutExpired("zygote", timeout)
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return pending, None
+        pending += chunk
+    line, pending = pending.split(b"\n", 1)
+    return pending, line.decode().strip()
+
+
+def _zygote() -> _Zygote | None:
+    """This test process's zygote (started on first use), or None where workers should be
+    fresh processes: MEGATRON_FOX_TEST_FORK=0, no fork on this platform, or CUDA present
+    (Megatron-Core's imports ask CUDA for its devices, after which torch refuses CUDA in a
+    forked child)."""
+    if os.environ.get("MEGATRON_FOX_TEST_FORK", "1") == "0" or not hasattr(os, "fork") or torch.cuda.is_available():
+        return None
+    if not _ZYGOTE or _ZYGOTE[0].proc.poll() is not None:
+        _ZYGOTE[:] = [_Zygote()]
+    return _ZYGOTE[0]
+
+
+def _zygote_main() -> None:
+    """The zygote's loop: a request (one JSON line: argv, env, err, cwd) forks a worker
+    and answers "pid <pid>"; a finished worker is reported as "exit <pid> <code>"."""
+    import megatron.core.dist_checkpointing  # noqa: F401  the imports every worker shares
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+
+    print("ready", flush=True)
+    pending = b""
+    while True:
+        try:
+            pending, line = _read_line(0, pending, 0.05)
+        except subprocess.TimeoutExpired:
+            line = ""
+        if line is None:
+            return
+        if line:
+            pid = os.fork()
+            if pid == 0:
+                _forked_worker(json.loads(line))
+            print(f"pid {pid}", flush=True)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+def _forked_worker(request: dict) -> None:
+    """In the forked child: become the worker a fresh `python workers.py task opts` would
+    be (environment, import path, working directory, output, argv, random state), run it, exit."""
+    import importlib
+    import random
+    import traceback
+
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        null = os.open(os.devnull, os.O_RDWR)
+        err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(err, 2)
+        # a PYTHONPATH the zygote did not start with (a test's stand-in package) goes first
+        added = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[:0] = added
+        importlib.invalidate_caches()
+        sys.argv = request["argv"]
+        random.seed()
+        _run_task(sys.argv[1], json.loads(sys.argv[2]))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_task(task: str, opts: dict) -> None:
+    globals()[f"task_{task}"](opts)
     if torch.distributed.is_initialized():  # orderly exit: gloo threads stopped before teardown
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--zygote":
+        _zygote_main()
+        sys.exit(0)
+    _run_task(sys.argv[1], json.loads(sys.argv[2]))
     # the results are saved and every rank is past the barrier: skip the interpreter's
     # teardown, where gloo's threads once aborted a worker (SIGABRT) after a passing run
     sys.stdout.flush()
