@@ -203,8 +203,9 @@ def _load(engine, args) -> int:
             sys.exit(2)
         try:
             return engine.load(args.load, iteration)
-        except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors)
-            print(f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
+        except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors, state)
+            print(f"megatron_fox: error: {e}" if hasattr(e, "key") else f"megatron_fox: error: config key 'load': {e}",
+                  file=sys.stderr)
             sys.exit(2)
     if args.exit_on_missing_checkpoint or args.finetune:
         print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "

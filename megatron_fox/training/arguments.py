@@ -239,6 +239,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
+    "save_optim": (bool, True, "with save: also the optimizer state (--no-save-optim: weights and step only, a "
+                               "smaller checkpoint to hand on; it loads with --no-load-optim or --finetune)"),
+    "save_rng": (bool, True, "with save: also the RNG state (CPU path; the CUDA path saves none)"),
     "eval_interval": (int, None, "steps between validation passes"),
     "eval_iters": (int, 2, "validation steps a pass (and test steps, after training, where there is test data)"),
     "skip_train": (bool, False, "no training steps: evaluate the (loaded) model on the validation and test "
@@ -879,6 +882,9 @@ def finalize(args: argparse.Namespace) -> None:
     for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"):
         if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
             raise ConfigError(key, "needs load (a checkpoint directory)")
+    for key in ("save_optim", "save_rng"):
+        if getattr(args, "config_sources", {}).get(key) and args.save is None and getattr(args, key) != OPTIONS[key][1]:
+            raise ConfigError(key, "needs save (a checkpoint directory)")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
     check_scalar_logs(args)
@@ -902,6 +908,8 @@ def check_deepspeed(args: argparse.Namespace) -> None:
     for key in ("overlap_grad_reduce", "overlap_param_gather"):
         if getattr(args, key):
             raise ConfigError(key, "Megatron DDP's option; with deepspeed set overlap_comm in deepspeed_config")
+    if not args.save_optim:
+        raise ConfigError("save_optim", "the DeepSpeed engine always saves its optimizer partitions")
     if args.deepspeed_config is not None:
         check_deepspeed_config(args.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:

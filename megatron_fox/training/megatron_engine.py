@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
+from .arguments import ConfigError
 from .step import check_finite, micro_batch_iterator, model_forward, set_context_pruning_penalty, set_lr_and_wd
 from .timers import NO_TIMERS
 
@@ -223,11 +224,13 @@ class MegatronEngine:
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         model_sd = self.inner.sharded_state_dict()
-        layout = self._bucket_layout()
-        sharding = self._optimizer_sharding(layout)
-        meta = {"distrib_optim_sharding_type": sharding}
-        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=meta),
-                 "iteration": iteration, "optimizer_sharding": sharding, "optimizer_buckets": layout}
+        state = {"model": model_sd, "iteration": iteration, "optimizer_saved": self.args.save_optim}
+        if self.args.save_optim:
+            layout = self._bucket_layout()
+            sharding = self._optimizer_sharding(layout)
+            meta = {"distrib_optim_sharding_type": sharding}
+            state.update(optimizer=self.optimizer.sharded_state_dict(model_sd, metadata=meta),
+                         optimizer_sharding=sharding, optimizer_buckets=layout)
         dist_checkpointing.save(state, path)
         write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
@@ -244,6 +247,9 @@ class MegatronEngine:
             self.optimizer.reload_model_params()
             return 0 if self.args.finetune else iteration
         common = dist_checkpointing.load_common_state_dict(path)
+        if not common.get("optimizer_saved", True):
+            raise ConfigError("load_optim", f"{path} holds no optimizer state (saved with --no-save-optim): add "
+                                            f"--no-load-optim, or --finetune for the weights only")
         sharding = common.get("optimizer_sharding", "fully_reshardable")  # what checkpoints before it held
         saved, layout = common.get("optimizer_buckets"), self._bucket_layout()
         if sharding == "dp_reshardable" and saved != layout:

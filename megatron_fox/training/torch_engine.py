@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
-from .arguments import pipeline_stages
+from .arguments import ConfigError, pipeline_stages
 from .step import (check_finite, is_split_expert, model_forward, set_context_pruning_penalty, set_lr_and_wd,
                    set_moe_aux_loss_scale, update_router_expert_bias)
 from .timers import NO_TIMERS
@@ -208,15 +208,20 @@ class TorchEngine:
         return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}{ep}.pt")
 
     def save(self, root: str, iteration: int) -> None:
-        """Model, optimizer, RNG and iteration; of the ranks holding the same model shard and
+        """Model, optimizer and RNG (unless --no-save-optim / --no-save-rng) and iteration; of
+        the ranks holding the same model shard and
         experts (an expert-data-parallel group: with EP = 1 the data- and context-parallel
         ranks), the first writes."""
         if ps.get_expert_data_parallel_rank() == 0:
             path = self._rank_file(root, iteration)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             layout = self._layout()
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "iteration": iteration, "layout": layout}, path + ".tmp")
+            state = {"model": self.model.state_dict(), "iteration": iteration, "layout": layout}
+            if self.args.save_optim:
+                state["optimizer"] = self.optimizer.state_dict()
+            if self.args.save_rng:
+                state["rng"] = torch.get_rng_state()
+            torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)
         write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
@@ -239,6 +244,10 @@ class TorchEngine:
         self.model.load_state_dict(state["model"])
         if self.args.finetune:
             return 0
+        for key, flag in (("optimizer", "optim"), ("rng", "rng")):
+            if getattr(self.args, f"load_{flag}") and key not in state:
+                raise ConfigError(f"load_{flag}", f"{path} holds no {key} state (saved with --no-save-{flag}): "
+                                                 f"add --no-load-{flag}, or --finetune for the weights only")
         if self.args.load_optim:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.args.load_rng:

@@ -63,7 +63,8 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     assert first[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-4)
     saved = json.loads((ckpt / "iter_0000015" / "args.json").read_text())
     assert saved["num_layers"] == 2 and saved["seq_length"] == 512
-    rest = train(tmp_path, "rest", ["--train-iters", "30", "--load", str(ckpt)])
+    slim = tmp_path / "slim"  # the resumed run saves at its end without the optimizer state
+    rest = train(tmp_path, "rest", ["--train-iters", "30", "--load", str(ckpt), "--save", str(slim), "--no-save-optim"])
     assert [h["step"] for h in rest] == list(range(16, 31))
     print("uninterrupted", [round(h["loss"], 4) for h in full[15:]])
     print("resumed      ", [round(h["loss"], 4) for h in rest])
@@ -73,6 +74,13 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path):
     assert rest[0]["loss"] == pytest.approx(full[15]["loss"], rel=1e-4)
     for a, b in zip(full[15:], rest):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    size = {d: sum(f.stat().st_size for f in (d).rglob("*") if f.is_file()) for d in (ckpt, slim)}
+    print("checkpoint bytes with / without the optimizer", size[ckpt], size[slim])
+    assert size[slim] < 0.5 * size[ckpt]
+    with pytest.raises(RuntimeError, match="config key 'load_optim'"):
+        train(tmp_path, "no_optim", ["--train-iters", "31", "--load", str(slim)])
+    cont = train(tmp_path, "cont", ["--train-iters", "31", "--load", str(slim), "--no-load-optim"])
+    assert [h["step"] for h in cont] == [31]
     # --finetune: step 15's weights only, from step 0 with a fresh optimizer: the run from the
     # same weights as a full state dict (without reload_model_params the optimizer's float32
     # copies would still hold the initial weights and the first update would undo the load)

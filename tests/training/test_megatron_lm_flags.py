@@ -60,6 +60,9 @@ def test_megatron_lm_script_with_rampup_and_wsd():
     (["--tensorboard-log-interval", "0"], "tensorboard_log_interval"),
     (["--num-experts", "8", "--moe-router-fusion"], "moe_router_fusion"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
+    (["--no-save-optim"], "save_optim"),
+    (["--no-save-rng"], "save_rng"),
+    (["--save", "ckpt", "--deepspeed", "--no-save-optim"], "save_optim"),
 ])
 def test_unavailable_values_name_the_key(flags, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -400,10 +400,22 @@ def test_finetune_and_no_load_optim(cache, tmp_path):
     for a, b in zip(tuned, pretrained):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
     resumed = train(tmp_path, "resumed", ["--train-iters", "9", "--load", str(ckpt)])
-    fresh_optim = train(tmp_path, "fresh_optim", ["--train-iters", "9", "--load", str(ckpt), "--no-load-optim"])
+    # that run also saves without its optimizer and RNG state (--no-save-optim/-rng)
+    slim = tmp_path / "slim"
+    fresh_optim = train(tmp_path, "fresh_optim", ["--train-iters", "9", "--load", str(ckpt), "--no-load-optim",
+                                                  "--save", str(slim), "--no-save-optim", "--no-save-rng"])
     assert [h["step"] for h in fresh_optim] == [7, 8, 9]
     assert fresh_optim[0]["loss"] == pytest.approx(resumed[0]["loss"], rel=1e-6)
     assert abs(fresh_optim[2]["loss"] - resumed[2]["loss"]) > 1e-4  # Adam's moments mattered
+    full_file, slim_file = ckpt / "iter_0000006" / "mp_rank_00_000.pt", slim / "iter_0000009" / "mp_rank_00_000.pt"
+    assert set(torch.load(slim_file, weights_only=False)) == {"model", "iteration", "layout"}
+    assert slim_file.stat().st_size < 0.5 * full_file.stat().st_size  # Adam's two moments per weight left out
+    with pytest.raises(RuntimeError, match="config key 'load_optim': .*--no-save-optim"):
+        train(tmp_path, "no_optim", ["--train-iters", "10", "--load", str(slim)])
+    with pytest.raises(RuntimeError, match="config key 'load_rng'"):
+        train(tmp_path, "no_rng", ["--train-iters", "10", "--load", str(slim), "--no-load-optim"])
+    cont = train(tmp_path, "cont", ["--train-iters", "10", "--load", str(slim), "--no-load-optim", "--no-load-rng"])
+    assert [h["step"] for h in cont] == [10]
 
 
 def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
