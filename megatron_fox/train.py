@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .training.arguments import parse_or_exit
+from .training.arguments import ConfigError, parse_or_exit
 
 
 def _free_port() -> int:
@@ -204,8 +204,8 @@ def _load(engine, args) -> int:
         try:
             return engine.load(args.load, iteration)
         except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors, state)
-            print(f"megatron_fox: error: {e}" if hasattr(e, "key") else f"megatron_fox: error: config key 'load': {e}",
-                  file=sys.stderr)
+            print(f"megatron_fox: error: {e}" if isinstance(e, ConfigError) else
+                  f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
             sys.exit(2)
     if args.exit_on_missing_checkpoint or args.finetune:
         print(f"megatron_fox: error: config key 'load': no checkpoint in {args.load} (no "

@@ -208,10 +208,9 @@ class TorchEngine:
         return os.path.join(iteration_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}{ep}.pt")
 
     def save(self, root: str, iteration: int) -> None:
-        """Model, optimizer and RNG (unless --no-save-optim / --no-save-rng) and iteration; of
-        the ranks holding the same model shard and
-        experts (an expert-data-parallel group: with EP = 1 the data- and context-parallel
-        ranks), the first writes."""
+        """Model, iteration, optimizer and RNG (unless --no-save-optim / --no-save-rng); of the
+        ranks holding the same model shard and experts (an expert-data-parallel group: with
+        EP = 1 the data- and context-parallel ranks), the first writes."""
         if ps.get_expert_data_parallel_rank() == 0:
             path = self._rank_file(root, iteration)
             os.makedirs(os.path.dirname(path), exist_ok=True)

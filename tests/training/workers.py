@@ -382,24 +382,26 @@ class _Zygote:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
 
+    def _reply(self, timeout: float) -> int | None:
+        """The pid of a "pid" line, or None after recording an "exit" line."""
+        kind, pid, *code = self._line(timeout).split()
+        if kind == "pid":
+            return int(pid)
+        self.exits[int(pid)] = int(code[0])
+        return None
+
     def start(self, argv: list, env: dict, err: str) -> "_Forked":
         self._send({"argv": argv, "env": env, "err": err, "cwd": os.getcwd()})
-        while True:  # exits of earlier workers may come first
-            kind, pid, *rest = self._line(60).split()
-            if kind == "pid":
-                return _Forked(self, int(pid))
-            self.exits[int(pid)] = int(rest[0])
+        while (pid := self._reply(60)) is None:  # exits of earlier workers may come first
+            pass
+        return _Forked(self, pid)
 
     def wait(self, pid: int, timeout: float) -> int:
         import time
 
         deadline = time.monotonic() + timeout
         while pid not in self.exits:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise subprocess.TimeoutExpired(str(pid), timeout)
-            kind, other, *rest = self._line(left).split()
-            self.exits[int(other)] = int(rest[0])
+            self._reply(deadline - time.monotonic())
         return self.exits.pop(pid)
 
 
@@ -424,17 +426,16 @@ class _Forked:
 _ZYGOTE: list = []
 
 
-def _read_line(fd: int, pending: bytes, timeout: float | None) -> tuple[bytes, str | None]:
+def _read_line(fd: int, pending: bytes, timeout: float) -> tuple[bytes, str | None]:
     """The next line from file descriptor fd, read unbuffered so that select() sees what is
     left (a buffered reader may hold several lines while select waits on an empty pipe):
     (what was read past that line, the line, None at end of file)."""
     import select
     import time
 
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     while b"\n" not in pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([fd], [], [], left)[0]:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
             raise subprocess.TimeoutExpired("zygote", timeout)
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -512,8 +513,10 @@ def _forked_worker(request: dict) -> None:
         random.seed()
         _run_task(sys.argv[1], json.loads(sys.argv[2]))
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # as the interpreter ends on one: None is 0, a message goes to stderr
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:
