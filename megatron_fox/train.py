@@ -284,6 +284,14 @@ def _layer_stats(model) -> tuple[dict[int, float], dict[int, float], dict[int, f
 def run(args, on_step=None) -> list[dict]:
     """Train with parsed arguments; returns the per-step history (loss, lr, tokens/s, ...).
     on_step(step, record), if given, is called after every training step (profilers)."""
+    from .training.manual_gc import ManualGC
+
+    collector = ManualGC(args)
+    with collector.running():
+        return _run(args, on_step, collector)
+
+
+def _run(args, on_step, collector) -> list[dict]:
     from tqdm import tqdm
 
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
@@ -315,7 +323,9 @@ def run(args, on_step=None) -> list[dict]:
 
     def evaluate(ds, name: str, step: int, record: dict) -> None:
         """eval_iters batches of ds: record[name + '_loss'], the log line, TensorBoard."""
-        losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod, ramp=False)) for e in range(args.eval_iters)]
+        with collector.evaluation():
+            losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod, ramp=False))
+                      for e in range(args.eval_iters)]
         loss = record[f"{name}_loss"] = sum(losses) / len(losses)
         if rank0:
             label = "validation" if name == "valid" else name
@@ -407,6 +417,7 @@ def run(args, on_step=None) -> list[dict]:
                         scalars.add_scalar(f"fox/gate_half_life_layer_{layer:02d}", value, it + 1)
                     for layer, value in out.get("moe_load_balancing_loss_by_layer", {}).items():
                         scalars.add_scalar(f"moe/load_balancing_loss_layer_{layer:02d}", value, it + 1)
+        collector.after_step(it + 1)
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
         last = it + 1 == args.train_iters
         if args.eval_interval and args.eval_iters and ((it + 1) % args.eval_interval == 0 or last):

@@ -247,6 +247,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "skip_train": (bool, False, "no training steps: evaluate the (loaded) model on the validation and test "
                                 "data and exit, as Megatron-LM's"),
     "exit_interval": (int, None, "stop (after saving) at this step"),
+    "manual_gc": (bool, False, "Python's automatic garbage collection off; collect at the same steps on every rank "
+                               "(manual_gc_interval, around evaluations), as Megatron-LM's"),
+    "manual_gc_interval": (int, 0, "with manual_gc: steps between collections (0: none between steps)"),
+    "manual_gc_eval": (bool, True, "with manual_gc: collect before and after each evaluation"),
     "exit_signal_handler": (bool, False, "on SIGTERM (SLURM's warning before the time limit, e.g. sbatch "
                                          "--signal=TERM@300) save at the end of the current step and exit 0"),
     "exit_duration_in_mins": (float, None, "save and exit once training has run this many minutes"),
@@ -877,6 +881,11 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
+    if args.manual_gc_interval < 0:
+        raise ConfigError("manual_gc_interval", f"must be >= 0, got {args.manual_gc_interval}")
+    for key in ("manual_gc_interval", "manual_gc_eval"):
+        if getattr(args, "config_sources", {}).get(key) and not args.manual_gc and getattr(args, key) != OPTIONS[key][1]:
+            raise ConfigError(key, "needs manual_gc")
     if args.ckpt_step is not None and args.ckpt_step < 0:
         raise ConfigError("ckpt_step", f"must be >= 0, got {args.ckpt_step}")
     for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"):

@@ -62,6 +62,8 @@ def test_megatron_lm_script_with_rampup_and_wsd():
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
     (["--no-save-optim"], "save_optim"),
     (["--no-save-rng"], "save_rng"),
+    (["--manual-gc-interval", "5"], "manual_gc_interval"),
+    (["--manual-gc", "--manual-gc-interval", "-1"], "manual_gc_interval"),
     (["--save", "ckpt", "--deepspeed", "--no-save-optim"], "save_optim"),
 ])
 def test_unavailable_values_name_the_key(flags, key):

@@ -418,6 +418,29 @@ def test_finetune_and_no_load_optim(cache, tmp_path):
     assert [h["step"] for h in cont] == [10]
 
 
+def test_manual_gc_collects_at_the_steps_megatron_lm_does(cache, tmp_path):
+    """--manual-gc: no automatic collection during the run, a full one at its start, after
+    every manual_gc_interval-th step and before each evaluation (a young-generation one
+    after it); the collector is on again after the run. Without the flag the same run
+    collects automatically between its steps."""
+    flags = ["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--split", "90,10,0"]
+    events = {}
+    for name, extra in (("manual", ["--manual-gc", "--manual-gc-interval", "2"]), ("auto", [])):
+        launch("train", 1, {"flags": TINY + flags + extra, "out": str(tmp_path / f"{name}.pt"),
+                            "gc_events": str(tmp_path / f"{name}_gc.pt")})
+        events[name] = torch.load(tmp_path / f"{name}_gc.pt")
+    # from the run's start (its first collection with the collector off) to its end
+    manual = events["manual"]
+    run = manual[next(i for i, e in enumerate(manual) if e[0] == "collect" and not e[2]):]
+    full, eval_pass = ("collect", 2, False), [("collect", 2, False), ("collect", 0, False)]
+    assert run == [full, ("step", 1, False), ("step", 2, False), full, *eval_pass,
+                   ("step", 3, False), ("step", 4, False), full, *eval_pass, ("after", True)], manual
+    auto = events["auto"]
+    steps = [i for i, e in enumerate(auto) if e[0] == "step"]
+    assert all(auto[i][2] for i in steps) and auto[-1] == ("after", True)
+    assert any(e[0] == "collect" and e[2] for e in auto[steps[0]:steps[-1]]), auto
+
+
 def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
     """--exit-signal-handler: SIGTERM mid-run (as SLURM sends before the time limit) saves at
     the end of the current step and exits 0; resuming from that checkpoint gives the losses

@@ -126,13 +126,23 @@ def task_penalty_fd(opts):
 
 
 def task_train(opts):
-    """Run the trainer; rank 0 saves its history to opts['out']."""
+    """Run the trainer; rank 0 saves its history to opts['out']. With opts['gc_events']:
+    also, in order, every garbage collection ("collect", generation, automatic collection
+    enabled) and step ("step", n, enabled), then ("after", enabled), to that file."""
+    import gc
+
     from megatron_fox.train import run
     from megatron_fox.training.arguments import parse_args
 
-    history = run(parse_args(opts["flags"]))
+    events = []
+    if opts.get("gc_events"):
+        gc.callbacks.append(lambda phase, info: phase == "start" and events.append(
+            ("collect", info["generation"], gc.isenabled())))
+    history = run(parse_args(opts["flags"]), on_step=lambda step, _: events.append(("step", step, gc.isenabled())))
     if torch.distributed.get_rank() == 0:
         torch.save(history, opts["out"])
+        if opts.get("gc_events"):
+            torch.save(events + [("after", gc.isenabled())], opts["gc_events"])
 
 
 def task_valid_loss(opts):
