@@ -180,6 +180,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                       "newer, or CPU; elsewhere one after another) instead of SequentialMLP's loop"),
     "expert_model_parallel_size": (int, 1, "experts split over this many data/context-parallel ranks (tokens "
                                            "dispatched to their experts' rank); must divide num_experts"),
+    "expert_tensor_parallel_size": (int, None, "Megatron-LM's expert tensor parallelism; the experts are split "
+                                               "like the dense layers here, so only tensor_model_parallel_size "
+                                               "(the default) is available"),
     "seed": (int, 1234, "random seed"),
     "device": (str, "auto", "auto | cpu | cuda"),
     # data
@@ -456,6 +459,10 @@ def check_pipeline_split(args: argparse.Namespace) -> list[int]:
 def check_moe(args: argparse.Namespace) -> None:
     """Mixture-of-Experts keys: sizes, router, expert parallelism (its fit to the world size:
     `check_expert_parallel`), and what is not built (MoE in the hybrid stack)."""
+    etp = args.expert_tensor_parallel_size
+    if etp is not None and etp != args.tensor_model_parallel_size:
+        raise ConfigError("expert_tensor_parallel_size", f"{etp}: the experts are split like the dense layers here, "
+                          f"so only tensor_model_parallel_size ({args.tensor_model_parallel_size}) is available")
     ep = args.expert_model_parallel_size
     if ep < 1 or (ep > 1 and args.num_experts is None):
         raise ConfigError("expert_model_parallel_size", f"must be 1, or above 1 with num_experts; got {ep}")

@@ -31,6 +31,8 @@ def test_megatron_lm_script_parses():
     assert args.overlap_param_gather and args.bf16 and args.position_embedding_type == "none"
     assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
     assert args.eod_mask_loss
+    # the experts' tensor parallelism equal to the dense layers' (Megatron-LM's default) is what runs here
+    assert parse_args(MEGATRON_LM_SCRIPT + ["--expert-tensor-parallel-size", "1"]).expert_tensor_parallel_size == 1
 
 
 def test_megatron_lm_script_with_rampup_and_wsd():
@@ -63,6 +65,8 @@ def test_megatron_lm_script_with_rampup_and_wsd():
     (["--no-save-optim"], "save_optim"),
     (["--no-save-rng"], "save_rng"),
     (["--manual-gc-interval", "5"], "manual_gc_interval"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "1"], "expert_tensor_parallel_size"),
     (["--manual-gc", "--manual-gc-interval", "-1"], "manual_gc_interval"),
     (["--save", "ckpt", "--deepspeed", "--no-save-optim"], "save_optim"),
 ])
