@@ -269,6 +269,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "attention_dropout": (float, 0.0, "0: the FoX kernels apply no dropout"),
     "hidden_dropout": (float, 0.0, "0: the FoX-Pro configs train without dropout"),
     "attention_softmax_in_fp32": (bool, True, "always (the kernels accumulate in float32)"),
+    "calculate_per_token_loss": (bool, True, "always: the loss is the mean over all the global batch's loss tokens "
+                                             "(each micro-batch's sum, divided once), so no TP/PP/DP/micro-batch "
+                                             "split changes the gradient; Megatron-LM's default averages each "
+                                             "micro-batch first"),
     "max_position_embeddings": (int, None, "accepted, unused: no position embedding"),
     "group_query_attention": (bool, None, "accepted: num_query_groups sets the key/value heads"),
     "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
@@ -314,7 +318,8 @@ CHECKPOINT_ARG_KEYS = (
 _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "ckpt_format": ("torch_dist",),
           "normalization": ("RMSNorm",), "position_embedding_type": ("none", "rope"), "swiglu": (True,),
           "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
-          "attention_softmax_in_fp32": (True,), "distributed_backend": (None, "nccl", "gloo")}
+          "attention_softmax_in_fp32": (True,), "calculate_per_token_loss": (True,),
+          "distributed_backend": (None, "nccl", "gloo")}
 
 
 def build_parser() -> argparse.ArgumentParser:

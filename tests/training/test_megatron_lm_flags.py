@@ -21,7 +21,7 @@ MEGATRON_LM_SCRIPT = """
 --log-validation-ppl-to-tensorboard --log-memory-to-tensorboard --log-timers-to-tensorboard --timing-log-level 0
 --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
 --no-gradient-accumulation-fusion --num-workers 2 --tensorboard-log-interval 5 --distributed-timeout-minutes 20
---eod-mask-loss
+--eod-mask-loss --calculate-per-token-loss
 """.split()
 
 
@@ -59,6 +59,7 @@ def test_megatron_lm_script_with_rampup_and_wsd():
     (["--ckpt-format", "torch"], "ckpt_format"),
     (["--recompute-activations"], "recompute_activations"),
     (["--fp16"], "fp16"),
+    (["--no-calculate-per-token-loss"], "calculate_per_token_loss"),
     (["--tensorboard-log-interval", "0"], "tensorboard_log_interval"),
     (["--num-experts", "8", "--moe-router-fusion"], "moe_router_fusion"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size"),
