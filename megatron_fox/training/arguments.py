@@ -895,21 +895,25 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
     if args.manual_gc_interval < 0:
         raise ConfigError("manual_gc_interval", f"must be >= 0, got {args.manual_gc_interval}")
-    for key in ("manual_gc_interval", "manual_gc_eval"):
-        if getattr(args, "config_sources", {}).get(key) and not args.manual_gc and getattr(args, key) != OPTIONS[key][1]:
-            raise ConfigError(key, "needs manual_gc")
+    _check_needs(args, ("manual_gc_interval", "manual_gc_eval"), args.manual_gc, "manual_gc")
     if args.ckpt_step is not None and args.ckpt_step < 0:
         raise ConfigError("ckpt_step", f"must be >= 0, got {args.ckpt_step}")
-    for key in ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"):
-        if getattr(args, "config_sources", {}).get(key) and args.load is None and getattr(args, key) != OPTIONS[key][1]:
-            raise ConfigError(key, "needs load (a checkpoint directory)")
-    for key in ("save_optim", "save_rng"):
-        if getattr(args, "config_sources", {}).get(key) and args.save is None and getattr(args, key) != OPTIONS[key][1]:
-            raise ConfigError(key, "needs save (a checkpoint directory)")
+    _check_needs(args, ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"),
+                 args.load is not None, "load (a checkpoint directory)")
+    _check_needs(args, ("save_optim", "save_rng"), args.save is not None, "save (a checkpoint directory)")
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
     check_scalar_logs(args)
     check_deepspeed(args)
+
+
+def _check_needs(args: argparse.Namespace, keys: tuple[str, ...], present: bool, needed: str) -> None:
+    """Where the setting they modify is absent (present false), a key of keys given away from
+    its default is an error naming it ("needs <needed>")."""
+    sources = getattr(args, "config_sources", {})
+    for key in keys:
+        if not present and sources.get(key) and getattr(args, key) != OPTIONS[key][1]:
+            raise ConfigError(key, f"needs {needed}")
 
 
 def check_deepspeed(args: argparse.Namespace) -> None:
@@ -917,8 +921,7 @@ def check_deepspeed(args: argparse.Namespace) -> None:
     if not args.deepspeed:
         if args.deepspeed_config is not None:
             raise ConfigError("deepspeed_config", "needs deepspeed")
-        if getattr(args, "config_sources", {}).get("zero_stage") and args.zero_stage != OPTIONS["zero_stage"][1]:
-            raise ConfigError("zero_stage", "needs deepspeed")
+        _check_needs(args, ("zero_stage",), False, "deepspeed")
         return
     if not 0 <= args.zero_stage <= 3:
         raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {args.zero_stage}")
