@@ -27,6 +27,13 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def unsaved_state(path: str, what: str, flag: str) -> ConfigError:
+    """The error for a --load that asks a checkpoint (path) for the `what` state it was saved
+    without (--no-save-<flag>): it names load_<flag> and the flags that load it."""
+    return ConfigError(f"load_{flag}", f"{path} holds no {what} state (saved with --no-save-{flag}): add "
+                                       f"--no-load-{flag}, or --finetune for the weights only")
+
+
 # name: (type, default, help). Booleans become --flag / --no-flag.
 OPTIONS: dict[str, tuple[Any, Any, str]] = {
     # model

@@ -28,7 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from .arguments import ConfigError
+from .arguments import unsaved_state
 from .step import check_finite, micro_batch_iterator, model_forward, set_context_pruning_penalty, set_lr_and_wd
 from .timers import NO_TIMERS
 
@@ -248,8 +248,7 @@ class MegatronEngine:
             return 0 if self.args.finetune else iteration
         common = dist_checkpointing.load_common_state_dict(path)
         if not common.get("optimizer_saved", True):
-            raise ConfigError("load_optim", f"{path} holds no optimizer state (saved with --no-save-optim): add "
-                                            f"--no-load-optim, or --finetune for the weights only")
+            raise unsaved_state(path, "optimizer", "optim")
         sharding = common.get("optimizer_sharding", "fully_reshardable")  # what checkpoints before it held
         saved, layout = common.get("optimizer_buckets"), self._bucket_layout()
         if sharding == "dp_reshardable" and saved != layout:

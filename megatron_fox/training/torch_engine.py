@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import iteration_dir, stage_layers, write_latest, write_run_args
-from .arguments import ConfigError, pipeline_stages
+from .arguments import pipeline_stages, unsaved_state
 from .step import (check_finite, is_split_expert, model_forward, set_context_pruning_penalty, set_lr_and_wd,
                    set_moe_aux_loss_scale, update_router_expert_bias)
 from .timers import NO_TIMERS
@@ -245,8 +245,7 @@ class TorchEngine:
             return 0
         for key, flag in (("optimizer", "optim"), ("rng", "rng")):
             if getattr(self.args, f"load_{flag}") and key not in state:
-                raise ConfigError(f"load_{flag}", f"{path} holds no {key} state (saved with --no-save-{flag}): "
-                                                 f"add --no-load-{flag}, or --finetune for the weights only")
+                raise unsaved_state(path, key, flag)
         if self.args.load_optim:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.args.load_rng:

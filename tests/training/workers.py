@@ -334,10 +334,8 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
     zygote = _zygote()
     procs, errs = [], []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"),
-                   PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(tool_env(), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"))
         err = os.path.join(logs.name, f"rank{rank}.err")
         errs.append(err)
         argv = [__file__, task, json.dumps(opts)]
@@ -373,9 +371,8 @@ class _Zygote:
     TRITON_INTERPRET. MEGATRON_FOX_TEST_FORK=0 starts every worker as a fresh process."""
 
     def __init__(self):
-        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, __file__, "--zygote"], env=env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, __file__, "--zygote"],
+                                     env=dict(tool_env(), OMP_NUM_THREADS="1"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.exits: dict[int, int] = {}
         self.pending = b""
