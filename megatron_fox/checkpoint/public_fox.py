@@ -8,8 +8,8 @@ and bias), attn.ogate_proj, attn.output_norm, attn.q_norm / attn.k_norm ([hidden
 [head_dim] when shared across heads, as in the released checkpoints), attn.o_proj,
 mlp_norm, mlp.gate_proj ([gate; up]), mlp.down_proj; then model.embeddings, model.norm,
 lm_head. Ours: linear_qkv packs, per key/value group, [q | k | v | forget-gate logits |
-output-gate logits | k and v shift logits] (see FoxSelfAttention); the forget-gate bias and
-the per-head norm weights live in head_params.
+output-gate logits | k and v shift logits | zero padding] (`layers.qkv_layout`); the
+forget-gate bias and the per-head norm weights live in head_params.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..layers.qkv_layout import fused_qkv_sizes
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class FoxLayout:
     qk_norm: bool = True
     kv_shift: bool = True
     tied: bool = False
+
+    def qkv_sizes(self) -> list:
+        """Our linear_qkv's parts per group, the padding last (`layers.qkv_layout`)."""
+        return fused_qkv_sizes(self.heads // self.groups, self.head_dim, True, self.output_gate, self.kv_shift)
 
     @classmethod
     def from_args(cls, args) -> "FoxLayout":
@@ -93,6 +99,7 @@ def from_public_fox(public: dict, layout: FoxLayout) -> dict:
             sk = _take(src, p + "attn.k_proj.shift_proj.weight").reshape(G, 1, hidden)
             sv = _take(src, p + "attn.v_proj.shift_proj.weight").reshape(G, 1, hidden)
             parts += [sk, sv]
+        parts.append(wq.new_zeros(G, layout.qkv_sizes()[-1], hidden))
         out[q_ + "self_attention.linear_qkv.weight"] = torch.cat(parts, dim=1).reshape(-1, hidden)
         out[q_ + "self_attention.head_params.fgate_bias"] = _take(src, p + "attn.fgate_proj.bias")
         if layout.qk_norm:
@@ -121,11 +128,13 @@ def to_public_fox(state: dict, layout: FoxLayout, share_qk_norm: bool = False) -
     hidden = emb.shape[1]
     out = {"model.embeddings.weight": emb, "model.norm.weight": _take(src, "decoder.final_layernorm.weight")}
     out["lm_head.weight"] = emb.clone() if layout.tied else _take(src, "output_layer.weight")
-    sizes = [hpg * d, d, d, hpg] + ([hpg * d] if layout.output_gate else []) + ([1, 1] if layout.kv_shift else [])
+    sizes = layout.qkv_sizes()
+    if layout.kv_shift:  # the k and v shift rows apart
+        sizes[-2:-1] = [1, 1]
     for i in range(L):
         p, q_ = f"model.layers.{i}.", f"decoder.layers.{i}."
         w = _take(src, q_ + "self_attention.linear_qkv.weight").reshape(G, sum(sizes), hidden)
-        parts = list(torch.split(w, sizes, dim=1))
+        parts = list(torch.split(w, sizes, dim=1))[:-1]  # without the padding
         shifted = ".linear" if layout.kv_shift else ""
         out[p + "attn.q_proj.weight"] = parts.pop(0).reshape(H * d, hidden)
         out[p + f"attn.k_proj{shifted}.weight"] = parts.pop(0).reshape(G * d, hidden)

@@ -22,6 +22,7 @@ from . import extras
 from .context_pruning import ContextPruning
 from .core_attention import FoxCoreAttention
 from .head_params import HeadParams
+from .qkv_layout import fused_qkv_sizes
 
 
 @dataclass
@@ -56,7 +57,8 @@ class FoxSelfAttention(MegatronModule):
 
     linear_qkv produces, per key/value group g (TP splits whole groups, so the layout does
     not depend on TP): [q of its heads (hpg*d) | k (d) | v (d) | forget-gate logits (hpg) |
-    output-gate logits (hpg*d, if fox_output_gate) | k and v shift logits (2, if fox_kv_shift)].
+    output-gate logits (hpg*d, if fox_output_gate) | k and v shift logits (2, if fox_kv_shift) |
+    zero padding to a multiple of 8] (`qkv_layout`).
     Without the forget gate (fox_forget_gate False: the Transformer baseline) its logits are
     not there, and the rotary embedding GPTModel passes (position_embedding_type "rope") turns
     q and k after the QK-norm.
@@ -76,16 +78,16 @@ class FoxSelfAttention(MegatronModule):
         self.hpg = heads // groups
         d, hpg = self.head_dim, self.hpg
         self.data_dependent_gate = config.fox_forget_gate and config.fox_forget_gate_type == "data_dependent"
-        self.split_sizes = [hpg * d, d, d] + ([hpg] if self.data_dependent_gate else [])
-        if config.fox_output_gate:
-            self.split_sizes.append(hpg * d)
-        if config.fox_kv_shift:
-            self.split_sizes.append(2)
+        self.split_sizes = fused_qkv_sizes(hpg, d, self.data_dependent_gate, config.fox_output_gate,
+                                           config.fox_kv_shift)
         width = sum(self.split_sizes)
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, groups * width, config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
             is_expert=False, tp_comm_buffer_name="qkv")
+        if self.split_sizes[-1]:
+            with torch.no_grad():
+                self.linear_qkv.weight.view(self.groups, width, -1)[:, width - self.split_sizes[-1]:].zero_()
         self.head_params = HeadParams(config, self.heads, self.groups, d, _tp_rank(kwargs), tp)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         self.context_pruning = ContextPruning(config, layer_number) if config.fox_context_pruning else None

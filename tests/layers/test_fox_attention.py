@@ -52,7 +52,10 @@ def test_layer_matches_plain_rewrite(megatron_world, num_kv, kv_shift, output_ga
     W = layer.linear_qkv.weight.detach()
     hpg = H // num_kv
     sizes = [hpg * d, d, d, hpg] + ([hpg * d] if output_gate else []) + ([2] if kv_shift else [])
-    per_group = (x @ W.t()).view(s, b, num_kv, sum(sizes)).split(sizes, dim=-1)
+    pad = -sum(sizes) % 8  # each group's rows padded with zeros to a multiple of 8 (aligned GEMM output)
+    assert pad > 0 and W.shape[0] == num_kv * (sum(sizes) + pad)
+    assert W.view(num_kv, sum(sizes) + pad, -1)[:, sum(sizes):].abs().max() == 0
+    per_group = (x @ W.t()).view(s, b, num_kv, sum(sizes) + pad).split(sizes + [pad], dim=-1)[:-1]
     q = per_group[0].reshape(s, b, H, d)
     k, v, f = per_group[1], per_group[2], per_group[3].reshape(s, b, H)
     hp = layer.head_params
@@ -68,8 +71,11 @@ def test_layer_matches_plain_rewrite(megatron_world, num_kv, kv_shift, output_ga
         o = head_rms_norm(o, hp.output_norm, 1e-6) * torch.sigmoid(per_group[4].reshape(s, b, H, d))
     ref = o.reshape(s, b, H * d) @ layer.linear_proj.weight.detach().t()
     torch.testing.assert_close(out, ref.to(out.dtype), rtol=2e-4, atol=2e-5)
-    g, gr = torch.autograd.grad(out.sum(), x), torch.autograd.grad(ref.sum(), x)
+    g, gr = torch.autograd.grad(out.sum(), x, retain_graph=True), torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(g[0], gr[0], rtol=2e-4, atol=2e-5)
+    (gw,) = torch.autograd.grad(out.sum(), layer.linear_qkv.weight)  # the padding rows learn nothing
+    gw = gw.view(num_kv, sum(sizes) + pad, -1)
+    assert gw[:, sum(sizes):].abs().max() == 0 and gw[:, :sum(sizes)].abs().min(-1).values.gt(0).all()
 
 
 def test_qk_norm_bound_covers_logits(megatron_world):
@@ -138,8 +144,9 @@ def test_rope_and_no_forget_gate_layer_matches_plain_attention(megatron_world, f
     W = layer.linear_qkv.weight.detach().double()
     hpg = H // G
     sizes = [hpg * d, d, d] + ([hpg] if forget_gate else []) + [hpg * d]  # q | k | v | (f) | output gate
+    sizes.append(-sum(sizes) % 8)  # | zero padding to a multiple of 8
     assert W.shape[0] == G * sum(sizes)
-    parts = list((x.double() @ W.t()).view(s, b, G, sum(sizes)).split(sizes, dim=-1))
+    parts = list((x.double() @ W.t()).view(s, b, G, sum(sizes)).split(sizes, dim=-1))[:-1]
     q = head_rms_norm(parts[0].reshape(s, b, H, d), hp.q_norm.double(), 1e-5)
     k = head_rms_norm(parts[1], hp.k_norm.double(), 1e-5).repeat_interleave(hpg, dim=2)
     v = parts[2].repeat_interleave(hpg, dim=2)
