@@ -123,7 +123,6 @@ def to_public_fox(state: dict, layout: FoxLayout, share_qk_norm: bool = False) -
     the same weights)."""
     src = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     L, H, G, d = layout.num_layers, layout.heads, layout.groups, layout.head_dim
-    hpg = H // G
     emb = _take(src, "embedding.word_embeddings.weight")
     hidden = emb.shape[1]
     out = {"model.embeddings.weight": emb, "model.norm.weight": _take(src, "decoder.final_layernorm.weight")}
