@@ -22,7 +22,7 @@ from . import extras
 from .context_pruning import ContextPruning
 from .core_attention import FoxCoreAttention
 from .head_params import HeadParams
-from .qkv_layout import fused_qkv_sizes
+from .qkv_layout import QkvLayout, split_fused
 
 
 @dataclass
@@ -78,16 +78,17 @@ class FoxSelfAttention(MegatronModule):
         self.hpg = heads // groups
         d, hpg = self.head_dim, self.hpg
         self.data_dependent_gate = config.fox_forget_gate and config.fox_forget_gate_type == "data_dependent"
-        self.split_sizes = fused_qkv_sizes(hpg, d, self.data_dependent_gate, config.fox_output_gate,
-                                           config.fox_kv_shift)
-        width = sum(self.split_sizes)
+        self.layout = QkvLayout(self.groups, hpg, d, self.data_dependent_gate, config.fox_output_gate,
+                                config.fox_kv_shift)
+        sizes = self.layout.sizes
+        width = sum(sizes)
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, groups * width, config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
             is_expert=False, tp_comm_buffer_name="qkv")
-        if self.split_sizes[-1]:
+        if sizes[-1]:
             with torch.no_grad():
-                self.linear_qkv.weight.view(self.groups, width, -1)[:, width - self.split_sizes[-1]:].zero_()
+                self.linear_qkv.weight.view(self.groups, width, -1)[:, width - sizes[-1]:].zero_()
         self.head_params = HeadParams(config, self.heads, self.groups, d, _tp_rank(kwargs), tp)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         self.context_pruning = ContextPruning(config, layer_number) if config.fox_context_pruning else None
@@ -121,20 +122,6 @@ class FoxSelfAttention(MegatronModule):
         wk = hp.k_norm.detach().float().abs().amax(-1).repeat_interleave(self.hpg)
         return wq * wk * math.sqrt(self.head_dim)
 
-    def _split(self, mixed):
-        """linear_qkv output [s, b, groups * width] -> q [s, b, heads, d], k, v [s, b, groups, d],
-        forget-gate logits [s, b, heads] or None, output-gate logits [s, b, heads, d] or None, shift
-        logits [s, b, groups, 2] or None."""
-        cfg, d = self.config, self.head_dim
-        s, b = mixed.shape[:2]
-        parts = list(torch.split(mixed.view(s, b, self.groups, -1), self.split_sizes, dim=-1))
-        q = parts.pop(0).reshape(s, b, self.heads, d)
-        k, v = parts.pop(0), parts.pop(0)
-        fgate = parts.pop(0).reshape(s, b, self.heads) if self.data_dependent_gate else None
-        ogate = parts.pop(0).reshape(s, b, self.heads, d) if cfg.fox_output_gate else None
-        shift = parts.pop(0) if cfg.fox_kv_shift else None
-        return q, k, v, fgate, ogate, shift
-
     def _finish(self, out, ogate):
         cfg = self.config
         finish = extras.fused(extras.finish, cfg.fox_fuse_extras, out.device)
@@ -146,10 +133,9 @@ class FoxSelfAttention(MegatronModule):
         cfg = self.config
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
-        q, k, v, fgate, ogate, shift = self._split(mixed)
         cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
-        doc_start = None
-        if shift is not None and cfg.context_parallel_size > 1:  # the shift crosses chunk borders
+        doc_start = kv = None
+        if cfg.fox_kv_shift and cfg.context_parallel_size > 1:  # the shift crosses chunk borders
             from megatron.core import parallel_state
 
             from ..parallel import local_document_starts, shift_across_chunks
@@ -157,12 +143,12 @@ class FoxSelfAttention(MegatronModule):
             group = parallel_state.get_context_parallel_group()
             if cu_seqlens is not None:
                 doc_start = local_document_starts(cu_seqlens, s * cfg.context_parallel_size, b, group)
-            k = shift_across_chunks(k, shift[..., 0], group, doc_start)
-            v = shift_across_chunks(v, shift[..., 1], group, doc_start)
-            shift = None
-        elif shift is not None and cu_seqlens is not None:
+            _, k, v, _, _, shift = split_fused(mixed, self.layout)
+            kv = (shift_across_chunks(k, shift[..., 0], group, doc_start),
+                  shift_across_chunks(v, shift[..., 1], group, doc_start))
+        elif cfg.fox_kv_shift and cu_seqlens is not None:
             doc_start = document_start_mask(cu_seqlens, s, b)
-        q, k, v, log_fgate = self._prepare(q, k, v, fgate, shift, doc_start)
+        q, k, v, log_fgate, ogate = self._prepare(mixed, doc_start, kv=kv)
         rotary = kwargs.get("rotary_pos_emb")
         if rotary is not None:
             q, k = self._rotate(q, k, rotary)
@@ -185,17 +171,20 @@ class FoxSelfAttention(MegatronModule):
             rotary = rotary[0]
         return apply_rotary_pos_emb(q, rotary, self.config), apply_rotary_pos_emb(k, rotary, self.config)
 
-    def _prepare(self, q, k, v, fgate, shift, doc_start, prev_kv=None):
+    def _prepare(self, mixed, doc_start, prev_kv=None, kv=None):
+        """`extras.prepare` on linear_qkv's output -> q, k, v, log f, output-gate logits; log f of the
+        data-independent gates from their per-head parameters."""
         cfg, hp = self.config, self.head_params
         norms = (hp.q_norm, hp.k_norm) if cfg.fox_qk_norm else (None, None)
-        prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, q.device)
+        prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, mixed.device)
         bias = hp.fgate_bias if self.data_dependent_gate else None
-        q, k, v, log_fgate = prepare(q, k, v, fgate, bias, shift, doc_start, *norms, cfg.fox_qk_norm_eps, prev_kv)
+        q, k, v, log_fgate, ogate = prepare(mixed, self.layout, bias, doc_start, *norms, cfg.fox_qk_norm_eps,
+                                           prev_kv, kv)
         if cfg.fox_forget_gate and not self.data_dependent_gate:  # the same log f at every token
             per_head = (F.logsigmoid(hp.fgate_bias.float()) if cfg.fox_forget_gate_type == "data_independent"
                         else -hp.alibi_slopes_on(q.device))
             log_fgate = per_head.expand(*q.shape[:3]).contiguous()
-        return q, k, v, log_fgate
+        return q, k, v, log_fgate, ogate
 
     def infer(self, hidden_states, cache):
         """Incremental inference (no autograd, TP = 1): hidden_states [s, b, h] of the new
@@ -211,8 +200,8 @@ class FoxSelfAttention(MegatronModule):
                              "sums are its cache), not the Transformer baseline")
 
         mixed, _ = self.linear_qkv(hidden_states)
-        q, k_raw, v_raw, fgate, ogate, shift = self._split(mixed)
-        q, k, v, log_fgate = self._prepare(q, k_raw, v_raw, fgate, shift, None, cache.prev_kv)
+        _, k_raw, v_raw, _, _, shift = split_fused(mixed, self.layout)
+        q, k, v, log_fgate, ogate = self._prepare(mixed, None, cache.prev_kv)
         if shift is not None:
             cache.prev_kv = (k_raw[-1:].clone(), v_raw[-1:].clone())  # not a view of the whole prompt
         c = cache.c_last[None] + torch.cumsum(log_fgate, dim=0) if cache.length else torch.cumsum(log_fgate, dim=0)

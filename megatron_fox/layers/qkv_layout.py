@@ -16,6 +16,10 @@ they stay zero.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
+
 QKV_ALIGN = 8
 
 
@@ -27,3 +31,35 @@ def fused_qkv_sizes(heads_per_group: int, head_dim: int, forget_gate: bool = Tru
     sizes = [hpg * d, d, d] + ([hpg] if forget_gate else []) + ([hpg * d] if output_gate else []) + \
         ([2] if kv_shift else [])
     return sizes + [-sum(sizes) % QKV_ALIGN]
+
+
+class QkvLayout(NamedTuple):
+    """One rank's fused projection: `groups` key/value groups of `heads_per_group` query heads
+    of `head_dim`, with the parts the options add. A tuple, so that torch.compile guards on
+    its values and every layer of one shape shares one compiled graph."""
+
+    groups: int
+    heads_per_group: int
+    head_dim: int
+    forget_gate: bool = True
+    output_gate: bool = True
+    kv_shift: bool = True
+
+    @property
+    def sizes(self) -> list:
+        return fused_qkv_sizes(self.heads_per_group, self.head_dim, self.forget_gate, self.output_gate, self.kv_shift)
+
+
+def split_fused(mixed: torch.Tensor, layout: QkvLayout):
+    """mixed [s, b, groups * width] (linear_qkv's output) -> q [s, b, heads, d], k, v [s, b, groups, d],
+    forget-gate logits [s, b, heads], output-gate logits [s, b, heads, d], shift logits
+    [s, b, groups, 2] (each None without its option); views of mixed where the shapes allow."""
+    s, b = mixed.shape[:2]
+    heads, d = layout.groups * layout.heads_per_group, layout.head_dim
+    parts = list(torch.split(mixed.view(s, b, layout.groups, -1), layout.sizes, dim=-1))
+    q = parts.pop(0).reshape(s, b, heads, d)
+    k, v = parts.pop(0), parts.pop(0)
+    fgate = parts.pop(0).reshape(s, b, heads) if layout.forget_gate else None
+    ogate = parts.pop(0).reshape(s, b, heads, d) if layout.output_gate else None
+    shift = parts.pop(0) if layout.kv_shift else None
+    return q, k, v, fgate, ogate, shift

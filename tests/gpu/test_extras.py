@@ -21,22 +21,28 @@ def _close(a, b, what):
 
 @pytest.mark.parametrize("docs", [False, True])
 def test_fused_extras_match_eager(docs):
+    """prepare (from the fused projection's output on) and finish, compiled and eager: the
+    same values and gradients, prepare's outputs batch-major in memory."""
+    from megatron_fox.layers.qkv_layout import QkvLayout
+
     dev = torch.device("cuda")
     s, b, h, g, d = 300, 2, 4, 2, 64
+    layout = QkvLayout(g, h // g, d)
     bf = {"device": dev, "dtype": torch.bfloat16}
-    inputs = [torch.randn(s, b, h, d, **bf), torch.randn(s, b, g, d, **bf), torch.randn(s, b, g, d, **bf),
-              torch.randn(s, b, h, **bf), torch.randn(h, **bf), torch.randn(s, b, g, 2, **bf),
+    inputs = [torch.randn(s, b, g * sum(layout.sizes), **bf), torch.randn(h, **bf),
               1 + 0.1 * torch.randn(h, d, **bf), 1 + 0.1 * torch.randn(g, d, **bf)]
     for t in inputs:
         t.requires_grad_()
-    q, k, v, fgate, bias, shift, qn, kn = inputs
+    mixed, bias, qn, kn = inputs
     doc_start = (torch.rand(s, b, device=dev) < 0.02) if docs else None
-    args = (q, k, v, fgate, bias, shift, doc_start, qn, kn, 1e-6)
+    args = (mixed, layout, bias, doc_start, qn, kn, 1e-6)
     eager = extras.prepare(*args)
     fused = extras.fused(extras.prepare, True, dev)(*args)
     cot = [torch.randn_like(t) for t in eager]
-    for name, a, e in zip(("q", "k", "v", "log_f"), fused, eager):
+    for name, a, e in zip(("q", "k", "v", "log_f", "ogate"), fused, eager):
         assert a.dtype == e.dtype and a.shape == e.shape
+        if name != "ogate":
+            assert a.transpose(0, 1).is_contiguous() and e.transpose(0, 1).is_contiguous(), name
         _close(a, e, name)
     for i, (a, e) in enumerate(zip(torch.autograd.grad(fused, inputs, cot), torch.autograd.grad(eager, inputs, cot))):
         _close(a, e, f"grad of input {i}")
