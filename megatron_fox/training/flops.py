@@ -8,7 +8,8 @@ documents' masked ones count as done (the figure compares runs, not kernels).
 
 Forward FLOPs of one sequence of s tokens:
     linear:    2 * s * W, W = elements of the weight matrices applied to each token (the
-               linear layers' 2-d `.weight`s: q/k/v with the FoX gates fused in, the output
+               linear layers' 2-d `.weight`s: q/k/v with the FoX gates fused in (and the
+               zero rows that align its groups, computed like the rest), the output
                projection, the MLP, the output layer; with tied embeddings the output layer's
                V x h is the embedding's; per-head norm weights are no matmul; a
                Mixture-of-Experts layer's experts times topk / num_experts, the share of
