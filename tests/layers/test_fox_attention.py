@@ -1,6 +1,7 @@
 """FoX-Pro attention layer against an independent plain-PyTorch rewrite of its math."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -201,3 +202,28 @@ def test_fused_extras_get_aligned_parameters():
     assert seen[0][2] == x.data_ptr() and seen[1][2] != odd.data_ptr() and seen[2][2] == even.data_ptr()
     torch.testing.assert_close(odd.grad, x)
     torch.testing.assert_close(even.grad, 2 * x)
+
+
+@pytest.mark.parametrize("config", ["tiny", "fox_pro_125m", "fox_pro_360m", "fox_pro_760m"])
+def test_fused_projection_is_aligned_for_every_tp_split(config):
+    """Each group's width in linear_qkv is a multiple of 8 values (16-byte rows in bf16, the
+    alignment cuBLAS's fast kernels need) whatever the options, so every TP shard's GEMM
+    output is aligned: checked against the widths the options add, for the shipped configs'
+    head shapes."""
+    import yaml
+
+    from megatron_fox.layers.qkv_layout import fused_qkv_sizes
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "configs", f"{config}.yaml")) as f:
+        c = yaml.safe_load(f)
+    heads = c["num_attention_heads"]
+    groups = c.get("num_query_groups") or heads
+    d = c.get("kv_channels") or c["hidden_size"] // heads
+    hpg = heads // groups
+    for gate in (True, False):
+        for ogate in (True, False):
+            for shift in (True, False):
+                sizes = fused_qkv_sizes(hpg, d, gate, ogate, shift)
+                unpadded = hpg * d + 2 * d + (hpg if gate else 0) + (hpg * d if ogate else 0) + (2 if shift else 0)
+                assert sum(sizes[:-1]) == unpadded and 0 <= sizes[-1] < 8
+                assert sum(sizes) % 8 == 0, (config, gate, ogate, shift, sizes)  # any groups a rank
