@@ -86,9 +86,7 @@ class FoxSelfAttention(MegatronModule):
             submodules.linear_qkv, config.hidden_size, groups * width, config=config,
             init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
             is_expert=False, tp_comm_buffer_name="qkv")
-        if sizes[-1]:
-            with torch.no_grad():
-                self.linear_qkv.weight.view(self.groups, width, -1)[:, width - sizes[-1]:].zero_()
+        self.zero_qkv_padding()
         self.head_params = HeadParams(config, self.heads, self.groups, d, _tp_rank(kwargs), tp)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number)
         self.context_pruning = ContextPruning(config, layer_number) if config.fox_context_pruning else None
@@ -96,6 +94,14 @@ class FoxSelfAttention(MegatronModule):
             submodules.linear_proj, heads * d, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj")
+
+    @torch.no_grad()
+    def zero_qkv_padding(self) -> None:
+        """Zero linear_qkv's alignment rows (`qkv_layout`); call again after re-initialising
+        its weight."""
+        sizes = self.layout.sizes
+        if sizes[-1]:
+            self.linear_qkv.weight.view(self.groups, sum(sizes), -1)[:, -sizes[-1]:].zero_()
 
     def logit_bound(self) -> Optional[torch.Tensor]:
         """U per local head from the QK-norm weights, [heads] float32 (None: the op takes it from

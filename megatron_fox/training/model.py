@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from ..layers import FoxTransformerConfig, get_fox_block_spec
+from ..layers import FoxSelfAttention, FoxTransformerConfig, get_fox_block_spec
 from .arguments import pipeline_stages
 
 
@@ -171,6 +171,9 @@ def init_layout_invariant(model, args) -> None:
             std /= math.sqrt(2.0 * args.num_layers)
         w = torch.randn(full_shape(name, p.shape, tp), generator=gen) * std
         p.copy_(split_tensor(name, w, tp_rank, tp).to(p.device, p.dtype))
+    for m in model.modules():  # the fused projections' alignment rows were drawn too
+        if isinstance(m, FoxSelfAttention):
+            m.zero_qkv_padding()
 
 
 def attention_layers(model) -> list:
