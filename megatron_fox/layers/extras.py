@@ -46,7 +46,7 @@ def prepare(mixed, layout: QkvLayout, fgate_bias, doc_start: Optional[torch.Tens
     log_f = None if fgate is None else _batch_major(F.logsigmoid(fgate.float() + fgate_bias.float()))
     # the output gate's logits as a tensor of their own, not a view of mixed: their gradient
     # then enters this function's backward (a view's would be added to d mixed apart); the
-    # sigmoid stays in `finish`, as before the split moved here
+    # sigmoid stays in `finish`
     ogate = None if ogate is None else ogate.clone(memory_format=torch.contiguous_format)
     return _batch_major(q), _batch_major(k), _batch_major(v), log_f, ogate
 
