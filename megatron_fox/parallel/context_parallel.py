@@ -110,7 +110,7 @@ class _RingAttention(torch.autograd.Function):
         posting = _posting_context(plan)
         run_blocks(_needed(r, r, P, plan["causal"]), own, r)
         with posting():
-            plan["resolve"]()
+            plan.pop("resolve")()  # popped: it refers to plan, and plan outlives the call in ctx
             nxt = start_kv_exchange(own, 1, plan, stats) if P > 1 else None
         for s in range(1, P):
             kv = nxt.wait()
@@ -347,6 +347,7 @@ def context_parallel_forgetting_attention(
         return live, by_acp, heads
 
     wait = skip_memory is None or (dead is None and docs is None) or skip_memory.skip_this_call()
+    device = q.device  # not q itself: the closure must not keep this call's inputs alive
 
     def resolve():
         if wait:
@@ -372,7 +373,7 @@ def context_parallel_forgetting_attention(
         stats.skipped_fraction = pruned / flops if wait or dead is None else pruned_share(dead, r, P)
         stats.table_waited = wait
         plan.update(live=live, heads=heads)
-        head_indices(plan, q.device)
+        head_indices(plan, device)
 
     plan["resolve"] = resolve
     o = _RingAttention.apply(q, k, v, c, plan)

@@ -6,11 +6,13 @@ RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT come from the environment (see lau
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import weakref
 
 import torch
 
@@ -214,15 +216,22 @@ def task_cp_memory(opts):
     r, P = dist.get_rank(), dist.get_world_size()
     memory = ChunkSkipMemory()
     calls = []
+    gc.disable()  # what a call keeps alive must go with its last reference, not at a later collection
     for data in torch.load(opts["inputs"]):
         parts = {n: split_for_context_parallel(data[n], 1, r, P).detach().requires_grad_() for n in ("q", "k", "v", "f")}
+        q = parts["q"] * 1.0  # a tensor of this call only
         o, stats = context_parallel_forgetting_attention(
-            parts["q"], parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=-10.0,
+            q, parts["k"], parts["v"], parts["f"], cp_group=dist.group.WORLD, log_eps=-10.0,
             logit_bound=opts["bound"], return_stats=True, skip_memory=memory)
         do = split_for_context_parallel(data["do"], 1, r, P)
         grads = torch.autograd.grad(o, [parts[n] for n in ("q", "k", "v", "f")], do)
+        q_alive = weakref.ref(q)
+        del q
         calls.append({"o": o.detach(), "grads": grads, "waited": stats.table_waited, "skipped": stats.blocks_skipped,
                       "not_sent": stats.bytes_not_sent, "fraction": float(stats.skipped_fraction)})
+        del o
+        calls[-1]["q_freed"] = q_alive() is None
+    gc.enable()
     torch.save(calls, os.path.join(opts["out"], f"cp_memory_{r}.pt"))
 
 
