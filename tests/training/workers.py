@@ -136,15 +136,28 @@ def task_train(opts):
     from megatron_fox.train import run
     from megatron_fox.training.arguments import parse_args
 
-    events = []
+    events, cyclic = [], []
     if opts.get("gc_events"):
         gc.callbacks.append(lambda phase, info: phase == "start" and events.append(
             ("collect", info["generation"], gc.isenabled())))
-    history = run(parse_args(opts["flags"]), on_step=lambda step, _: events.append(("step", step, gc.isenabled())))
+
+    def on_step(step, _):
+        events.append(("step", step, gc.isenabled()))
+        if opts.get("cyclic_tensors"):  # tensors that only a collection would free, found since the last step
+            gc.set_debug(gc.DEBUG_SAVEALL)  # the unreachable objects go to gc.garbage instead
+            gc.collect()
+            cyclic.append(sum(1 for o in gc.garbage if isinstance(o, torch.Tensor)))
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.collect()
+
+    history = run(parse_args(opts["flags"]), on_step=on_step)
     if torch.distributed.get_rank() == 0:
         torch.save(history, opts["out"])
         if opts.get("gc_events"):
             torch.save(events + [("after", gc.isenabled())], opts["gc_events"])
+        if opts.get("cyclic_tensors"):
+            torch.save(cyclic, opts["cyclic_tensors"])
 
 
 def task_valid_loss(opts):
