@@ -130,9 +130,8 @@ def task_penalty_fd(opts):
 def task_train(opts):
     """Run the trainer; rank 0 saves its history to opts['out']. With opts['gc_events']:
     also, in order, every garbage collection ("collect", generation, automatic collection
-    enabled) and step ("step", n, enabled), then ("after", enabled), to that file."""
-    import gc
-
+    enabled) and step ("step", n, enabled), then ("after", enabled), to that file. With
+    opts['cyclic_tensors']: the number of tensors each step left in reference cycles."""
     from megatron_fox.train import run
     from megatron_fox.training.arguments import parse_args
 
