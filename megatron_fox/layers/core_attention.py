@@ -155,7 +155,7 @@ class FoxCoreAttention(MegatronModule):
         samples = [slice(None)] if cu_seqlens is None else [slice(i, i + 1) for i in range(b)]
         outs, fractions = [], []
         for i, rows in enumerate(samples):
-            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size)
+            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size, b)
             out, stats = ops[comm](
                 q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1), v[:, rows].transpose(0, 1),
                 log_fgate[:, rows].transpose(0, 1).contiguous(), cp_group=group, log_eps=cfg.acp_log_eps,

@@ -27,13 +27,14 @@ def make_batches(seq=32, mbs=2, micro=2, vocab=128):
     return batches
 
 
-def _prepare(tmp_path_factory, name, extra):
-    """Shared weights and batch, and the single-process reference loss and gradients."""
+def _prepare(tmp_path_factory, name, extra, mbs=2):
+    """Shared weights and batch (micro-batches of mbs samples), and the single-process
+    reference loss and gradients."""
     d = tmp_path_factory.mktemp(name)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     opts = {"weights": str(d / "weights.pt"), "batch": str(d / "batch.pt"), "eod": EOD,
             "seed": int(torch.randint(0, 10**6, ())), "extra": extra}
-    torch.save(make_batches(), opts["batch"])
+    torch.save(make_batches(mbs=mbs), opts["batch"])
     launch("init", 1, opts)
     ref_dir = d / "ref"
     ref_dir.mkdir()
@@ -110,11 +111,20 @@ def shared_4_groups(tmp_path_factory):
     return _prepare(tmp_path_factory, "equiv_4g", ["--num-query-groups", "4"])
 
 
+@pytest.fixture(scope="module")
+def shared_one_sample(tmp_path_factory):
+    """Same as `shared` with micro-batches of one sample (the layer then takes its
+    document offsets whole)."""
+    return _prepare(tmp_path_factory, "equiv_mbs1", [], mbs=1)
+
+
 @pytest.mark.parametrize("name,tp,cp,world,docs,comm", [
     ("cp2", 1, 2, 2, False, "p2p"), ("cp2_docs", 1, 2, 2, True, "p2p"), ("tp2_cp2_docs", 2, 2, 4, True, "p2p"),
-    ("cp2_a2a_docs", 1, 2, 2, True, "a2a"), ("tp2_cp2_a2a_docs", 2, 2, 4, "4 groups", "a2a")])
+    ("cp2_a2a_docs", 1, 2, 2, True, "a2a"), ("tp2_cp2_a2a_docs", 2, 2, 4, "4 groups", "a2a"),
+    ("cp2_docs_one_sample", 1, 2, 2, "one sample", "p2p")])
 def test_context_parallel_equals_single_rank(request, name, tp, cp, world, docs, comm):
-    fixture = "shared_4_groups" if docs == "4 groups" else "shared" if docs else "shared_no_docs"
+    fixture = {"4 groups": "shared_4_groups", "one sample": "shared_one_sample"}.get(docs) or (
+        "shared" if docs else "shared_no_docs")
     d, opts, ref = request.getfixturevalue(fixture)
     out = d / name
     out.mkdir()
