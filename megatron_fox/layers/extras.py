@@ -21,12 +21,12 @@ from .qkv_layout import QkvLayout, split_fused
 
 
 def prepare(mixed, layout: QkvLayout, fgate_bias, doc_start: Optional[torch.Tensor], q_norm: Optional[torch.Tensor],
-            k_norm: Optional[torch.Tensor], eps: float, prev_kv=None, kv=None):
+            k_norm: Optional[torch.Tensor], eps: float, prev_kv=None):
     """mixed [s, b, groups * width]: linear_qkv's output in `layout`; fgate_bias [h]; doc_start
     [s, b] bool (None: no document starts); q_norm, k_norm [h, d] / [g, d] (None: no QK-norm);
-    prev_kv: the raw k, v [1, b, g, d] of the token before these (decoding), None at a
-    sequence start; kv: k, v [s, b, g, d] already shifted (context parallel, where the shift
-    crosses chunk borders), taken instead of mixed's.
+    prev_kv: the raw k, v [n, b, g, d] of the token before each of n equal chunks of these
+    rows (decoding: n = 1, the token before the new ones; context parallel: n = 2, each
+    chunk's predecessor from `parallel.chunk_boundary_rows`), None at a sequence start.
     -> q [s, b, h, d], k, v [s, b, g, d], log f [s, b, h] float32 (None without the forget
     gate), each the transpose of a contiguous [b, s, ...] tensor (the op's batch-major layout:
     packing the batch is then a view); the output gate's logits [s, b, h, d] (None without it).
@@ -34,9 +34,7 @@ def prepare(mixed, layout: QkvLayout, fgate_bias, doc_start: Optional[torch.Tens
     One function from mixed on, so that compiled its backward writes d mixed in one pass
     (split apart, autograd would concatenate the parts' gradients in a kernel of its own)."""
     q, k, v, fgate, ogate, shift = split_fused(mixed, layout)
-    if kv is not None:
-        k, v = kv
-    elif shift is not None:
+    if shift is not None:
         prev_k, prev_v = (None, None) if prev_kv is None else prev_kv
         k = token_shift(k, shift[..., 0], doc_start, prev_k)
         v = token_shift(v, shift[..., 1], doc_start, prev_v)

@@ -140,21 +140,21 @@ class FoxSelfAttention(MegatronModule):
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
         cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q", None) if packed_seq_params is not None else None
-        doc_start = kv = None
+        doc_start = prev_kv = None
         if cfg.fox_kv_shift and cfg.context_parallel_size > 1:  # the shift crosses chunk borders
             from megatron.core import parallel_state
 
-            from ..parallel import local_document_starts, shift_across_chunks
+            from ..parallel import chunk_boundary_rows, local_document_starts
 
             group = parallel_state.get_context_parallel_group()
             if cu_seqlens is not None:
                 doc_start = local_document_starts(cu_seqlens, s * cfg.context_parallel_size, b, group)
-            _, k, v, _, _, shift = split_fused(mixed, self.layout)
-            kv = (shift_across_chunks(k, shift[..., 0], group, doc_start),
-                  shift_across_chunks(v, shift[..., 1], group, doc_start))
+            d = self.head_dim
+            mixed, prev = chunk_boundary_rows(mixed, group, self.groups, self.layout.sizes[0], 2 * d)
+            prev_kv = (prev[..., :d], prev[..., d:])  # raw k, v rows (adjacent in the layout)
         elif cfg.fox_kv_shift and cu_seqlens is not None:
             doc_start = document_start_mask(cu_seqlens, s, b)
-        q, k, v, log_fgate, ogate = self._prepare(mixed, doc_start, kv=kv)
+        q, k, v, log_fgate, ogate = self._prepare(mixed, doc_start, prev_kv)
         rotary = kwargs.get("rotary_pos_emb")
         if rotary is not None:
             q, k = self._rotate(q, k, rotary)
@@ -177,7 +177,7 @@ class FoxSelfAttention(MegatronModule):
             rotary = rotary[0]
         return apply_rotary_pos_emb(q, rotary, self.config), apply_rotary_pos_emb(k, rotary, self.config)
 
-    def _prepare(self, mixed, doc_start, prev_kv=None, kv=None):
+    def _prepare(self, mixed, doc_start, prev_kv=None):
         """`extras.prepare` on linear_qkv's output -> q, k, v, log f, output-gate logits; log f of the
         data-independent gates from their per-head parameters."""
         cfg, hp = self.config, self.head_params
@@ -185,7 +185,7 @@ class FoxSelfAttention(MegatronModule):
         prepare = extras.fused(extras.prepare, cfg.fox_fuse_extras, mixed.device)
         bias = hp.fgate_bias if self.data_dependent_gate else None
         q, k, v, log_fgate, ogate = prepare(mixed, self.layout, bias, doc_start, *norms, cfg.fox_qk_norm_eps,
-                                           prev_kv, kv)
+                                           prev_kv)
         if cfg.fox_forget_gate and not self.data_dependent_gate:  # the same log f at every token
             per_head = (F.logsigmoid(hp.fgate_bias.float()) if cfg.fox_forget_gate_type == "data_independent"
                         else -hp.alibi_slopes_on(q.device))

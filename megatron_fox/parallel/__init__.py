@@ -4,8 +4,8 @@ from .context_parallel import (
     ContextParallelStats,
     context_parallel_forgetting_attention,
     global_prefix_sums,
-    shift_across_chunks,
 )
+from .chunk_shift import chunk_boundary_rows
 from .exchange import all_gather_autograd
 from .head_parallel import HeadCostMemory, HeadParallelStats, assign_heads, head_parallel_forgetting_attention
 from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
@@ -17,6 +17,7 @@ __all__ = [
     "HeadCostMemory",
     "HeadParallelStats",
     "all_gather_autograd",
+    "chunk_boundary_rows",
     "assign_heads",
     "context_parallel_forgetting_attention",
     "gather_from_context_parallel",
@@ -24,7 +25,6 @@ __all__ = [
     "global_prefix_sums",
     "local_document_starts",
     "sample_cu_seqlens",
-    "shift_across_chunks",
     "skip_table",
     "split_for_context_parallel",
 ]

@@ -206,28 +206,6 @@ def _posting_context(plan):
     return functools.partial(torch.cuda.stream, stream)
 
 
-def shift_across_chunks(x: torch.Tensor, alpha_logit: torch.Tensor, group,
-                        doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """FoX-Pro token shift of this rank's two chunks, [s, b, h, d] (Megatron layout), with the
-    token before each chunk taken from the rank that holds the previous chunk. doc_start
-    [s, b] bool marks document starts (no shift across them)."""
-    from ..ops.token_shift import token_shift
-
-    P, r = dist.get_world_size(group), dist.get_rank(group)
-    half = x.shape[0] // 2
-    lasts = torch.stack([x[half - 1], x[-1]])  # [2, b, h, d]: last token of our front, back chunk
-    every = all_gather_autograd(lasts, group)  # [P, 2, b, h, d]
-    out = []
-    for i, chunk in enumerate(chunk_ids(r, P)):
-        rows = slice(i * half, (i + 1) * half)
-        prev0 = None
-        if chunk > 0:
-            owner, part = chunk_owner(chunk - 1, P)
-            prev0 = every[owner, part][None]
-        out.append(token_shift(x[rows], alpha_logit[rows], None if doc_start is None else doc_start[rows], prev0))
-    return torch.cat(out, dim=0)
-
-
 def global_prefix_sums(log_fgate: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global c = cumsum(log f) at this rank's positions, [B, H, 2*half] (differentiable),
     plus chunk offsets and chunk sums over all 2P chunks, [B, H, 2P] each (detached)."""

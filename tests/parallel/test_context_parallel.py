@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_fox.ops import forgetting_attention
-from megatron_fox.parallel import gather_from_context_parallel, sample_cu_seqlens
+from megatron_fox.ops.token_shift import token_shift
+from megatron_fox.parallel import chunk_boundary_rows, gather_from_context_parallel, sample_cu_seqlens
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 from workers import launch  # noqa: E402
@@ -153,3 +154,41 @@ def test_sample_cu_seqlens_cuts_each_sample_and_takes_a_batch_of_one_whole():
         one = torch.tensor([0] + ends[0], dtype=torch.int64)
         assert sample_cu_seqlens(one, 0, seq, batch=1).tolist() == sample_cu_seqlens(one, 0, seq).tolist()
         assert sample_cu_seqlens(one, 0, seq, batch=1).dtype == torch.int32
+
+
+@pytest.mark.parametrize("world,docs", [(2, True), (4, False), (4, True)])
+def test_chunk_boundary_rows_shift_matches_single_process(tmp_path, world, docs):
+    """The KV-shift of each rank's chunks, each chunk's first token mixed with the last of
+    the chunk before (another rank's, or for chunk P this rank's other chunk), equals the
+    shift over the whole sequence; so does d mixed, the predecessor rows' gradients added
+    back on the ranks they came from. Documents start at chunk borders and inside chunks."""
+    S, B, G, W, start, cols = 8 * 2 * world, 2, 2, 7, 2, 4  # columns [2, 6) of each group's 7
+    mixed = torch.randn(S, B, G * W, dtype=torch.float64)
+    alpha = torch.randn(S, B, G, cols, dtype=torch.float64)[..., 0]
+    doc_start = torch.zeros(S, B, dtype=torch.bool)
+    doc_start[0] = True
+    if docs:
+        doc_start[8, 0] = doc_start[8 * 3, 1] = doc_start[13, 0] = True  # two chunk starts, one inside
+    dy = torch.randn(S, B, G, cols, dtype=torch.float64)
+    torch.save({"mixed": mixed, "alpha": alpha, "doc_start": doc_start, "dy": dy}, tmp_path / "in.pt")
+    launch("chunk_shift", world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "groups": G,
+                                  "start": start, "cols": cols})
+    ranks = [torch.load(tmp_path / f"chunk_shift_{r}.pt") for r in range(world)]
+    full = mixed.clone().requires_grad_()
+    ref = token_shift(full.view(S, B, G, W)[..., start:start + cols], alpha, doc_start)
+    (d_ref,) = torch.autograd.grad(ref, full, dy)
+    close(gather_from_context_parallel([o["y"] for o in ranks], 0), ref.detach(), "shifted columns")
+    close(gather_from_context_parallel([o["d_mixed"] for o in ranks], 0), d_ref, "d mixed")
+    # without the predecessor rows the chunk starts would differ: the comparison can fail
+    alone = torch.cat([token_shift(c.view(-1, B, G, W)[..., start:start + cols], a, d)
+                       for c, a, d in zip(mixed.split(8), alpha.split(8), doc_start.split(8))])
+    assert (alone - ref).abs().max() > 1e-3
+
+
+def test_chunk_boundary_rows_names_bad_arguments():
+    with pytest.raises(ValueError, match="mixed"):
+        chunk_boundary_rows(torch.zeros(5, 1, 14), None, 2, 2, 4)
+    with pytest.raises(ValueError, match="start, cols"):
+        chunk_boundary_rows(torch.zeros(4, 1, 14), None, 2, 5, 4)
+    with pytest.raises(ValueError, match="prev0"):
+        token_shift(torch.zeros(6, 1, 2, 3), torch.zeros(6, 1, 2), None, torch.zeros(4, 1, 2, 3))

@@ -217,6 +217,28 @@ def task_cp(opts):
                os.path.join(opts["out"], f"cp_{r}.pt"))
 
 
+def task_chunk_shift(opts):
+    """The KV-shift of this rank's chunks with each chunk's predecessor row from
+    `chunk_boundary_rows`; save the shifted columns and d mixed."""
+    import torch.distributed as dist
+
+    from megatron_fox.ops.token_shift import token_shift
+    from megatron_fox.parallel import chunk_boundary_rows, split_for_context_parallel
+
+    dist.init_process_group("gloo")
+    r, P = dist.get_rank(), dist.get_world_size()
+    data = torch.load(opts["inputs"])
+    groups, start, cols = opts["groups"], opts["start"], opts["cols"]
+    mixed = split_for_context_parallel(data["mixed"], 0, r, P).detach().requires_grad_()
+    linked, prev = chunk_boundary_rows(mixed * 1.0, dist.group.WORLD, groups, start, cols)
+    s, b = mixed.shape[:2]
+    x = linked.view(s, b, groups, -1)[..., start:start + cols]
+    y = token_shift(x, split_for_context_parallel(data["alpha"], 0, r, P),
+                    split_for_context_parallel(data["doc_start"], 0, r, P), prev)
+    (d_mixed,) = torch.autograd.grad(y, mixed, split_for_context_parallel(data["dy"], 0, r, P))
+    torch.save({"y": y.detach(), "d_mixed": d_mixed}, os.path.join(opts["out"], f"chunk_shift_{r}.pt"))
+
+
 def task_cp_memory(opts):
     """The ring op called several times with one ChunkSkipMemory (as a layer does), on the
     saved inputs of each call; save each call's out, grads and whether it waited/skipped."""

@@ -17,13 +17,20 @@ def token_shift(x: torch.Tensor, alpha_logit: torch.Tensor, doc_start: Optional[
     """out_t = a_t * x_{t-1} + (1 - a_t) * x_t with a_t = sigmoid(alpha_logit_t), per head.
 
     x [s, b, h, d]; alpha_logit [s, b, h]; doc_start [s, b] bool, True where a document
-    starts (x_{t-1} counts as zero there); prev0 [1, b, h, d]: x_{-1} (the token before this
-    chunk under context parallelism), zero if None. Returns [s, b, h, d] in x.dtype.
+    starts (x_{t-1} counts as zero there); prev0 [n, b, h, d]: the token before each of n
+    equal chunks of x (s/n rows each; under context parallelism a chunk's predecessor lives
+    elsewhere), zero if None. Returns [s, b, h, d] in x.dtype.
     """
     if x.dim() != 4 or alpha_logit.shape != x.shape[:3]:
         raise ValueError(f"token_shift: x must be [s, b, h, d] and alpha_logit [s, b, h], "
                          f"got {tuple(x.shape)} and {tuple(alpha_logit.shape)}")
-    prev = torch.cat([torch.zeros_like(x[:1]) if prev0 is None else prev0.to(x.dtype), x[:-1]], dim=0)
+    n = 1 if prev0 is None else prev0.shape[0]
+    if prev0 is not None and (prev0.shape[1:] != x.shape[1:] or x.shape[0] % n):
+        raise ValueError(f"prev0: expected [n, b, h, d] with n dividing {x.shape[0]} and [b, h, d] = "
+                         f"{tuple(x.shape[1:])}, got {tuple(prev0.shape)}")
+    chunks = x.view(n, x.shape[0] // n, *x.shape[1:])
+    first = torch.zeros_like(chunks[:, :1]) if prev0 is None else prev0[:, None].to(x.dtype)
+    prev = torch.cat([first, chunks[:, :-1]], dim=1).view_as(x)
     if doc_start is not None:
         prev = prev.masked_fill(doc_start[:, :, None, None], 0.0)
     a = torch.sigmoid(alpha_logit.float())[..., None]
