@@ -145,7 +145,9 @@ def task_train(opts):
         if opts.get("cyclic_tensors"):  # tensors that only a collection would free, found since the last step
             gc.set_debug(gc.DEBUG_SAVEALL)  # the unreachable objects go to gc.garbage instead
             gc.collect()
-            cyclic.append(sum(1 for o in gc.garbage if isinstance(o, torch.Tensor)))
+            # type(), not isinstance: the garbage can hold weak proxies of freed objects (the
+            # CUDA path's), whose attribute lookups raise ReferenceError
+            cyclic.append(sum(1 for o in gc.garbage if issubclass(type(o), torch.Tensor)))
             gc.set_debug(0)
             gc.garbage.clear()
             gc.collect()
