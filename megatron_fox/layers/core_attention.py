@@ -131,8 +131,8 @@ class FoxCoreAttention(MegatronModule):
 
     def _context_parallel(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
         """The context-parallel op of config.cp_comm_type (p2p: the ring; a2a: head-parallel)
-        over the context-parallel group; with documents one sample at a time (its offsets are
-        per packed row)."""
+        over the context-parallel group. With documents the ring takes the whole micro-batch
+        (a document map per sample), a2a one sample at a time (its op packs batch 1)."""
         from megatron.core import parallel_state
 
         from ..parallel import (ChunkSkipMemory, HeadCostMemory, context_parallel_forgetting_attention,
@@ -152,10 +152,11 @@ class FoxCoreAttention(MegatronModule):
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
         group = parallel_state.get_context_parallel_group()
         s, b = q.shape[:2]
-        samples = [slice(None)] if cu_seqlens is None else [slice(i, i + 1) for i in range(b)]
+        per_sample = cu_seqlens is not None and comm == "a2a"
+        samples = [slice(i, i + 1) for i in range(b)] if per_sample else [slice(None)]
         outs, fractions = [], []
         for i, rows in enumerate(samples):
-            cu = None if cu_seqlens is None else sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size, b)
+            cu = sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size, b) if per_sample else cu_seqlens
             out, stats = ops[comm](
                 q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1), v[:, rows].transpose(0, 1),
                 log_fgate[:, rows].transpose(0, 1).contiguous(), cp_group=group, log_eps=cfg.acp_log_eps,

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from ..ops.forgetting_attn.block import block_backward, block_forward
-from ..ops.forgetting_attn.common import (check_backward_pruning, check_inputs, document_maps, logit_bound_per_head,
-                                          pruning_threshold)
+from ..ops.forgetting_attn.common import (check_backward_pruning, check_inputs, logit_bound_per_head,
+                                          pruning_threshold, row_document_maps)
 from ..ops.forgetting_attn.plan import forward_diagonal, skips_zero_blocks
 from ..ops.forgetting_attn.row_norm import max_row_norm
 from ..ops.forgetting_attn.merge import merge_partial_
@@ -238,13 +238,14 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
     return pruning_threshold(global_logit_bound(q, k, sm_scale, logit_bound, group), L, log_eps)
 
 
-def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group):
+def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group, per_sample=False):
     """The op's input checks for this rank's two chunks of a sequence split over `group`
-    (cu_seqlens then spans the whole sequence) -> (sm_scale, logit_bound, L the global length)."""
+    (cu_seqlens then spans the whole sequence; per_sample: the B whole sequences of the batch,
+    batch-major, each starting a document) -> (sm_scale, logit_bound, L the global length)."""
     T2 = q.shape[1]
     L = T2 * dist.get_world_size(group)
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                         cu_seqlens_total=L)
+                                         cu_seqlens_total=q.shape[0] * L if per_sample else L, per_sample=per_sample)
     if T2 % 2:
         raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
     return sm_scale, logit_bound, L
@@ -271,8 +272,10 @@ def context_parallel_forgetting_attention(
     q [B, 2c, H, D], k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H]: this rank's chunks r and
     2P-1-r (each c long) of a sequence of 2cP tokens, concatenated. Same meaning of sm_scale,
     log_eps and logit_bound as `megatron_fox.ops.forgetting_attention`, with U and L global.
-    cu_seqlens: packed documents of the whole (global) row, batch 1, offsets [0, ..., 2cP]:
-    attention and the forget gate restart at each document, across chunk borders too.
+    cu_seqlens: packed documents of the whole (global) rows, offsets [0, ..., 2cP] for batch 1,
+    or over the B * 2cP tokens of the batch's whole rows in batch-major order, each row
+    starting a document (as Megatron packs a micro-batch): attention and the forget gate
+    restart at each document, across chunk borders too.
     Returns this rank's output [B, 2c, H, D] (differentiable in q, k, v, log_fgate) and, with
     return_stats, a ContextParallelStats. skip_chunks=False computes and sends every causal
     chunk pair even where ACP prunes all of it (the kernels still skip blocks): the baseline
@@ -286,9 +289,9 @@ def context_parallel_forgetting_attention(
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                                 cp_group)
+                                                 cp_group, per_sample=True)
     check_backward_pruning(backward_pruning)
-    docs = None if cu_seqlens is None else document_maps(cu_seqlens, L, q.device)  # global start, end [L]
+    docs = None if cu_seqlens is None else row_document_maps(cu_seqlens, B, L, q.device)  # global start, end [B, L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)
     delta, dead, U, diagonal = None, None, None, None
     causal = [[j <= i for j in range(2 * P)] for i in range(2 * P)]
@@ -304,7 +307,9 @@ def context_parallel_forgetting_attention(
             dead = dead_heads(offsets, chunk_sums, delta)
     # the table is data-dependent: its copy to the host starts now and is waited for only
     # once our own blocks are queued (the ring's first step needs it; own blocks do not)
-    table = AsyncToHost([t for t in (dead, None if docs is None else docs[1][n - 1::n]) if t is not None])
+    # with documents: how far the document of each chunk's last key reaches, in the row it reaches furthest
+    reach = None if docs is None else docs[1][:, n - 1::n].amax(0)
+    table = AsyncToHost([t for t in (dead, reach) if t is not None])
     stats = ContextParallelStats()
     plan = {"size": P, "rank": r, "group": cp_group, "ranks": dist.get_process_group_ranks(cp_group),
             "sm_scale": sm_scale, "delta": delta, "live": None, "causal": causal, "stats": stats,

@@ -45,7 +45,8 @@ def _needed(q_rank: int, kv_rank: int, size: int, live) -> list:
 
 
 def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
-    """doc_start / doc_end arguments of a block (relative to its key / query chunk), or {};
+    """doc_start / doc_end arguments of a block (relative to its key / query chunk), [B, n]
+    each (a map per batch row), or {};
     made once per chunk pair and kept in the plan, so the backward reuses the forward's."""
     docs = plan["docs"]
     if docs is None:
@@ -55,8 +56,8 @@ def _block_docs(plan, q_rank, q_half, kv_rank, kv_half) -> dict:
     made = plan.setdefault("block_docs", {})
     if (qc, kc) not in made:
         ds, de = docs
-        made[qc, kc] = {"doc_start": (ds[qc * n:(qc + 1) * n] - kc * n).clamp(0, n).to(torch.int32).contiguous(),
-                        "doc_end": (de[kc * n:(kc + 1) * n] - qc * n).clamp(0, n).to(torch.int32).contiguous()}
+        made[qc, kc] = {"doc_start": (ds[:, qc * n:(qc + 1) * n] - kc * n).clamp(0, n).to(torch.int32).contiguous(),
+                        "doc_end": (de[:, kc * n:(kc + 1) * n] - qc * n).clamp(0, n).to(torch.int32).contiguous()}
     return made[qc, kc]
 
 

@@ -45,9 +45,17 @@ def test_lse_backward_pruning_matches_single_process(tmp_path, world, gate, docs
     _check_against_single_process(tmp_path, world, -10.0, gate, docs, False, True, backward_pruning="lse")
 
 
+@pytest.mark.parametrize("world,log_eps,gate,backward_pruning", [(2, -10.0, 3.0, "lse"), (4, -10.0, -2.0, "bound"),
+                                                                  (4, None, 1.0, "bound")])
+def test_batch_of_packed_rows_matches_single_process(tmp_path, world, log_eps, gate, backward_pruning):
+    """Two rows of packed documents in one call (offsets over the batch's 2 x L tokens, as
+    Megatron packs a micro-batch): the kernels take a document map per row."""
+    _check_against_single_process(tmp_path, world, log_eps, gate, True, False, True, backward_pruning, batch=2)
+
+
 def _check_against_single_process(tmp_path, world, log_eps, gate, docs, data_bound, skip_chunks,
-                                  backward_pruning="bound"):
-    B, T, H, Hkv, D = 1, 16 * 2 * world, 4, 2, 64
+                                  backward_pruning="bound", batch=1):
+    B, T, H, Hkv, D = batch, 16 * 2 * world, 4, 2, 64
     q = F.rms_norm(torch.randn(B, T, H, D), (D,))
     k = F.rms_norm(torch.randn(B, T, Hkv, D), (D,))
     v = torch.randn(B, T, Hkv, D)
@@ -58,15 +66,19 @@ def _check_against_single_process(tmp_path, world, log_eps, gate, docs, data_bou
     torch.save({"q": q, "k": k, "v": v, "f": f, "do": do}, tmp_path / "in.pt")
     bound = None if data_bound else math.sqrt(D) * 1.0001  # None: U all-reduced from the data
     cu = None
-    if docs:  # documents crossing chunk borders (chunks are 16 long), one inside a chunk, one of length 1
-        cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
-        cu = [0] + [c for c in cuts if c < T] + [T]
+    if docs:  # documents crossing chunk borders (chunks are 16 long), one inside a chunk, one of length 1;
+        # with a batch, offsets over its B * T tokens in batch-major order (every row starts a document)
+        cu = [0]
+        for row in range(B):
+            cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
+            cu += [row * T + c for c in cuts if c < T] + [(row + 1) * T]
     outs = run_cp(world, {"inputs": str(tmp_path / "in.pt"), "out": str(tmp_path), "log_eps": log_eps,
                           "bound": bound, "cu": cu, "skip_chunks": skip_chunks,
                           "backward_pruning": backward_pruning})
     ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
-    ref = forgetting_attention(*ins, log_eps=None,
-                               cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32))
+    packed = [t.reshape(1, B * T, *t.shape[2:]) for t in ins]  # the rows one after another: the op's packed form
+    ref = forgetting_attention(*packed, log_eps=None,
+                               cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32)).view_as(q)
     ref_grads = torch.autograd.grad(ref, ins, do)
     close(gather_from_context_parallel([o["o"] for o in outs], 1), ref, "out")
     for i, name in enumerate("q k v log_fgate".split()):

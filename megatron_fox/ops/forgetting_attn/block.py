@@ -53,10 +53,10 @@ def block_forward(q, k, v, c_q, c_k, *, sm_scale: float, causal: bool, delta: Op
     these query rows and their own keys, `plan.forward_diagonal`): skips the key blocks whose
     weights are zero in float32 in the whole row, as the op's exact forward does.
 
-    Packed documents (batch 1): doc_start [T] int32, for each query the first key index (in
-    this key chunk's positions, clamped to [0, T]) of its document; doc_end [T] int32, for
-    each key one past the last query index (in the query chunk's positions, clamped) of its
-    document. Both None: no documents.
+    Packed documents: doc_start [T] int32, for each query the first key index (in this key
+    chunk's positions, clamped to [0, T]) of its document; doc_end [T] int32, for each key one
+    past the last query index (in the query chunk's positions, clamped) of its document; or
+    both [B, T] contiguous, a map per batch row. Both None: no documents.
     """
     c_q, c_k = _centered(c_q.float(), c_k.float())
     if not _use_triton(q):
@@ -101,9 +101,10 @@ def _logits(q, k, c_q, c_k, sm_scale, causal, delta, doc_start=None):
     if causal:
         i = torch.arange(T, device=q.device)
         s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
-    if doc_start is not None:
+    if doc_start is not None:  # [T], or [B, T] with a map per batch row
         j = torch.arange(T, device=q.device)
-        s = s.masked_fill(j[None, :] < doc_start.long()[:, None], float("-inf"))
+        first = doc_start.long()[..., None] if doc_start.dim() == 1 else doc_start.long()[:, None, :, None]
+        s = s.masked_fill(j < first, float("-inf"))
     if delta is not None:
         s = s.masked_fill((c_q[..., :, None] - c_k[..., None, :]) < delta[..., None, None], float("-inf"))
     return s

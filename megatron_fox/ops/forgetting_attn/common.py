@@ -167,7 +167,7 @@ def check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
             raise ValueError(f"cu_seqlens needs packed input with batch 1, got batch {B}")
     if _DATA_CHECKS:
         total = (B * T if per_sample else T) if cu_seqlens_total is None else cu_seqlens_total
-        _check_values(log_fgate, logit_bound, cu_seqlens, total, T if per_sample and B > 1 else None)
+        _check_values(log_fgate, logit_bound, cu_seqlens, total, total // B if per_sample and B > 1 else None)
     return sm_scale, logit_bound
 
 

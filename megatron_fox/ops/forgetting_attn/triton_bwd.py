@@ -81,18 +81,20 @@ def _dkdv_block_range(dk, dv, dcol, k, v, ck, c_ref, offs_n, q_src, do_src, b, h
 def dkdv_kernel(Q, K, V, DO, CK, ROW, DLT, END, DOCSTART, DOCEND, DK, DV, DCOL,
                 s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
                 s_dkb, s_dkt, s_dkh,
-                T, H, NBN, qk_scale, sm_scale,
+                T, H, NBN, qk_scale, sm_scale, s_docb,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """One program per (key block, batch*kv_head). DK, DV are [B, T, Hkv, D] with the
     same strides (s_dk*); DCOL [B*H, T] gets the column sums of dS per query head; ROW and
-    DLT from `bwd_preprocess_kernel`.
+    DLT from `bwd_preprocess_kernel`; DOCSTART, DOCEND [T] (s_docb 0) or [B, T] (s_docb T).
     TMA: Q, K, V, DO are 4-d descriptors (see fwd_kernel)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     HKV = H // GROUP
     b32 = pid_bk // HKV
     b = b32.to(tl.int64)
+    DOCSTART += b * s_docb
+    DOCEND += b * s_docb
     hk = pid_bk % HKV
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -165,7 +167,7 @@ def _dq_block_range(dq, drow, q, do, c_ref, row, dlt, offs_m, dstart, c_src, c_o
 def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
               s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
               s_dqb, s_dqt, s_dqh,
-              T, H, NBM, qk_scale, sm_scale,
+              T, H, NBM, qk_scale, sm_scale, s_docb,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """One program per (query block, batch*head); DROW [B*H, T] gets the row sums of dS.
@@ -174,6 +176,7 @@ def dq_kernel(Q, K, V, DO, CQ, CK, ROW, DLT, START, DOCSTART, DQ, DROW,
     pid_bh = tl.program_id(1)
     b32 = pid_bh // H
     b = b32.to(tl.int64)
+    DOCSTART += b * s_docb
     h = pid_bh % H
     hk = h // GROUP
     bh = pid_bh.to(tl.int64)

@@ -43,19 +43,20 @@ def _fwd_block_range(acc, m_i, l_i, q, c_ref, offs_m, dstart, c_src, c_off, k_sr
 @triton.jit
 def fwd_kernel(Q, K, V, CQ, CK, START, DOCSTART, O, LSE,
                s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-               T, H, NBM, qk_scale,
+               T, H, NBM, qk_scale, s_docb,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
     """Q [B,T,H,D], K/V [B,T,H/GROUP,D] (strided; TMA: 4-d descriptors with blocks [1,
     BLOCK_M or BLOCK_N, 1, D]), CQ/CK [B*H, T] prefix sums of the query and key positions
     (natural log; the same tensor for self-attention; TMA: CK a [B*H, T] descriptor with
     [1, BLOCK_N] blocks), START [B*H, NBM] first key block,
-    DOCSTART [T] -> O like Q, LSE [B*H, T] (base 2). CAUSAL=False: every key of the block
-    is visible (a past chunk of context parallelism)."""
+    DOCSTART [T] (s_docb 0) or [B, T] (s_docb T) -> O like Q, LSE [B*H, T] (base 2).
+    CAUSAL=False: every key of the block is visible (a past chunk of context parallelism)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: shorter tail
     pid_bh = tl.program_id(1)
     b32 = pid_bh // H
     b = b32.to(tl.int64)
+    DOCSTART += b * s_docb
     h = pid_bh % H
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
