@@ -131,12 +131,12 @@ class FoxCoreAttention(MegatronModule):
 
     def _context_parallel(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
         """The context-parallel op of config.cp_comm_type (p2p: the ring; a2a: head-parallel)
-        over the context-parallel group. With documents the ring takes the whole micro-batch
-        (a document map per sample), a2a one sample at a time (its op packs batch 1)."""
+        over the context-parallel group, on the whole micro-batch (with documents: cu_seqlens over
+        its samples' whole rows, batch-major, as Megatron packs them)."""
         from megatron.core import parallel_state
 
         from ..parallel import (ChunkSkipMemory, HeadCostMemory, context_parallel_forgetting_attention,
-                                head_parallel_forgetting_attention, sample_cu_seqlens)
+                                head_parallel_forgetting_attention)
 
         cfg = self.config
         comm = cfg.cp_comm_type or "p2p"
@@ -150,19 +150,10 @@ class FoxCoreAttention(MegatronModule):
                                         backward_pruning=cfg.acp_backward_pruning)}
         if comm not in ops:
             raise ValueError(f"cp_comm_type: {comm!r} is not supported by FoX attention (use p2p or a2a)")
-        group = parallel_state.get_context_parallel_group()
-        s, b = q.shape[:2]
-        per_sample = cu_seqlens is not None and comm == "a2a"
-        samples = [slice(i, i + 1) for i in range(b)] if per_sample else [slice(None)]
-        outs, fractions = [], []
-        for i, rows in enumerate(samples):
-            cu = sample_cu_seqlens(cu_seqlens, i, s * cfg.context_parallel_size, b) if per_sample else cu_seqlens
-            out, stats = ops[comm](
-                q[:, rows].transpose(0, 1), k[:, rows].transpose(0, 1), v[:, rows].transpose(0, 1),
-                log_fgate[:, rows].transpose(0, 1).contiguous(), cp_group=group, log_eps=cfg.acp_log_eps,
-                logit_bound=logit_bound, cu_seqlens=cu, return_stats=True)
-            outs.append(out)
-            fractions.append(stats.skipped_fraction)
-        mean = sum(fractions) / len(fractions)  # a float (p2p) or a device tensor (a2a)
-        self._stats = SimpleNamespace(skipped_fraction=torch.as_tensor(mean))
-        return torch.cat(outs, dim=0).transpose(0, 1)
+        out, stats = ops[comm](
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), log_fgate.transpose(0, 1).contiguous(),
+            cp_group=parallel_state.get_context_parallel_group(), log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
+            cu_seqlens=cu_seqlens, return_stats=True)
+        # a float (p2p) or a device tensor (a2a)
+        self._stats = SimpleNamespace(skipped_fraction=torch.as_tensor(stats.skipped_fraction))
+        return out.transpose(0, 1)

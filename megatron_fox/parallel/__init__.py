@@ -8,7 +8,7 @@ from .context_parallel import (
 from .chunk_shift import chunk_boundary_rows
 from .exchange import all_gather_autograd
 from .head_parallel import HeadCostMemory, HeadParallelStats, assign_heads, head_parallel_forgetting_attention
-from .layout import gather_from_context_parallel, local_document_starts, sample_cu_seqlens, split_for_context_parallel
+from .layout import gather_from_context_parallel, local_document_starts, split_for_context_parallel
 from .skipping import ChunkSkipMemory, skip_table
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "head_parallel_forgetting_attention",
     "global_prefix_sums",
     "local_document_starts",
-    "sample_cu_seqlens",
     "skip_table",
     "split_for_context_parallel",
 ]

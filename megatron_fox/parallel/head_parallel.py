@@ -188,7 +188,8 @@ def head_parallel_forgetting_attention(
 
     Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
     k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
-    the global document offsets (batch 1). Needs Hkv >= P. balance=False deals kv-head groups
+    the global document offsets (of the batch's whole rows in batch-major order, each row
+    starting a document; the op then runs them as one packed row, as one GPU does). Needs Hkv >= P. balance=False deals kv-head groups
     in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost (exact FoX: by the
     blocks it keeps above float32's zero, see `set_zero_block_skipping`). cost_memory (one
     per layer) deals by the previous call's costs, so the call does not wait for the GPU. Returns this
@@ -198,7 +199,7 @@ def head_parallel_forgetting_attention(
     P = dist.get_world_size(cp_group)
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                                 cp_group)
+                                                 cp_group, per_sample=True)
     Hkv = k.shape[2]
     if Hkv < P:
         raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
@@ -224,11 +225,16 @@ def head_parallel_forgetting_attention(
     bound = logit_bound
     if isinstance(logit_bound, torch.Tensor):
         bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
+    packed = cu_seqlens is not None and B > 1  # rows of documents: the op takes them as one packed row
+    if packed:
+        qh, kh, vh, fh = (t.reshape(1, B * L, *t.shape[2:]) for t in (qh, kh, vh, fh))
     with no_data_checks():  # checked above on every rank's part
         out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
                                    cu_seqlens=cu_seqlens, return_stats=return_stats, backward_pruning=backward_pruning)
     if return_stats:
         out, op_stats = out
+    if packed:
+        out = out.view(B, L, *out.shape[2:])
     o = _Exchange.apply(out, False, q_heads, cp_group)
     if not return_stats:
         return o

@@ -5,8 +5,6 @@ The sequence is cut into 2P chunks; rank r holds chunks r and 2P-1-r, concatenat
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -45,15 +43,3 @@ def local_document_starts(cu_seqlens: torch.Tensor, seq_full: int, batch: int, g
     batch-major flattening of the full [b, seq_full] micro-batch."""
     mask = document_start_mask(cu_seqlens, seq_full, batch)
     return split_for_context_parallel(mask, 0, dist.get_rank(group), dist.get_world_size(group))
-
-
-def sample_cu_seqlens(cu_seqlens: torch.Tensor, sample: int, seq_full: int, batch: Optional[int] = None) -> torch.Tensor:
-    """Offsets of one sample's documents from the batch-major offsets of a micro-batch
-    (every sample starts a document). batch: the micro-batch's size, if known; at 1 the
-    offsets are the sample's own and come back without the masked selection below, whose
-    data-dependent size makes the host wait for the GPU (once a layer call otherwise)."""
-    if batch == 1:
-        return cu_seqlens.to(torch.int32)
-    lo, hi = sample * seq_full, (sample + 1) * seq_full
-    inside = cu_seqlens[(cu_seqlens >= lo) & (cu_seqlens <= hi)]
-    return (inside - lo).to(torch.int32)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megatron_fox.ops import forgetting_attention
 from megatron_fox.ops.token_shift import token_shift
-from megatron_fox.parallel import chunk_boundary_rows, gather_from_context_parallel, sample_cu_seqlens
+from megatron_fox.parallel import chunk_boundary_rows, gather_from_context_parallel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
 from workers import launch  # noqa: E402
@@ -150,22 +150,6 @@ def test_skip_memory_waits_only_after_dead_pairs(tmp_path):
         close(gather_from_context_parallel([o["o"] for o in outs], 1), ref, f"call {i + 1} out")
         for j, name in enumerate("q k v log_fgate".split()):
             close(gather_from_context_parallel([o["grads"][j] for o in outs], 1), ref_grads[j], f"call {i + 1} d{name}")
-
-
-def test_sample_cu_seqlens_cuts_each_sample_and_takes_a_batch_of_one_whole():
-    """A sample's document offsets from the batch-major offsets of a micro-batch (random
-    documents, every sample starting one); with batch=1 the whole offsets, unselected."""
-    seq = 64
-    for _ in range(5):
-        ends = [sorted(set(torch.randint(1, seq, (4,)).tolist())) + [seq] for _ in range(3)]
-        flat = torch.tensor([0] + [i * seq + e for i, row in enumerate(ends) for e in row], dtype=torch.int64)
-        for i, row in enumerate(ends):
-            got = sample_cu_seqlens(flat, i, seq)
-            assert got.dtype == torch.int32 and got.tolist() == [0] + row
-            assert sample_cu_seqlens(flat, i, seq, batch=3).tolist() == [0] + row
-        one = torch.tensor([0] + ends[0], dtype=torch.int64)
-        assert sample_cu_seqlens(one, 0, seq, batch=1).tolist() == sample_cu_seqlens(one, 0, seq).tolist()
-        assert sample_cu_seqlens(one, 0, seq, batch=1).dtype == torch.int32
 
 
 @pytest.mark.parametrize("world,docs", [(2, True), (4, False), (4, True)])

@@ -39,7 +39,18 @@ def close(a, b, what, rel):
     (2, 8, 8, None, "data", False, True),  # exact FoX: dealt by the cost above float32's zero
 ])
 def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, balance):
-    B, T, D = 1, 16 * 2 * world, 64
+    _check_against_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, balance)
+
+
+@pytest.mark.parametrize("world,log_eps", [(2, -10.0), (4, None)])
+def test_batch_of_packed_rows_matches_single_process(tmp_path, world, log_eps):
+    """Two rows of packed documents in one call (offsets over the batch's 2 x L tokens): each
+    rank's op runs its heads of both rows as one packed row, as one GPU does."""
+    _check_against_single_process(tmp_path, world, 8, 4, log_eps, "data", True, True, B=2)
+
+
+def _check_against_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, balance, B=1):
+    T, D = 16 * 2 * world, 64
     q = F.rms_norm(torch.randn(B, T, H, D), (D,))
     k = F.rms_norm(torch.randn(B, T, Hkv, D), (D,))
     v = torch.randn(B, T, Hkv, D)
@@ -57,9 +68,11 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
         per_head = (math.sqrt(D) * (1.0 + torch.rand(H))).tolist()
         opts["bound_per_head"], logit_bound = per_head, torch.tensor(per_head)
     cu = None
-    if docs:
-        cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
-        opts["cu"] = [0] + [c for c in cuts if c < T] + [T]
+    if docs:  # with a batch: offsets over its B * T tokens, batch-major, every row starting a document
+        opts["cu"] = [0]
+        for row in range(B):
+            cuts = sorted(set(torch.randperm(T - 1)[: T // 12].add(1).tolist()) | {20, 21, 40})
+            opts["cu"] += [row * T + c for c in cuts if c < T] + [(row + 1) * T]
         cu = torch.tensor(opts["cu"], dtype=torch.int32)
     launch("cp_a2a", world, opts)
     outs = [torch.load(tmp_path / f"cp_a2a_{r}.pt") for r in range(world)]
@@ -78,10 +91,12 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
         groups = assign_heads([sum(costs[g * G:(g + 1) * G]) for g in range(Hkv)], world)
         assert [sorted(o["heads"]) for o in outs] == [sorted(g * G + j for g in gs for j in range(G)) for gs in groups]
     ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
-    same, stats = forgetting_attention(*ins, log_eps=log_eps, logit_bound=logit_bound, cu_seqlens=cu,
+    packed = [t.reshape(1, B * T, *t.shape[2:]) for t in ins] if docs else ins  # the op's packed row
+    same, stats = forgetting_attention(*packed, log_eps=log_eps, logit_bound=logit_bound, cu_seqlens=cu,
                                        return_stats=True)
+    same = same.view_as(q)
     same_grads = torch.autograd.grad(same, ins, do)
-    exact = forgetting_attention_reference(*ins, cu_seqlens=cu, dtype=torch.float64)
+    exact = forgetting_attention_reference(*packed, cu_seqlens=cu, dtype=torch.float64).view_as(q)
     exact_grads = torch.autograd.grad(exact, ins, do)
     got = gather_from_context_parallel([o["o"] for o in outs], 1)
     close(got, same, "out", 2e-5)
@@ -98,7 +113,8 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
     for r, o in enumerate(outs):
         mine, others = len(o["heads"]), H - len(o["heads"])
         kv_mine = mine // (H // Hkv)
-        want = (T // world) * (others * (D * 4 + 4) + 2 * (Hkv - kv_mine) * D * 4) + (T - T // world) * mine * D * 4
+        want = B * ((T // world) * (others * (D * 4 + 4) + 2 * (Hkv - kv_mine) * D * 4)
+                    + (T - T // world) * mine * D * 4)
         assert o["bytes_sent"] == want
 
 
