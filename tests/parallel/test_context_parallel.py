@@ -188,3 +188,24 @@ def test_chunk_boundary_rows_names_bad_arguments():
         chunk_boundary_rows(torch.zeros(4, 1, 14), None, 2, 5, 4)
     with pytest.raises(ValueError, match="prev0"):
         token_shift(torch.zeros(6, 1, 2, 3), torch.zeros(6, 1, 2), None, torch.zeros(4, 1, 2, 3))
+
+
+def test_batch_offsets_checked_against_the_whole_rows():
+    """The CP ops' check of a batch's offsets (this rank holds 2c of each row's L = 2cP
+    tokens): they must end at B * L and hold every row's start, a multiple of L, not of 2c."""
+    from megatron_fox.ops.forgetting_attn.common import check_inputs
+
+    B, T2, P, H, D = 2, 16, 2, 2, 64
+    L = T2 * P
+    q = torch.randn(B, T2, H, D)
+    f = F.logsigmoid(torch.randn(B, T2, H))
+
+    def check(cu):
+        return check_inputs(q, q, q, f, None, None, None, torch.tensor(cu, dtype=torch.int32),
+                            cu_seqlens_total=B * L, per_sample=True)
+
+    check([0, 5, L, L + 7, 2 * L])  # each row starts a document: accepted
+    with pytest.raises(ValueError, match=f"cu_seqlens must hold every sample's start.*{L}"):
+        check([0, 5, L + 7, 2 * L])  # row 1's start missing
+    with pytest.raises(ValueError, match=f"cu_seqlens must start at 0, end at batch \\* seq \\({2 * L}\\)"):
+        check([0, 5, L, 2 * T2])  # offsets of the local rows, not the whole ones
