@@ -42,7 +42,7 @@ def test_matches_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, b
     _check_against_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs, balance)
 
 
-@pytest.mark.parametrize("world,log_eps", [(2, -10.0), (4, None)])
+@pytest.mark.parametrize("world,log_eps", [(2, -10.0)])
 def test_batch_of_packed_rows_matches_single_process(tmp_path, world, log_eps):
     """Two rows of packed documents in one call (offsets over the batch's 2 x L tokens): each
     rank's op runs its heads of both rows as one packed row, as one GPU does."""
