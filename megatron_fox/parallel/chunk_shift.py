@@ -18,13 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .exchange import all_gather_tensor
 from .layout import chunk_ids, chunk_owner
-
-
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty(dist.get_world_size(group) * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
-    return out.view(-1, *x.shape)
 
 
 class _ChunkBoundaryRows(torch.autograd.Function):
@@ -39,7 +34,7 @@ class _ChunkBoundaryRows(torch.autograd.Function):
         s, b = mixed.shape[:2]
         half = s // 2
         rows = mixed.view(s, b, groups, -1)[:, :, :, start:start + cols]
-        every = _gather(torch.stack([rows[half - 1], rows[s - 1]]), group)  # [P, 2, b, g, cols]
+        every = all_gather_tensor(torch.stack([rows[half - 1], rows[s - 1]]), group)  # [P, 2, b, g, cols]
         prev = rows.new_zeros(2, b, groups, cols)
         for i, chunk in enumerate(chunk_ids(r, P)):
             if chunk > 0:
@@ -54,7 +49,8 @@ class _ChunkBoundaryRows(torch.autograd.Function):
         s, b = d_mixed.shape[:2]
         if d_prev is None:
             d_prev = d_mixed.new_zeros(2, b, ctx.groups, cols)
-        every = _gather(d_prev, group)  # [P, 2, b, g, cols]: what each rank's chunk starts owe their predecessors
+        # [P, 2, b, g, cols]: what each rank's chunk starts owe their predecessors
+        every = all_gather_tensor(d_prev, group)
         d_mixed = d_mixed.contiguous()
         rows = d_mixed.view(s, b, ctx.groups, -1)[:, :, :, start:start + cols]
         for i, chunk in enumerate(chunk_ids(r, P)):

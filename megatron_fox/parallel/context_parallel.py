@@ -238,14 +238,14 @@ def global_pruning_threshold(q, k, sm_scale, log_eps, logit_bound, L, group) -> 
     return pruning_threshold(global_logit_bound(q, k, sm_scale, logit_bound, group), L, log_eps)
 
 
-def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group, per_sample=False):
-    """The op's input checks for this rank's two chunks of a sequence split over `group`
-    (cu_seqlens then spans the whole sequence; per_sample: the B whole sequences of the batch,
-    batch-major, each starting a document) -> (sm_scale, logit_bound, L the global length)."""
+def check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, group):
+    """The op's input checks for this rank's two chunks of each of B sequences split over
+    `group` (cu_seqlens then spans the B whole sequences, batch-major, each starting a
+    document) -> (sm_scale, logit_bound, L the global length)."""
     T2 = q.shape[1]
     L = T2 * dist.get_world_size(group)
     sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                         cu_seqlens_total=q.shape[0] * L if per_sample else L, per_sample=per_sample)
+                                         cu_seqlens_total=q.shape[0] * L, per_sample=True)
     if T2 % 2:
         raise ValueError(f"q: this rank's sequence ({T2}) must hold two equal chunks")
     return sm_scale, logit_bound, L
@@ -289,7 +289,7 @@ def context_parallel_forgetting_attention(
     P, r = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                                 cp_group, per_sample=True)
+                                                 cp_group)
     check_backward_pruning(backward_pruning)
     docs = None if cu_seqlens is None else row_document_maps(cu_seqlens, B, L, q.device)  # global start, end [B, L]
     c, offsets, chunk_sums = global_prefix_sums(log_fgate, cp_group)

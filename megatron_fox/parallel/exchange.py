@@ -9,16 +9,21 @@ import torch.distributed as dist
 from .layout import chunk_ids
 
 
+def all_gather_tensor(x: torch.Tensor, group) -> torch.Tensor:
+    """x [...] -> [P, ...]: every rank's x over the group, in rank order (no autograd)."""
+    size = dist.get_world_size(group)
+    out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+    return out.view(size, *x.shape)
+
+
 class _AllGather(torch.autograd.Function):
     """[...] -> [P, ...] over the group; backward sums the gradient over ranks, keeps ours."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        size = dist.get_world_size(group)
-        out = torch.empty(size * x.numel(), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
-        return out.view(size, *x.shape)
+        return all_gather_tensor(x, group)
 
     @staticmethod
     def backward(ctx, grad):

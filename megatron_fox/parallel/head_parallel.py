@@ -189,17 +189,18 @@ def head_parallel_forgetting_attention(
     Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
     k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
     the global document offsets (of the batch's whole rows in batch-major order, each row
-    starting a document; the op then runs them as one packed row, as one GPU does). Needs Hkv >= P. balance=False deals kv-head groups
-    in equal contiguous runs (plain Ulysses) instead of by estimated ACP cost (exact FoX: by the
-    blocks it keeps above float32's zero, see `set_zero_block_skipping`). cost_memory (one
-    per layer) deals by the previous call's costs, so the call does not wait for the GPU. Returns this
-    rank's output [B, 2c, H, D] and, with return_stats, a HeadParallelStats. backward_pruning
+    starting a document; the op then runs them as one packed row, as one GPU does). Needs
+    Hkv >= P. balance=False deals kv-head groups in equal contiguous runs (plain Ulysses)
+    instead of by estimated ACP cost (exact FoX: by the blocks it keeps above float32's zero,
+    see `set_zero_block_skipping`). cost_memory (one per layer) deals by the previous call's
+    costs, so the call does not wait for the GPU. Returns this rank's output [B, 2c, H, D]
+    and, with return_stats, a HeadParallelStats. backward_pruning
     as in `forgetting_attention` (each rank runs the op on whole sequences of its heads).
     """
     P = dist.get_world_size(cp_group)
     B, T2, H, D = q.shape
     sm_scale, logit_bound, L = check_rank_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
-                                                 cp_group, per_sample=True)
+                                                 cp_group)
     Hkv = k.shape[2]
     if Hkv < P:
         raise ValueError(f"k: {Hkv} kv heads cannot be split over {P} context-parallel ranks "
