@@ -28,7 +28,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
-from . import multi_tensor
 from .arguments import unsaved_state
 from .step import check_finite, micro_batch_iterator, model_forward, set_context_pruning_penalty, set_lr_and_wd
 from .timers import NO_TIMERS
@@ -105,7 +104,6 @@ class MegatronEngine:
 
     def __init__(self, model, args, eod: int):
         self.args, self.eod = args, eod
-        multi_tensor.install()  # sync-free grad norm without Apex / TE
         config = model.config
         self.inner = model  # the GPTModel itself: checkpoints use its sharded state dict
         if args.bf16:
