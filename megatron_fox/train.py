@@ -296,10 +296,11 @@ def _run(args, on_step, collector) -> list[dict]:
 
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
     from .training.scalars import ScalarLog
+    from .training.profiling import StepProfiler
     from .training.timers import PhaseTimers
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
-    from .training.step import context_pruning_alpha_at, global_batch, moe_load_balancing_losses
+    from .training.step import context_pruning_alpha_at, empty_unused_memory, global_batch, moe_load_balancing_losses
 
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
@@ -326,6 +327,7 @@ def _run(args, on_step, collector) -> list[dict]:
         with collector.evaluation():
             losses = [engine.eval_step(global_batch(ds, e, args, tokenizer.eod, ramp=False))
                       for e in range(args.eval_iters)]
+        empty_unused_memory(args, device, 1)
         loss = record[f"{name}_loss"] = sum(losses) / len(losses)
         if rank0:
             label = "validation" if name == "valid" else name
@@ -336,7 +338,9 @@ def _run(args, on_step, collector) -> list[dict]:
 
     timers = PhaseTimers(args.timing_log_level >= 1, device)
     engine.timers = timers
+    profiler = StepProfiler(args, dist.get_rank(), device)
     for it in range(start, start if args.skip_train else args.train_iters):
+        profiler.step_begin(it)
         with timers.phase("batch-generator"):
             batches = global_batch(train_ds, it, args, tokenizer.eod)
         batch_size = step_batch(it, args.rampup_batch_size, args.global_batch_size)[1]  # ramp-up: < global
@@ -353,7 +357,9 @@ def _run(args, on_step, collector) -> list[dict]:
                       f"checkpoint: {f'step {saved_at}' if saved_at else 'none this run'})", file=sys.stderr)
             sys.exit(1)
         dt = time.perf_counter() - t0
+        profiler.step_end(it)
         timers.step_done()
+        empty_unused_memory(args, device, 1)
         balance = moe_load_balancing_losses(args, len(batches))
         if balance is not None:
             out["moe_load_balancing_loss"] = sum(balance.values()) / len(balance)
@@ -388,6 +394,8 @@ def _run(args, on_step, collector) -> list[dict]:
             if args.log_params_norm:
                 out["params_norm"] = params_l2_norm(model)
                 extra += f"params norm {out['params_norm']:.3f} | "
+            if "num_zeros_in_grad" in out:
+                extra += f"num zeros {out['num_zeros_in_grad']} | "
             phase_ms = timers.report()
             if phase_ms:
                 out["timers_ms"] = phase_ms
@@ -402,7 +410,8 @@ def _run(args, on_step, collector) -> list[dict]:
                           f"attention skipped fwd {overall:.3f} bwd {out['acp_bwd_skipped']:.3f} "
                           f"(by layer: {' '.join(f'{v:.2f}' for v in skipped.values())})")
                 if scalars:
-                    for key in ("max_mem_gb", "params_norm", "dcp_kept", "dcp_alpha", "moe_load_balancing_loss") + (
+                    for key in ("max_mem_gb", "params_norm", "num_zeros_in_grad", "dcp_kept", "dcp_alpha",
+                                "moe_load_balancing_loss") + (
                             ("global_batch_size",) if args.rampup_batch_size else ()):
                         if key in out:
                             scalars.add_scalar(f"train/{key}", out[key], it + 1)
@@ -435,6 +444,7 @@ def _run(args, on_step, collector) -> list[dict]:
         if stop:
             stopped = it + 1 < args.train_iters  # cut short: no test pass (as Megatron-LM on exit)
             break
+    profiler.stop()  # training ended inside the window
     bar.close()
     if args.skip_train:  # the loaded model, evaluated at its step
         history.append({"step": start})

@@ -265,6 +265,22 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                          "--signal=TERM@300) save at the end of the current step and exit 0"),
     "exit_duration_in_mins": (float, None, "save and exit once training has run this many minutes"),
     "progress_bar": (bool, True, "tqdm progress bar on rank 0"),
+    "log_num_zeros_in_grad": (bool, False, "the number of zero entries in the gradients (before clipping, each "
+                                           "tensor-parallel shard counted once) in each log line and TensorBoard, "
+                                           "as Megatron-LM's"),
+    "tensorboard_queue_size": (int, 1000, "TensorBoard events held before a write (SummaryWriter's max_queue)"),
+    "empty_unused_memory_level": (int, 0, "CUDA caching allocator: 0 keeps freed blocks; 1 empties the cache after "
+                                          "each training step and evaluation pass; 2 also between a step's "
+                                          "forward-backward and its optimizer update (Megatron engine), as "
+                                          "Megatron-LM's levels"),
+    "profile": (bool, False, "profile the steps profile_step_start .. profile_step_end - 1 (0-based iterations) "
+                             "on profile_ranks: a CUDA profiler-API range for nsys --capture-range=cudaProfilerApi, "
+                             "or with use_pytorch_profiler a torch.profiler trace a rank in tensorboard_dir"),
+    "profile_step_start": (int, 10, "with profile: the first profiled iteration"),
+    "profile_step_end": (int, 12, "with profile: the iteration the profile stops before"),
+    "profile_ranks": (list, None, "with profile: the global ranks to profile (default 0)"),
+    "use_pytorch_profiler": (bool, False, "with profile: torch.profiler traces (CPU and CUDA activity) into "
+                                          "tensorboard_dir instead of an nsys range"),
     # Megatron-LM script flags with one meaning in this model: accepted with that value (so
     # existing launch scripts run), any other value stops naming the key (see _FIXED)
     "normalization": (str, "RMSNorm", "RMSNorm (the FoX-Pro model's)"),
@@ -306,6 +322,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "num_workers": (int, None, "accepted: samples are read in the training process"),
     "recompute_activations": (bool, None, "Megatron-LM's selective recompute: refused, as "
                                           "recompute_granularity selective"),
+    "dataloader_type": (str, "single", "single: each step takes the samples after the last step's, in order "
+                                       "(Megatron-LM's default sampler); cyclic and external are not built"),
+    "rerun_mode": (str, "disabled", "disabled: Megatron-Core's rerun state machine only validates (a non-finite "
+                                    "loss or gradient stops the run); its re-running modes are not built"),
+    "use_rotary_position_embeddings": (bool, None, "Megatron-LM's older flag: the same as position_embedding_type "
+                                                   "rope"),
+    "position_embedding": (bool, None, "Megatron-LM's older --no-position-embedding: accepted (FoX needs none); "
+                                       "--position-embedding (learned absolute) is refused"),
 }
 
 # what --use-checkpoint-args takes from a checkpoint: the keys that shape the model's weights
@@ -326,7 +350,8 @@ _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "
           "normalization": ("RMSNorm",), "position_embedding_type": ("none", "rope"), "swiglu": (True,),
           "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
           "attention_softmax_in_fp32": (True,), "calculate_per_token_loss": (True,),
-          "distributed_backend": (None, "nccl", "gloo")}
+          "distributed_backend": (None, "nccl", "gloo"), "dataloader_type": ("single",),
+          "rerun_mode": ("disabled",), "position_embedding": (None, False)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -798,6 +823,11 @@ def finalize(args: argparse.Namespace) -> None:
         if getattr(args, key) not in accepted:
             raise ConfigError(key, f"{getattr(args, key)!r}: not available in this FoX model "
                                    f"(accepted: {', '.join(repr(a) for a in accepted if a is not None)})")
+    if args.use_rotary_position_embeddings:
+        if getattr(args, "config_sources", {}).get("position_embedding_type") and args.position_embedding_type != "rope":
+            raise ConfigError("use_rotary_position_embeddings", f"contradicts position_embedding_type "
+                                                                f"{args.position_embedding_type!r}")
+        args.position_embedding_type = "rope"
     resolve_schedule(args)
     check_weight_decay_schedule(args)
     if args.num_query_groups is None:
@@ -911,7 +941,42 @@ def finalize(args: argparse.Namespace) -> None:
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
     check_scalar_logs(args)
+    check_profiling(args, world)
+    if args.empty_unused_memory_level not in (0, 1, 2):
+        raise ConfigError("empty_unused_memory_level", f"must be 0, 1 or 2, got {args.empty_unused_memory_level}")
+    if args.tensorboard_queue_size < 1:
+        raise ConfigError("tensorboard_queue_size", f"must be >= 1, got {args.tensorboard_queue_size}")
     check_deepspeed(args)
+
+
+def check_profiling(args: argparse.Namespace, world: int) -> None:
+    """--profile and its keys (Megatron-LM's): a window of iterations, ranks of this world, and
+    where each kind of profile can go."""
+    _check_needs(args, ("profile_step_start", "profile_step_end", "profile_ranks", "use_pytorch_profiler"),
+                 args.profile, "profile")
+    try:
+        args.profile_ranks = [0] if args.profile_ranks is None else [int(r) for r in args.profile_ranks]
+    except ValueError:
+        raise ConfigError("profile_ranks", f"must be integers, got {args.profile_ranks}") from None
+    if not args.profile:
+        return
+    if args.profile_step_start < 0:
+        raise ConfigError("profile_step_start", f"must be >= 0, got {args.profile_step_start}")
+    if args.profile_step_end <= args.profile_step_start:
+        raise ConfigError("profile_step_end", f"must be > profile_step_start ({args.profile_step_start}), got "
+                                              f"{args.profile_step_end}")
+    bad = [r for r in args.profile_ranks if not 0 <= r < world]
+    if bad:
+        raise ConfigError("profile_ranks", f"{bad} not ranks of this world of {world}")
+    if args.use_pytorch_profiler:
+        if not args.tensorboard_dir:
+            raise ConfigError("tensorboard_dir", "use_pytorch_profiler writes its traces there: give one")
+    else:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("profile", "without use_pytorch_profiler it marks a range for nsys through CUDA's "
+                                         "profiler API, which needs CUDA: add --use-pytorch-profiler on CPUs")
 
 
 def _check_needs(args: argparse.Namespace, keys: tuple[str, ...], present: bool, needed: str) -> None:
@@ -941,6 +1006,9 @@ def check_deepspeed(args: argparse.Namespace) -> None:
             raise ConfigError(key, "Megatron DDP's option; with deepspeed set overlap_comm in deepspeed_config")
     if not args.save_optim:
         raise ConfigError("save_optim", "the DeepSpeed engine always saves its optimizer partitions")
+    if args.log_num_zeros_in_grad:
+        raise ConfigError("log_num_zeros_in_grad", "not with the DeepSpeed engine (its ZeRO stages hold the "
+                                                   "gradients in their own partitions)")
     if args.deepspeed_config is not None:
         check_deepspeed_config(args.deepspeed_config)
     if importlib.util.find_spec("deepspeed") is None:

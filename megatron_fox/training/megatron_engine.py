@@ -29,7 +29,8 @@ from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
 from .arguments import unsaved_state
-from .step import check_finite, micro_batch_iterator, model_forward, set_context_pruning_penalty, set_lr_and_wd
+from .step import (check_finite, empty_unused_memory, micro_batch_iterator, model_forward,
+                   set_context_pruning_penalty, set_lr_and_wd)
 from .timers import NO_TIMERS
 
 
@@ -118,7 +119,8 @@ class MegatronEngine:
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, bf16=args.bf16,
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, use_distributed_optimizer=args.use_distributed_optimizer,
-            clip_grad=args.clip_grad, overlap_param_gather=args.overlap_param_gather)
+            clip_grad=args.clip_grad, overlap_param_gather=args.overlap_param_gather,
+            log_num_zeros_in_grad=args.log_num_zeros_in_grad)
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
@@ -166,14 +168,18 @@ class MegatronEngine:
         with self.timers.phase("forward-backward"):
             loss = self._run(batches, forward_only=False)
         check_finite(iteration, self.args, loss)  # before the update (DDP checks the gradients' NaNs)
+        empty_unused_memory(self.args, torch.device("cuda"), 2)
         with self.timers.phase("optimizer"):
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm, num_zeros = self.optimizer.step()
         if not ok:
             raise RuntimeError(f"optimizer step {iteration + 1} failed (non-finite gradients)")
         if self.args.overlap_param_gather and not self._hooks_on:
             self.model.enable_forward_pre_hook()  # the next forward gathers this update
             self._hooks_on = True
-        return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+        out = {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+        if self.args.log_num_zeros_in_grad and num_zeros is not None:
+            out["num_zeros_in_grad"] = int(num_zeros)
+        return out
 
     @contextlib.contextmanager
     def _params_synced(self):

@@ -17,7 +17,7 @@ class ScalarLog:
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(args.tensorboard_dir)
+            self._tensorboard = SummaryWriter(args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
         if args.wandb_project:
             import wandb
 

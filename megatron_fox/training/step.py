@@ -199,6 +199,12 @@ def moe_load_balancing_losses(args, micro_batches: int):
     return {i + 1: float(v) / micro_batches for i, v in enumerate(values.tolist()) if v != 0} or None
 
 
+def empty_unused_memory(args, device: torch.device, level: int) -> None:
+    """torch.cuda.empty_cache() where --empty-unused-memory-level is `level` or more (CUDA)."""
+    if device.type == "cuda" and args.empty_unused_memory_level >= level:
+        torch.cuda.empty_cache()
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack dataset samples into [b, s] tensors: tokens, labels, loss_mask, position_ids."""
     out = {}

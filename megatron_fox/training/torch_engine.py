@@ -69,12 +69,16 @@ class TorchEngine:
         with self.timers.phase("forward-backward"):
             loss_sum, tokens = self.gradients(batches)
         with self.timers.phase("optimizer"):
+            zeros = self._count_zeros() if self.args.log_num_zeros_in_grad else None
             grad_norm = self._clip_grads()
             loss = self._reduce_loss(loss_sum, tokens)
             check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
             lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults)
             self.optimizer.step()
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        out = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        if zeros is not None:
+            out["num_zeros_in_grad"] = zeros
+        return out
 
     def gradients(self, batches: list[dict]):
         """Fresh gradients of the global batch, summed over data/context-parallel ranks.
@@ -166,6 +170,19 @@ class TorchEngine:
         if self.args.expert_model_parallel_size > 1:  # the split experts: over TP x EP x PP
             dist.all_reduce(sq[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
         return sq.sum().sqrt().item()
+
+    def _count_zeros(self) -> int:
+        """Zero entries of the model's gradients, counted like `_grad_norm` (each tensor-parallel
+        shard once, the experts of every expert-parallel rank); a parameter without a gradient
+        counts none, as Megatron's count_zeros_fp32."""
+        n = torch.zeros(2, dtype=torch.int64, device=self.params[0].device)
+        for p in self.params:
+            if p.grad is not None and not _is_tp_duplicate(p):
+                n[int(is_split_expert(p))] += p.grad.numel() - torch.count_nonzero(p.grad)
+        dist.all_reduce(n[0], group=ps.get_model_parallel_group())
+        if self.args.expert_model_parallel_size > 1:
+            dist.all_reduce(n[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return int(n.sum())
 
     def _clip_grads(self) -> float:
         norm = self._grad_norm()

@@ -1,0 +1,66 @@
+"""Megatron-LM's step diagnostics on the CPU engine: --log-num-zeros-in-grad and --profile
+with --use-pytorch-profiler."""
+
+import json
+
+import pytest
+
+from .test_train import TINY, train
+
+UNTIED = ["--untie-embeddings-and-output-weights", "--train-iters", "3", "--log-interval", "1", "--num-query-groups",
+          "2", "--log-num-zeros-in-grad"]
+
+
+def test_num_zeros_in_grad_counts_unseen_embedding_rows_in_any_layout(cache, tmp_path):
+    """With untied embeddings, every vocabulary row no token of the step's global batch uses
+    has an exactly zero embedding gradient: the count is at least (vocab - tokens a step) *
+    hidden. TP=2 + SP and PP=2 (the embedding and the output layer on other ranks) count the
+    same as one process: each shard and stage once. The single run also profiles steps 1-2."""
+    tb = tmp_path / "tb"
+    single = train(tmp_path, "single", UNTIED + ["--profile", "--use-pytorch-profiler", "--profile-step-start", "1",
+                                                 "--profile-step-end", "3", "--tensorboard-dir", str(tb)])
+    tokens_a_step, hidden, vocab = 4 * 64, 64, 512
+    for h in single:
+        assert h["num_zeros_in_grad"] >= (vocab - tokens_a_step) * hidden, h
+    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                        ("pp2", ["--pipeline-model-parallel-size", "2"])):
+        multi = train(tmp_path, name, UNTIED + flags, world=2)
+        assert [h["num_zeros_in_grad"] for h in multi] == [h["num_zeros_in_grad"] for h in single], name
+    # the profiled window: iterations 1 and 2 (0-based), one trace of rank 0 with the model's ops
+    traces = sorted(tb.glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1, traces
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any(n.startswith("aten::") for n in names) and "Optimizer.step#AdamW.step" in names, sorted(names)[:20]
+    # two optimizer steps were recorded: the window's two iterations
+    assert sum(e.get("name") == "Optimizer.step#AdamW.step" for e in events) == 2
+
+
+@pytest.mark.parametrize("flags,key", [
+    (["--profile-step-start", "3"], "profile_step_start"),
+    (["--profile", "--use-pytorch-profiler"], "tensorboard_dir"),
+    (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "x", "--profile-step-end", "10"], "profile_step_end"),
+    (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "x", "--profile-ranks", "1"], "profile_ranks"),
+    (["--profile"], "profile"),  # an nsys range needs CUDA
+    (["--empty-unused-memory-level", "3"], "empty_unused_memory_level"),
+    (["--dataloader-type", "cyclic"], "dataloader_type"),
+    (["--rerun-mode", "validate_results"], "rerun_mode"),
+    (["--position-embedding"], "position_embedding"),
+    (["--use-rotary-position-embeddings", "--position-embedding-type", "none"], "use_rotary_position_embeddings"),
+])
+def test_megatron_lm_diagnostic_flags_refused_naming_the_key(flags, key):
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(TINY + flags)
+    assert e.value.key == key, str(e.value)
+
+
+def test_megatron_lm_older_and_default_flags_parse():
+    from megatron_fox.training.arguments import parse_args
+
+    args = parse_args(TINY + ["--use-rotary-position-embeddings", "--no-position-embedding", "--dataloader-type",
+                              "single", "--rerun-mode", "disabled", "--tensorboard-queue-size", "5",
+                              "--empty-unused-memory-level", "2"])
+    assert (args.position_embedding_type, args.tensorboard_queue_size, args.empty_unused_memory_level) == ("rope", 5, 2)
+    assert parse_args(TINY).profile_ranks == [0]
