@@ -332,6 +332,50 @@ def task_save(opts):
     write_latest(root, 5)
 
 
+def task_cli(opts):
+    """`python <script> args...` or `python -m <module> args...` (opts["argv"], what follows
+    the interpreter): sys.argv and sys.path[0] set as the interpreter sets them, the code run
+    as __main__."""
+    import runpy
+
+    argv = opts["argv"]
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]  # run_module puts the module's file in argv[0]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def run_python(argv: list, env: dict | None = None, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python *argv` in a process of its own, as subprocess.run(capture_output=True,
+    text=True) runs it: its exit code, stdout and stderr. Forked from the zygote (the
+    imports of torch and Megatron-Core done: ~10 s of CPU less a launch; the command's own
+    modules, megatron_fox and the tools, are imported fresh under env), else a fresh
+    interpreter. env defaults to tool_env()."""
+    import tempfile
+
+    env = tool_env() if env is None else env
+    cwd = os.getcwd() if cwd is None else str(cwd)
+    zygote = _zygote()
+    if zygote is None:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=cwd,
+                              timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="mf_cli_") as logs:
+        out, err = os.path.join(logs, "stdout"), os.path.join(logs, "stderr")
+        proc = zygote.start([__file__, "cli", json.dumps({"argv": [str(a) for a in argv]})], env, err, out=out,
+                            cwd=cwd)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        with open(out) as f_out, open(err) as f_err:
+            return subprocess.CompletedProcess([sys.executable, *argv], code, f_out.read(), f_err.read())
+
+
 def sigterm_at_step(cmd, step, env, cwd):
     """Run cmd, send SIGTERM once its log shows `step`, wait: (process, all its output)."""
     import re
@@ -442,8 +486,8 @@ class _Zygote:
         self.exits[int(pid)] = int(code[0])
         return None
 
-    def start(self, argv: list, env: dict, err: str) -> "_Forked":
-        self._send({"argv": argv, "env": env, "err": err, "cwd": os.getcwd()})
+    def start(self, argv: list, env: dict, err: str, out: str | None = None, cwd: str | None = None) -> "_Forked":
+        self._send({"argv": argv, "env": env, "err": err, "out": out, "cwd": cwd or os.getcwd()})
         while (pid := self._reply(60)) is None:  # exits of earlier workers may come first
             pass
         return _Forked(self, pid)
@@ -510,7 +554,7 @@ def _zygote() -> _Zygote | None:
 
 
 def _zygote_main() -> None:
-    """The zygote's loop: a request (one JSON line: argv, env, err, cwd) forks a worker
+    """The zygote's loop: a request (one JSON line: argv, env, err, out, cwd) forks a worker
     and answers "pid <pid>"; a finished worker is reported as "exit <pid> <code>"."""
     import megatron.core.dist_checkpointing  # noqa: F401  the imports every worker shares
     import megatron.core.models.gpt  # noqa: F401
@@ -554,8 +598,9 @@ def _forked_worker(request: dict) -> None:
         os.chdir(request["cwd"])
         null = os.open(os.devnull, os.O_RDWR)
         err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if request.get("out") else null
         os.dup2(null, 0)
-        os.dup2(null, 1)
+        os.dup2(out, 1)
         os.dup2(err, 2)
         # a PYTHONPATH the zygote did not start with (a test's stand-in package) goes first
         added = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
