@@ -8,6 +8,7 @@ engine (gloo). Launch several processes with torchrun (see launch/).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -297,6 +298,7 @@ def _run(args, on_step, collector) -> list[dict]:
     from .training.flops import matmul_weight_elements, params_l2_norm, step_flops
     from .training.scalars import ScalarLog
     from .training.profiling import StepProfiler
+    from .training.replica_check import check_weight_replicas
     from .training.timers import PhaseTimers
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
@@ -426,6 +428,10 @@ def _run(args, on_step, collector) -> list[dict]:
                         scalars.add_scalar(f"fox/gate_half_life_layer_{layer:02d}", value, it + 1)
                     for layer, value in out.get("moe_load_balancing_loss_by_layer", {}).items():
                         scalars.add_scalar(f"moe/load_balancing_loss_layer_{layer:02d}", value, it + 1)
+        if args.check_weight_hash_across_dp_replicas_interval and \
+                (it + 1) % args.check_weight_hash_across_dp_replicas_interval == 0:
+            with getattr(engine, "params_synced", contextlib.nullcontext)():
+                check_weight_replicas(model, it + 1, device)
         collector.after_step(it + 1)
         # validation every eval_interval steps and after the last one (as Megatron-LM at the end)
         last = it + 1 == args.train_iters

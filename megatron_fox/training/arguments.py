@@ -268,6 +268,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "log_num_zeros_in_grad": (bool, False, "the number of zero entries in the gradients (before clipping, each "
                                            "tensor-parallel shard counted once) in each log line and TensorBoard, "
                                            "as Megatron-LM's"),
+    "check_weight_hash_across_dp_replicas_interval": (int, None, "every N steps compare a hash of each weight "
+                                                                 "across the data-parallel replicas and stop the "
+                                                                 "run naming those that differ, as Megatron-LM's"),
     "tensorboard_queue_size": (int, 1000, "TensorBoard events held before a write (SummaryWriter's max_queue)"),
     "empty_unused_memory_level": (int, 0, "CUDA caching allocator: 0 keeps freed blocks; 1 empties the cache after "
                                           "each training step and evaluation pass; 2 also between a step's "
@@ -944,6 +947,9 @@ def finalize(args: argparse.Namespace) -> None:
     check_profiling(args, world)
     if args.empty_unused_memory_level not in (0, 1, 2):
         raise ConfigError("empty_unused_memory_level", f"must be 0, 1 or 2, got {args.empty_unused_memory_level}")
+    interval = args.check_weight_hash_across_dp_replicas_interval
+    if interval is not None and interval < 1:
+        raise ConfigError("check_weight_hash_across_dp_replicas_interval", f"must be >= 1, got {interval}")
     if args.tensorboard_queue_size < 1:
         raise ConfigError("tensorboard_queue_size", f"must be >= 1, got {args.tensorboard_queue_size}")
     check_deepspeed(args)
@@ -1006,6 +1012,9 @@ def check_deepspeed(args: argparse.Namespace) -> None:
             raise ConfigError(key, "Megatron DDP's option; with deepspeed set overlap_comm in deepspeed_config")
     if not args.save_optim:
         raise ConfigError("save_optim", "the DeepSpeed engine always saves its optimizer partitions")
+    if args.check_weight_hash_across_dp_replicas_interval and args.zero_stage == 3:
+        raise ConfigError("check_weight_hash_across_dp_replicas_interval", "not with zero_stage 3 (each rank holds "
+                                                                           "only its partition of the weights)")
     if args.log_num_zeros_in_grad:
         raise ConfigError("log_num_zeros_in_grad", "not with the DeepSpeed engine (its ZeRO stages hold the "
                                                    "gradients in their own partitions)")

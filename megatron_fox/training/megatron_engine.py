@@ -182,7 +182,7 @@ class MegatronEngine:
         return out
 
     @contextlib.contextmanager
-    def _params_synced(self):
+    def params_synced(self):
         """With overlap_param_gather the last update is gathered only by the next training
         forward: finish the gather now and keep the hooks off until the block ends."""
         if not self._hooks_on:
@@ -197,7 +197,7 @@ class MegatronEngine:
     @torch.no_grad()
     def eval_step(self, batches: list[dict]) -> float:
         self.model.eval()
-        with self._params_synced():
+        with self.params_synced():
             return self._run(batches, forward_only=True)
 
     # --- checkpoints (dist_checkpointing, torch_dist format) ------------------------------
@@ -221,7 +221,7 @@ class MegatronEngine:
         return "fully_reshardable" if len(layout) <= 1 else "dp_reshardable"
 
     def save(self, root: str, iteration: int) -> None:
-        with self._params_synced():
+        with self.params_synced():
             self._save(root, iteration)
 
     def _save(self, root: str, iteration: int) -> None:
