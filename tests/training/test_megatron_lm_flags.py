@@ -21,7 +21,9 @@ MEGATRON_LM_SCRIPT = """
 --log-validation-ppl-to-tensorboard --log-memory-to-tensorboard --log-timers-to-tensorboard --timing-log-level 0
 --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
 --no-gradient-accumulation-fusion --num-workers 2 --tensorboard-log-interval 5 --distributed-timeout-minutes 20
---eod-mask-loss --calculate-per-token-loss
+--eod-mask-loss --calculate-per-token-loss --dataloader-type single --tensorboard-queue-size 1000
+--log-num-zeros-in-grad --check-weight-hash-across-dp-replicas-interval 20 --empty-unused-memory-level 0
+--rerun-mode disabled
 """.split()
 
 
@@ -30,7 +32,8 @@ def test_megatron_lm_script_parses():
     assert (args.num_query_groups, args.train_iters, args.lr_warmup_iters) == (4, 2000, 20)
     assert args.overlap_param_gather and args.bf16 and args.position_embedding_type == "none"
     assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
-    assert args.eod_mask_loss
+    assert args.eod_mask_loss and args.log_num_zeros_in_grad
+    assert (args.check_weight_hash_across_dp_replicas_interval, args.tensorboard_queue_size) == (20, 1000)
     # the experts' tensor parallelism equal to the dense layers' (Megatron-LM's default) is what runs here
     assert parse_args(MEGATRON_LM_SCRIPT + ["--expert-tensor-parallel-size", "1"]).expert_tensor_parallel_size == 1
 
