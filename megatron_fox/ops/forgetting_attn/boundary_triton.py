@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import doc_batch_stride
+
 
 @triton.jit
 def _max_combine(a, b):
@@ -121,7 +123,7 @@ def block_boundaries(c_q: torch.Tensor, c_k: torch.Tensor, delta: Optional[torch
     block_boundary_kernel[(B * H,)](
         c_q, c_k, dsrc, doc if doc is not None else out, reach, out, T, H, nbm, nbn, search,
         c_q.stride(0), c_q.stride(1), c_k.stride(0), c_k.stride(1), *ds,
-        doc.stride(0) if doc is not None and doc.dim() == 2 else 0,
+        doc_batch_stride(doc, B),
         BLOCK_M=block_m, BLOCK_N=block_n, NB_P2=nb_p2, DELTA_DIM=ddim, HAS_DOC=doc is not None, END=end,
         num_warps=4 if nb_p2 <= 512 else 8,
     )

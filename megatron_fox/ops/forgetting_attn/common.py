@@ -215,6 +215,20 @@ def check_batch_offsets(cu_seqlens: torch.Tensor, B: int, T: int) -> None:
         _raise_offset_errors(torch.stack(_offset_flags(cu_seqlens, B * T, sample_len)).tolist(), B * T, sample_len)
 
 
+def doc_batch_stride(doc_map: Optional[torch.Tensor], B: int) -> int:
+    """The kernels' batch stride of a document map (doc_start or doc_end): 0 for one map [T]
+    or [1, T] shared by the B batch rows (a packed row), T for a map per row [B, T]
+    (contiguous). ValueError for any other row count: the kernels would read past the map."""
+    if doc_map is None or doc_map.dim() == 1 or doc_map.shape[0] == 1:
+        return 0
+    if doc_map.shape[0] != B:
+        raise ValueError(f"document maps [B, T] need one row per batch row ({B}) or one for all, got shape "
+                         f"{tuple(doc_map.shape)}")
+    if doc_map.stride(-1) != 1 or doc_map.stride(0) != doc_map.shape[-1]:
+        raise ValueError(f"document maps [B, T] must be contiguous, got strides {doc_map.stride()}")
+    return doc_map.shape[-1]
+
+
 @memo_on_first_tensor
 def document_maps(cu_seqlens: Optional[torch.Tensor], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token document start and (exclusive) end, int32 [T] each."""

@@ -16,6 +16,7 @@ from .common import (
     AttentionStats,
     check_backward_pruning,
     check_inputs,
+    doc_batch_stride,
     forget_prefix_sums,
     segmented_reverse_cumsum,
 )
@@ -99,22 +100,12 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
         cq_kern, _prefix_source(tma, ck_kern, tile.block_n), start,
         plan.doc_start if plan.doc_start is not None else dummy, o, lse2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        T, H, nbm, plan.sm_scale * LOG2E, _doc_batch_stride(plan.doc_start),
+        T, H, nbm, plan.sm_scale * LOG2E, doc_batch_stride(plan.doc_start, B),
         GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
         VARLEN=plan.doc_start is not None, DOT_PREC=_dot_precision(q), CAUSAL=causal, TMA=tma,
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return o, lse2, start
-
-
-def _doc_batch_stride(doc_map) -> int:
-    """The kernels' batch stride of the document maps: 0 for one map [T] shared by the batch
-    (a packed row), T for a map per batch row [B, T] (contiguous)."""
-    if doc_map is None or doc_map.dim() == 1:
-        return 0
-    if doc_map.stride(-1) != 1 or (doc_map.shape[0] > 1 and doc_map.stride(0) != doc_map.shape[-1]):
-        raise ValueError(f"document maps [B, T] must be contiguous, got strides {doc_map.stride()}")
-    return doc_map.shape[-1]
 
 
 def _dot_precision(q):
@@ -167,7 +158,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
         ck_kern, row, dlt, end, doc_start, doc_end, dk, dv, dcol,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        T, H, nbn, qk_scale, plan.sm_scale, _doc_batch_stride(plan.doc_start),
+        T, H, nbn, qk_scale, plan.sm_scale, doc_batch_stride(plan.doc_start, B),
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
         CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
@@ -183,7 +174,7 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         *_tiles(tma, (q, t.block_m), (k, t.block_n), (v, t.block_n), (do, t.block_m)),
         cq_kern, _prefix_source(tma, ck_kern, t.block_n), row, dlt, start, plan.doc_start if varlen else start, dq, drow,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        T, H, nbm, qk_scale, plan.sm_scale, _doc_batch_stride(plan.doc_start),
+        T, H, nbm, qk_scale, plan.sm_scale, doc_batch_stride(plan.doc_start, B),
         GROUP=group, HEAD_DIM=D, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=varlen, DOT_PREC=prec,
         CAUSAL=causal, TMA=tma, num_warps=t.num_warps, num_stages=t.num_stages,
     )
