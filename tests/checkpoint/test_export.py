@@ -4,14 +4,13 @@ built whole (the initial weights are drawn per full-model name, so any layout gi
 same model; the saved one is scaled per name, so an export of the initial weights fails)."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-from workers import ROOT, launch, model_flags, tool_env  # noqa: E402
+from workers import ROOT, launch, model_flags, run_python  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt", ["files", "dist"])
@@ -22,9 +21,8 @@ def test_export_equals_the_whole_model(fmt, tmp_path):
     outs = {}
     for name in ("whole", "ckpt"):
         out = tmp_path / f"{name}.pt"
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                            "--input", str(tmp_path / name), "--output", str(out), *flags],
-                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        r = run_python([os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron", "--input",
+                        str(tmp_path / name), "--output", str(out), *flags], cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[name] = torch.load(out)
     whole, exported = outs["whole"], outs["ckpt"]
@@ -34,12 +32,11 @@ def test_export_equals_the_whole_model(fmt, tmp_path):
 
 
 def test_export_errors(tmp_path):
-    tool = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-            "--output", str(tmp_path / "x.pt"), *model_flags({})]
-    r = subprocess.run(tool + ["--input", str(tmp_path)], capture_output=True, text=True, env=tool_env(), timeout=120)
+    tool = [os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron", "--output", str(tmp_path / "x.pt"),
+            *model_flags({})]
+    r = run_python(tool + ["--input", str(tmp_path)], timeout=120)
     assert r.returncode == 2 and "latest_checkpointed_iteration" in r.stderr
     launch("save", 2, {"seed": 7, "format": "files", "root": str(tmp_path / "ckpt"), "tp": 2})
     os.remove(tmp_path / "ckpt" / "iter_0000005" / "mp_rank_01_000.pt")
-    r = subprocess.run(tool + ["--input", str(tmp_path / "ckpt")], capture_output=True, text=True, env=tool_env(),
-                       timeout=120)
+    r = run_python(tool + ["--input", str(tmp_path / "ckpt")], timeout=120)
     assert r.returncode == 2 and "(1, 0)" in r.stderr, r.stderr[-2000:]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
-from workers import ROOT, tool_env  # noqa: E402
+from workers import ROOT, run_python, tool_env  # noqa: E402
 
 
 def test_bench_cp_multi_process_check(tmp_path):
@@ -35,9 +35,9 @@ def test_bench_cp_multi_process_check(tmp_path):
 def test_bench_cp_a2a_split_balances_heads(tmp_path):
     """--a2a-split: every rank's heads timed; their sum is close to the whole op's time."""
     out = tmp_path / "split.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_cp.py"), "--a2a-split", "--device", "cpu",
-                          "--lengths", "64", "--heads", "4", "--head-dim", "16", "--cp", "2", "--json", str(out)],
-                         capture_output=True, text=True, env=dict(tool_env(), TRITON_INTERPRET="1"), timeout=900)
+    run = run_python([os.path.join(ROOT, "tools", "bench_cp.py"), "--a2a-split", "--device", "cpu", "--lengths", "64",
+                      "--heads", "4", "--head-dim", "16", "--cp", "2", "--json", str(out)],
+                     env=dict(tool_env(), TRITON_INTERPRET="1"), timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["cp"] == 2 and len(row["per_rank_ms"]) == 2 and all(t > 0 for t in row["per_rank_ms"])

@@ -8,8 +8,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import unicodedata
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 
 from megatron_fox.training.bpe import EOD_TOKEN, GPT2BPETokenizer, byte_symbols, pretokenize
 
-from .workers import ROOT, tool_env
+from .workers import ROOT, run_python, tool_env
 
 ALPHABET = list("abcXYZ019 .,!?-'_") + ["  ", "\n", "\t", "'s", "'re", "'ll", " 's", "é", "ß", "中文", "٣",
                                           "²", "Ⅻ", "🙂", "\u00a0", "\u3000", "\r\n", "$"]
@@ -151,24 +149,21 @@ def test_preprocess_and_train_with_gpt2_bpe(toy_files, tmp_path):
                      range(rng.randint(20, 60))) for _ in range(300)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
     flags = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab_file, "--merge-file", merge_file]
-    pre = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
-                          str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / "bpe"), "--append-eod",
-                          "--workers", "2", *flags], capture_output=True, text=True, env=tool_env(), timeout=300)
+    pre = run_python([os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", str(tmp_path / "d.jsonl"),
+                      "--output-prefix", str(tmp_path / "bpe"), "--append-eod", "--workers", "2", *flags])
     assert pre.returncode == 0, pre.stderr[-2000:]
     ds = IndexedDataset(str(tmp_path / "bpe_text_document"))
     for i in (0, 17, 299):
         assert ds[i].tolist() == tok.tokenize(docs[i]) + [tok.eod]
-    train = subprocess.run([sys.executable, "-m", "megatron_fox.train", "--num-layers", "2", "--hidden-size", "64",
-                            "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "4",
-                            "--global-batch-size", "8", "--train-iters", "30", "--lr", "3e-3", "--device", "cpu",
-                            "--no-progress-bar", "--log-interval", "30", "--split", "100,0,0",
-                            "--data-path", str(tmp_path / "bpe_text_document"), *flags],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                           env=dict(tool_env(), TRITON_INTERPRET="0"))  # the plain-PyTorch attention
+    train = run_python(["-m", "megatron_fox.train", "--num-layers", "2", "--hidden-size", "64",
+                        "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "4",
+                        "--global-batch-size", "8", "--train-iters", "30", "--lr", "3e-3", "--device", "cpu",
+                        "--no-progress-bar", "--log-interval", "30", "--split", "100,0,0",
+                        "--data-path", str(tmp_path / "bpe_text_document"), *flags],
+                       cwd=tmp_path, timeout=600, env=dict(tool_env(), TRITON_INTERPRET="0"))  # plain attention
     assert train.returncode == 0, train.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"\| loss ([\d.]+)", train.stdout)]
     assert losses and losses[-1] < torch.log(torch.tensor(float(tok.vocab_size))).item() - 1.0, train.stdout[-2000:]
-    no_files = subprocess.run([sys.executable, "-m", "megatron_fox.train", "--tokenizer-type", "GPT2BPETokenizer",
-                               "--data-path", str(tmp_path / "bpe_text_document")],
-                              capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=120)
+    no_files = run_python(["-m", "megatron_fox.train", "--tokenizer-type", "GPT2BPETokenizer", "--data-path",
+                           str(tmp_path / "bpe_text_document")], cwd=tmp_path, timeout=120)
     assert no_files.returncode == 2 and "'vocab_file'" in no_files.stderr

@@ -4,15 +4,13 @@ DP=2, TP=2 and CP=2; it resumes exactly; its flags fail naming the key."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_fox.training.arguments import ConfigError, parse_args
 
 from .test_train import TINY, _run_cli, train
-from .workers import ROOT, tool_env
+from .workers import ROOT, run_python
 
 pytest.importorskip("deepspeed")
 
@@ -106,13 +104,11 @@ def test_resume_matches_uninterrupted_and_generate_reads_it(cache, tmp_path):
     for a, b in zip(full[3:], rest):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
     # the tools load the weights through the same engine; ZeRO-3's partitioned weights they refuse
-    gen = [sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, *COMMON, "--load", str(ckpt),
-           "--prompt", "def ", "--max-new-tokens", "3", "--deepspeed"]
-    r = subprocess.run(gen + ["--zero-stage", "2"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
-                       timeout=300)
+    gen = [os.path.join(ROOT, "tools", "generate.py"), *TINY, *COMMON, "--load", str(ckpt), "--prompt", "def ",
+           "--max-new-tokens", "3", "--deepspeed"]
+    r = run_python(gen + ["--zero-stage", "2"], cwd=tmp_path)
     assert r.returncode == 0 and "checkpoint step 3;" in r.stderr, r.stderr[-1500:]
-    r = subprocess.run(gen + ["--zero-stage", "3"], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
-                       timeout=300)
+    r = run_python(gen + ["--zero-stage", "3"], cwd=tmp_path)
     assert r.returncode == 2 and "'zero_stage'" in r.stderr, r.stderr[-1500:]
 
 
@@ -129,9 +125,8 @@ def test_export_of_a_tp2_checkpoint_equals_the_plain_engines(cache, tmp_path):
                         ("zero3", ["--deepspeed", "--zero-stage", "3"])):
         train(tmp_path, name, flags + extra + ["--save", str(tmp_path / name)], world=2)
         out = tmp_path / f"{name}.pt"
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                            "--input", str(tmp_path / name), "--output", str(out), *TINY, "--num-query-groups", "2"],
-                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        r = run_python([os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron", "--input",
+                        str(tmp_path / name), "--output", str(out), *TINY, "--num-query-groups", "2"], cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-1500:]
         exported[name] = torch.load(out)
     # ZeRO-3 trains with its own gradient reductions: float32 rounding left the embedding
@@ -161,9 +156,8 @@ def test_export_of_a_bf16_zero3_checkpoint(cache, tmp_path):
     hist = train(tmp_path, "zero3", flags + ["--deepspeed", "--zero-stage", "3", "--save", str(ckpt)])
     assert list((ckpt / "iter_0000004").glob("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     out = tmp_path / "zero3.pt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                        "--input", str(ckpt), "--output", str(out), *TINY],
-                       capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+    r = run_python([os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron", "--input", str(ckpt),
+                    "--output", str(out), *TINY], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-1500:]
     ev = train(tmp_path, "eval", flags + ["--pretrained-checkpoint", str(out), "--skip-train"])
     print("zero3", hist[-1]["valid_loss"], "export", ev[0]["valid_loss"])
@@ -181,9 +175,8 @@ def test_export_gathers_zero3_data_parallel_partitions(cache, tmp_path):
         ckpt = tmp_path / f"zero{stage}"
         train(tmp_path, f"zero{stage}", flags + ["--deepspeed", "--zero-stage", stage, "--save", str(ckpt)], world=2)
         out = tmp_path / f"zero{stage}.pt"
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                            "--input", str(ckpt), "--output", str(out), *TINY, "--num-query-groups", "2"],
-                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        r = run_python([os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron", "--input", str(ckpt),
+                        "--output", str(out), *TINY, "--num-query-groups", "2"], cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-1500:]
         exported[stage] = torch.load(out)
     assert len(list((tmp_path / "zero3" / "iter_0000002").glob("zero_pp_rank_*_optim_states.pt"))) == 2

@@ -470,15 +470,9 @@ def test_bad_keys_are_named(flags, key, monkeypatch):
 
 
 def test_alltoall_dispatcher_needs_cuda_and_public_format_is_dense(tmp_path):
-    import subprocess
-    import sys
-
-    from .test_train import TINY, _run_cli
-    from .workers import ROOT, tool_env
+    from .test_train import TINY, _run_cli, _tool
 
     r = _run_cli(TINY + MOE + ["--train-iters", "1", "--moe-token-dispatcher-type", "alltoall"], tmp_path)
     assert r.returncode == 2 and "'moe_token_dispatcher_type'" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-public",
-                        "--input", "moe.pt", "--output", "out.bin", *TINY, *MOE], capture_output=True, text=True,
-                       env=tool_env(), cwd=tmp_path, timeout=300)
+    r = _tool(tmp_path, "convert_checkpoint.py", "to-public", "--input", "moe.pt", "--output", "out.bin", *TINY, *MOE)
     assert r.returncode == 2 and "num_experts: the public FoX format holds dense MLPs" in r.stderr, r.stderr[-2000:]

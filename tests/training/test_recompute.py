@@ -2,7 +2,6 @@
 each layer's forward runs again in the backward, and the gradients are those of the run
 that keeps every activation."""
 
-import pytest
 import torch
 
 from megatron_fox.training.cpu_compat import route_megatron_buffers_to_cpu
@@ -36,17 +35,20 @@ def _run(flags, weights=None, pruning=None):
     return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}, len(calls), model.state_dict()
 
 
-@pytest.mark.parametrize("method,n,expected_calls", [("uniform", 1, 8), ("uniform", 2, 8), ("block", 3, 7)])
-def test_recompute_repeats_forwards_and_keeps_gradients(megatron_world, method, n, expected_calls):
+def test_recompute_repeats_forwards_and_keeps_gradients(megatron_world):
+    """Each recompute layout (uniform chunks of 1 and 2 layers, the first 3 layers as a
+    block) against one run that keeps every activation, from the same weights (one
+    reference run for the three: the interpreter's attention is most of the time)."""
     route_megatron_buffers_to_cpu()
     loss, grads, calls, weights = _run([])
     assert calls == 4
-    loss_r, grads_r, calls_r, _ = _run(["--recompute-granularity", "full", "--recompute-method", method,
-                                       "--recompute-num-layers", str(n)], weights)
-    assert calls_r == expected_calls  # block: the first 3 layers run twice, the last one once
-    assert loss_r == loss
-    for name, g in grads.items():
-        torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for method, n, expected_calls in (("uniform", 1, 8), ("uniform", 2, 8), ("block", 3, 7)):
+        loss_r, grads_r, calls_r, _ = _run(["--recompute-granularity", "full", "--recompute-method", method,
+                                           "--recompute-num-layers", str(n)], weights)
+        assert calls_r == expected_calls, (method, n)  # block: the first 3 layers run twice, the last one once
+        assert loss_r == loss, (method, n)
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7, msg=f"{method} {n}: {name}")
 
 
 def test_recompute_with_context_pruning_keeps_penalty_gradients(megatron_world):

@@ -8,13 +8,20 @@ import sys
 import pytest
 import torch
 
-from .workers import ROOT, free_port, launch, sigterm_at_step, tool_env
+from .workers import ROOT, free_port, launch, run_python, sigterm_at_step, tool_env
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
         "--lr-warmup-iters", "5", "--log-interval", "10", "--no-progress-bar", "--device", "cpu",
         "--default-corpus-bytes", "400000", "--default-vocab-size", "512", "--split", "100,0,0",
         "--make-vocab-size-divisible-by", "64"]
+
+
+# the plain-PyTorch attention (no Triton interpreter: ~15 s a step less) for command-line runs
+# whose attention only feeds what the test checks (a checkpoint, the trainer's own logic); the
+# kernels are checked against the reference in tests/ops and tests/parallel, and the tools'
+# evaluations below (generate --check, eval_positions) still run them
+PLAIN = {"TRITON_INTERPRET": "0"}
 
 
 def train(tmp_path, name, flags, world=1):
@@ -171,17 +178,22 @@ def test_two_process_training_matches_single(cache, tmp_path, flags):
         assert a["model_flops"] == b["model_flops"] > 0
 
 
-def _run_cli(args, tmp_path):
-    env = tool_env()
-    return subprocess.run([sys.executable, "-m", "megatron_fox.train", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+def _run_cli(args, tmp_path, **env):
+    """`python -m megatron_fox.train args` in a process of its own (forked: workers.run_python),
+    tool_env() updated by env."""
+    return run_python(["-m", "megatron_fox.train", *args], env=dict(tool_env(), **env), cwd=tmp_path, timeout=120)
 
 
-def _ok(tmp_path, tool, *args) -> str:
-    """Run tools/<tool> (or the trainer for tool "train") in a subprocess; its stdout, exit 0 asserted."""
+def _tool(tmp_path, tool, *args, **env):
+    """tools/<tool> args in a process of its own, as _run_cli."""
+    return run_python([os.path.join(ROOT, "tools", tool), *args], env=dict(tool_env(), **env), cwd=tmp_path,
+                      timeout=300)
+
+
+def _ok(tmp_path, tool, *args, **env) -> str:
+    """Run tools/<tool> (or the trainer for tool "train") in a process of its own; its stdout, exit 0 asserted."""
     cmd = ["-m", "megatron_fox.train"] if tool == "train" else [os.path.join(ROOT, "tools", tool)]
-    r = subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
-                       timeout=300)
+    r = run_python([*cmd, *args], env=dict(tool_env(), **env), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -225,9 +237,12 @@ def test_bad_config_exits_2_naming_key(args, key, tmp_path):
 
 
 def test_unknown_yaml_key_exits_2(tmp_path):
+    """A fresh interpreter (not forked, as _run_cli is: nothing its imports print is left out
+    of stderr): one line naming the key, exit 2."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("num_layers: 2\nnum_layers_typo: 3\n")
-    r = _run_cli(["--config", str(cfg)], tmp_path)
+    r = subprocess.run([sys.executable, "-m", "megatron_fox.train", "--config", str(cfg)], capture_output=True,
+                       text=True, env=tool_env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "'num_layers_typo'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -256,16 +271,14 @@ def test_transformer_baseline_trains_alike_over_tp_and_cp(cache, tmp_path):
             assert a["loss"] == pytest.approx(b["loss"], rel=2e-4), (name, a["step"], a["loss"], b["loss"])
     # cached decoding and the public FoX format are FoX's: both refuse the baseline, naming the key
     ckpt = tmp_path / "ckpt"
-    _ok(tmp_path, "train", *TINY, *common[2:], "--train-iters", "1", "--save", str(ckpt))
+    _ok(tmp_path, "train", *TINY, *common[2:], "--train-iters", "1", "--save", str(ckpt), **PLAIN)
     for tool, args in (("generate.py", ["--load", str(ckpt), "--prompt", "def "]),
                        ("convert_checkpoint.py", ["to-public", "--input", str(ckpt / "x.pt"),
                                                   "--output", str(tmp_path / "y.pt")])):
-        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args, *TINY, *common[2:]],
-                           capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+        r = _tool(tmp_path, tool, *args, *TINY, *common[2:])
         assert r.returncode == 2 and "fox_forget_gate" in r.stderr, (tool, r.stderr[-1500:])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-public", "--input",
-                        str(ckpt / "x.pt"), "--output", str(tmp_path / "y.pt"), *TINY, "--fox-forget-gate-type", "alibi"],
-                       capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
+    r = _tool(tmp_path, "convert_checkpoint.py", "to-public", "--input", str(ckpt / "x.pt"), "--output",
+              str(tmp_path / "y.pt"), *TINY, "--fox-forget-gate-type", "alibi")
     assert r.returncode == 2 and "fox_forget_gate_type" in r.stderr, r.stderr[-1500:]
 
 
@@ -314,20 +327,18 @@ def test_timing_log_level_reports_phases(cache, tmp_path):
 
 
 def test_generate_cli_loads_a_trained_checkpoint(tmp_path, cache):
+    """tools/generate.py on a checkpoint of 3 steps (trained with the plain attention): it
+    generates from the prompt, and --check (cached decoding against the full forward, both
+    through the kernels) passes; a bad --max-length exits 2."""
     ckpt = tmp_path / "ckpt"
-    env = tool_env()
-    trained = subprocess.run([sys.executable, "-m", "megatron_fox.train", *TINY, "--train-iters", "3", "--save",
-                              str(ckpt)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
-                          "--prompt", "def main(", "--max-new-tokens", "8", "--evict-log-eps", "-10", "--check"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    _ok(tmp_path, "train", *TINY, "--train-iters", "3", "--save", str(ckpt), **PLAIN)
+    gen = _tool(tmp_path, "generate.py", *TINY, "--load", str(ckpt), "--prompt", "def main(", "--max-new-tokens", "8",
+                "--evict-log-eps", "-10", "--check")
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("def main(")
     assert "checkpoint step 3" in gen.stderr and "cached keys per layer" in gen.stderr and "[check:" in gen.stderr
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(ckpt),
-                          "--prompt", "x", "--max-new-tokens", "8", "--max-length", "0"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    bad = _tool(tmp_path, "generate.py", *TINY, "--load", str(ckpt), "--prompt", "x", "--max-new-tokens", "8",
+                "--max-length", "0")
     assert bad.returncode == 2 and "max_length" in bad.stderr
 
 
@@ -341,23 +352,15 @@ def test_convert_then_train_from_pretrained_checkpoint(tmp_path, cache):
     public = random_public_state(shared_qk_norm=True, vocab=512)
     torch.save(public, tmp_path / "pytorch_model.bin")
     model_flags = [*TINY, "--untie-embeddings-and-output-weights", "--ffn-hidden-size", "96"]
-    env = tool_env()
-    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-public",
-                           "--input", str(tmp_path), "--output", str(tmp_path / "fox.pt"), *model_flags],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert conv.returncode == 0, conv.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-m", "megatron_fox.train", *model_flags, "--pretrained-checkpoint",
-                          str(tmp_path / "fox.pt"), "--train-iters", "1", "--lr", "0", "--min-lr", "0",
-                          "--save", str(tmp_path / "ckpt")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _ok(tmp_path, "convert_checkpoint.py", "from-public", "--input", str(tmp_path), "--output", str(tmp_path / "fox.pt"),
+        *model_flags)
+    _ok(tmp_path, "train", *model_flags, "--pretrained-checkpoint", str(tmp_path / "fox.pt"), "--train-iters", "1",
+        "--lr", "0", "--min-lr", "0", "--save", str(tmp_path / "ckpt"), **PLAIN)
     saved = torch.load(tmp_path / "ckpt" / "iter_0000001" / "mp_rank_00_000.pt", weights_only=False)["model"]
     expected = from_public_fox(public, FoxLayout(2, 4, 4, 16, tied=False))
     for name, t in expected.items():
         assert torch.equal(saved[name], t), name
-    bad = subprocess.run([sys.executable, "-m", "megatron_fox.train", *TINY, "--pretrained-checkpoint",
-                          str(tmp_path / "fox.pt"), "--train-iters", "1"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    bad = _run_cli([*TINY, "--pretrained-checkpoint", str(tmp_path / "fox.pt"), "--train-iters", "1"], tmp_path)
     assert bad.returncode == 2 and "pretrained_checkpoint" in bad.stderr
 
 
@@ -371,13 +374,13 @@ def test_non_finite_loss_or_gradient_stops_the_run(cache, tmp_path, engine):
         pytest.importorskip("deepspeed")
     flags = [*TINY, *engine, "--train-iters", "2", "--init-method-std", "1e30", "--save", str(tmp_path / "ck"),
              "--save-interval", "1"]
-    r = _run_cli(flags, tmp_path)
+    r = _run_cli(flags, tmp_path, **PLAIN)
     assert r.returncode == 1 and "step 1:" in r.stderr and "'check_for_nan_in_loss_and_grad'" in r.stderr, \
         r.stderr[-1500:]
     assert "nan" in r.stderr.lower() or "inf" in r.stderr.lower()
     assert not (tmp_path / "ck" / "iter_0000001").exists()
     if not engine:
-        r = _run_cli(flags + ["--no-check-for-nan-in-loss-and-grad"], tmp_path)
+        r = _run_cli(flags + ["--no-check-for-nan-in-loss-and-grad"], tmp_path, **PLAIN)
         assert r.returncode == 0, r.stderr[-1500:]
 
 
@@ -389,10 +392,8 @@ def test_finetune_and_no_load_optim(cache, tmp_path):
     ones are not."""
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "base", ["--train-iters", "6", "--save", str(ckpt)])
-    conv = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "from-megatron",
-                           "--input", str(ckpt), "--output", str(tmp_path / "full.pt"), *TINY],
-                          capture_output=True, text=True, env=tool_env(), cwd=tmp_path, timeout=300)
-    assert conv.returncode == 0, conv.stderr[-2000:]
+    _ok(tmp_path, "convert_checkpoint.py", "from-megatron", "--input", str(ckpt), "--output", str(tmp_path / "full.pt"),
+        *TINY)
     more = ["--train-iters", "4", "--lr-warmup-iters", "0"]
     tuned = train(tmp_path, "tuned", more + ["--load", str(ckpt), "--finetune"])
     pretrained = train(tmp_path, "pretrained", more + ["--pretrained-checkpoint", str(tmp_path / "full.pt")])
@@ -466,7 +467,9 @@ def test_sigterm_saves_and_exits_then_resumes(cache, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--train-iters", "400", "--log-interval", "1", "--save", str(ckpt), "--exit-signal-handler"]
-    proc, out = sigterm_at_step([sys.executable, "-m", "megatron_fox.train", *flags], 3, tool_env(), tmp_path)
+    # a fresh interpreter (its output read as it comes), the plain attention
+    proc, out = sigterm_at_step([sys.executable, "-m", "megatron_fox.train", *flags], 3, dict(tool_env(), **PLAIN),
+                                tmp_path)
     assert proc.returncode == 0, out[-3000:]
     stopped = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped < 400 and f"step {stopped:6d} | exit requested (SIGTERM)" in out, out[-3000:]
@@ -497,7 +500,8 @@ def test_exit_duration_saves_and_exits(cache, tmp_path):
     """--exit-duration-in-mins: past the deadline the run saves after its current step and
     exits 0 (a deadline of 6 ms passes within the first step)."""
     ckpt = tmp_path / "ckpt"
-    r = _run_cli([*TINY, "--train-iters", "50", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001"], tmp_path)
+    r = _run_cli([*TINY, "--train-iters", "50", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001"], tmp_path,
+                 **PLAIN)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert "exit requested (exit_duration_in_mins)" in r.stdout
@@ -528,7 +532,7 @@ def test_eval_positions_acp_against_exact(tmp_path, cache):
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "pos.json"
     flags = [*TINY, "--fox-fgate-bias-init", "-3"]
-    _ok(tmp_path, "train", *flags, "--train-iters", "3", "--save", str(ckpt))
+    _ok(tmp_path, "train", *flags, "--train-iters", "3", "--save", str(ckpt), **PLAIN)  # the evaluation: kernels
     _ok(tmp_path, "eval_positions.py", *flags, "--load", str(ckpt), "--dataset", "train", "--eval-samples", "4",
         "--bins", "6", "--compare-acp", "--json", str(out))
     res = json.loads(out.read_text())
@@ -551,7 +555,7 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "pos.json"
     flags = [*TINY, "--fox-context-pruning", "--fox-context-pruning-beta-init", str(beta)]
-    _ok(tmp_path, "train", *flags, "--train-iters", "2", "--save", str(ckpt))
+    _ok(tmp_path, "train", *flags, "--train-iters", "2", "--save", str(ckpt), **PLAIN)  # the evaluation: kernels
     _ok(tmp_path, "eval_positions.py", *flags, "--load", str(ckpt), "--dataset", "train", "--eval-samples", "2",
         "--bins", "4", "--compare-context-pruning", "--json", str(out))
     summary = json.loads(out.read_text())["summary"]
@@ -560,9 +564,7 @@ def test_eval_positions_context_pruning_against_all_kept(tmp_path, cache, beta, 
         assert summary["pruned"] == pytest.approx(summary["all kept"], rel=1e-6)  # two attention paths
     else:
         assert abs(summary["pruned"] - summary["all kept"]) > 1e-3
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_positions.py"), *TINY, "--load",
-                          str(ckpt), "--compare-context-pruning"], capture_output=True, text=True, env=tool_env(),
-                         cwd=tmp_path, timeout=300)
+    bad = _tool(tmp_path, "eval_positions.py", *TINY, "--load", str(ckpt), "--compare-context-pruning")
     assert bad.returncode == 2 and "--compare-context-pruning" in bad.stderr
 
 
@@ -675,16 +677,15 @@ def test_first_launch_with_save_and_load_the_same(tmp_path, cache):
     --exit-on-missing-checkpoint, --finetune and the tools refuse a directory without one."""
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--save", str(ckpt), "--load", str(ckpt)]
-    out = _ok(tmp_path, "train", *flags, "--train-iters", "3")
+    out = _ok(tmp_path, "train", *flags, "--train-iters", "3", **PLAIN)
     assert "no checkpoint in" in out and "starting from scratch" in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    out = _ok(tmp_path, "train", *flags, "--train-iters", "5")
+    out = _ok(tmp_path, "train", *flags, "--train-iters", "5", **PLAIN)
     assert "starting from scratch" not in out and "start step 3" in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
     empty = tmp_path / "empty"
     for cmd in (["-m", "megatron_fox.train", *TINY, "--load", str(empty), "--exit-on-missing-checkpoint"],
                 ["-m", "megatron_fox.train", *TINY, "--load", str(empty), "--finetune"],
                 [os.path.join(ROOT, "tools", "generate.py"), *TINY, "--load", str(empty), "--prompt", "def "]):
-        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=tool_env(), cwd=tmp_path,
-                           timeout=300)
+        r = run_python(cmd, cwd=tmp_path)
         assert r.returncode == 2 and "'load'" in r.stderr and "no checkpoint" in r.stderr, r.stderr[-1500:]

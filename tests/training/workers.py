@@ -353,13 +353,15 @@ def run_python(argv: list, env: dict | None = None, cwd=None, timeout: float = 3
     """`python *argv` in a process of its own, as subprocess.run(capture_output=True,
     text=True) runs it: its exit code, stdout and stderr. Forked from the zygote (the
     imports of torch and Megatron-Core done: ~10 s of CPU less a launch; the command's own
-    modules, megatron_fox and the tools, are imported fresh under env), else a fresh
-    interpreter. env defaults to tool_env()."""
+    modules, megatron_fox and the tools, are imported fresh under env), else (and for
+    interpreter options other than -m) a fresh interpreter. env defaults to tool_env()."""
     import tempfile
 
     env = tool_env() if env is None else env
     cwd = os.getcwd() if cwd is None else str(cwd)
-    zygote = _zygote()
+    zygote = _zygote() if argv[0] == "-m" or not str(argv[0]).startswith("-") else None
+    if zygote is not None and env.get("TRITON_INTERPRET") == "1" != os.environ.get("TRITON_INTERPRET"):
+        zygote = None  # Triton's own jit functions were made at the zygote's import without the interpreter
     if zygote is None:
         return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=cwd,
                               timeout=timeout)
