@@ -19,8 +19,9 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 
 # the plain-PyTorch attention (no Triton interpreter: ~15 s a step less) for command-line runs
 # whose attention only feeds what the test checks (a checkpoint, the trainer's own logic); the
-# kernels are checked against the reference in tests/ops and tests/parallel, and the tools'
-# evaluations below (generate --check, eval_positions) still run them
+# kernels are checked against the reference in tests/ops and tests/parallel, and here the tools'
+# evaluations (generate --check, eval_positions), the run past non-finite values and the
+# --exit-duration-in-mins step still run them
 PLAIN = {"TRITON_INTERPRET": "0"}
 
 
@@ -380,7 +381,7 @@ def test_non_finite_loss_or_gradient_stops_the_run(cache, tmp_path, engine):
     assert "nan" in r.stderr.lower() or "inf" in r.stderr.lower()
     assert not (tmp_path / "ck" / "iter_0000001").exists()
     if not engine:
-        r = _run_cli(flags + ["--no-check-for-nan-in-loss-and-grad"], tmp_path, **PLAIN)
+        r = _run_cli(flags + ["--no-check-for-nan-in-loss-and-grad"], tmp_path)  # the kernels take them too
         assert r.returncode == 0, r.stderr[-1500:]
 
 
@@ -498,10 +499,10 @@ def test_torchrun_launcher_two_ranks_sigterm(cache, tmp_path):
 
 def test_exit_duration_saves_and_exits(cache, tmp_path):
     """--exit-duration-in-mins: past the deadline the run saves after its current step and
-    exits 0 (a deadline of 6 ms passes within the first step)."""
+    exits 0 (a deadline of 6 ms passes within the first step). The command-line training step
+    here runs the attention kernels (the Triton interpreter)."""
     ckpt = tmp_path / "ckpt"
-    r = _run_cli([*TINY, "--train-iters", "50", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001"], tmp_path,
-                 **PLAIN)
+    r = _run_cli([*TINY, "--train-iters", "50", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert "exit requested (exit_duration_in_mins)" in r.stdout
