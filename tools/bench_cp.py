@@ -162,7 +162,7 @@ def multi_gpu(args):
             torch.cuda.synchronize()
 
     def timed(step, together=True):  # together: every rank times it (aligned by a barrier)
-        for _ in range(2):
+        for _ in range(args.warmup):  # the first call's output is what --check compares
             out = step()
         sync()
         if together:
@@ -409,6 +409,7 @@ def main(argv=None):
     p.add_argument("--backward-pruning", choices=["bound", "lse"], default="bound",
                    help="--multi-gpu: the backward kernels prune by the forward's rule or also by the rows' lse")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones (>= 1)")
     p.add_argument("--check", action="store_true",
                    help="multi-GPU: at the first length, compare the ring's output and gradients with the one-device op")
     p.add_argument("--json", default=None)
@@ -418,6 +419,8 @@ def main(argv=None):
         p.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --device cpu for a smoke run)")
+    if args.warmup < 1:
+        p.error(f"--warmup must be >= 1 (the first call's output is checked), got {args.warmup}")
     if args.multi_gpu:
         rows = multi_gpu(args)
     else:

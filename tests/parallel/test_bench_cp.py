@@ -15,7 +15,8 @@ def test_bench_cp_multi_process_check(tmp_path):
     env = dict(tool_env(), TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "tools", "bench_cp.py"), "--multi-gpu", "--device", "cpu", "--check",
-                          "--lengths", "64", "--heads", "2", "--head-dim", "16", "--iters", "1", "--json", str(out)],
+                          "--lengths", "64", "--heads", "2", "--head-dim", "16", "--iters", "1", "--warmup", "1",
+                          "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())
