@@ -162,7 +162,7 @@ def multi_gpu(args):
             torch.cuda.synchronize()
 
     def timed(step, together=True):  # together: every rank times it (aligned by a barrier)
-        for _ in range(args.warmup):  # the first call's output is what --check compares
+        for _ in range(args.warmup):  # the last untimed call's output is what --check compares
             out = step()
         sync()
         if together:
@@ -420,7 +420,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --device cpu for a smoke run)")
     if args.warmup < 1:
-        p.error(f"--warmup must be >= 1 (the first call's output is checked), got {args.warmup}")
+        p.error(f"--warmup must be >= 1 (an untimed call's output is checked), got {args.warmup}")
     if args.multi_gpu:
         rows = multi_gpu(args)
     else:

@@ -53,4 +53,3 @@ def check_weight_replicas(model: torch.nn.Module, step: int, device: torch.devic
         raise RuntimeError(f"step {step}: weights differ between data-parallel replicas "
                            f"(--check-weight-hash-across-dp-replicas-interval): {', '.join(bad[:6])}"
                            f"{' ...' if len(bad) > 6 else ''}")
-

@@ -159,30 +159,26 @@ class TorchEngine:
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
-    def _grad_norm(self) -> float:
-        """L2 norm of the model's gradients, each tensor-parallel shard counted once, the
-        experts of every expert-parallel rank."""
-        sq = torch.zeros(2, dtype=torch.float64, device=self.params[0].device)  # NCCL reduces device tensors
+    def _grad_sum(self, per_grad, dtype: torch.dtype) -> torch.Tensor:
+        """sum of per_grad(grad) over the model's gradients, each tensor-parallel shard counted
+        once, the experts of every expert-parallel rank (a parameter without a gradient adds
+        nothing): a 0-dim tensor of dtype, the same on every rank."""
+        total = torch.zeros(2, dtype=dtype, device=self.params[0].device)  # NCCL reduces device tensors
         for p in self.params:
             if p.grad is not None and not _is_tp_duplicate(p):
-                sq[int(is_split_expert(p))] += p.grad.double().pow(2).sum()
-        dist.all_reduce(sq[0], group=ps.get_model_parallel_group())
+                total[int(is_split_expert(p))] += per_grad(p.grad)
+        dist.all_reduce(total[0], group=ps.get_model_parallel_group())
         if self.args.expert_model_parallel_size > 1:  # the split experts: over TP x EP x PP
-            dist.all_reduce(sq[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
-        return sq.sum().sqrt().item()
+            dist.all_reduce(total[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return total.sum()
+
+    def _grad_norm(self) -> float:
+        """L2 norm of the model's gradients (see `_grad_sum` for what is counted)."""
+        return self._grad_sum(lambda g: g.double().pow(2).sum(), torch.float64).sqrt().item()
 
     def _count_zeros(self) -> int:
-        """Zero entries of the model's gradients, counted like `_grad_norm` (each tensor-parallel
-        shard once, the experts of every expert-parallel rank); a parameter without a gradient
-        counts none, as Megatron's count_zeros_fp32."""
-        n = torch.zeros(2, dtype=torch.int64, device=self.params[0].device)
-        for p in self.params:
-            if p.grad is not None and not _is_tp_duplicate(p):
-                n[int(is_split_expert(p))] += p.grad.numel() - torch.count_nonzero(p.grad)
-        dist.all_reduce(n[0], group=ps.get_model_parallel_group())
-        if self.args.expert_model_parallel_size > 1:
-            dist.all_reduce(n[1], group=ps.get_expert_tensor_model_pipeline_parallel_group())
-        return int(n.sum())
+        """Zero entries of the model's gradients (see `_grad_sum`), as Megatron's count_zeros_fp32."""
+        return int(self._grad_sum(lambda g: g.numel() - torch.count_nonzero(g), torch.int64))
 
     def _clip_grads(self) -> float:
         norm = self._grad_norm()
