@@ -318,3 +318,50 @@ def test_gpu_steps_leave_no_tensors_in_reference_cycles(tmp_path, world, layout)
                             "cyclic_tensors": str(found)}, timeout=600)
     counts = torch.load(found)
     assert len(counts) == 4 and counts[1:] == [0, 0, 0], counts
+
+
+def test_gpu_step_diagnostics_leave_the_losses_and_count_zeros(tmp_path):
+    """Megatron-LM's step diagnostics on the Megatron engine: --log-num-zeros-in-grad (counted
+    by Megatron's optimizer over the distributed optimizer's float32 grads), the emptying of
+    the CUDA cache between forward-backward and the update (--empty-unused-memory-level 2),
+    the CUDA profiler-API window (--profile, what nsys --capture-range=cudaProfilerApi reads)
+    and the torch profiler's trace: the losses equal the plain run's; with untied embeddings
+    every vocabulary row the step's 128 tokens miss has a zero gradient."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    small = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "6",
+             "--log-interval", "1", "--untie-embeddings-and-output-weights"]
+    plain = train(tmp_path, "plain", small)
+    tb = tmp_path / "tb"
+    diag = train(tmp_path, "diag", small + ["--log-num-zeros-in-grad", "--empty-unused-memory-level", "2",
+                                            "--profile", "--profile-step-start", "1", "--profile-step-end", "3"])
+    traced = train(tmp_path, "traced", small + ["--profile", "--use-pytorch-profiler", "--profile-step-start", "2",
+                                                "--profile-step-end", "4", "--tensorboard-dir", str(tb)])
+    for name, run in (("diag", diag), ("traced", traced)):
+        assert [h["step"] for h in run] == [h["step"] for h in plain], name
+        for a, b in zip(plain, run):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a["step"], a["loss"], b["loss"])
+    vocab, hidden = 1024, 128
+    for h in diag:
+        assert (vocab - 128) * hidden <= h["num_zeros_in_grad"] < 2_000_000, h
+    traces = sorted(tb.glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1, traces
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)  # CUDA activity recorded
+    assert any(e.get("name", "").startswith("aten::") for e in events)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_weight_hash_check_with_deferred_param_gather(tmp_path):
+    """DP=2 with the distributed optimizer and --overlap-param-gather: after a step each rank
+    holds only its own shard of the update until the next forward gathers it, so the weight
+    hash check (--check-weight-hash-across-dp-replicas-interval) must finish that gather
+    first (MegatronEngine.params_synced); the checked run passes and trains like the
+    unchecked one."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    common = ["--train-iters", "6", "--log-interval", "1", "--overlap-grad-reduce", "--overlap-param-gather",
+              "--ddp-bucket-size", "100000"]
+    plain = train(tmp_path, "plain", common, world=2)
+    checked = train(tmp_path, "checked", common + ["--check-weight-hash-across-dp-replicas-interval", "2"], world=2)
+    assert [h["step"] for h in checked] == [h["step"] for h in plain] == list(range(1, 7))
+    for a, b in zip(plain, checked):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
