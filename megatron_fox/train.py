@@ -122,7 +122,8 @@ def build_data(args):
     def build(blend, samples, split):
         prefixes, weights = blend
         return build_gpt_datasets(prefixes, tokenizer, args.seq_length, samples, seed=args.seed, split=split,
-                                  cache_path=args.data_cache_path, weights=weights, eod_mask_loss=args.eod_mask_loss)
+                                  cache_path=args.data_cache_path, weights=weights, eod_mask_loss=args.eod_mask_loss,
+                                  mmap_bin_files=args.mmap_bin_files)
 
     if "all" in blends:
         try:
@@ -299,7 +300,7 @@ def _run(args, on_step, collector) -> list[dict]:
     from .training.scalars import ScalarLog
     from .training.profiling import StepProfiler
     from .training.replica_check import check_weight_replicas
-    from .training.timers import PhaseTimers
+    from .training.timers import PhaseTimers, format_phases
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
     from .training.step import context_pruning_alpha_at, empty_unused_memory, global_batch, moe_load_balancing_losses
@@ -398,10 +399,11 @@ def _run(args, on_step, collector) -> list[dict]:
                 extra += f"params norm {out['params_norm']:.3f} | "
             if "num_zeros_in_grad" in out:
                 extra += f"num zeros {out['num_zeros_in_grad']} | "
-            phase_ms = timers.report()
+            phase_ms = timers.report()  # per phase, every rank's
             if phase_ms:
-                out["timers_ms"] = phase_ms
-                extra += "time (ms) " + " ".join(f"| {name} {ms:.1f} " for name, ms in phase_ms.items()) + "| "
+                out["timers_ms"] = {name: max(v) for name, v in phase_ms.items()}
+                out["timers_ms_by_rank"] = phase_ms
+                extra += format_phases(phase_ms, args.timing_log_option)
             if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
                 out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 extra += f"mem {out['max_mem_gb']:.1f} GB | "
@@ -417,12 +419,14 @@ def _run(args, on_step, collector) -> list[dict]:
                             ("global_batch_size",) if args.rampup_batch_size else ()):
                         if key in out:
                             scalars.add_scalar(f"train/{key}", out[key], it + 1)
+                    if args.log_world_size_to_tensorboard:
+                        scalars.add_scalar("train/world_size", dist.get_world_size(), it + 1)
                     scalars.add_scalar("acp/skipped_fraction", overall, it + 1)
                     scalars.add_scalar("acp/backward_skipped_fraction", out["acp_bwd_skipped"], it + 1)
                     for layer, frac in skipped.items():
                         scalars.add_scalar(f"acp/skipped_fraction_layer_{layer:02d}", frac, it + 1)
                     if args.log_timers_to_tensorboard:
-                        for name, ms in phase_ms.items():
+                        for name, ms in out["timers_ms"].items():
                             scalars.add_scalar(f"timers/{name}", ms, it + 1)
                     for layer, value in half_lives.items():
                         scalars.add_scalar(f"fox/gate_half_life_layer_{layer:02d}", value, it + 1)

@@ -8,9 +8,11 @@ the program with one line naming the key and exit code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -313,9 +315,11 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "log_validation_ppl_to_tensorboard": (bool, None, "accepted: valid/ppl is always written"),
     "log_memory_to_tensorboard": (bool, None, "accepted: the peak memory is always written (CUDA)"),
     "log_timers_to_tensorboard": (bool, False, "the per-phase timers (--timing-log-level 1) to TensorBoard too"),
+    "timing_log_option": (str, "minmax", "the timers on the log line: max (the slowest rank's), minmax (min and max "
+                                         "over ranks) or all (every rank's)"),
     "timing_log_level": (int, 0, "0: no per-phase timers; 1 (and 2: no finer timers here): batch generation, "
-                                 "forward-backward and optimizer ms per step, max over ranks, on each log line "
-                                 "(CUDA syncs at phase edges)"),
+                                 "forward-backward and optimizer ms per step on each log line (over ranks as "
+                                 "--timing-log-option says; CUDA syncs at phase edges)"),
     "masked_softmax_fusion": (bool, None, "accepted: FoX attention has no masked-softmax kernel"),
     "bias_gelu_fusion": (bool, None, "accepted: no GeLU (SwiGLU MLP), no bias"),
     "bias_swiglu_fusion": (bool, None, "accepted: the SwiGLU's fusion follows --fox-fuse-extras"),
@@ -329,6 +333,17 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                        "(Megatron-LM's default sampler); cyclic and external are not built"),
     "rerun_mode": (str, "disabled", "disabled: Megatron-Core's rerun state machine only validates (a non-finite "
                                     "loss or gradient stops the run); its re-running modes are not built"),
+    "qk_layernorm": (bool, None, "Megatron-LM's QK layer norm: the same as fox_qk_norm (RMSNorm over the head "
+                                 "dim, as --normalization RMSNorm)"),
+    "optimizer": (str, "adam", "adam: AdamW (decoupled weight decay), Megatron-LM's adam; sgd is not built"),
+    "use_dist_ckpt": (bool, None, "Megatron-LM's older flag: checkpoints are dist_checkpointing's torch_dist "
+                                  "anyway"),
+    "cross_entropy_loss_fusion": (bool, False, "Megatron-Core's fused vocab-parallel cross entropy (one kernel "
+                                               "set for the softmax, target logit and loss)"),
+    "cross_entropy_fusion_impl": (str, "native", "native (Megatron-Core's) | te (Transformer Engine's; needs it)"),
+    "mmap_bin_files": (bool, True, "memory-map the indexed datasets' .bin files (--no-mmap-bin-files reads "
+                                   "each sample with file reads: for file systems where mmap is slow)"),
+    "log_world_size_to_tensorboard": (bool, False, "write the number of processes to TensorBoard (world-size)"),
     "use_rotary_position_embeddings": (bool, None, "Megatron-LM's older flag: the same as position_embedding_type "
                                                    "rope"),
     "position_embedding": (bool, None, "Megatron-LM's older --no-position-embedding: accepted (FoX needs none); "
@@ -354,12 +369,85 @@ _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "
           "disable_bias_linear": (True,), "attention_dropout": (0.0,), "hidden_dropout": (0.0,),
           "attention_softmax_in_fp32": (True,), "calculate_per_token_loss": (True,),
           "distributed_backend": (None, "nccl", "gloo"), "dataloader_type": ("single",),
-          "rerun_mode": ("disabled",), "position_embedding": (None, False)}
+          "rerun_mode": ("disabled",), "position_embedding": (None, False), "optimizer": ("adam",),
+          "use_dist_ckpt": (None, True), "cross_entropy_fusion_impl": ("native", "te")}
+
+
+# Megatron-LM flags known but not built here: the reason, given naming the key
+NOT_BUILT = {
+    "num_layers_per_virtual_pipeline_stage": "virtual (interleaved) pipeline stages are not built here: use "
+                                             "--pipeline-model-parallel-size (uneven stages: "
+                                             "--decoder-first/last-pipeline-num-layers)",
+    "num_virtual_stages_per_pipeline_rank": "virtual (interleaved) pipeline stages are not built here: use "
+                                            "--pipeline-model-parallel-size",
+    "use_torch_fsdp2": "FSDP is not built here: --use-distributed-optimizer shards the optimizer state, "
+                       "--deepspeed --zero-stage 3 the weights too",
+    "use_megatron_fsdp": "FSDP is not built here: --use-distributed-optimizer shards the optimizer state, "
+                         "--deepspeed --zero-stage 3 the weights too",
+    "data_parallel_sharding_strategy": "an FSDP option; FSDP is not built here",
+    "tp_comm_overlap": "needs Transformer Engine's userbuffers; not built here",
+    "fp8_format": "FP8 training is not built here: use --bf16",
+    "loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
+    "initial_loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
+    "min_loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
+    "loss_scale_window": "a loss scale is for fp16, which is not built here: use --bf16",
+    "hysteresis": "a loss scale is for fp16, which is not built here: use --bf16",
+    "apply_query_key_layer_scaling": "an fp16 option; FoX's QK-norm (--fox-qk-norm) keeps the logits bounded",
+    "sgd_momentum": "only Adam is built here (--optimizer adam)",
+    "async_save": "saves are synchronous here",
+    "non_persistent_save_interval": "non-persistent (local) checkpoints are not built here: use --save-interval",
+    "non_persistent_ckpt_type": "non-persistent (local) checkpoints are not built here: use --save-interval",
+    "per_split_data_args_path": "give the splits' blends as --train-data-path / --valid-data-path / "
+                                "--test-data-path",
+    "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
+                                     "size x data-parallel size",
+    "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
+    "use_legacy_models": "megatron_fox builds Megatron-Core models only (the default --use-mcore-models)",
+}
+
+
+class _FlagError(Exception):
+    """argparse's own complaint (a bad value or a missing argument), raised instead of printed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, not the usage of all ~400 flags
+        raise _FlagError(message)
+
+
+def _flag_error(message: str) -> ConfigError:
+    """A ConfigError from argparse's message ("argument --lr: invalid float value: 'x'")."""
+    match = re.match(r"argument --([\w-]+)", message)
+    key = match.group(1).replace("-", "_") if match else "command line"
+    return ConfigError(key, message)
+
+
+def _unknown_flag(extra: list[str]) -> ConfigError:
+    """The error for the first of argparse's unrecognised arguments."""
+    first = next((a for a in extra if a.startswith("--")), None)
+    if first is None:
+        return ConfigError("command line", f"unexpected argument {extra[0]!r} (flags start with --)")
+    return unknown_key(first[2:].split("=")[0].replace("-", "_"), "flag")
+
+
+def unknown_key(key: str, where: str) -> ConfigError:
+    """The error for a key not in OPTIONS (where: "flag" or the YAML file's path): why a
+    Megatron-LM key is not built, or the nearest known key."""
+    if key in NOT_BUILT:
+        return ConfigError(key, NOT_BUILT[key])
+    if key.startswith("moe_"):  # Megatron-LM's other MoE flags
+        return ConfigError(key, "this Mixture-of-Experts option is not built here (see --help for the moe_* keys)")
+    close = difflib.get_close_matches(key, list(OPTIONS), n=1, cutoff=0.75)
+    if where == "flag":
+        return ConfigError(key, f"unknown flag --{key.replace('_', '-')}"
+                                + (f" (did you mean --{close[0].replace('_', '-')}?)" if close else " (see --help)"))
+    return ConfigError(key, f"unknown key in {where}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_fox.train",
-                                description="Train a FoX(-Pro) model with ACP on Megatron-Core.")
+    # no abbreviations (as Megatron-LM): a shortened or mistyped flag must not set another one
+    p = _Parser(prog="python -m megatron_fox.train", allow_abbrev=False,
+                description="Train a FoX(-Pro) model with ACP on Megatron-Core.")
     p.add_argument("--config", type=str, default=None, help="YAML file of settings (keys = flag names)")
     for name, (typ, _default, help_) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
@@ -402,18 +490,18 @@ def load_yaml(path: str) -> dict:
         raise ConfigError("config", f"{path} must hold a mapping of keys to values")
     for key in data:
         if key not in OPTIONS:
-            raise ConfigError(key, f"unknown key in {path}")
+            raise unknown_key(key, path)
     return {k: _coerce(k, v) for k, v in data.items()}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Defaults < YAML < flags, then derived values and checks (ConfigError on bad input)."""
-    moe = [a for a in (sys.argv[1:] if argv is None else argv)
-           if a.startswith("--moe-") and a[2:].split("=")[0].replace("-", "_") not in OPTIONS]
-    if moe:  # Megatron-LM's other MoE flags: one message naming the key, not argparse's "unrecognized"
-        raise ConfigError(moe[0][2:].split("=")[0].replace("-", "_"),
-                          "this Mixture-of-Experts option is not built here (see --help for the moe_* keys)")
-    ns = build_parser().parse_args(argv)
+    try:
+        ns, extra = build_parser().parse_known_args(argv)
+    except _FlagError as e:
+        raise _flag_error(str(e)) from None
+    if extra:
+        raise _unknown_flag(extra)
     values = {k: v[1] for k, v in OPTIONS.items()}
     sources = {}  # key -> 1 set in the YAML, 2 on the command line (the schedule's either/or keys)
     if ns.config:
@@ -831,6 +919,13 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError("use_rotary_position_embeddings", f"contradicts position_embedding_type "
                                                                 f"{args.position_embedding_type!r}")
         args.position_embedding_type = "rope"
+    if args.qk_layernorm is not None:
+        if getattr(args, "config_sources", {}).get("fox_qk_norm") and args.fox_qk_norm != args.qk_layernorm:
+            raise ConfigError("qk_layernorm", f"contradicts fox_qk_norm {args.fox_qk_norm}")
+        args.fox_qk_norm = args.qk_layernorm
+    if args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te" and \
+            importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError("cross_entropy_fusion_impl", "te needs Transformer Engine (not installed): use native")
     resolve_schedule(args)
     check_weight_decay_schedule(args)
     if args.num_query_groups is None:
@@ -877,6 +972,8 @@ def finalize(args: argparse.Namespace) -> None:
         raise ConfigError("overlap_param_gather", "needs use_distributed_optimizer (as in Megatron-LM)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ConfigError("overlap_param_gather", "needs overlap_grad_reduce (as in Megatron-LM)")
+    if args.timing_log_option not in ("max", "minmax", "all"):
+        raise ConfigError("timing_log_option", f"must be max, minmax or all, got {args.timing_log_option!r}")
     if args.timing_log_level not in (0, 1, 2):
         raise ConfigError("timing_log_level", f"must be 0, 1 or 2, got {args.timing_log_level}")
     if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:

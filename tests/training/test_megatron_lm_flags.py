@@ -23,7 +23,7 @@ MEGATRON_LM_SCRIPT = """
 --no-gradient-accumulation-fusion --num-workers 2 --tensorboard-log-interval 5 --distributed-timeout-minutes 20
 --eod-mask-loss --calculate-per-token-loss --dataloader-type single --tensorboard-queue-size 1000
 --log-num-zeros-in-grad --check-weight-hash-across-dp-replicas-interval 20 --empty-unused-memory-level 0
---rerun-mode disabled
+--rerun-mode disabled --qk-layernorm --optimizer adam --use-dist-ckpt --timing-log-option max
 """.split()
 
 
@@ -77,3 +77,47 @@ def test_megatron_lm_script_with_rampup_and_wsd():
 def test_unavailable_values_name_the_key(flags, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         parse_args(flags)
+
+
+@pytest.mark.parametrize("flags,key,text", [
+    (["--train-iter", "5"], "train_iter", "unknown flag --train-iter (did you mean --train-iters?)"),
+    (["--foo-bar"], "foo_bar", "unknown flag --foo-bar (see --help)"),
+    (["--train-it", "5"], "train_it", "unknown flag"),  # no abbreviations: it must not set train_iters
+    (["--lr", "abc"], "lr", "invalid float value: 'abc'"),
+    (["--lr"], "lr", "expected one argument"),
+    (["--num-layers-per-virtual-pipeline-stage", "2"], "num_layers_per_virtual_pipeline_stage", "not built"),
+    (["--use-torch-fsdp2"], "use_torch_fsdp2", "FSDP is not built"),
+    (["--initial-loss-scale", "4096"], "initial_loss_scale", "fp16"),
+    (["--moe-router-fusion"], "moe_router_fusion", "Mixture-of-Experts option"),
+    (["stray"], "command line", "unexpected argument 'stray'"),
+    (["--optimizer", "sgd"], "optimizer", "'sgd'"),
+    (["--no-use-dist-ckpt"], "use_dist_ckpt", "False"),
+    (["--timing-log-option", "mean"], "timing_log_option", "max, minmax or all"),
+    (["--fox-qk-norm", "--no-qk-layernorm"], "qk_layernorm", "contradicts fox_qk_norm"),
+])
+def test_bad_flags_name_the_key_in_one_line(flags, key, text):
+    """argparse's own complaints and unknown flags become one ConfigError naming the key
+    (main prints it as one line, exit code 2), not the usage of every flag."""
+    with pytest.raises(ConfigError) as e:
+        parse_args(flags)
+    assert e.value.key == key and text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_unknown_yaml_key_suggests_the_nearest(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_layer: 3\n")
+    with pytest.raises(ConfigError, match=r"'num_layer': unknown key in .*c\.yaml \(did you mean num_layers\?\)"):
+        parse_args(["--config", str(cfg)])
+    cfg.write_text("async_save: true\n")
+    with pytest.raises(ConfigError, match="'async_save': saves are synchronous"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_megatron_lm_aliases():
+    assert parse_args(["--qk-layernorm"]).fox_qk_norm is True
+    assert parse_args(["--no-qk-layernorm", "--acp-logit-bound", "data"]).fox_qk_norm is False
+    assert parse_args([]).fox_qk_norm is True and parse_args([]).timing_log_option == "minmax"
+    import importlib.util
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match="'cross_entropy_fusion_impl'"):
+            parse_args(["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"])

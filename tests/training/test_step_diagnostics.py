@@ -64,3 +64,39 @@ def test_megatron_lm_older_and_default_flags_parse():
                               "--empty-unused-memory-level", "2"])
     assert (args.position_embedding_type, args.tensorboard_queue_size, args.empty_unused_memory_level) == ("rope", 5, 2)
     assert parse_args(TINY).profile_ranks == [0]
+
+
+def test_timing_log_options_format_the_ranks_values():
+    from megatron_fox.training.timers import format_phases
+
+    per_rank = {"forward-backward": [12.04, 15.26], "optimizer": [3.0, 2.5]}
+    assert format_phases(per_rank, "max") == "time (ms) | forward-backward 15.3 | optimizer 3.0 | "
+    assert format_phases(per_rank, "minmax") == "time (ms) | forward-backward (12.0, 15.3) | optimizer (2.5, 3.0) | "
+    assert format_phases(per_rank, "all") == "time (ms) | forward-backward [12.0, 15.3] | optimizer [3.0, 2.5] | "
+    with pytest.raises(ValueError, match="timing_log_option"):
+        format_phases(per_rank, "mean")
+
+
+def test_fused_cross_entropy_and_unmapped_reads_train_alike(cache, tmp_path):
+    """--cross-entropy-loss-fusion (Megatron-Core's fused vocab-parallel cross entropy, TP=2
+    so the vocabulary is split) gives the losses of the plain one to float32 rounding (carried through Adam);
+    --no-mmap-bin-files reads the same samples (losses bit-equal);
+    --log-world-size-to-tensorboard writes train/world_size."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--train-iters", "3", "--log-interval", "1", "--tensor-model-parallel-size", "2"]
+    plain = train(tmp_path, "plain", flags, world=2)
+    fused = train(tmp_path, "fused", flags + ["--cross-entropy-loss-fusion"], world=2)
+    tb = tmp_path / "tb"
+    unmapped = train(tmp_path, "unmapped", flags + ["--no-mmap-bin-files", "--log-world-size-to-tensorboard",
+                                                    "--tensorboard-dir", str(tb)], world=2)
+    print("plain", [h["loss"] for h in plain], "fused", [h["loss"] for h in fused])
+    # step 1: the same weights, only the loss kernel differs; later steps also carry the
+    # gradients' rounding through Adam (step 3 measured 1.1e-5 apart)
+    assert fused[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6, abs=0)
+    for a, b, c in zip(plain, fused, unmapped):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=0), (a["step"], a["loss"], b["loss"])
+        assert c["loss"] == a["loss"], (a["step"], a["loss"], c["loss"])
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/world_size")] == [(1, 2.0), (2, 2.0), (3, 2.0)]
