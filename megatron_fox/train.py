@@ -46,6 +46,8 @@ def init_distributed(args) -> torch.device:
     if "RANK" not in os.environ:  # plain `python -m`: a world of one, on a port of its own
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if args.deterministic_mode:
+        deterministic_mode(use_cuda)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -68,6 +70,21 @@ def init_distributed(args) -> torch.device:
 
         model_parallel_cuda_manual_seed(args.seed)
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def deterministic_mode(use_cuda: bool) -> None:
+    """Megatron-LM's --deterministic-mode: torch's deterministic algorithms (an op without one
+    raises), cuBLAS's fixed-size workspace and one NCCL algorithm (Ring unless NCCL_ALGO is
+    set; NVLS reduces in no fixed order). FoX's kernels need nothing: they sum without
+    atomics. Before the first CUDA call and the process group."""
+    if use_cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        algo = os.environ.setdefault("NCCL_ALGO", "Ring")
+        if "nvls" in algo.lower():
+            print(f"megatron_fox.train: error: config key 'deterministic_mode': NCCL_ALGO={algo} includes NVLS, "
+                  f"which reduces in no fixed order (use Ring or Tree)", file=sys.stderr)
+            sys.exit(2)
+    torch.use_deterministic_algorithms(True)
 
 
 def data_paths(args) -> tuple[dict, str]:

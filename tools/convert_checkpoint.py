@@ -62,7 +62,9 @@ def _from_megatron(root: str, iteration, args) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the training flags in the rest must reach parse_args whole
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("direction", choices=["from-public", "to-public", "from-megatron"])
     p.add_argument("--input", required=True, help="file or Hugging Face model folder")
     p.add_argument("--output", required=True, help=".pt / .bin file (or .safetensors)")
@@ -74,11 +76,11 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_fox.checkpoint.public_fox import FoxLayout, from_public_fox, load_state_file, to_public_fox
-    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.arguments import parse_or_exit
 
     if opts.direction == "from-megatron" and "--use-checkpoint-args" in rest and "--load" not in rest:
         rest = [*rest, "--load", opts.input]  # the model's flags saved with the input checkpoint
-    args = parse_args(rest)
+    args = parse_or_exit(rest, "convert_checkpoint")
     layout = FoxLayout.from_args(args)
     try:
         if opts.direction != "from-megatron" and (not args.fox_forget_gate or args.position_embedding_type != "none"):

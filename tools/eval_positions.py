@@ -62,7 +62,9 @@ def loss_by_position(model, dataset, args, eod: int, samples: int, edges: list[i
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the training flags in the rest must reach parse_args whole
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--bins", type=int, default=12)
     p.add_argument("--dataset", choices=["valid", "train"], default="valid")
@@ -75,9 +77,9 @@ def main(argv=None) -> None:
     opts, rest = p.parse_known_args(argv)
 
     from megatron_fox.train import build_data, build_model_and_engine, for_inference, init_distributed
-    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.arguments import parse_or_exit
 
-    args = parse_args(rest)
+    args = parse_or_exit(rest, "eval_positions")
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(args, key) != 1:
             p.error(f"--{key.replace('_', '-')} must be 1 here (one process)")

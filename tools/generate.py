@@ -29,7 +29,9 @@ def _log_eps(value: str):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the training flags in the rest must reach parse_args whole
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -50,9 +52,9 @@ def main(argv=None) -> None:
 
     from megatron_fox.inference import FoxGenerator
     from megatron_fox.train import build_model_and_engine, for_inference, init_distributed, tokenizer_for
-    from megatron_fox.training.arguments import parse_args
+    from megatron_fox.training.arguments import parse_or_exit
 
-    args = parse_args(rest)
+    args = parse_or_exit(rest, "generate")
     if args.load is None and args.pretrained_checkpoint is None:
         p.error("--load (a checkpoint directory written by megatron_fox.train --save) or "
                 "--pretrained-checkpoint (a full state dict) is required")

@@ -333,6 +333,16 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                        "(Megatron-LM's default sampler); cyclic and external are not built"),
     "rerun_mode": (str, "disabled", "disabled: Megatron-Core's rerun state machine only validates (a non-finite "
                                     "loss or gradient stops the run); its re-running modes are not built"),
+    "deterministic_mode": (bool, False, "bit-reproducible runs: torch's deterministic algorithms, cuBLAS's fixed "
+                                        "workspace, NCCL_ALGO Ring (unless set); not with fox_context_pruning "
+                                        "(its kernels add with atomics)"),
+    "ckpt_fully_parallel_save": (bool, False, "Megatron engine: spread the writing of weights that the data-parallel "
+                                              "ranks share over those ranks (Megatron-Core's fully parallel save "
+                                              "strategy); the checkpoint is the same"),
+    "ckpt_fully_parallel_load": (bool, False, "Megatron engine: each data-parallel rank reads a share of the shared "
+                                              "weights and they exchange them"),
+    "ckpt_assume_constant_structure": (bool, False, "with ckpt_fully_parallel_save: plan the split of the writes "
+                                                    "once and reuse it at every save"),
     "qk_layernorm": (bool, None, "Megatron-LM's QK layer norm: the same as fox_qk_norm (RMSNorm over the head "
                                  "dim, as --normalization RMSNorm)"),
     "optimizer": (str, "adam", "adam: AdamW (decoupled weight decay), Megatron-LM's adam; sgd is not built"),
@@ -919,6 +929,9 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError("use_rotary_position_embeddings", f"contradicts position_embedding_type "
                                                                 f"{args.position_embedding_type!r}")
         args.position_embedding_type = "rope"
+    if args.deterministic_mode and args.fox_context_pruning:
+        raise ConfigError("deterministic_mode", "not with fox_context_pruning: its keep-mask kernels add "
+                                                "gradients with atomics (no fixed order)")
     if args.qk_layernorm is not None:
         if getattr(args, "config_sources", {}).get("fox_qk_norm") and args.fox_qk_norm != args.qk_layernorm:
             raise ConfigError("qk_layernorm", f"contradicts fox_qk_norm {args.fox_qk_norm}")
@@ -1160,10 +1173,11 @@ def check_scalar_logs(args: argparse.Namespace) -> None:
                 raise ConfigError(key, f"the {package} package is not installed (pip install {package})") from None
 
 
-def parse_or_exit(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """parse_args, turning a ConfigError into one line on stderr and exit code 2."""
+def parse_or_exit(argv: Optional[list[str]] = None, prog: str = "megatron_fox.train") -> argparse.Namespace:
+    """parse_args, turning a ConfigError into one line on stderr ("<prog>: error: ...") and
+    exit code 2."""
     try:
         return parse_args(argv)
     except ConfigError as e:
-        print(f"megatron_fox.train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -105,6 +105,7 @@ class MegatronEngine:
 
     def __init__(self, model, args, eod: int):
         self.args, self.eod = args, eod
+        self._fully_parallel_save = None  # the save strategy of --ckpt-fully-parallel-save, made at the first save
         config = model.config
         self.inner = model  # the GPTModel itself: checkpoints use its sharded state dict
         if args.bf16:
@@ -237,16 +238,46 @@ class MegatronEngine:
             meta = {"distrib_optim_sharding_type": sharding}
             state.update(optimizer=self.optimizer.sharded_state_dict(model_sd, metadata=meta),
                          optimizer_sharding=sharding, optimizer_buckets=layout)
-        dist_checkpointing.save(state, path)
+        dist_checkpointing.save(state, path, self._save_strategy())
         write_run_args(iteration_dir(root, iteration), vars(self.args))
         write_latest(root, iteration)
+
+    def _save_strategy(self):
+        """dist_checkpointing's default torch_dist writer, or with --ckpt-fully-parallel-save
+        that writer behind Megatron-Core's fully parallel wrapper: each weight the
+        data-parallel (and context-parallel) ranks share is written by one of them, spread
+        evenly, instead of all by the first. Kept across saves with
+        --ckpt-assume-constant-structure (the plan is then made once)."""
+        if not self.args.ckpt_fully_parallel_save:
+            return None
+        if self._fully_parallel_save is None:
+            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+            self._fully_parallel_save = FullyParallelSaveStrategyWrapper(
+                get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True),
+                self.args.ckpt_assume_constant_structure)
+        return self._fully_parallel_save
+
+    def _load(self, sharded_state: dict, path: str) -> dict:
+        """dist_checkpointing.load, with --ckpt-fully-parallel-load through Megatron-Core's
+        fully parallel wrapper (each data-parallel rank reads a share of the shared weights,
+        then they exchange them)."""
+        if not self.args.ckpt_fully_parallel_load:
+            return dist_checkpointing.load(sharded_state, path)
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        strategy = FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path),
+                                                    ps.get_data_parallel_group(with_context_parallel=True))
+        return dist_checkpointing.load(sharded_state, path, strategy)
 
     def load(self, root: str, iteration: int) -> int:
         """Resume from checkpoint `iteration` under root (`checkpoint.checkpoint_iteration`);
         returns the step to continue from (that iteration, or 0 with --finetune, which loads
         the weights only; --no-load-optim keeps the fresh optimizer)."""
         path = iteration_dir(root, iteration)
-        model_state = dist_checkpointing.load({"model": self.inner.sharded_state_dict()}, path)
+        model_state = self._load({"model": self.inner.sharded_state_dict()}, path)
         self.inner.load_state_dict(model_state["model"])
         if self.args.finetune or not self.args.load_optim:
             # the optimizer's float32 main copies were taken from the initial weights
@@ -265,6 +296,6 @@ class MegatronEngine:
         _tolerate_step_in_optimizer_state()
         opt_sd = self.optimizer.sharded_state_dict(self.inner.sharded_state_dict(), is_loading=True,
                                                    metadata={"distrib_optim_sharding_type": sharding})
-        self.optimizer.load_state_dict(dist_checkpointing.load({"optimizer": opt_sd}, path)["optimizer"])
+        self.optimizer.load_state_dict(self._load({"optimizer": opt_sd}, path)["optimizer"])
         _restore_adam_step(self.optimizer, iteration)
         return iteration

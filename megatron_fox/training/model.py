@@ -65,6 +65,7 @@ def transformer_config(args: argparse.Namespace, device: torch.device) -> FoxTra
         variable_seq_lengths=False,
         calculate_per_token_loss=True,  # gradients / tokens of the global batch (CUDA path)
         cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        deterministic_mode=args.deterministic_mode,
         cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
         fox_forget_gate=args.fox_forget_gate,
         fox_output_gate=args.fox_output_gate,

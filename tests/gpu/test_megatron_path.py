@@ -365,3 +365,25 @@ def test_gpu_weight_hash_check_with_deferred_param_gather(tmp_path):
     assert [h["step"] for h in checked] == [h["step"] for h in plain] == list(range(1, 7))
     for a, b in zip(plain, checked):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_fully_parallel_checkpoint_and_deterministic_mode(tmp_path):
+    """DP=2 under --deterministic-mode: a checkpoint written with --ckpt-fully-parallel-save
+    (the replicated weights' writes spread over both ranks, the plan kept with
+    --ckpt-assume-constant-structure, saved twice) and read with --ckpt-fully-parallel-load
+    resumes to the uninterrupted run's losses; the saving run's steps equal the uninterrupted
+    run's bit for bit (deterministic)."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    common = ["--train-iters", "10", "--log-interval", "1", "--deterministic-mode"]
+    full = train(tmp_path, "full", common, world=2)
+    ckpt = tmp_path / "ckpt"
+    first = train(tmp_path, "first", common + ["--exit-interval", "6", "--save", str(ckpt), "--save-interval", "3",
+                                               "--ckpt-fully-parallel-save", "--ckpt-assume-constant-structure"],
+                  world=2)
+    assert (ckpt / "iter_0000003").is_dir() and (ckpt / "iter_0000006").is_dir()
+    assert [h["loss"] for h in first] == [h["loss"] for h in full[:6]]
+    rest = train(tmp_path, "rest", common + ["--load", str(ckpt), "--ckpt-fully-parallel-load"], world=2)
+    assert [h["step"] for h in rest] == list(range(7, 11))
+    for a, b in zip(full[6:], rest):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])

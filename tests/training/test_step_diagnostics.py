@@ -100,3 +100,18 @@ def test_fused_cross_entropy_and_unmapped_reads_train_alike(cache, tmp_path):
     events = EventAccumulator(str(tb))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/world_size")] == [(1, 2.0), (2, 2.0), (3, 2.0)]
+
+
+def test_deterministic_mode_trains_like_the_default(cache, tmp_path):
+    """--deterministic-mode (torch's deterministic algorithms on) runs the whole CPU step,
+    TP=2, with the losses of the default run bit for bit (no op of the path lacks a
+    deterministic version); with learned context pruning (atomic adds) it is refused."""
+    flags = ["--train-iters", "3", "--log-interval", "1", "--tensor-model-parallel-size", "2"]
+    plain = train(tmp_path, "plain", flags, world=2)
+    det = train(tmp_path, "det", flags + ["--deterministic-mode", "--ckpt-fully-parallel-save",
+                                          "--ckpt-fully-parallel-load"], world=2)
+    assert [h["loss"] for h in det] == [h["loss"] for h in plain]
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match="'deterministic_mode': not with fox_context_pruning"):
+        parse_args(TINY + ["--deterministic-mode", "--fox-context-pruning"])
