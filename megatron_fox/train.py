@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .training.arguments import ConfigError, parse_or_exit
+from .training.arguments import ConfigError, parse_or_exit, resume_schedule
 
 
 def _free_port() -> int:
@@ -205,6 +205,16 @@ def for_inference(args) -> None:
         sys.exit(2)
 
 
+def _saved_args(root: str, iteration: int) -> dict:
+    """The flags saved with checkpoint `iteration` under root ({} if it has none)."""
+    from .checkpoint import read_run_args
+
+    try:
+        return read_run_args(root, iteration)
+    except FileNotFoundError:
+        return {}
+
+
 def _load(engine, args) -> int:
     """The step --load resumes from: Megatron-LM's rule for a directory without a checkpoint
     (a first launch with --save and --load the same): start from scratch, saying so, unless
@@ -221,7 +231,10 @@ def _load(engine, args) -> int:
             print(f"megatron_fox: error: config key '{key}': {e}", file=sys.stderr)
             sys.exit(2)
         try:
-            return engine.load(args.load, iteration)
+            step = engine.load(args.load, iteration)
+            if not (args.finetune or args.skip_train) and args.load_optim:  # as Megatron-LM: with the optimizer
+                resume_schedule(args, _saved_args(args.load, iteration))
+            return step
         except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors, state)
             print(f"megatron_fox: error: {e}" if isinstance(e, ConfigError) else
                   f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
@@ -359,6 +372,9 @@ def _run(args, on_step, collector) -> list[dict]:
     timers = PhaseTimers(args.timing_log_level >= 1, device)
     engine.timers = timers
     profiler = StepProfiler(args, dist.get_rank(), device)
+    snapshot_rank = dist.get_world_size() - 1  # Megatron-LM's: the last rank writes the memory snapshot
+    if args.record_memory_history:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     for it in range(start, start if args.skip_train else args.train_iters):
         profiler.step_begin(it)
         with timers.phase("batch-generator"):
@@ -421,6 +437,8 @@ def _run(args, on_step, collector) -> list[dict]:
                 out["timers_ms"] = {name: max(v) for name, v in phase_ms.items()}
                 out["timers_ms_by_rank"] = phase_ms
                 extra += format_phases(phase_ms, args.timing_log_option)
+            if args.record_memory_history and dist.get_rank() == snapshot_rank:
+                torch.cuda.memory._dump_snapshot(args.memory_snapshot_path)
             if device.type == "cuda":  # this rank's peak so far: what --micro-batch-size / recompute trade
                 out["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 extra += f"mem {out['max_mem_gb']:.1f} GB | "

@@ -343,6 +343,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                               "weights and they exchange them"),
     "ckpt_assume_constant_structure": (bool, False, "with ckpt_fully_parallel_save: plan the split of the writes "
                                                     "once and reuse it at every save"),
+    "override_opt_param_scheduler": (bool, False, "on resume, the learning-rate and weight-decay schedule of this "
+                                                  "run's flags, whatever the checkpoint's"),
+    "use_checkpoint_opt_param_scheduler": (bool, False, "on resume, the learning-rate and weight-decay schedule "
+                                                        "saved with the checkpoint, whatever this run's flags say"),
+    "record_memory_history": (bool, False, "CUDA: record the caching allocator's history from the start; each "
+                                           "log line then writes its snapshot to memory_snapshot_path (the last "
+                                           "rank's; open it at pytorch.org/memory_viz)"),
+    "memory_snapshot_path": (str, "snapshot.pickle", "where record_memory_history writes the snapshot"),
     "qk_layernorm": (bool, None, "Megatron-LM's QK layer norm: the same as fox_qk_norm (RMSNorm over the head "
                                  "dim, as --normalization RMSNorm)"),
     "optimizer": (str, "adam", "adam: AdamW (decoupled weight decay), Megatron-LM's adam; sgd is not built"),
@@ -416,6 +424,11 @@ NOT_BUILT = {
 }
 
 
+# Megatron-LM's spellings of flags whose names mix dashes and underscores
+_MEGATRON_SPELLINGS = {"override_opt_param_scheduler": ["--override-opt_param-scheduler"],
+                       "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler"]}
+
+
 class _FlagError(Exception):
     """argparse's own complaint (a bad value or a missing argument), raised instead of printed."""
 
@@ -460,13 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train a FoX(-Pro) model with ACP on Megatron-Core.")
     p.add_argument("--config", type=str, default=None, help="YAML file of settings (keys = flag names)")
     for name, (typ, _default, help_) in OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")] + _MEGATRON_SPELLINGS.get(name, [])
         if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:
-            p.add_argument(flag, nargs="+", type=str, default=None, help=help_)
+            p.add_argument(*flags, dest=name, nargs="+", type=str, default=None, help=help_)
         else:
-            p.add_argument(flag, type=typ, default=None, help=help_)
+            p.add_argument(*flags, dest=name, type=typ, default=None, help=help_)
     return p
 
 
@@ -526,6 +539,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = argparse.Namespace(config=ns.config, config_sources=sources, **values)
     finalize(args)
     return args
+
+
+# the keys that set the learning-rate and weight-decay schedule (Megatron-LM's
+# OptimizerParamScheduler state), after resolve_schedule
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters",
+                 "lr_wsd_decay_style", "weight_decay", "start_weight_decay", "end_weight_decay",
+                 "weight_decay_incr_style")
+
+
+def resume_schedule(args: argparse.Namespace, saved: dict) -> None:
+    """Megatron-LM's rule for the schedule on resume, `saved` the checkpoint's flags: with
+    --use-checkpoint-opt_param-scheduler its values replace this run's; with
+    --override-opt_param-scheduler this run's stand; with neither they must agree (a changed
+    --lr or decay on resume is refused naming the key rather than taken silently)."""
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("use_checkpoint_opt_param_scheduler", "not with override_opt_param_scheduler: take the "
+                                                                "schedule from one place")
+    if args.override_opt_param_scheduler:
+        return
+    for key in SCHEDULE_KEYS:
+        if key not in saved:  # a checkpoint from before the key existed
+            continue
+        if args.use_checkpoint_opt_param_scheduler:
+            setattr(args, key, saved[key])
+        elif saved[key] != getattr(args, key):
+            raise ConfigError(key, f"{getattr(args, key)!r} differs from the checkpoint's {saved[key]!r}: add "
+                                   f"--override-opt_param-scheduler (this run's schedule) or "
+                                   f"--use-checkpoint-opt_param-scheduler (the checkpoint's)")
 
 
 def checkpoint_args(load: Optional[str], step: Optional[int] = None) -> dict:
@@ -1068,6 +1109,11 @@ def finalize(args: argparse.Namespace) -> None:
 def check_profiling(args: argparse.Namespace, world: int) -> None:
     """--profile and its keys (Megatron-LM's): a window of iterations, ranks of this world, and
     where each kind of profile can go."""
+    if args.record_memory_history:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError("record_memory_history", "records CUDA's caching allocator: needs CUDA")
     _check_needs(args, ("profile_step_start", "profile_step_end", "profile_ranks", "use_pytorch_profiler"),
                  args.profile, "profile")
     try:

@@ -324,16 +324,18 @@ def test_gpu_step_diagnostics_leave_the_losses_and_count_zeros(tmp_path):
     """Megatron-LM's step diagnostics on the Megatron engine: --log-num-zeros-in-grad (counted
     by Megatron's optimizer over the distributed optimizer's float32 grads), the emptying of
     the CUDA cache between forward-backward and the update (--empty-unused-memory-level 2),
-    the CUDA profiler-API window (--profile, what nsys --capture-range=cudaProfilerApi reads)
-    and the torch profiler's trace: the losses equal the plain run's; with untied embeddings
+    the CUDA profiler-API window (--profile, what nsys --capture-range=cudaProfilerApi reads),
+    the allocator's history (--record-memory-history) and the torch profiler's trace: the losses equal the plain run's; with untied embeddings
     every vocabulary row the step's 128 tokens miss has a zero gradient."""
     os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
     small = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "6",
              "--log-interval", "1", "--untie-embeddings-and-output-weights"]
     plain = train(tmp_path, "plain", small)
     tb = tmp_path / "tb"
+    snapshot = tmp_path / "snap.pickle"
     diag = train(tmp_path, "diag", small + ["--log-num-zeros-in-grad", "--empty-unused-memory-level", "2",
-                                            "--profile", "--profile-step-start", "1", "--profile-step-end", "3"])
+                                            "--profile", "--profile-step-start", "1", "--profile-step-end", "3",
+                                            "--record-memory-history", "--memory-snapshot-path", str(snapshot)])
     traced = train(tmp_path, "traced", small + ["--profile", "--use-pytorch-profiler", "--profile-step-start", "2",
                                                 "--profile-step-end", "4", "--tensorboard-dir", str(tb)])
     for name, run in (("diag", diag), ("traced", traced)):
@@ -343,6 +345,11 @@ def test_gpu_step_diagnostics_leave_the_losses_and_count_zeros(tmp_path):
     vocab, hidden = 1024, 128
     for h in diag:
         assert (vocab - 128) * hidden <= h["num_zeros_in_grad"] < 2_000_000, h
+    import pickle
+
+    with open(snapshot, "rb") as f:  # --record-memory-history: the allocator's state and its history
+        snap = pickle.load(f)
+    assert snap["segments"] and any(t for t in snap["device_traces"]), list(snap)
     traces = sorted(tb.glob("rank0.*.pt.trace.json"))
     assert len(traces) == 1, traces
     events = json.loads(traces[0].read_text())["traceEvents"]

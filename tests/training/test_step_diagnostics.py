@@ -42,6 +42,7 @@ def test_num_zeros_in_grad_counts_unseen_embedding_rows_in_any_layout(cache, tmp
     (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "x", "--profile-step-end", "10"], "profile_step_end"),
     (["--profile", "--use-pytorch-profiler", "--tensorboard-dir", "x", "--profile-ranks", "1"], "profile_ranks"),
     (["--profile"], "profile"),  # an nsys range needs CUDA
+    (["--record-memory-history"], "record_memory_history"),  # CUDA's allocator
     (["--empty-unused-memory-level", "3"], "empty_unused_memory_level"),
     (["--dataloader-type", "cyclic"], "dataloader_type"),
     (["--rerun-mode", "validate_results"], "rerun_mode"),

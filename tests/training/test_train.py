@@ -116,6 +116,28 @@ def test_resume_matches_uninterrupted_run(cache, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
 
 
+def test_resume_schedule_follows_megatron_lm_rule(cache, tmp_path):
+    """On resume the learning-rate schedule must agree with the checkpoint's: a changed --lr
+    stops naming the key; --use-checkpoint-opt_param-scheduler takes the checkpoint's (the
+    run follows the uninterrupted one), --override-opt_param-scheduler this run's."""
+    base = ["--train-iters", "8", "--lr-warmup-iters", "2", "--log-interval", "1"]
+    full = train(tmp_path, "full", base)
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "first", base + ["--exit-interval", "4", "--save", str(ckpt)])
+    changed = base + ["--lr", "1e-3", "--load", str(ckpt)]
+    with pytest.raises(RuntimeError, match="config key 'lr': 0.001 differs from the checkpoint's 0.003: add "
+                                           "--override-opt_param-scheduler"):
+        train(tmp_path, "changed", changed)
+    kept = train(tmp_path, "kept", changed + ["--use-checkpoint-opt_param-scheduler"])
+    new = train(tmp_path, "new", changed + ["--override-opt_param-scheduler"])
+    assert [h["step"] for h in kept] == [h["step"] for h in new] == [5, 6, 7, 8]
+    for a, b in zip(full[4:], kept):
+        assert (a["lr"], a["loss"]) == pytest.approx((b["lr"], b["loss"]), rel=1e-6, abs=1e-7), a["step"]
+    assert all(b["lr"] == pytest.approx(a["lr"] / 3, rel=1e-6) for a, b in zip(kept, new))
+    with pytest.raises(RuntimeError, match="config key 'use_checkpoint_opt_param_scheduler'"):
+        train(tmp_path, "both", changed + ["--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"])
+
+
 def test_ckpt_step_resumes_an_earlier_checkpoint(cache, tmp_path):
     """--ckpt-step 3 loads iter_0000003 although the tracker names 6, and the run goes on as
     the uninterrupted one; a tracker naming a deleted folder, or a step never saved, exits 2
@@ -403,7 +425,8 @@ def test_finetune_and_no_load_optim(cache, tmp_path):
     assert [h["step"] for h in tuned] == [1, 2, 3, 4]
     for a, b in zip(tuned, pretrained):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
-    resumed = train(tmp_path, "resumed", ["--train-iters", "9", "--load", str(ckpt)])
+    # 3 more steps than the checkpoint's run: its LR decay stretched, as Megatron-LM asks to say
+    resumed = train(tmp_path, "resumed", ["--train-iters", "9", "--load", str(ckpt), "--override-opt_param-scheduler"])
     # that run also saves without its optimizer and RNG state (--no-save-optim/-rng)
     slim = tmp_path / "slim"
     fresh_optim = train(tmp_path, "fresh_optim", ["--train-iters", "9", "--load", str(ckpt), "--no-load-optim",
@@ -679,7 +702,8 @@ def test_first_launch_with_save_and_load_the_same(tmp_path, cache):
     no checkpoint and starts from scratch (saying so), the next resumes where it stopped;
     --exit-on-missing-checkpoint, --finetune and the tools refuse a directory without one."""
     ckpt = tmp_path / "ckpt"
-    flags = [*TINY, "--save", str(ckpt), "--load", str(ckpt)]
+    # the LR decay given, not derived from --train-iters: the second launch runs longer
+    flags = [*TINY, "--save", str(ckpt), "--load", str(ckpt), "--lr-decay-iters", "5"]
     out = _ok(tmp_path, "train", *flags, "--train-iters", "3", **PLAIN)
     assert "no checkpoint in" in out and "starting from scratch" in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
