@@ -351,6 +351,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                            "log line then writes its snapshot to memory_snapshot_path (the last "
                                            "rank's; open it at pytorch.org/memory_viz)"),
     "memory_snapshot_path": (str, "snapshot.pickle", "where record_memory_history writes the snapshot"),
+    "create_attention_mask_in_dataloader": (bool, None, "accepted: no mask is made (FoX attention is causal and "
+                                                        "restarts at document starts by itself)"),
+    "tiktoken_pattern": (str, None, "accepted, unused: no TikTokenizer here"),
     "qk_layernorm": (bool, None, "Megatron-LM's QK layer norm: the same as fox_qk_norm (RMSNorm over the head "
                                  "dim, as --normalization RMSNorm)"),
     "optimizer": (str, "adam", "adam: AdamW (decoupled weight decay), Megatron-LM's adam; sgd is not built"),
@@ -420,6 +423,15 @@ NOT_BUILT = {
     "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
                                      "size x data-parallel size",
     "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
+    "fp8_amax_history_len": "FP8 training is not built here: use --bf16",
+    "fp8_amax_compute_algo": "FP8 training is not built here: use --bf16",
+    "fp8_param_gather": "FP8 training is not built here: use --bf16",
+    "fp8_recipe": "FP8 training is not built here: use --bf16",
+    "apply_layernorm_1p": "zero-centred norm weights (Megatron-Core's layernorm_zero_centered_gamma) are not built "
+                          "here",
+    "decoupled_lr": "a separate learning rate for the embedding and output layers is not built here",
+    "decoupled_min_lr": "a separate learning rate for the embedding and output layers is not built here",
+    "grad_reduce_in_bf16": "gradients are reduced in float32 here",
     "use_legacy_models": "megatron_fox builds Megatron-Core models only (the default --use-mcore-models)",
 }
 
@@ -458,6 +470,10 @@ def unknown_key(key: str, where: str) -> ConfigError:
     Megatron-LM key is not built, or the nearest known key."""
     if key in NOT_BUILT:
         return ConfigError(key, NOT_BUILT[key])
+    if key.startswith("no_") and key[3:] in NOT_BUILT:  # a --no- form of one
+        return ConfigError(key[3:], NOT_BUILT[key[3:]])
+    if key.startswith("no_") and key[3:] in OPTIONS:  # only switches have a --no- form
+        return ConfigError(key[3:], f"takes a value (--{key[3:].replace('_', '-')} VALUE), it has no --no- form")
     if key.startswith("moe_"):  # Megatron-LM's other MoE flags
         return ConfigError(key, "this Mixture-of-Experts option is not built here (see --help for the moe_* keys)")
     close = difflib.get_close_matches(key, list(OPTIONS), n=1, cutoff=0.75)
