@@ -125,6 +125,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                       "Megatron-LM's (the LR schedule follows the consumed sequences)"),
     "lr": (float, 2e-3, "peak learning rate"),
     "min_lr": (float, 0.0, "final learning rate"),
+    "decoupled_lr": (float, None, "peak learning rate of the embedding and output layers (their own schedule, "
+                                  "same shape; default: lr)"),
+    "decoupled_min_lr": (float, None, "final learning rate of the embedding and output layers (default: min_lr)"),
     "lr_warmup_iters": (int, 20, "linear warmup steps"),
     "lr_warmup_samples": (int, None, "warmup in sequences (instead of lr_warmup_iters)"),
     "lr_warmup_fraction": (float, None, "warmup as a fraction of the decay length (instead of lr_warmup_iters)"),
@@ -429,8 +432,6 @@ NOT_BUILT = {
     "fp8_recipe": "FP8 training is not built here: use --bf16",
     "apply_layernorm_1p": "zero-centred norm weights (Megatron-Core's layernorm_zero_centered_gamma) are not built "
                           "here",
-    "decoupled_lr": "a separate learning rate for the embedding and output layers is not built here",
-    "decoupled_min_lr": "a separate learning rate for the embedding and output layers is not built here",
     "grad_reduce_in_bf16": "gradients are reduced in float32 here",
     "use_legacy_models": "megatron_fox builds Megatron-Core models only (the default --use-mcore-models)",
 }
@@ -559,7 +560,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # the keys that set the learning-rate and weight-decay schedule (Megatron-LM's
 # OptimizerParamScheduler state), after resolve_schedule
-SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters",
+SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters",
                  "lr_wsd_decay_style", "weight_decay", "start_weight_decay", "end_weight_decay",
                  "weight_decay_incr_style")
 
@@ -989,6 +990,11 @@ def finalize(args: argparse.Namespace) -> None:
     if args.deterministic_mode and args.fox_context_pruning:
         raise ConfigError("deterministic_mode", "not with fox_context_pruning: its keep-mask kernels add "
                                                 "gradients with atomics (no fixed order)")
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        raise ConfigError("decoupled_min_lr", "needs decoupled_lr (the schedule it ends)")
+    for key in ("decoupled_lr", "decoupled_min_lr"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {getattr(args, key)}")
     if args.qk_layernorm is not None:
         if getattr(args, "config_sources", {}).get("fox_qk_norm") and args.fox_qk_norm != args.qk_layernorm:
             raise ConfigError("qk_layernorm", f"contradicts fox_qk_norm {args.fox_qk_norm}")

@@ -109,7 +109,7 @@ class DeepSpeedEngine(TorchEngine):
         data-parallel ranks and accumulation steps; the loss given to it is scaled so that
         the update is that of the global batch's mean token loss, as in the other engines."""
         self.ds.train()
-        lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults)
+        lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults, self.decoupled)
         batches = self._on_device(batches)
         if len(batches) != self.ds.gradient_accumulation_steps():  # --rampup-batch-size: this step's batch
             self.ds.set_train_batch_size(len(batches) * self.args.micro_batch_size * self.dp_size)

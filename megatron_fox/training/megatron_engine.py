@@ -121,8 +121,14 @@ class MegatronEngine:
             params_dtype=torch.bfloat16 if args.bf16 else torch.float32, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, use_distributed_optimizer=args.use_distributed_optimizer,
             clip_grad=args.clip_grad, overlap_param_gather=args.overlap_param_gather,
-            log_num_zeros_in_grad=args.log_num_zeros_in_grad)
+            log_num_zeros_in_grad=args.log_num_zeros_in_grad, decoupled_lr=args.decoupled_lr,
+            decoupled_min_lr=args.decoupled_min_lr)
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        # Megatron-Core gives --decoupled-lr's group (embedding and output layers) its own
+        # max_lr / min_lr; the schedule here follows that mark
+        self.decoupled = [args.decoupled_lr is not None and (group.get("max_lr", args.lr) != args.lr or
+                                                             group.get("min_lr", args.min_lr) != args.min_lr)
+                          for group in self.optimizer.param_groups]
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.model.no_sync
         if args.overlap_grad_reduce:  # pipeline schedules start each stage's reduce when its last backward ends
@@ -165,7 +171,7 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         # Megatron's groups carry wd_mult (0 for norms and biases), as its scheduler reads them
         lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args,
-                           [group.get("wd_mult", 1.0) for group in self.optimizer.param_groups])
+                           [group.get("wd_mult", 1.0) for group in self.optimizer.param_groups], self.decoupled)
         with self.timers.phase("forward-backward"):
             loss = self._run(batches, forward_only=False)
         check_finite(iteration, self.args, loss)  # before the update (DDP checks the gradients' NaNs)

@@ -35,27 +35,30 @@ def _schedule_position(iteration: int, args) -> tuple[float, float]:
     return before / args.global_batch_size, (before + batch) / args.global_batch_size
 
 
-def lr_at(iteration: int, args) -> float:
+def lr_at(iteration: int, args, peak: Optional[float] = None, floor: Optional[float] = None) -> float:
     """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
     lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
     steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
-    the schedule runs on the consumed sequences, in steps of global_batch_size."""
+    the schedule runs on the consumed sequences, in steps of global_batch_size. peak / floor
+    replace lr / min_lr (--decoupled-lr's schedule of the embedding and output layers)."""
+    peak = args.lr if peak is None else peak
+    floor = args.min_lr if floor is None else floor
     t_step, t_end = _schedule_position(iteration, args)
     if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:  # warmup by the sequences consumed at step end
-        return args.lr * min(1.0, t_end / args.lr_warmup_iters)
+        return peak * min(1.0, t_end / args.lr_warmup_iters)
     style = args.lr_decay_style
     if style == "constant":
-        return args.lr
+        return peak
     if style == "inverse-square-root":
-        return max(args.min_lr, args.lr * math.sqrt(max(args.lr_warmup_iters, 1) / max(t_step, 1)))
+        return max(floor, peak * math.sqrt(max(args.lr_warmup_iters, 1) / max(t_step, 1)))
     if style == "WSD":
         anneal_start = args.lr_decay_iters - args.lr_wsd_decay_iters
         t = min(1.0, max(0.0, (t_step - anneal_start) / args.lr_wsd_decay_iters))
         style = args.lr_wsd_decay_style
     else:
         t = min(1.0, (t_step - args.lr_warmup_iters) / max(1, args.lr_decay_iters - args.lr_warmup_iters))
-    return args.min_lr + (args.lr - args.min_lr) * _decay_coefficient(style, t)
+    return floor + (peak - floor) * _decay_coefficient(style, t)
 
 
 def wd_at(iteration: int, args) -> float:
@@ -70,14 +73,22 @@ def wd_at(iteration: int, args) -> float:
     return args.start_weight_decay + coeff * (args.end_weight_decay - args.start_weight_decay)
 
 
-def set_lr_and_wd(param_groups, iteration: int, args, wd_mults) -> float:
-    """Set each optimizer group's lr (`lr_at`) and weight decay (`wd_at` times the group's
-    multiplier: 0 for norms and biases); returns the lr."""
+def set_lr_and_wd(param_groups, iteration: int, args, wd_mults, decoupled=None) -> float:
+    """Set each optimizer group's lr (`lr_at`; a group marked in `decoupled` follows
+    decoupled_lr / decoupled_min_lr, Megatron-LM's --decoupled-lr for the embedding and output
+    layers) and weight decay (`wd_at` times the group's multiplier: 0 for norms and biases);
+    returns the lr of the other groups."""
     lr, wd = lr_at(iteration, args), wd_at(iteration, args)
-    for group, mult in zip(param_groups, wd_mults):
-        group["lr"] = lr
+    decoupled = decoupled or [False] * len(param_groups)
+    for group, mult, own in zip(param_groups, wd_mults, decoupled):
+        group["lr"] = lr_at(iteration, args, args.decoupled_lr, decoupled_min_lr(args)) if own else lr
         group["weight_decay"] = wd * mult
     return lr
+
+
+def decoupled_min_lr(args) -> float:
+    """The floor of --decoupled-lr's schedule: decoupled_min_lr, else min_lr (Megatron-LM's)."""
+    return args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
 
 
 def _decay_coefficient(style: str, t: float) -> float:

@@ -53,13 +53,18 @@ class TorchEngine:
 
     def __init__(self, model, args, eod: int):
         self.model, self.args, self.eod = model, args, eod
-        decay, no_decay = [], []
+        # groups by (weight-decay multiplier, own --decoupled-lr schedule): decayed weights,
+        # then norms and biases; the embedding and output layers apart with --decoupled-lr
+        groups: dict[tuple[float, bool], list] = {}
         for name, p in model.named_parameters():
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            own = args.decoupled_lr is not None and getattr(p, "is_embedding_or_output_parameter", False)
+            groups.setdefault((0.0 if _no_decay(name, p) else 1.0, own), []).append(p)
+        keys = sorted(groups, key=lambda k: (-k[0], k[1]))
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": groups[k], "weight_decay": args.weight_decay * k[0]} for k in keys],
             lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-        self.wd_mults = (1.0, 0.0)  # the groups above: decayed, then norms and biases
+        self.wd_mults = tuple(k[0] for k in keys)
+        self.decoupled = [k[1] for k in keys]
         self.params = [p for p in model.parameters()]
 
     # --- one optimizer step -------------------------------------------------------------
@@ -73,7 +78,7 @@ class TorchEngine:
             grad_norm = self._clip_grads()
             loss = self._reduce_loss(loss_sum, tokens)
             check_finite(iteration, self.args, loss, grad_norm)  # before the update: the weights stay finite
-            lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults)
+            lr = set_lr_and_wd(self.optimizer.param_groups, iteration, self.args, self.wd_mults, self.decoupled)
             self.optimizer.step()
         out = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         if zeros is not None:

@@ -24,7 +24,7 @@ MEGATRON_LM_SCRIPT = """
 --eod-mask-loss --calculate-per-token-loss --dataloader-type single --tensorboard-queue-size 1000
 --log-num-zeros-in-grad --check-weight-hash-across-dp-replicas-interval 20 --empty-unused-memory-level 0
 --rerun-mode disabled --qk-layernorm --optimizer adam --use-dist-ckpt --timing-log-option max
---no-create-attention-mask-in-dataloader --tiktoken-pattern v2
+--no-create-attention-mask-in-dataloader --tiktoken-pattern v2 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5
 """.split()
 
 
@@ -90,7 +90,7 @@ def test_unavailable_values_name_the_key(flags, key):
     (["--use-torch-fsdp2"], "use_torch_fsdp2", "FSDP is not built"),
     (["--initial-loss-scale", "4096"], "initial_loss_scale", "fp16"),
     (["--no-fp8-param-gather"], "fp8_param_gather", "FP8"),
-    (["--decoupled-lr", "5e-4"], "decoupled_lr", "embedding and output layers"),
+    (["--decoupled-min-lr", "5e-5"], "decoupled_min_lr", "needs decoupled_lr"),
     (["--no-lr", "3"], "lr", "takes a value"),
     (["--moe-router-fusion"], "moe_router_fusion", "Mixture-of-Experts option"),
     (["stray"], "command line", "unexpected argument 'stray'"),

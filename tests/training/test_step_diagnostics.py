@@ -4,6 +4,7 @@ with --use-pytorch-profiler."""
 import json
 
 import pytest
+import torch
 
 from .test_train import TINY, train
 
@@ -116,3 +117,34 @@ def test_deterministic_mode_trains_like_the_default(cache, tmp_path):
 
     with pytest.raises(ConfigError, match="'deterministic_mode': not with fox_context_pruning"):
         parse_args(TINY + ["--deterministic-mode", "--fox-context-pruning"])
+
+
+def test_decoupled_lr_moves_only_the_embedding_and_output_layers(cache, tmp_path):
+    """--decoupled-lr: the embedding and output layers follow their own schedule. With it 0
+    they stay at their initial values (a run at lr 0 gives those) while every other weight
+    trains; the schedule of those groups has the shape of the main one."""
+    from types import SimpleNamespace
+
+    from megatron_fox.training.step import lr_at, set_lr_and_wd
+
+    frozen = ["--decoupled-lr", "0", "--decoupled-min-lr", "0", "--log-interval", "1"]
+    init, trained = tmp_path / "init", tmp_path / "trained"
+    train(tmp_path, "init", frozen + ["--train-iters", "1", "--lr", "0", "--save", str(init)])
+    hist = train(tmp_path, "trained", frozen + ["--train-iters", "3", "--save", str(trained)])
+    assert hist[-1]["lr"] > 0
+    a = torch.load(init / "iter_0000001" / "mp_rank_00_000.pt", weights_only=False)["model"]
+    b = torch.load(trained / "iter_0000003" / "mp_rank_00_000.pt", weights_only=False)["model"]
+    own = {k for k in a if k.endswith(("word_embeddings.weight", "output_layer.weight"))}
+    assert len(own) == 2, sorted(a)
+    for k in a:
+        if k in own:
+            assert torch.equal(a[k], b[k]), k
+        elif torch.is_tensor(a[k]) and a[k].is_floating_point() and a[k].numel() > 1:
+            assert not torch.equal(a[k], b[k]), k
+    args = SimpleNamespace(lr=1e-3, min_lr=1e-5, decoupled_lr=4e-3, decoupled_min_lr=None, lr_warmup_iters=2,
+                           lr_decay_iters=10, lr_decay_style="cosine", weight_decay=0.1, weight_decay_incr_style="constant",
+                           rampup_batch_size=None, global_batch_size=4, train_iters=10)
+    groups = [{}, {}, {}]
+    assert set_lr_and_wd(groups, 5, args, (1.0, 0.0, 1.0), [False, False, True]) == lr_at(5, args)
+    assert groups[2]["lr"] == pytest.approx(lr_at(5, args, 4e-3, 1e-5)) and groups[0]["lr"] == groups[1]["lr"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]
