@@ -11,6 +11,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -205,6 +206,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                     "valid_data_path: each split from its own files, split ignored"),
     "valid_data_path": (list, None, "validation data of its own (with train_data_path)"),
     "test_data_path": (list, None, "test data of its own (with train_data_path), evaluated after training"),
+    "data_args_path": (str, None, "a file holding what data_path would (the blend as whitespace-separated "
+                                  "words): for blends too long for a command line"),
+    "per_split_data_args_path": (str, None, "a JSON file {\"train\": [...], \"valid\": [...], \"test\": [...]} "
+                                            "holding what train/valid/test_data_path would"),
     "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model; "
                                                       "GPTSentencePieceTokenizer and Llama2Tokenizer the same) | "
                                                       "GPT2BPETokenizer (vocab_file, merge_file) | "
@@ -421,8 +426,6 @@ NOT_BUILT = {
     "async_save": "saves are synchronous here",
     "non_persistent_save_interval": "non-persistent (local) checkpoints are not built here: use --save-interval",
     "non_persistent_ckpt_type": "non-persistent (local) checkpoints are not built here: use --save-interval",
-    "per_split_data_args_path": "give the splits' blends as --train-data-path / --valid-data-path / "
-                                "--test-data-path",
     "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
                                      "size x data-parallel size",
     "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
@@ -819,10 +822,45 @@ def check_context_pruning(args) -> None:
                           f"must be >= 0, got {args.fox_context_pruning_alpha_iters}")
 
 
+def read_data_args_files(args: argparse.Namespace) -> None:
+    """Megatron-LM's --data-args-path (data_path's words from a file) and
+    --per-split-data-args-path (the per-split paths from a JSON object)."""
+    if args.data_args_path is not None:
+        if args.data_path is not None:
+            raise ConfigError("data_args_path", "give data_path or data_args_path, not both")
+        try:
+            with open(args.data_args_path) as f:
+                words = f.read().split()
+        except OSError as e:
+            raise ConfigError("data_args_path", f"cannot read {args.data_args_path}: {e.strerror}") from None
+        if not words:
+            raise ConfigError("data_args_path", f"{args.data_args_path} is empty")
+        args.data_path = words
+    if args.per_split_data_args_path is not None:
+        path = args.per_split_data_args_path
+        if any(getattr(args, f"{k}_data_path") is not None for k in ("train", "valid", "test")) or args.data_path:
+            raise ConfigError("per_split_data_args_path", "give it or data paths on the command line, not both")
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except OSError as e:
+            raise ConfigError("per_split_data_args_path", f"cannot read {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError("per_split_data_args_path", f"{path} is not JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(table, dict) or set(table) - {"train", "valid", "test"}:
+            raise ConfigError("per_split_data_args_path", f"{path} must map train / valid / test to their paths")
+        for split, value in table.items():
+            words = value.split() if isinstance(value, str) else value
+            if not isinstance(words, list) or not words or not all(isinstance(w, (str, int, float)) for w in words):
+                raise ConfigError("per_split_data_args_path", f"{path}: {split!r} must be a non-empty list of words")
+            setattr(args, f"{split}_data_path", [str(w) for w in words])
+
+
 def check_data_paths(args: argparse.Namespace) -> None:
     """Parse data_path, or train_data_path + valid_data_path + test_data_path (each split from
     its own files), into args.data_blends = {"all" | "train" | "valid" | "test": (prefixes,
     weights)} (empty: the embedded corpus); every prefix's .bin/.idx must exist."""
+    read_data_args_files(args)
     per_split = {"train": args.train_data_path, "valid": args.valid_data_path, "test": args.test_data_path}
     given = {k: v for k, v in per_split.items() if v is not None}
     if given and args.data_path is not None:

@@ -430,3 +430,35 @@ def test_per_split_data_paths(one_rank, jsonl_dataset, corpus, tok, docs, tmp_pa
                         "valid_data_path")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             parse_args(flags + common)
+
+
+def test_data_args_files_equal_the_command_line(jsonl_dataset, corpus, tmp_path):
+    """--data-args-path (data_path's words in a file) and --per-split-data-args-path (a JSON
+    object of the per-split paths) give the blends their command-line forms give; bad files
+    stop naming the key."""
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    common = ["--tokenizer-model", corpus[1], "--seq-length", "32", "--train-iters", "20", "--global-batch-size", "4",
+              "--micro-batch-size", "4", "--eval-interval", "10", "--eval-iters", "2"]
+    words = tmp_path / "blend.txt"
+    words.write_text(f"1 {jsonl_dataset}\n3 {corpus[0]}\n")
+    from_file = parse_args(["--data-args-path", str(words)] + common)
+    assert from_file.data_blends == parse_args(["--data-path", "1", jsonl_dataset, "3", corpus[0]] + common).data_blends
+    table = tmp_path / "splits.json"
+    table.write_text(json.dumps({"train": [corpus[0]], "valid": f"1 {jsonl_dataset}", "test": [jsonl_dataset]}))
+    per_split = parse_args(["--per-split-data-args-path", str(table)] + common)
+    assert per_split.data_blends == parse_args(["--train-data-path", corpus[0], "--valid-data-path", "1",
+                                                jsonl_dataset, "--test-data-path", jsonl_dataset] + common).data_blends
+    empty, bad, odd = tmp_path / "empty.txt", tmp_path / "bad.json", tmp_path / "odd.json"
+    empty.write_text("\n")
+    bad.write_text("{train: x}")
+    odd.write_text(json.dumps({"training": [corpus[0]]}))
+    for flags, key, says in ((["--data-args-path", str(words), "--data-path", corpus[0]], "data_args_path", "not both"),
+                             (["--data-args-path", str(empty)], "data_args_path", "is empty"),
+                             (["--data-args-path", str(tmp_path / "none.txt")], "data_args_path", "cannot read"),
+                             (["--per-split-data-args-path", str(bad)], "per_split_data_args_path", "is not JSON"),
+                             (["--per-split-data-args-path", str(odd)], "per_split_data_args_path", "train / valid"),
+                             (["--per-split-data-args-path", str(table), "--train-data-path", corpus[0]],
+                              "per_split_data_args_path", "not both")):
+        with pytest.raises(ConfigError, match=f"'{key}': .*{says}"):
+            parse_args(flags + common)
