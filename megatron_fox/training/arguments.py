@@ -152,6 +152,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "clip_grad": (float, 1.0, "gradient-norm clip"),
     "bf16": (bool, False, "bf16 parameters and compute (CUDA path)"),
     "fp16": (bool, None, "refused: fp16 with loss scaling is not built here; use bf16"),
+    "seed": (int, 1234, "random seed"),
+    "device": (str, "auto", "auto | cpu | cuda"),
     # Mixture of Experts (Megatron-Core's MoELayer in place of the dense MLP)
     "num_experts": (int, None, "Mixture-of-Experts: experts per layer (SwiGLU each) in place of the dense MLP"),
     "moe_ffn_hidden_size": (int, None, "an expert's hidden size (default ffn_hidden_size)"),
@@ -196,8 +198,6 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "expert_tensor_parallel_size": (int, None, "Megatron-LM's expert tensor parallelism; the experts are split "
                                                "like the dense layers here, so only tensor_model_parallel_size "
                                                "(the default) is available"),
-    "seed": (int, 1234, "random seed"),
-    "device": (str, "auto", "auto | cpu | cuda"),
     # data
     "data_path": (list, None, "Megatron indexed dataset prefix, or a blend as in Megatron-LM: 'W1 PREFIX1 W2 "
                               "PREFIX2 ...' (weights) or 'PREFIX1 PREFIX2 ...' (weighted by tokens); "
@@ -440,6 +440,14 @@ NOT_BUILT = {
 }
 
 
+# the first key of each part of OPTIONS: the headings of --help
+HELP_SECTIONS = {"num_layers": "model", "fox_forget_gate": "FoX and ACP", "tensor_model_parallel_size": "parallelism",
+                 "seq_length": "training and learning-rate schedule",
+                 "num_experts": "Mixture of Experts (Megatron-Core's MoELayer)", "data_path": "data",
+                 "log_interval": "logging, checkpoints and diagnostics",
+                 "normalization": "other Megatron-LM flags (a fixed meaning here, or accepted and unused)"}
+
+
 # Megatron-LM's spellings of flags whose names mix dashes and underscores
 _MEGATRON_SPELLINGS = {"override_opt_param_scheduler": ["--override-opt_param-scheduler"],
                        "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler"]}
@@ -492,14 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m megatron_fox.train", allow_abbrev=False,
                 description="Train a FoX(-Pro) model with ACP on Megatron-Core.")
     p.add_argument("--config", type=str, default=None, help="YAML file of settings (keys = flag names)")
+    group = p
     for name, (typ, _default, help_) in OPTIONS.items():
+        if name in HELP_SECTIONS:  # --help lists the flags under these headings, in OPTIONS' order
+            group = p.add_argument_group(HELP_SECTIONS[name])
         flags = ["--" + name.replace("_", "-")] + _MEGATRON_SPELLINGS.get(name, [])
         if typ is bool:
-            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typ is list:
-            p.add_argument(*flags, dest=name, nargs="+", type=str, default=None, help=help_)
+            group.add_argument(*flags, dest=name, nargs="+", type=str, default=None, help=help_)
         else:
-            p.add_argument(*flags, dest=name, type=typ, default=None, help=help_)
+            group.add_argument(*flags, dest=name, type=typ, default=None, help=help_)
     return p
 
 

@@ -125,3 +125,15 @@ def test_megatron_lm_aliases():
     if importlib.util.find_spec("transformer_engine") is None:
         with pytest.raises(ConfigError, match="'cross_entropy_fusion_impl'"):
             parse_args(["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te"])
+
+
+def test_help_lists_every_flag_under_a_heading(capsys):
+    """--help groups the ~400 flags under headings (the parts of OPTIONS), every flag once."""
+    from megatron_fox.training.arguments import HELP_SECTIONS, OPTIONS, build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    for title in HELP_SECTIONS.values():
+        assert f"\n{title}:\n" in text, title
+    grouped = [a.dest for g in parser._action_groups if g.title in HELP_SECTIONS.values() for a in g._group_actions]
+    assert sorted(grouped) == sorted(OPTIONS)
