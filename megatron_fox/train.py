@@ -331,6 +331,7 @@ def _run(args, on_step, collector) -> list[dict]:
     from .training.profiling import StepProfiler
     from .training.replica_check import check_weight_replicas
     from .training.timers import PhaseTimers, format_phases
+    from .training.progress import ProgressLog
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
     from .training.step import context_pruning_alpha_at, empty_unused_memory, global_batch, moe_load_balancing_losses
@@ -352,6 +353,7 @@ def _run(args, on_step, collector) -> list[dict]:
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
               f"step; start step {start}", flush=True)
     history, saved_at, stopped = [], None, False
+    progress = ProgressLog(args.save, args.load, start, dist.get_world_size()) if args.log_progress else None
     exit_request = _ExitRequest(args, device)
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
 
@@ -405,6 +407,8 @@ def _run(args, on_step, collector) -> list[dict]:
                    tflops_per_gpu=flops_per_step * step_share / dt / dist.get_world_size() / 1e12,
                    model_flops=flops_per_step * step_share)
         history.append(out)
+        if progress:
+            progress.step(batch_size * args.seq_length, out["model_flops"], dt)
         if on_step is not None:
             on_step(it + 1, out)
         bar.update(1)
@@ -486,6 +490,8 @@ def _run(args, on_step, collector) -> list[dict]:
         if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or stop):
             engine.save(args.save, it + 1)
             saved_at = it + 1
+            if progress:
+                progress.saved(args.save, it + 1)
         if stop:
             stopped = it + 1 < args.train_iters  # cut short: no test pass (as Megatron-LM on exit)
             break
@@ -497,6 +503,8 @@ def _run(args, on_step, collector) -> list[dict]:
             evaluate(valid_ds, "valid", start, history[-1])
     elif args.save and history and saved_at != history[-1]["step"]:  # the final state, unless just saved
         engine.save(args.save, history[-1]["step"])
+        if progress:
+            progress.saved(args.save, history[-1]["step"])
     if test_ds is not None and history and not stopped:  # as Megatron-LM: the test data once, after training
         evaluate(test_ds, "test", history[-1]["step"], history[-1])
     scalars.close()

@@ -355,6 +355,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                                   "run's flags, whatever the checkpoint's"),
     "use_checkpoint_opt_param_scheduler": (bool, False, "on resume, the learning-rate and weight-decay schedule "
                                                         "saved with the checkpoint, whatever this run's flags say"),
+    "log_progress": (bool, False, "a line in <save>/progress.txt at each job start and checkpoint: tokens and "
+                                  "floating-point operations so far over all the run's jobs, TFLOP/s/GPU of this "
+                                  "job and of all"),
     "record_memory_history": (bool, False, "CUDA: record the caching allocator's history from the start; each "
                                            "log line then writes its snapshot to memory_snapshot_path (the last "
                                            "rank's; open it at pytorch.org/memory_viz)"),
@@ -1036,6 +1039,8 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError("use_rotary_position_embeddings", f"contradicts position_embedding_type "
                                                                 f"{args.position_embedding_type!r}")
         args.position_embedding_type = "rope"
+    if args.log_progress and not args.save:
+        raise ConfigError("log_progress", "needs save (progress.txt is written there)")
     if args.deterministic_mode and args.fox_context_pruning:
         raise ConfigError("deterministic_mode", "not with fox_context_pruning: its keep-mask kernels add "
                                                 "gradients with atomics (no fixed order)")

@@ -148,3 +148,29 @@ def test_decoupled_lr_moves_only_the_embedding_and_output_layers(cache, tmp_path
     assert set_lr_and_wd(groups, 5, args, (1.0, 0.0, 1.0), [False, False, True]) == lr_at(5, args)
     assert groups[2]["lr"] == pytest.approx(lr_at(5, args, 4e-3, 1e-5)) and groups[0]["lr"] == groups[1]["lr"]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]
+
+
+def test_log_progress_counts_over_resumed_jobs(cache, tmp_path):
+    """--log-progress: progress.txt under --save gets a line when each job starts and at each
+    checkpoint; the tokens and floating-point operations count on across a resume (the totals
+    saved with the checkpoint), equal to the steps' own counts."""
+    ckpt = tmp_path / "ckpt"
+    flags = ["--train-iters", "6", "--log-interval", "1", "--save", str(ckpt), "--save-interval", "2",
+             "--log-progress"]
+    first = train(tmp_path, "first", flags + ["--exit-interval", "4"])
+    rest = train(tmp_path, "rest", flags + ["--load", str(ckpt)])
+    lines = [dict(f.rsplit(" ", 1) for f in line.split("\t")[1:] if " " in f) | {"event": line.split("\t")[3]}
+             for line in (ckpt / "progress.txt").read_text().splitlines()]
+    assert [(x["event"], int(x["step"])) for x in lines] == [
+        ("job started", 0), ("checkpoint saved", 2), ("checkpoint saved", 4), ("job started", 4),
+        ("checkpoint saved", 6)]
+    tokens_a_step = 4 * 64  # global batch x seq length of TINY
+    assert [int(x["tokens"]) for x in lines] == [0, 2 * tokens_a_step, 4 * tokens_a_step, 4 * tokens_a_step,
+                                                 6 * tokens_a_step]
+    flops = sum(h["model_flops"] for h in first + rest)
+    assert float(lines[-1]["floating-point operations"]) == pytest.approx(flops, rel=1e-6)
+    assert float(lines[-1]["job TFLOP/s/GPU"]) > 0 and float(lines[-1]["all jobs TFLOP/s/GPU"]) > 0
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match="'log_progress': needs save"):
+        parse_args(TINY + ["--log-progress"])
