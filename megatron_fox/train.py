@@ -101,11 +101,13 @@ def data_paths(args) -> tuple[dict, str]:
 
 
 def tokenizer_for(args):
-    """The run's tokenizer: --tokenizer-type GPT2BPETokenizer's files, else the SentencePiece
-    model of --tokenizer-model or of the embedded corpus."""
+    """The run's tokenizer: --tokenizer-type GPT2BPETokenizer's files, HuggingFaceTokenizer's
+    --tokenizer-model, else the SentencePiece model of --tokenizer-model or of the embedded
+    corpus."""
     from .training.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
 
-    model = None if args.tokenizer_type not in SENTENCEPIECE_TYPES else data_paths(args)[1]
+    model = (data_paths(args)[1] if args.tokenizer_type in SENTENCEPIECE_TYPES
+             else args.tokenizer_model if args.tokenizer_type == "HuggingFaceTokenizer" else None)
     return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file, args.vocab_size)
 
 

@@ -41,8 +41,10 @@ def parse_args(argv=None):
     missing = [f for f in args.input if not os.path.isfile(f)]
     if missing:
         p.error(f"--input: file(s) not found: {', '.join(missing)}")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        p.error("--tokenizer-model: needed by --tokenizer-type HuggingFaceTokenizer (a directory or hub name)")
     needed = (("tokenizer_model",) if args.tokenizer_type in SENTENCEPIECE_TYPES
-              else ("vocab_file", "merge_file"))
+              else () if args.tokenizer_type == "HuggingFaceTokenizer" else ("vocab_file", "merge_file"))
     for key in needed:
         path = getattr(args, key)
         if path is None or not os.path.isfile(path):

@@ -213,7 +213,9 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "tokenizer_type": (str, "SentencePieceTokenizer", "SentencePieceTokenizer (tokenizer_model; "
                                                       "GPTSentencePieceTokenizer and Llama2Tokenizer the same) | "
                                                       "GPT2BPETokenizer (vocab_file, merge_file) | "
-                                                      "NullTokenizer (vocab_size ids; end of document = vocab_size)"),
+                                                      "NullTokenizer (vocab_size ids; end of document = vocab_size) | "
+                                                      "HuggingFaceTokenizer (tokenizer_model: a directory or hub "
+                                                      "name; needs transformers)"),
     "mock_data": (bool, False, "Megatron-LM's synthetic data: random documents of random ids, no corpus or "
                                "tokenizer to build (with tokenizer_type NullTokenizer and vocab_size), for "
                                "throughput runs"),
@@ -900,6 +902,12 @@ def check_data_paths(args: argparse.Namespace) -> None:
         raise ConfigError("vocab_size", "needed by NullTokenizer (its ids are 0 .. vocab_size - 1)")
     if args.tokenizer_type not in TOKENIZER_TYPES:
         raise ConfigError("tokenizer_type", f"{args.tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}")
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        if importlib.util.find_spec("transformers") is None:
+            raise ConfigError("tokenizer_type", "HuggingFaceTokenizer needs the transformers package (pip install "
+                                                "transformers)")
+        if args.tokenizer_model is None:
+            raise ConfigError("tokenizer_model", "needed by HuggingFaceTokenizer (a tokenizer directory or hub name)")
     if args.tokenizer_type == "GPT2BPETokenizer":
         for key in ("vocab_file", "merge_file"):
             if getattr(args, key) is None or not os.path.isfile(getattr(args, key)):

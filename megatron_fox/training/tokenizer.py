@@ -151,21 +151,56 @@ class NullTokenizer:
         return " ".join(str(int(i)) for i in ids if int(i) != self._n)
 
 
+class HuggingFaceTokenizer:
+    """Megatron-LM's HuggingFaceTokenizer: `transformers.AutoTokenizer` of tokenizer_model (a
+    local directory or a hub name); the end-of-document id is its eos token. Texts are
+    tokenized without the model's special tokens (no BOS): documents are separated by eod,
+    as with the other tokenizers here. Needs the transformers package."""
+
+    def __init__(self, name_or_path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError("tokenizer_type: HuggingFaceTokenizer needs the transformers package "
+                             "(pip install transformers)") from None
+        if not name_or_path:
+            raise ValueError("tokenizer_model: HuggingFaceTokenizer needs a tokenizer directory or hub name")
+        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"tokenizer_model: {name_or_path} has no eos token to end documents with")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)  # the base vocabulary and the added tokens, as Megatron-LM counts
+
+    @property
+    def eod(self) -> int:
+        return int(self._tok.eos_token_id)
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.eod])
+
+
 # Megatron-LM's names for a SentencePiece model: megatron-core's tokenizer library builds all
 # three from the .model file with the end of document at its eos id, as SentencePieceTokenizer here
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
-TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("GPT2BPETokenizer", "NullTokenizer")
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("GPT2BPETokenizer", "NullTokenizer", "HuggingFaceTokenizer")
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model=None, vocab_file=None, merge_file=None, vocab_size=None):
     """The tokenizer of Megatron-LM's --tokenizer-type: SentencePieceTokenizer (a .model file;
     GPTSentencePieceTokenizer and Llama2Tokenizer the same),
-    GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`) or NullTokenizer
-    (vocab_size ids, no text)."""
+    GPT2BPETokenizer (vocab.json + merges.txt, `bpe.GPT2BPETokenizer`), NullTokenizer
+    (vocab_size ids, no text) or HuggingFaceTokenizer (transformers' AutoTokenizer)."""
     if tokenizer_type in SENTENCEPIECE_TYPES:
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "GPT2BPETokenizer":
         from .bpe import GPT2BPETokenizer
 

@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
@@ -462,3 +463,44 @@ def test_data_args_files_equal_the_command_line(jsonl_dataset, corpus, tmp_path)
                               "per_split_data_args_path", "not both")):
         with pytest.raises(ConfigError, match=f"'{key}': .*{says}"):
             parse_args(flags + common)
+
+
+def test_huggingface_tokenizer_through_transformers(monkeypatch, tmp_path):
+    """--tokenizer-type HuggingFaceTokenizer: transformers' AutoTokenizer (here a stand-in
+    module) of --tokenizer-model, eod = its eos id, texts without special tokens; without
+    transformers the flag stops naming the key."""
+    import types
+
+    from megatron_fox.training.arguments import ConfigError, parse_args
+    from megatron_fox.training.tokenizer import build_tokenizer
+
+    if importlib.util.find_spec("transformers") is None:
+        with pytest.raises(ConfigError, match="'tokenizer_type': HuggingFaceTokenizer needs the transformers"):
+            parse_args(["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "x"])
+        with pytest.raises(ValueError, match="transformers"):
+            build_tokenizer("HuggingFaceTokenizer", "x")
+
+    class Auto:  # a byte-level stand-in: ids are bytes + 3, 0 bos, 1 eos, 2 pad
+        eos_token_id = 1
+        loaded = []
+
+        @classmethod
+        def from_pretrained(cls, name):
+            cls.loaded.append(name)
+            return cls()
+
+        def __len__(self):
+            return 259
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [b + 3 for b in text.encode()]
+            return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+        def decode(self, ids):
+            return bytes(i - 3 for i in ids if i > 2).decode()
+
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoTokenizer=Auto))
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tok"))
+    assert Auto.loaded == [str(tmp_path / "tok")] and (tok.vocab_size, tok.eod) == (259, 1)
+    assert tok.tokenize("hé") == [b + 3 for b in "hé".encode()]
+    assert tok.detokenize(tok.tokenize("hé") + [tok.eod]) == "hé"
