@@ -408,36 +408,29 @@ _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "
 
 
 # Megatron-LM flags known but not built here: the reason, given naming the key
+_VIRTUAL_PP = ("virtual (interleaved) pipeline stages are not built here: use --pipeline-model-parallel-size "
+               "(uneven stages: --decoder-first/last-pipeline-num-layers)")
+_FSDP = ("FSDP is not built here: --use-distributed-optimizer shards the optimizer state, --deepspeed "
+         "--zero-stage 3 the weights too")
+_FP8 = "FP8 training is not built here: use --bf16"
+_LOSS_SCALE = "a loss scale is for fp16, which is not built here: use --bf16"
+_NON_PERSISTENT = "non-persistent (local) checkpoints are not built here: use --save-interval"
 NOT_BUILT = {
-    "num_layers_per_virtual_pipeline_stage": "virtual (interleaved) pipeline stages are not built here: use "
-                                             "--pipeline-model-parallel-size (uneven stages: "
-                                             "--decoder-first/last-pipeline-num-layers)",
-    "num_virtual_stages_per_pipeline_rank": "virtual (interleaved) pipeline stages are not built here: use "
-                                            "--pipeline-model-parallel-size",
-    "use_torch_fsdp2": "FSDP is not built here: --use-distributed-optimizer shards the optimizer state, "
-                       "--deepspeed --zero-stage 3 the weights too",
-    "use_megatron_fsdp": "FSDP is not built here: --use-distributed-optimizer shards the optimizer state, "
-                         "--deepspeed --zero-stage 3 the weights too",
+    **dict.fromkeys(("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"), _VIRTUAL_PP),
+    **dict.fromkeys(("use_torch_fsdp2", "use_megatron_fsdp"), _FSDP),
     "data_parallel_sharding_strategy": "an FSDP option; FSDP is not built here",
     "tp_comm_overlap": "needs Transformer Engine's userbuffers; not built here",
-    "fp8_format": "FP8 training is not built here: use --bf16",
-    "loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
-    "initial_loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
-    "min_loss_scale": "a loss scale is for fp16, which is not built here: use --bf16",
-    "loss_scale_window": "a loss scale is for fp16, which is not built here: use --bf16",
-    "hysteresis": "a loss scale is for fp16, which is not built here: use --bf16",
+    **dict.fromkeys(("fp8_format", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+                     "fp8_recipe"), _FP8),
+    **dict.fromkeys(("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis"),
+                    _LOSS_SCALE),
+    "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
     "apply_query_key_layer_scaling": "an fp16 option; FoX's QK-norm (--fox-qk-norm) keeps the logits bounded",
     "sgd_momentum": "only Adam is built here (--optimizer adam)",
     "async_save": "saves are synchronous here",
-    "non_persistent_save_interval": "non-persistent (local) checkpoints are not built here: use --save-interval",
-    "non_persistent_ckpt_type": "non-persistent (local) checkpoints are not built here: use --save-interval",
+    **dict.fromkeys(("non_persistent_save_interval", "non_persistent_ckpt_type"), _NON_PERSISTENT),
     "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
                                      "size x data-parallel size",
-    "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
-    "fp8_amax_history_len": "FP8 training is not built here: use --bf16",
-    "fp8_amax_compute_algo": "FP8 training is not built here: use --bf16",
-    "fp8_param_gather": "FP8 training is not built here: use --bf16",
-    "fp8_recipe": "FP8 training is not built here: use --bf16",
     "apply_layernorm_1p": "zero-centred norm weights (Megatron-Core's layernorm_zero_centered_gamma) are not built "
                           "here",
     "grad_reduce_in_bf16": "gradients are reduced in float32 here",
@@ -579,9 +572,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # the keys that set the learning-rate and weight-decay schedule (Megatron-LM's
 # OptimizerParamScheduler state), after resolve_schedule
-SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters",
-                 "lr_wsd_decay_style", "weight_decay", "start_weight_decay", "end_weight_decay",
-                 "weight_decay_incr_style")
+SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_decay_iters",
+                 "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "start_weight_decay",
+                 "end_weight_decay", "weight_decay_incr_style")
 
 
 def resume_schedule(args: argparse.Namespace, saved: dict) -> None:
@@ -1193,11 +1186,8 @@ def finalize(args: argparse.Namespace) -> None:
 def check_profiling(args: argparse.Namespace, world: int) -> None:
     """--profile and its keys (Megatron-LM's): a window of iterations, ranks of this world, and
     where each kind of profile can go."""
-    if args.record_memory_history:
-        import torch
-
-        if args.device == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("record_memory_history", "records CUDA's caching allocator: needs CUDA")
+    if args.record_memory_history and not _runs_on_cuda(args):
+        raise ConfigError("record_memory_history", "records CUDA's caching allocator: needs CUDA")
     _check_needs(args, ("profile_step_start", "profile_step_end", "profile_ranks", "use_pytorch_profiler"),
                  args.profile, "profile")
     try:
@@ -1217,12 +1207,16 @@ def check_profiling(args: argparse.Namespace, world: int) -> None:
     if args.use_pytorch_profiler:
         if not args.tensorboard_dir:
             raise ConfigError("tensorboard_dir", "use_pytorch_profiler writes its traces there: give one")
-    else:
-        import torch
+    elif not _runs_on_cuda(args):
+        raise ConfigError("profile", "without use_pytorch_profiler it marks a range for nsys through CUDA's "
+                                     "profiler API, which needs CUDA: add --use-pytorch-profiler on CPUs")
 
-        if args.device == "cpu" or not torch.cuda.is_available():
-            raise ConfigError("profile", "without use_pytorch_profiler it marks a range for nsys through CUDA's "
-                                         "profiler API, which needs CUDA: add --use-pytorch-profiler on CPUs")
+
+def _runs_on_cuda(args: argparse.Namespace) -> bool:
+    """Whether this run can use CUDA (--device not cpu, and a GPU present)."""
+    import torch
+
+    return args.device != "cpu" and torch.cuda.is_available()
 
 
 def _check_needs(args: argparse.Namespace, keys: tuple[str, ...], present: bool, needed: str) -> None:

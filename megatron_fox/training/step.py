@@ -80,8 +80,9 @@ def set_lr_and_wd(param_groups, iteration: int, args, wd_mults, decoupled=None) 
     returns the lr of the other groups."""
     lr, wd = lr_at(iteration, args), wd_at(iteration, args)
     decoupled = decoupled or [False] * len(param_groups)
+    own_lr = lr_at(iteration, args, args.decoupled_lr, decoupled_min_lr(args)) if any(decoupled) else None
     for group, mult, own in zip(param_groups, wd_mults, decoupled):
-        group["lr"] = lr_at(iteration, args, args.decoupled_lr, decoupled_min_lr(args)) if own else lr
+        group["lr"] = own_lr if own else lr
         group["weight_decay"] = wd * mult
     return lr
 
