@@ -74,9 +74,11 @@ def init_distributed(args) -> torch.device:
 
 def deterministic_mode(use_cuda: bool) -> None:
     """Megatron-LM's --deterministic-mode: torch's deterministic algorithms (an op without one
-    raises), cuBLAS's fixed-size workspace and one NCCL algorithm (Ring unless NCCL_ALGO is
-    set; NVLS reduces in no fixed order). FoX's kernels need nothing: they sum without
-    atomics. Before the first CUDA call and the process group."""
+    raises), cuBLAS's fixed-size workspace, one NCCL algorithm (Ring unless NCCL_ALGO is
+    set; NVLS reduces in no fixed order) and Inductor's deterministic mode (the compiled
+    FoX-Pro extras: no kernel config picked by timing it, which differs run to run). FoX's
+    kernels need nothing: they sum without atomics. Before the first CUDA call and the
+    process group."""
     if use_cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         algo = os.environ.setdefault("NCCL_ALGO", "Ring")
@@ -85,6 +87,9 @@ def deterministic_mode(use_cuda: bool) -> None:
                   f"which reduces in no fixed order (use Ring or Tree)", file=sys.stderr)
             sys.exit(2)
     torch.use_deterministic_algorithms(True)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = True
 
 
 def data_paths(args) -> tuple[dict, str]:
