@@ -28,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from ..checkpoint import iteration_dir, write_latest, write_run_args
+from . import multi_tensor
 from .arguments import unsaved_state
 from .step import (check_finite, empty_unused_memory, micro_batch_iterator, model_forward,
                    set_context_pruning_penalty, set_lr_and_wd)
@@ -106,6 +107,7 @@ class MegatronEngine:
     def __init__(self, model, args, eod: int):
         self.args, self.eod = args, eod
         self._fully_parallel_save = None  # the save strategy of --ckpt-fully-parallel-save, made at the first save
+        multi_tensor.install()  # sync-free grad norm without Apex / TE
         config = model.config
         self.inner = model  # the GPTModel itself: checkpoints use its sharded state dict
         if args.bf16:
