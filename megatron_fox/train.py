@@ -109,11 +109,25 @@ def tokenizer_for(args):
     """The run's tokenizer: --tokenizer-type GPT2BPETokenizer's files, HuggingFaceTokenizer's
     --tokenizer-model, else the SentencePiece model of --tokenizer-model or of the embedded
     corpus."""
-    from .training.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
+    from .training.tokenizer import SENTENCEPIECE_TYPES
 
     model = (data_paths(args)[1] if args.tokenizer_type in SENTENCEPIECE_TYPES
              else args.tokenizer_model if args.tokenizer_type == "HuggingFaceTokenizer" else None)
-    return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file, args.vocab_size)
+    return tokenizer_or_exit(args, model)
+
+
+def tokenizer_or_exit(args, model):
+    """build_tokenizer of args' --tokenizer-type with this model file / directory; a
+    tokenizer that cannot be built (its messages start with the key: "tokenizer_model: ...")
+    stops with one line naming that config key and exit code 2."""
+    from .training.tokenizer import build_tokenizer
+
+    try:
+        return build_tokenizer(args.tokenizer_type, model, args.vocab_file, args.merge_file, args.vocab_size)
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        print(f"megatron_fox.train: error: config key '{key}': {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_data(args):
@@ -121,14 +135,14 @@ def build_data(args):
     calls this together: the corpus cache is built under a file lock, Megatron's dataset
     builder has its own barriers."""
     from .training.data import build_gpt_datasets
-    from .training.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
+    from .training.tokenizer import SENTENCEPIECE_TYPES
 
     if not args.data_blends and not args.mock_data and args.tokenizer_type not in SENTENCEPIECE_TYPES:
         print(f"megatron_fox.train: error: config key 'tokenizer_type': {args.tokenizer_type} needs data tokenized "
               f"with it (data_path); the embedded corpus has its own SentencePiece model", file=sys.stderr)
         sys.exit(2)
     blends, sp_model = ({}, None) if args.mock_data else data_paths(args)  # may build the embedded corpus
-    tokenizer = build_tokenizer(args.tokenizer_type, sp_model, args.vocab_file, args.merge_file, args.vocab_size)
+    tokenizer = tokenizer_or_exit(args, sp_model)
     evaluating = bool(args.eval_iters) and bool(args.eval_interval or args.skip_train)
     passes = 1 if args.skip_train else (args.train_iters // args.eval_interval + 1 if args.eval_interval else 0)
     gbs = args.global_batch_size

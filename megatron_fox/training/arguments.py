@@ -1154,8 +1154,13 @@ def finalize(args: argparse.Namespace) -> None:
     if args.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("device", f"must be auto, cpu or cuda, got {args.device!r}")
     check_data_paths(args)
-    if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
-        raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found")
+    # a SentencePiece model is a file; HuggingFaceTokenizer's is a directory or a hub name
+    # (transformers resolves it, and the tokenizer's build names this key if that fails)
+    if (args.tokenizer_model is not None and args.tokenizer_type != "HuggingFaceTokenizer"
+            and not os.path.isfile(args.tokenizer_model)):
+        raise ConfigError("tokenizer_model", f"{args.tokenizer_model} not found" +
+                          (" (a directory: HuggingFaceTokenizer's kind, use --tokenizer-type HuggingFaceTokenizer)"
+                           if os.path.isdir(args.tokenizer_model) else ""))
     for key in ("exit_signal_handler", "exit_duration_in_mins"):
         if getattr(args, key) and args.save is None:
             raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")

@@ -10,6 +10,7 @@ byte fallback, so ``detokenize(tokenize(text)) == text`` for any text (source co
 
 import collections
 import hashlib
+import json
 import os
 from typing import Iterable, Iterator, List, Sequence, Union
 
@@ -46,7 +47,7 @@ class SentencePieceTokenizer:
         self._proto = proto
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
         if self._sp.eos_id() < 0:
-            raise ValueError(f"{model_path!r} has no </s> piece, needed as end-of-document")
+            raise ValueError(f"tokenizer_model: {model_path!r} has no </s> piece, needed as end-of-document")
         self.unique_identifiers = collections.OrderedDict(
             [
                 ("class", type(self).__name__),
@@ -165,9 +166,27 @@ class HuggingFaceTokenizer:
                              "(pip install transformers)") from None
         if not name_or_path:
             raise ValueError("tokenizer_model: HuggingFaceTokenizer needs a tokenizer directory or hub name")
-        self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:  # no such directory or hub name, or no tokenizer files in it
+            raise ValueError(f"tokenizer_model: transformers could not load {name_or_path!r}: {e}") from None
         if self._tok.eos_token_id is None:
             raise ValueError(f"tokenizer_model: {name_or_path} has no eos token to end documents with")
+        self.name_or_path = name_or_path
+        # the dataset cache key (Megatron-Core's GPTDataset writes it as JSON): the whole
+        # tokenizer's serialisation where it has one (a fast tokenizer: vocabulary, merges,
+        # normalisers), else its vocabulary; not the path
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(self._tok.get_vocab(), sort_keys=True)
+        self.unique_identifiers = collections.OrderedDict(
+            [("class", type(self).__name__), ("vocab_sha256", hashlib.sha256(text.encode()).hexdigest()[:16]),
+             ("vocab_size", self.vocab_size)])
+
+    def __getstate__(self):  # picklable for DataLoader and tokenizer workers: reloaded there
+        return {"name_or_path": self.name_or_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["name_or_path"])
 
     @property
     def vocab_size(self) -> int:
@@ -176,6 +195,20 @@ class HuggingFaceTokenizer:
     @property
     def eod(self) -> int:
         return int(self._tok.eos_token_id)
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def pad(self) -> int:
+        """Its pad token, or eod where it has none (Megatron then pads with -1 and warns, as
+        with GPT-2's vocabulary)."""
+        return self.eod if self._tok.pad_token_id is None else int(self._tok.pad_token_id)
+
+    @property
+    def special_tokens_dict(self) -> dict:
+        return {"eos_token": self.eod, "pad_token": self.pad}
 
     def tokenize(self, text: str) -> List[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])

@@ -5,6 +5,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -465,6 +466,34 @@ def test_data_args_files_equal_the_command_line(jsonl_dataset, corpus, tmp_path)
             parse_args(flags + common)
 
 
+FAKE_TRANSFORMERS = '''"""A stand-in for transformers (tests): AutoTokenizer of a directory holding
+fake_tokenizer.json; byte-level ids (byte + 3), 0 bos, 1 eos, 2 pad."""
+
+
+class AutoTokenizer:
+    eos_token_id, pad_token_id = 1, 2
+
+    @classmethod
+    def from_pretrained(cls, path):
+        import os
+        if not os.path.isfile(os.path.join(path, "fake_tokenizer.json")):
+            raise OSError(f"Can't load tokenizer for '{path}'")
+        return cls()
+
+    def __len__(self):
+        return 259
+
+    def get_vocab(self):
+        return {**{f"<{b}>": b + 3 for b in range(256)}, "<s>": 0, "</s>": 1, "<pad>": 2}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([0] if add_special_tokens else []) + [b + 3 for b in text.encode()]}
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if i > 2).decode(errors="replace")
+'''
+
+
 def test_huggingface_tokenizer_through_transformers(monkeypatch, tmp_path):
     """--tokenizer-type HuggingFaceTokenizer: transformers' AutoTokenizer (here a stand-in
     module) of --tokenizer-model, eod = its eos id, texts without special tokens; without
@@ -480,27 +509,62 @@ def test_huggingface_tokenizer_through_transformers(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="transformers"):
             build_tokenizer("HuggingFaceTokenizer", "x")
 
-    class Auto:  # a byte-level stand-in: ids are bytes + 3, 0 bos, 1 eos, 2 pad
-        eos_token_id = 1
-        loaded = []
-
-        @classmethod
-        def from_pretrained(cls, name):
-            cls.loaded.append(name)
-            return cls()
-
-        def __len__(self):
-            return 259
-
-        def __call__(self, text, add_special_tokens=True):
-            ids = [b + 3 for b in text.encode()]
-            return {"input_ids": ([0] if add_special_tokens else []) + ids}
-
-        def decode(self, ids):
-            return bytes(i - 3 for i in ids if i > 2).decode()
-
-    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoTokenizer=Auto))
+    fake = types.ModuleType("transformers")
+    exec(FAKE_TRANSFORMERS, fake.__dict__)
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "fake_tokenizer.json").write_text("{}")
     tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tok"))
-    assert Auto.loaded == [str(tmp_path / "tok")] and (tok.vocab_size, tok.eod) == (259, 1)
+    assert (tok.vocab_size, tok.eod, tok.pad, tok.special_tokens_dict) == (259, 1, 2, {"eos_token": 1, "pad_token": 2})
+    again = pickle.loads(pickle.dumps(tok))  # workers reload it from the directory
+    assert again.unique_identifiers == tok.unique_identifiers and json.dumps(tok.unique_identifiers)
     assert tok.tokenize("hé") == [b + 3 for b in "hé".encode()]
     assert tok.detokenize(tok.tokenize("hé") + [tok.eod]) == "hé"
+
+
+def test_preprocess_and_train_with_a_huggingface_tokenizer_directory(tmp_path):
+    """--tokenizer-type HuggingFaceTokenizer with a tokenizer directory, through a transformers
+    stand-in on PYTHONPATH (the real package is not a dependency): preprocess_data.py with 2
+    workers (the tokenizer pickled and reloaded there) writes its ids; the trainer builds
+    Megatron-Core's GPT datasets with it (their cache key is the tokenizer's
+    unique_identifiers) and its loss falls; a directory without a tokenizer stops naming
+    tokenizer_model; a SentencePiece type given a directory says which type takes one."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_fox.training.arguments import ConfigError, parse_args
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workers import run_python, tool_env
+
+    fake, tok_dir = tmp_path / "fake" / "transformers", tmp_path / "hf_tok"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_TRANSFORMERS)
+    tok_dir.mkdir()
+    (tok_dir / "fake_tokenizer.json").write_text("{}")
+    env = dict(tool_env(), TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = str(tmp_path / "fake") + os.pathsep + env["PYTHONPATH"]
+    docs = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 5) for i in range(200)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok_dir)]
+    pre = run_python([str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "d.jsonl"),
+                      "--output-prefix", str(tmp_path / "hf"), "--append-eod", "--workers", "2", *flags], env=env)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    ds = IndexedDataset(str(tmp_path / "hf_text_document"))
+    for i in (0, 17, 199):
+        assert ds[i].tolist() == [b + 3 for b in docs[i].encode()] + [1]
+    model = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+             "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3", "--device", "cpu",
+             "--no-progress-bar", "--split", "100,0,0", "--data-path", str(tmp_path / "hf_text_document")]
+    train = run_python(["-m", "megatron_fox.train", *model, "--train-iters", "30", "--log-interval", "30", *flags],
+                       cwd=tmp_path, timeout=600, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"\| loss ([\d.]+)", train.stdout)]
+    assert losses and losses[-1] < np.log(259) - 1.0, train.stdout[-2000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_python(["-m", "megatron_fox.train", *model, "--train-iters", "1", "--tokenizer-type",
+                      "HuggingFaceTokenizer", "--tokenizer-model", str(empty)], cwd=tmp_path, timeout=300, env=env)
+    assert bad.returncode == 2 and "config key 'tokenizer_model': transformers could not load" in bad.stderr, \
+        bad.stderr[-2000:]
+    with pytest.raises(ConfigError, match="'tokenizer_model'.*use --tokenizer-type HuggingFaceTokenizer"):
+        parse_args(model + ["--tokenizer-model", str(tok_dir)])
