@@ -5,6 +5,9 @@
     # GPT-2's BPE (the FoX papers' LongCrawl64 models), as Megatron-LM's flags:
     python tools/preprocess_data.py --input data.jsonl --tokenizer-type GPT2BPETokenizer \\
         --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt --output-prefix out/my --append-eod
+    # already ids (whitespace-separated, below 50304; eod = 50304), as Megatron-LM's NullTokenizer:
+    python tools/preprocess_data.py --input ids.jsonl --tokenizer-type NullTokenizer --vocab-size 50304 \
+        --output-prefix out/ids --append-eod
     # writes out/my_text_document.bin and out/my_text_document.idx (one per --json-keys key)
 
 Inputs: ``*.jsonl``/``*.json`` files hold one JSON document per line; any other file is one
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-model", help="SentencePiece .model file (SentencePieceTokenizer)")
     p.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     p.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    p.add_argument("--vocab-size", type=int,
+                   help="NullTokenizer: documents are whitespace-separated ids below this; eod = vocab_size")
     p.add_argument("--append-eod", action="store_true", help="append the EOD id to each document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--chunk-size", type=int, default=64, help="documents per worker task")
@@ -43,8 +48,10 @@ def parse_args(argv=None):
         p.error(f"--input: file(s) not found: {', '.join(missing)}")
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         p.error("--tokenizer-model: needed by --tokenizer-type HuggingFaceTokenizer (a directory or hub name)")
+    if args.tokenizer_type == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 1):
+        p.error(f"--vocab-size: needed by --tokenizer-type NullTokenizer (>= 1), got {args.vocab_size}")
     needed = (("tokenizer_model",) if args.tokenizer_type in SENTENCEPIECE_TYPES
-              else () if args.tokenizer_type == "HuggingFaceTokenizer" else ("vocab_file", "merge_file"))
+              else ("vocab_file", "merge_file") if args.tokenizer_type == "GPT2BPETokenizer" else ())
     for key in needed:
         path = getattr(args, key)
         if path is None or not os.path.isfile(path):
@@ -65,8 +72,9 @@ def _tokenized(args, key, tok):
 def main(argv=None):
     parser, args = parse_args(argv)
     try:
-        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
-    except ValueError as err:  # a vocabulary or merges file that is not GPT-2's format
+        tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
+                              args.vocab_size)
+    except ValueError as err:  # a vocabulary or merges file that is not GPT-2's format, a tokenizer directory
         parser.error(str(err))
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (slow import, outside the timing)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)

@@ -132,6 +132,10 @@ class NullTokenizer:
         if vocab_size is None or vocab_size < 1:
             raise ValueError(f"vocab_size: NullTokenizer needs a vocabulary size >= 1, got {vocab_size}")
         self._n = int(vocab_size)
+        # what Megatron-Core's GPT dataset reads (as SentencePieceTokenizer's): its cache key,
+        # and pad = eod (no pad id: Megatron pads with -1 and warns)
+        self.unique_identifiers = collections.OrderedDict([("class", type(self).__name__),
+                                                           ("vocab_size", self.vocab_size)])
 
     @property
     def vocab_size(self) -> int:
@@ -140,6 +144,12 @@ class NullTokenizer:
     @property
     def eod(self) -> int:
         return self._n
+
+    eos = pad = eod
+
+    @property
+    def special_tokens_dict(self) -> dict:
+        return {"eos_token": self.eod}
 
     def tokenize(self, text: str) -> List[int]:
         ids = [int(t) for t in text.split()]

@@ -568,3 +568,35 @@ def test_preprocess_and_train_with_a_huggingface_tokenizer_directory(tmp_path):
         bad.stderr[-2000:]
     with pytest.raises(ConfigError, match="'tokenizer_model'.*use --tokenizer-type HuggingFaceTokenizer"):
         parse_args(model + ["--tokenizer-model", str(tok_dir)])
+
+
+def test_preprocess_and_train_with_null_tokenizer_ids(tmp_path):
+    """--tokenizer-type NullTokenizer on data that is already ids (Megatron-LM's use):
+    preprocess_data.py --vocab-size V writes the ids and eod = V; the trainer builds
+    Megatron-Core's GPT datasets with the tokenizer (their cache key) and learns the uniform
+    ids' entropy, ln 50; without --vocab-size the tool stops naming it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workers import run_python, tool_env
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 50, int(rng.integers(30, 200))).tolist() for _ in range(200)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": " ".join(map(str, d))}) for d in docs))
+    tool = [str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "d.jsonl"), "--output-prefix",
+            str(tmp_path / "ids"), "--tokenizer-type", "NullTokenizer", "--append-eod"]
+    missing = run_python(tool)
+    assert missing.returncode == 2 and "--vocab-size" in missing.stderr, missing.stderr[-2000:]
+    pre = run_python(tool + ["--vocab-size", "50"])
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    ds = IndexedDataset(str(tmp_path / "ids_text_document"))
+    assert ds[0].tolist() == docs[0] + [50] and ds[199].tolist() == docs[199] + [50]
+    train = run_python(["-m", "megatron_fox.train", "--num-layers", "2", "--hidden-size", "64",
+                        "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "4",
+                        "--global-batch-size", "8", "--train-iters", "40", "--lr", "3e-3", "--device", "cpu",
+                        "--no-progress-bar", "--log-interval", "40", "--split", "100,0,0", "--data-path",
+                        str(tmp_path / "ids_text_document"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "50"],
+                       cwd=tmp_path, timeout=600, env=dict(tool_env(), TRITON_INTERPRET="0"))
+    assert train.returncode == 0, train.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"\| loss ([\d.]+)", train.stdout)]
+    assert losses and abs(losses[-1] - np.log(50)) < 0.25, train.stdout[-2000:]
