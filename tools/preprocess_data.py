@@ -6,7 +6,7 @@
     python tools/preprocess_data.py --input data.jsonl --tokenizer-type GPT2BPETokenizer \\
         --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt --output-prefix out/my --append-eod
     # already ids (whitespace-separated, below 50304; eod = 50304), as Megatron-LM's NullTokenizer:
-    python tools/preprocess_data.py --input ids.jsonl --tokenizer-type NullTokenizer --vocab-size 50304 \
+    python tools/preprocess_data.py --input ids.jsonl --tokenizer-type NullTokenizer --vocab-size 50304 \\
         --output-prefix out/ids --append-eod
     # writes out/my_text_document.bin and out/my_text_document.idx (one per --json-keys key)
 

@@ -344,8 +344,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "rerun_mode": (str, "disabled", "disabled: Megatron-Core's rerun state machine only validates (a non-finite "
                                     "loss or gradient stops the run); its re-running modes are not built"),
     "deterministic_mode": (bool, False, "bit-reproducible runs: torch's deterministic algorithms, cuBLAS's fixed "
-                                        "workspace, NCCL_ALGO Ring (unless set); not with fox_context_pruning "
-                                        "(its kernels add with atomics)"),
+                                        "workspace, NCCL_ALGO Ring (unless set), Inductor's deterministic mode; "
+                                        "not with fox_context_pruning (its kernels add with atomics)"),
     "ckpt_fully_parallel_save": (bool, False, "Megatron engine: spread the writing of weights that the data-parallel "
                                               "ranks share over those ranks (Megatron-Core's fully parallel save "
                                               "strategy); the checkpoint is the same"),
