@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -332,6 +333,15 @@ def task_save(opts):
     write_latest(root, 5)
 
 
+def task_fail_or_hang(opts):
+    """The launcher's own test: rank 0 fails at once, every other rank waits as if for it."""
+    import time
+
+    if os.environ["RANK"] == "0":
+        raise ValueError(opts["message"])
+    time.sleep(3600)
+
+
 def task_cli(opts):
     """`python <script> args...` or `python -m <module> args...` (opts["argv"], what follows
     the interpreter): sys.argv and sys.path[0] set as the interpreter sets them, the code run
@@ -381,7 +391,6 @@ def run_python(argv: list, env: dict | None = None, cwd=None, timeout: float = 3
 def sigterm_at_step(cmd, step, env, cwd):
     """Run cmd, send SIGTERM once its log shows `step`, wait: (process, all its output)."""
     import re
-    import signal
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
                             start_new_session=True)
@@ -417,6 +426,11 @@ def launch(task: str, world: int, opts: dict, timeout: int = 900, attempts: int 
 
 
 def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
+    """One start of the workers. All are watched together: once one exits with an error the
+    others get GRACE_S to end (a peer blocked in a collective or a pipeline receive never
+    would), then each still running dumps its Python stacks (SIGUSR1) into its stderr and is
+    killed; the error names every rank's exit and ends of stderr (an EADDRINUSE among them
+    lets launch() try a new port)."""
     import tempfile
     import time
 
@@ -436,22 +450,41 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
             with open(err, "w") as f:
                 procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=f))
     deadline = time.monotonic() + timeout
-    errors = []
+    codes: dict[int, int] = {}
     try:
-        for rank, p in enumerate(procs):
-            try:
-                code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise RuntimeError(f"{task}: rank {rank} timed out")
-            if code != 0:
-                with open(errs[rank]) as f:
-                    errors.append(f"rank {rank} exit {code}:\n{f.read()[-3000:]}")
+        while len(codes) < world:
+            for rank, p in enumerate(procs):
+                if rank not in codes:
+                    try:
+                        codes[rank] = p.wait(timeout=0.1)
+                    except subprocess.TimeoutExpired:
+                        pass
+            if any(codes.values()):
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            if len(codes) < world and time.monotonic() > deadline:
+                break
+        if len(codes) == world and not any(codes.values()):
+            return
+        hung = [rank for rank in range(world) if rank not in codes]
+        for rank in hung:
+            procs[rank].send_signal(signal.SIGUSR1)
+        time.sleep(2.0 if hung else 0.0)
+        for rank in hung:
+            procs[rank].kill()
+            procs[rank].wait(timeout=30)
+        reports = []
+        for rank in range(world):
+            with open(errs[rank]) as f:
+                tail = f.read()[-3000:]
+            state = f"exit {codes[rank]}" if rank in codes else "timed out" if not any(codes.values()) else \
+                "still running after another rank failed"
+            reports.append(f"rank {rank} {state}:\n{tail}")
+        raise RuntimeError(f"{task} failed:\n" + "\n".join(reports))
     finally:
         logs.cleanup()
-    if errors:
-        raise RuntimeError(f"{task} failed:\n" + "\n".join(errors))
+
+
+GRACE_S = 30.0
 
 
 class _Zygote:
@@ -466,12 +499,12 @@ class _Zygote:
                                      env=dict(tool_env(), OMP_NUM_THREADS="1"), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.exits: dict[int, int] = {}
-        self.pending = b""
+        self.reader = _LineReader(self.proc.stdout.fileno())
         while self._line(300) != "ready":  # whatever the imports printed
             pass
 
     def _line(self, timeout: float) -> str:
-        self.pending, line = _read_line(self.proc.stdout.fileno(), self.pending, timeout)
+        line = self.reader.line(timeout)
         if line is None:
             raise RuntimeError("the test zygote died")
         return line
@@ -484,6 +517,9 @@ class _Zygote:
         """The pid of a "pid" line, or None after recording an "exit" line."""
         kind, pid, *code = self._line(timeout).split()
         if kind == "pid":
+            # the new worker cannot have been reaped yet: an exit kept under its pid is that
+            # of an earlier worker (killed, never waited for) whose pid the system reused
+            self.exits.pop(int(pid), None)
             return int(pid)
         self.exits[int(pid)] = int(code[0])
         return None
@@ -504,43 +540,55 @@ class _Zygote:
 
 
 class _Forked:
-    """A worker forked by the zygote, waited for and killed like a subprocess.Popen."""
+    """A worker forked by the zygote, waited for, signalled and killed like a subprocess.Popen."""
 
     def __init__(self, zygote: _Zygote, pid: int):
         self.zygote, self.pid = zygote, pid
+        self.code: int | None = None
 
     def wait(self, timeout: float) -> int:
-        return self.zygote.wait(self.pid, timeout)
+        if self.code is None:
+            self.code = self.zygote.wait(self.pid, timeout)
+        return self.code
+
+    def send_signal(self, sig: int) -> None:
+        if self.code is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
-        import signal
-
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.send_signal(signal.SIGKILL)
 
 
 _ZYGOTE: list = []
 
 
-def _read_line(fd: int, pending: bytes, timeout: float) -> tuple[bytes, str | None]:
-    """The next line from file descriptor fd, read unbuffered so that select() sees what is
-    left (a buffered reader may hold several lines while select waits on an empty pipe):
-    (what was read past that line, the line, None at end of file)."""
-    import select
-    import time
+class _LineReader:
+    """Lines from a file descriptor, read unbuffered so that select() sees what is left (a
+    buffered reader may hold several lines while select waits on an empty pipe). A line
+    that arrives in pieces is kept whole across timeouts."""
 
-    deadline = time.monotonic() + timeout
-    while b"\n" not in pending:
-        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            raise subprocess.TimeoutExpired("zygote", timeout)
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return pending, None
-        pending += chunk
-    line, pending = pending.split(b"\n", 1)
-    return pending, line.decode().strip()
+    def __init__(self, fd: int):
+        self.fd, self.pending = fd, b""
+
+    def line(self, timeout: float) -> str | None:
+        """The next line without its newline; None at end of file; TimeoutExpired if no
+        whole line came within timeout seconds (what came of it stays for the next call)."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise subprocess.TimeoutExpired("zygote", timeout)
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode().strip()
 
 
 def _zygote() -> _Zygote | None:
@@ -563,18 +611,19 @@ def _zygote_main() -> None:
     import megatron.core.optimizer  # noqa: F401
 
     print("ready", flush=True)
-    pending = b""
+    reader = _LineReader(0)
     while True:
         try:
-            pending, line = _read_line(0, pending, 0.05)
+            line = reader.line(0.05)
         except subprocess.TimeoutExpired:
             line = ""
         if line is None:
             return
         if line:
+            request = json.loads(line)  # before the fork: a bad request ends the zygote, loudly
             pid = os.fork()
             if pid == 0:
-                _forked_worker(json.loads(line))
+                _forked_worker(request)
             print(f"pid {pid}", flush=True)
         while True:
             try:
@@ -625,10 +674,15 @@ def _forked_worker(request: dict) -> None:
 
 
 def _run_task(task: str, opts: dict) -> None:
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung worker's stacks, before it is killed
     globals()[f"task_{task}"](opts)
-    if torch.distributed.is_initialized():  # orderly exit: gloo threads stopped before teardown
+    if torch.distributed.is_initialized():
+        # no rank leaves while a peer still talks to it; then both callers end the process
+        # with os._exit, so the group is never torn down (gloo's teardown is where workers
+        # once aborted after a passing run, and destroy_process_group can hang)
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
