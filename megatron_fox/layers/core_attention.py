@@ -15,9 +15,9 @@ from ..ops import AttentionStats, forgetting_attention, no_data_checks
 class FoxCoreAttention(MegatronModule):
     """Calls `megatron_fox.ops.forgetting_attention` on [s, b, heads, d] tensors.
 
-    With cu_seqlens (offsets of documents in the batch-major flattening of [b, s]) the
-    micro-batch is packed into one row so that attention and the forget-gate sum restart
-    at every document. With config.fox_collect_stats, `self.skipped_fraction` gives the
+    With cu_seqlens (offsets of documents in the batch-major flattening of [b, s], every
+    sample's start among them) attention and the forget-gate sum restart at every document;
+    the op reads the [s, b] tensors through [b, s] views, nothing is copied. With config.fox_collect_stats, `self.skipped_fraction` gives the
     fraction of attention FLOPs ACP skipped in the last forward (a device tensor, computed
     only when read: no kernels or host sync in steps that do not log it);
     `self.backward_skipped_fraction` the same for the backward (config.acp_backward_pruning),
@@ -109,24 +109,17 @@ class FoxCoreAttention(MegatronModule):
         return out.transpose(0, 1)
 
     def _forward(self, q, k, v, log_fgate, logit_bound, cu_seqlens):
-        s, b = q.shape[:2]
         cfg = self.config
         if cfg.context_parallel_size > 1:
             return self._context_parallel(q, k, v, log_fgate, logit_bound, cu_seqlens)
-        if cu_seqlens is not None and b > 1:
-            def pack(t):
-                return t.transpose(0, 1).reshape(1, b * s, *t.shape[2:])
-            args = [pack(q), pack(k), pack(v), pack(log_fgate).contiguous()]
-        else:
-            args = [q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                    log_fgate.transpose(0, 1).contiguous()]
-        out = forgetting_attention(*args, log_eps=cfg.acp_log_eps, logit_bound=logit_bound,
-                                   cu_seqlens=cu_seqlens, return_stats=cfg.fox_collect_stats,
-                                   backward_pruning=cfg.acp_backward_pruning)
+        # [b, s] views of the [s, b] tensors, documents as offsets over the batch-major b * s
+        # tokens: nothing is copied, the output and the gradients keep the [s, b] order
+        out = forgetting_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                   log_fgate.transpose(0, 1).contiguous(), log_eps=cfg.acp_log_eps,
+                                   logit_bound=logit_bound, cu_seqlens=cu_seqlens,
+                                   return_stats=cfg.fox_collect_stats, backward_pruning=cfg.acp_backward_pruning)
         if cfg.fox_collect_stats:
             out, self._stats = out
-        if cu_seqlens is not None and b > 1:
-            return out.view(b, s, *out.shape[2:]).transpose(0, 1)
         return out.transpose(0, 1)
 
     def _context_parallel(self, q, k, v, log_fgate, logit_bound, cu_seqlens):

@@ -226,16 +226,13 @@ def head_parallel_forgetting_attention(
     bound = logit_bound
     if isinstance(logit_bound, torch.Tensor):
         bound = logit_bound.to(q.device)[_heads_index(tuple(mine), q.device)]
-    packed = cu_seqlens is not None and B > 1  # rows of documents: the op takes them as one packed row
-    if packed:
-        qh, kh, vh, fh = (t.reshape(1, B * L, *t.shape[2:]) for t in (qh, kh, vh, fh))
-    with no_data_checks():  # checked above on every rank's part
+    # checked above on every rank's part; rows of documents: cu_seqlens over the B * L
+    # batch-major tokens, as the op takes them
+    with no_data_checks():
         out = forgetting_attention(qh, kh, vh, fh, sm_scale=sm_scale, log_eps=log_eps, logit_bound=bound,
                                    cu_seqlens=cu_seqlens, return_stats=return_stats, backward_pruning=backward_pruning)
     if return_stats:
         out, op_stats = out
-    if packed:
-        out = out.view(B, L, *out.shape[2:])
     o = _Exchange.apply(out, False, q_heads, cp_group)
     if not return_stats:
         return o

@@ -227,3 +227,51 @@ def test_fused_projection_is_aligned_for_every_tp_split(config):
                 unpadded = hpg * d + 2 * d + (hpg if gate else 0) + (hpg * d if ogate else 0) + (2 if shift else 0)
                 assert sum(sizes[:-1]) == unpadded and 0 <= sizes[-1] < 8
                 assert sum(sizes) % 8 == 0, (config, gate, ogate, shift, sizes)  # any groups a rank
+
+
+def test_core_attention_with_documents_copies_nothing_of_q_size():
+    """Packed documents at batch > 1 run on [b, s] views of the [s, b] tensors: forward and
+    backward make no copy as large as q (the op's kernels, in the Triton interpreter here),
+    and the output and the gradients keep the [s, b] memory order; the result equals the
+    reference on each row with its own documents."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_fox.layers import FoxCoreAttention, FoxTransformerConfig
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernels' path (on CPU: the Triton interpreter)")
+    s, b, h, g, d = 24, 2, 4, 2, 64
+    cfg = FoxTransformerConfig(num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=g,
+                               use_cpu_initialization=True, acp_log_eps=-10.0)
+    attn = FoxCoreAttention(cfg)
+    q, k, v = (torch.randn(s, b, n, d, requires_grad=True) for n in (h, g, g))
+    log_f = F.logsigmoid(torch.randn(s, b, h) + 1.0).requires_grad_()
+    cu = torch.tensor([0, 9, 24, 30, 48], dtype=torch.int32)
+
+    class BigCopies(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            copying = func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)
+            if copying and isinstance(out, torch.Tensor) and out.numel() >= q.numel() // 2:
+                # the interpreter copies every kernel argument to and from its host buffers
+                if not any("triton/runtime/interpreter" in f.filename for f in traceback.extract_stack()):
+                    self.names.append(str(func))
+            return out
+
+    dout = torch.randn(s, b, h, d)
+    with BigCopies() as mode:
+        out = attn(q, k, v, log_f, cu_seqlens=cu)
+        grads = torch.autograd.grad(out, (q, k, v, log_f), dout)
+    assert mode.names == [], mode.names
+    assert out.is_contiguous() and all(t.is_contiguous() for t in grads[:3])
+    ref = forgetting_attention_reference(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         log_f.transpose(0, 1), cu_seqlens=cu, log_eps=-10.0,
+                                         dtype=torch.float64).transpose(0, 1)  # float64 inside, float32 out
+    torch.testing.assert_close(out, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, log_f), dout)
+    for name, a, r in zip("q k v log_f".split(), grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=2e-4 * r.abs().max().item(), rtol=0, msg=name)

@@ -6,6 +6,7 @@ accumulation); bf16 inputs, ||out - ref|| / ||ref|| <= 1.5e-2 for outputs and gr
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -77,6 +78,40 @@ def test_packed_documents(log_eps, device):
     for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
                            grads(ref, (q, k, v, log_f), dout)):
         check_close(g, gr, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("log_eps", [None, -10.0])
+def test_documents_per_row(log_eps, device):
+    """A Megatron micro-batch: [s, b] memory order passed as transposed views, cu_seqlens over
+    the b * s batch-major tokens (each row's start among them). Each document equals the
+    reference on it alone; o comes back in q's memory order; all four gradients match."""
+    T, B, H, Hkv, D = 40, 2, 4, 2, 64
+    qs, ks, vs = (torch.randn(T, B, h, D, device=device, requires_grad=True) for h in (H, Hkv, Hkv))
+    log_f = F.logsigmoid(torch.randn(B, T, H, device=device)).requires_grad_()
+    # row 0: 0-17, 17-40; row 1: 40-41 (one token), 41-79, 79-80 (one token at the row's end)
+    cu = torch.tensor([0, 17, 40, 41, 79, 80], dtype=torch.int32, device=device)
+    q, k, v = (t.transpose(0, 1) for t in (qs, ks, vs))
+    out = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps)
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        assert out.transpose(0, 1).is_contiguous()  # the kernel's o in [s, b] order, no copy
+    ref = forgetting_attention_reference(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps, dtype=torch.float64)
+    check_close(out, ref, torch.float32, "out")
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        row, a, b = a // T, a % T, (b - 1) % T + 1
+        sl = (slice(row, row + 1), slice(a, b))
+        alone = forgetting_attention_reference(q[sl], k[sl], v[sl], log_f[sl].detach(), log_eps=log_eps,
+                                               dtype=torch.float64)
+        check_close(out[sl], alone, torch.float32, f"row {row} document {a}:{b}")
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (qs, ks, vs, log_f), dout),
+                           grads(ref, (qs, ks, vs, log_f), dout)):
+        check_close(g, gr, torch.float32, f"d{name}")
+
+
+def test_documents_per_row_need_row_starts(device):
+    q, k, v, log_f = make_inputs(2, 16, 2, 2, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="cu_seqlens must hold every sample's start"):
+        forgetting_attention(q, k, v, log_f, cu_seqlens=torch.tensor([0, 10, 32], dtype=torch.int32, device=device))
 
 
 def _row_key_start(stats, T):

@@ -42,7 +42,8 @@ def test_bad_input_raises(fn, case):
         fn(*args, **kwargs)
 
 
-def test_cu_seqlens_needs_batch_one():
+def test_cu_seqlens_covers_the_batch():
+    """With batch > 1, cu_seqlens holds offsets over batch * seq tokens, not one row's."""
     q, k, v, f = good(B=2)
-    with pytest.raises(ValueError, match="cu_seqlens needs packed input with batch 1"):
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, end at batch \* seq"):
         forgetting_attention(q, k, v, f, cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))

@@ -91,12 +91,10 @@ def _check_against_single_process(tmp_path, world, H, Hkv, log_eps, bound, docs,
         groups = assign_heads([sum(costs[g * G:(g + 1) * G]) for g in range(Hkv)], world)
         assert [sorted(o["heads"]) for o in outs] == [sorted(g * G + j for g in gs for j in range(G)) for gs in groups]
     ins = [t.clone().requires_grad_() for t in (q, k, v, f)]
-    packed = [t.reshape(1, B * T, *t.shape[2:]) for t in ins] if docs else ins  # the op's packed row
-    same, stats = forgetting_attention(*packed, log_eps=log_eps, logit_bound=logit_bound, cu_seqlens=cu,
+    same, stats = forgetting_attention(*ins, log_eps=log_eps, logit_bound=logit_bound, cu_seqlens=cu,
                                        return_stats=True)
-    same = same.view_as(q)
     same_grads = torch.autograd.grad(same, ins, do)
-    exact = forgetting_attention_reference(*packed, cu_seqlens=cu, dtype=torch.float64).view_as(q)
+    exact = forgetting_attention_reference(*ins, cu_seqlens=cu, dtype=torch.float64)
     exact_grads = torch.autograd.grad(exact, ins, do)
     got = gather_from_context_parallel([o["o"] for o in outs], 1)
     close(got, same, "out", 2e-5)

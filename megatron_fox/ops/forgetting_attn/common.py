@@ -241,6 +241,7 @@ def document_maps(cu_seqlens: Optional[torch.Tensor], T: int, device) -> tuple[t
     return cs[doc].to(torch.int32), cs[doc + 1].to(torch.int32)
 
 
+@memo_on_first_tensor
 def row_document_maps(cu_seqlens: torch.Tensor, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's document start and (exclusive) end within its row, int32 [B, T] each, from
     offsets over the B * T tokens of a batch-major packed batch (every row starts a document)."""
@@ -276,14 +277,19 @@ def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor
 
 
 def segmented_reverse_cumsum(x: torch.Tensor, doc_end: Optional[torch.Tensor]) -> torch.Tensor:
-    """y_t = sum_{t <= s < doc_end(t)} x_s along the last dim of x [..., T]."""
+    """y_t = sum_{t <= s < doc_end(t)} x_s along the last dim of x [..., T]; doc_end [T], or
+    [B, T] (a map per batch row) for x [B, H, T]."""
     rc = torch.flip(torch.cumsum(torch.flip(x, dims=[-1]), dim=-1), dims=[-1])
     if doc_end is None:
         return rc
     T = x.shape[-1]
     end = doc_end.long()
-    after = torch.where(end < T, rc[..., end.clamp_max(T - 1)], torch.zeros_like(rc))
-    return rc - after
+    if end.dim() == 1:
+        after = rc[..., end.clamp_max(T - 1)]
+    else:  # [B, T]: each batch row its own documents (x [B, H, T])
+        end = end[:, None, :]
+        after = torch.gather(rc, -1, end.clamp_max(T - 1).expand(rc.shape))
+    return rc - torch.where(end < T, after, torch.zeros_like(rc))
 
 
 def check_backward_pruning(backward_pruning: str) -> None:

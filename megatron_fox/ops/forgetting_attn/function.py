@@ -90,7 +90,7 @@ def _forward(q, k, v, cq, ck, cq_kern, ck_kern, plan: _Plan, causal: bool = True
     tile = plan.config.fwd
     start = boundary.key_block_start(cq, ck, _forward_delta(plan, tile.block_m), plan.doc_start, tile.block_m,
                                      tile.block_n)
-    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    o = torch.empty_like(q)  # q's memory order: [s, b] views give an [s, b]-ordered o
     lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     nbm = triton.cdiv(T, tile.block_m)
     dummy = start  # never read when VARLEN is off
@@ -139,9 +139,10 @@ def _backward(q, k, v, o, do, dlse, lse2, cq, ck, cq_kern, ck_kern, plan: _Plan,
         o, do, dlse if dlse is not None else dlt, cq_kern, lse2, dlt, row, *_strides(o), *_strides(do), T, H,
         HEAD_DIM=D, BLOCK=pre_block, HAS_DLSE=dlse is not None,
     )
-    dq = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, T, Hkv, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, T, Hkv, D), dtype=v.dtype, device=q.device)
+    # each gradient in its input's memory order (the kernels take strides; dv shares dk's)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(dk)
     dcol = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     drow = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     qk_scale = plan.sm_scale * LOG2E
@@ -228,8 +229,11 @@ def forgetting_attention(
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] (H a multiple of Hkv); log_fgate [B, T, H] float32
     (log of the forget gate, <= 0). o_i = sum_{j <= i} softmax_j(sm_scale q_i.k_j + c_i - c_j) v_j
-    with c = cumsum(log_fgate), restarted at each document of cu_seqlens (batch 1, int32
-    offsets [0, ..., T]). log_eps=None computes exact FoX; otherwise key blocks whose
+    with c = cumsum(log_fgate), restarted at each document of cu_seqlens: int32 offsets
+    [0, ..., T] of packed documents in one row (batch 1), or for B > 1 offsets over the
+    B * T tokens in batch-major order holding every row's start (as Megatron packs a
+    micro-batch; each row then keeps its own T, and q, k, v may be [s, b] memory-order
+    views: nothing is copied, and o and the gradients follow q's memory order). log_eps=None computes exact FoX; otherwise key blocks whose
     pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
     float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
     Exact FoX still skips key blocks whose weights all round to zero in float32
@@ -246,7 +250,8 @@ def forgetting_attention(
     Runs the Triton kernels on CUDA and under TRITON_INTERPRET=1; on other devices it
     falls back to the plain-PyTorch reference.
     """
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         per_sample=True)
     check_backward_pruning(backward_pruning)
     if q.device.type != "cuda" and not _interpreting():
         return _reference_fallback(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,

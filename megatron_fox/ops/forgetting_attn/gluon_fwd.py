@@ -237,7 +237,7 @@ def launch_forward(q, k, v, cq, ck_rows, start, qk_scale):
 
     B, T, H, D = q.shape
     block_m, block_n, stages = TILES[D]
-    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+    o = torch.empty_like(q)  # q's memory order (the store takes o's strides)
     lse2 = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import boundary
-from .common import LOG2E, document_maps, logit_bound_per_head, pruning_threshold
+from .common import LOG2E, document_maps, logit_bound_per_head, pruning_threshold, row_document_maps
 from .row_norm import diagonal_logits, max_row_norm
 from .tiles import KernelConfig
 
@@ -22,7 +22,7 @@ class _Plan:
 
     sm_scale: float
     delta: Optional[torch.Tensor]  # [B, H] ACP threshold, None for exact
-    doc_start: Optional[torch.Tensor]  # [T] int32
+    doc_start: Optional[torch.Tensor]  # [T] int32, or [B, T] (per batch row)
     doc_end: Optional[torch.Tensor]
     config: KernelConfig
     bound: Optional[torch.Tensor] = None  # [B, H] logit bound U (behind delta; exact FoX: for zero blocks)
@@ -34,8 +34,10 @@ class _Plan:
 
 
 def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
-    T = q.shape[1]
-    if cu_seqlens is not None:
+    B, T = q.shape[:2]
+    if cu_seqlens is not None and B > 1:  # offsets over the batch-major B * T tokens: a map per row
+        doc_start, doc_end = row_document_maps(cu_seqlens, B, T, q.device)
+    elif cu_seqlens is not None:
         doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
     else:
         doc_start = doc_end = None

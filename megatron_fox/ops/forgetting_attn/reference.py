@@ -16,6 +16,7 @@ from .common import (
     document_maps,
     logit_bound_per_head,
     pruning_threshold,
+    row_document_maps,
 )
 
 
@@ -31,15 +32,19 @@ def reference_logits(q, k, log_fgate, sm_scale, cu_seqlens=None, dtype=torch.flo
     kf = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     c = torch.cumsum(log_fgate.to(dtype).transpose(1, 2), dim=-1)  # [B, H, T]
     s = sm_scale * qf @ kf.transpose(-1, -2) + c[..., :, None] - c[..., None, :]
-    s = s.masked_fill(~allowed_pairs(T, cu_seqlens, q.device), float("-inf"))
+    s = s.masked_fill(~allowed_pairs(T, cu_seqlens, q.device, B), float("-inf"))
     return s, c
 
 
-def allowed_pairs(T, cu_seqlens, device):
-    """[T, T] bool: key j visible to query i (causal, same document)."""
+def allowed_pairs(T, cu_seqlens, device, B=1):
+    """bool, key j visible to query i (causal, same document): [T, T], or [B, 1, T, T] where
+    B > 1 and cu_seqlens holds offsets over the batch-major B * T tokens (documents per row)."""
     i = torch.arange(T, device=device)
     allowed = i[None, :] <= i[:, None]
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and B > 1:
+        doc_start, _ = row_document_maps(cu_seqlens, B, T, device)
+        allowed = allowed & (i[None, None, None, :] >= doc_start.long()[:, None, :, None])
+    elif cu_seqlens is not None:
         doc_start, _ = document_maps(cu_seqlens, T, device)
         allowed &= i[None, :] >= doc_start.long()[:, None]
     return allowed
@@ -67,7 +72,8 @@ def forgetting_attention_reference(
     With return_stats also an AttentionStats (pair-granular; query_block_start is
     the first unpruned key of each query, block_m = block_n = 1).
     """
-    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens)
+    sm_scale, logit_bound = check_inputs(q, k, v, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens,
+                                         per_sample=True)
     o, _, stats = reference_attention_with_lse(q, k, v, log_fgate, sm_scale=sm_scale, log_eps=log_eps,
                                                logit_bound=logit_bound, cu_seqlens=cu_seqlens, dtype=dtype)
     return (o, stats) if return_stats else o
