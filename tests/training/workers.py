@@ -409,38 +409,40 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(task: str, world: int, opts: dict, timeout: int = 900, attempts: int = 3) -> None:
+def launch(task: str, world: int, opts: dict, timeout: int = 900) -> None:
     """Start `world` worker processes of `task`; raise with their stderr if one fails.
 
     Output goes to files, not pipes, and each worker is waited for by its exit: a process
     a worker leaves behind (it skips interpreter teardown) cannot keep the caller waiting
-    for the end of a pipe. The rendezvous port is found free, then bound by rank 0: another
-    process can take it in between (seen with tests running beside each other), so a start
-    that fails on EADDRINUSE is tried again on a new port."""
-    for attempt in range(attempts):
-        try:
-            return _launch_once(task, world, opts, timeout)
-        except RuntimeError as e:
-            if "EADDRINUSE" not in str(e) or attempt + 1 == attempts:
-                raise
+    for the end of a pipe. The rendezvous store is served from this process on a port the
+    system picked and that stays bound, as torchrun's agent serves it
+    (TORCHELASTIC_USE_AGENT_STORE: every rank a client): no port is found free and then
+    lost to another process before rank 0 binds it (tests run beside each other)."""
+    import datetime
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=timeout))
+    try:
+        _launch_once(task, world, opts, timeout, store.port)
+    finally:
+        del store
 
 
-def _launch_once(task: str, world: int, opts: dict, timeout: int) -> None:
+def _launch_once(task: str, world: int, opts: dict, timeout: int, port: int) -> None:
     """One start of the workers. All are watched together: once one exits with an error the
     others get GRACE_S to end (a peer blocked in a collective or a pipeline receive never
     would), then each still running dumps its Python stacks (SIGUSR1) into its stderr and is
-    killed; the error names every rank's exit and ends of stderr (an EADDRINUSE among them
-    lets launch() try a new port)."""
+    killed; the error names every rank's exit and the end of its stderr."""
     import tempfile
     import time
 
-    port = free_port()
     logs = tempfile.TemporaryDirectory(prefix=f"mf_{task}_")
     zygote = _zygote()
     procs, errs = [], []
     for rank in range(world):
         env = dict(tool_env(), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET=opts.get("interpret", "0"))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                   TRITON_INTERPRET=opts.get("interpret", "0"))
         err = os.path.join(logs.name, f"rank{rank}.err")
         errs.append(err)
         argv = [__file__, task, json.dumps(opts)]
