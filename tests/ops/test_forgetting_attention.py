@@ -42,6 +42,13 @@ def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
+def check_grads(out, ref, inputs, dtype):
+    """The gradients of out and ref in inputs (q, k, v, log_fgate) for one random cotangent."""
+    dout = torch.randn_like(out)
+    for name, g, gr in zip("q k v log_fgate".split(), grads(out, inputs, dout), grads(ref, inputs, dout)):
+        check_close(g, gr, dtype, f"d{name}")
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
@@ -74,10 +81,7 @@ def test_packed_documents(log_eps, device):
         alone = forgetting_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], log_f[:, a:b].detach(),
                                                dtype=torch.float64)
         check_close(out[:, a:b], alone, torch.float32, f"document {a}:{b}")
-    dout = torch.randn_like(out)
-    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
-                           grads(ref, (q, k, v, log_f), dout)):
-        check_close(g, gr, torch.float32, f"d{name}")
+    check_grads(out, ref, (q, k, v, log_f), torch.float32)
 
 
 @pytest.mark.parametrize("log_eps", [None, -10.0])
@@ -102,10 +106,7 @@ def test_documents_per_row(log_eps, device):
         alone = forgetting_attention_reference(q[sl], k[sl], v[sl], log_f[sl].detach(), log_eps=log_eps,
                                                dtype=torch.float64)
         check_close(out[sl], alone, torch.float32, f"row {row} document {a}:{b}")
-    dout = torch.randn_like(out)
-    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (qs, ks, vs, log_f), dout),
-                           grads(ref, (qs, ks, vs, log_f), dout)):
-        check_close(g, gr, torch.float32, f"d{name}")
+    check_grads(out, ref, (qs, ks, vs, log_f), torch.float32)
 
 
 def test_documents_per_row_need_row_starts(device):
@@ -153,10 +154,7 @@ def test_acp_skips_and_respects_eps(bound, device):
     # output and gradients stay within the exact FoX result
     ref = forgetting_attention_reference(q, k, v, log_f, dtype=torch.float64)
     check_close(out, ref, torch.float32, "out")
-    dout = torch.randn_like(out)
-    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
-                           grads(ref, (q, k, v, log_f), dout)):
-        check_close(g, gr, torch.float32, f"d{name}")
+    check_grads(out, ref, (q, k, v, log_f), torch.float32)
 
 
 def test_no_pruning_without_log_eps(device):
@@ -242,10 +240,7 @@ def test_tma_tile_loads(case, device, monkeypatch):
         out = forgetting_attention(q, k, v, log_f, log_eps=log_eps, cu_seqlens=cu)
         ref = forgetting_attention_reference(q, k, v, log_f, cu_seqlens=cu, dtype=torch.float64)
         check_close(out, ref, dtype, "out")
-        dout = torch.randn_like(out)
-        for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
-                               grads(ref, (q, k, v, log_f), dout)):
-            check_close(g, gr, dtype, f"d{name}")
+        check_grads(out, ref, (q, k, v, log_f), dtype)
     finally:
         tiles.set_tma(None)
         function.set_gluon_forward(gluon_was)
@@ -292,10 +287,7 @@ def test_backward_pruning_by_lse(device):
         (skipped & causal).sum().item() / (causal.sum().item() * B * H), rel=1e-9)
     assert stats.backward_skipped_fraction.item() > stats.skipped_fraction.item()
     ref = forgetting_attention_reference(q, k, v, log_f, dtype=torch.float64)
-    dout = torch.randn_like(out)
-    for name, g, gr in zip("q k v log_fgate".split(), grads(out, (q, k, v, log_f), dout),
-                           grads(ref, (q, k, v, log_f), dout)):
-        check_close(g, gr, torch.float32, f"d{name}")
+    check_grads(out, ref, (q, k, v, log_f), torch.float32)
     with pytest.raises(ValueError, match="backward_pruning"):
         forgetting_attention(q, k, v, log_f, log_eps=log_eps, backward_pruning="rowmax")
 
