@@ -195,8 +195,9 @@ def _make_engine(model, args, eod, device):
 
 
 def build_model_and_engine(args, device, tokenizer):
-    """(this rank's model, its engine, the step resumed by --load or 0). The model starts
-    from --pretrained-checkpoint when given (a bad file exits 2 naming the key)."""
+    """(this rank's model, its engine, the step resumed by --load or 0, the directory it was
+    resumed from: --load or its non-persistent one). The model starts from
+    --pretrained-checkpoint when given (a bad file exits 2 naming the key)."""
     from .training.model import build_model, embedding_ids, load_full_state_dict, padded_vocab_size, transformer_config
 
     args.vocab_size = args.vocab_size or tokenizer.vocab_size  # saved with checkpoints (--use-checkpoint-args)
@@ -209,7 +210,7 @@ def build_model_and_engine(args, device, tokenizer):
             print(f"megatron_fox: error: config key 'pretrained_checkpoint': {e}", file=sys.stderr)
             sys.exit(2)
     engine = _make_engine(model, args, tokenizer.eod, device)
-    return model, engine, _load(engine, args)
+    return (model, engine, *_load(engine, args))
 
 
 def for_inference(args) -> None:
@@ -236,26 +237,28 @@ def _saved_args(root: str, iteration: int) -> dict:
         return {}
 
 
-def _load(engine, args) -> int:
-    """The step --load resumes from: Megatron-LM's rule for a directory without a checkpoint
-    (a first launch with --save and --load the same): start from scratch, saying so, unless
-    --exit-on-missing-checkpoint or --finetune (which needs weights) ask for one."""
+def _load(engine, args) -> tuple[int, Optional[str]]:
+    """(the step --load resumes from, the directory of that checkpoint): Megatron-LM's rule
+    for a directory without a checkpoint (a first launch with --save and --load the same):
+    start from scratch, saying so, unless --exit-on-missing-checkpoint or --finetune (which
+    needs weights) ask for one."""
     from .checkpoint import checkpoint_iteration, has_checkpoint
 
     if not args.load:
-        return 0
-    if has_checkpoint(args.load) or args.ckpt_step is not None:
+        return 0, None
+    root = _newer_non_persistent(args) or args.load
+    if has_checkpoint(root) or args.ckpt_step is not None:
         try:
-            iteration = checkpoint_iteration(args.load, args.ckpt_step)
+            iteration = checkpoint_iteration(root, args.ckpt_step)
         except (OSError, ValueError) as e:
             key = "ckpt_step" if args.ckpt_step is not None else "load"
             print(f"megatron_fox: error: config key '{key}': {e}", file=sys.stderr)
             sys.exit(2)
         try:
-            step = engine.load(args.load, iteration)
+            step = engine.load(root, iteration)
             if not (args.finetune or args.skip_train) and args.load_optim:  # as Megatron-LM: with the optimizer
-                resume_schedule(args, _saved_args(args.load, iteration))
-            return step
+                resume_schedule(args, _saved_args(root, iteration))
+            return step, root
         except ValueError as e:  # a checkpoint that does not fit this run (layout, buckets, tensors, state)
             print(f"megatron_fox: error: {e}" if isinstance(e, ConfigError) else
                   f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
@@ -266,7 +269,31 @@ def _load(engine, args) -> int:
         sys.exit(2)
     if dist.get_rank() == 0:
         print(f"megatron_fox: no checkpoint in {args.load} yet: starting from scratch", flush=True)
-    return 0
+    return 0, None
+
+
+def _newer_non_persistent(args) -> Optional[str]:
+    """With --non-persistent-ckpt-type global and no --ckpt-step: the non-persistent
+    checkpoints' directory where its latest is at least as new as --load's (Megatron-LM's
+    rule), else None."""
+    from .checkpoint import has_checkpoint, non_persistent_root, read_latest
+
+    if args.non_persistent_ckpt_type != "global" or args.ckpt_step is not None:
+        return None
+    root = non_persistent_root(args.non_persistent_global_ckpt_dir, args.load)
+    if not has_checkpoint(root):
+        return None
+    try:
+        newest, persistent = read_latest(root), read_latest(args.load) if has_checkpoint(args.load) else -1
+    except ValueError as e:
+        print(f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
+        sys.exit(2)
+    if newest < persistent:
+        return None
+    if dist.get_rank() == 0:
+        print(f"megatron_fox: resuming from the non-persistent checkpoint of iteration {newest} in {root} "
+              f"({args.load}'s latest: {persistent if persistent >= 0 else 'none'})", flush=True)
+    return root
 
 
 class _ExitRequest:
@@ -353,6 +380,7 @@ def _run(args, on_step, collector) -> list[dict]:
     from .training.replica_check import check_weight_replicas
     from .training.timers import PhaseTimers, format_phases
     from .training.progress import ProgressLog
+    from .checkpoint import non_persistent_root, remove_other_iterations
     from .layers.context_pruning import set_context_pruning_state
     from .training.rampup import step_batch
     from .training.step import context_pruning_alpha_at, empty_unused_memory, global_batch, moe_load_balancing_losses
@@ -360,7 +388,7 @@ def _run(args, on_step, collector) -> list[dict]:
     device = init_distributed(args)
     rank0 = dist.get_rank() == 0
     train_ds, valid_ds, test_ds, tokenizer = build_data(args)
-    model, engine, start = build_model_and_engine(args, device, tokenizer)
+    model, engine, start, loaded_from = build_model_and_engine(args, device, tokenizer)
     vocab = model.vocab_size
     experts = args.moe_router_topk / args.num_experts if args.num_experts else 1.0
     flops_per_step = step_flops(args, matmul_weight_elements(model, experts))
@@ -374,7 +402,7 @@ def _run(args, on_step, collector) -> list[dict]:
               f"ACP {'log_eps=%g' % args.acp_log_eps if args.acp else 'off'}; model {flops_per_step / 1e12:.3g} TFLOP a "
               f"step; start step {start}", flush=True)
     history, saved_at, stopped = [], None, False
-    progress = ProgressLog(args.save, args.load, start, dist.get_world_size()) if args.log_progress else None
+    progress = ProgressLog(args.save, loaded_from, start, dist.get_world_size()) if args.log_progress else None
     exit_request = _ExitRequest(args, device)
     bar = tqdm(total=args.train_iters, initial=start, disable=not (rank0 and args.progress_bar), dynamic_ncols=True)
 
@@ -513,6 +541,12 @@ def _run(args, on_step, collector) -> list[dict]:
             saved_at = it + 1
             if progress:
                 progress.saved(args.save, it + 1)
+        elif args.non_persistent_save_interval and (it + 1) % args.non_persistent_save_interval == 0:
+            root = non_persistent_root(args.non_persistent_global_ckpt_dir, args.save)
+            engine.save(root, it + 1)
+            remove_other_iterations(root, it + 1)  # the tracker names the new one already
+            if progress:
+                progress.saved(root, it + 1)
         if stop:
             stopped = it + 1 < args.train_iters  # cut short: no test pass (as Megatron-LM on exit)
             break

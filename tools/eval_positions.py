@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     dataset = valid_ds if opts.dataset == "valid" else train_ds
     if dataset is None or len(dataset) == 0:
         p.error(f"the {opts.dataset} split is empty (see --split, or --valid-data-path)")
-    model, engine, step = build_model_and_engine(args, device, tokenizer)
+    model, engine, step, _ = build_model_and_engine(args, device, tokenizer)
     engine.model.eval()
     edges = position_bins(args.seq_length, opts.bins)
     from megatron_fox.layers.context_pruning import set_context_pruning_state

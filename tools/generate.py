@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     for_inference(args)
     device = init_distributed(args)
     tokenizer = tokenizer_for(args)
-    _, engine, step = build_model_and_engine(args, device, tokenizer)
+    _, engine, step, _ = build_model_and_engine(args, device, tokenizer)
     max_length = args.seq_length if opts.max_length is None else opts.max_length
     try:
         gen = FoxGenerator(engine.model, max_length, evict_log_eps=opts.evict_log_eps,

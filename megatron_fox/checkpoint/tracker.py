@@ -73,3 +73,26 @@ def read_run_args(root: str, step: Optional[int] = None) -> dict:
         raise FileNotFoundError(f"no {RUN_ARGS} in {os.path.dirname(path)} (saved before megatron_fox wrote one)")
     with open(path) as f:
         return json.load(f)
+
+
+NON_PERSISTENT_SUBDIR = "non_persistent"
+
+
+def non_persistent_root(directory: Optional[str], base: str) -> str:
+    """Where global non-persistent checkpoints live: `directory`
+    (--non-persistent-global-ckpt-dir) or `<base>/non_persistent` (base: --save when
+    saving, --load when resuming, as Megatron-LM's)."""
+    return directory if directory is not None else os.path.join(base, NON_PERSISTENT_SUBDIR)
+
+
+def remove_other_iterations(root: str, keep: int) -> None:
+    """Rank 0 deletes every iter_NNNNNNN folder under root but `keep`'s (after the tracker
+    names it): a non-persistent checkpoint replaces the one before."""
+    import shutil
+
+    if dist.get_rank() != 0:
+        return
+    keep_name = os.path.basename(iteration_dir(root, keep))
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name != keep_name and os.path.isdir(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)

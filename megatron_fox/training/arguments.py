@@ -261,6 +261,14 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "pretrained_checkpoint": (str, None, "initial weights: a full (TP=PP=1) state dict file, e.g. from "
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
+    "non_persistent_save_interval": (int, None, "steps between non-persistent checkpoints, as Megatron-LM's: only "
+                                                "the newest is kept, and a resume takes it where it is at least as new as "
+                                                "load's (a step that also saves persistently does not)"),
+    "non_persistent_ckpt_type": (str, None, "global: non-persistent checkpoints in non_persistent_global_ckpt_dir "
+                                            "(local and in_memory are not built)"),
+    "non_persistent_global_ckpt_dir": (str, None, "where global non-persistent checkpoints go and are resumed from "
+                                                  "(default: <save>/non_persistent, resumed from <load>/"
+                                                  "non_persistent)"),
     "save_optim": (bool, True, "with save: also the optimizer state (--no-save-optim: weights and step only, a "
                                "smaller checkpoint to hand on; it loads with --no-load-optim or --finetune)"),
     "save_rng": (bool, True, "with save: also the RNG state (CPU path; the CUDA path saves none)"),
@@ -414,7 +422,6 @@ _FSDP = ("FSDP is not built here: --use-distributed-optimizer shards the optimiz
          "--zero-stage 3 the weights too")
 _FP8 = "FP8 training is not built here: use --bf16"
 _LOSS_SCALE = "a loss scale is for fp16, which is not built here: use --bf16"
-_NON_PERSISTENT = "non-persistent (local) checkpoints are not built here: use --save-interval"
 NOT_BUILT = {
     **dict.fromkeys(("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"), _VIRTUAL_PP),
     **dict.fromkeys(("use_torch_fsdp2", "use_megatron_fsdp"), _FSDP),
@@ -428,7 +435,8 @@ NOT_BUILT = {
     "apply_query_key_layer_scaling": "an fp16 option; FoX's QK-norm (--fox-qk-norm) keeps the logits bounded",
     "sgd_momentum": "only Adam is built here (--optimizer adam)",
     "async_save": "saves are synchronous here",
-    **dict.fromkeys(("non_persistent_save_interval", "non_persistent_ckpt_type"), _NON_PERSISTENT),
+    **dict.fromkeys(("non_persistent_local_ckpt_dir", "non_persistent_local_ckpt_algo"),
+                    "local non-persistent checkpoints are not built here: --non-persistent-ckpt-type global"),
     "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
                                      "size x data-parallel size",
     "apply_layernorm_1p": "zero-centred norm weights (Megatron-Core's layernorm_zero_centered_gamma) are not built "
@@ -1174,6 +1182,7 @@ def finalize(args: argparse.Namespace) -> None:
     _check_needs(args, ("finetune", "load_optim", "load_rng", "exit_on_missing_checkpoint", "ckpt_step"),
                  args.load is not None, "load (a checkpoint directory)")
     _check_needs(args, ("save_optim", "save_rng"), args.save is not None, "save (a checkpoint directory)")
+    check_non_persistent(args)
     if args.pretrained_checkpoint and not os.path.isfile(args.pretrained_checkpoint):
         raise ConfigError("pretrained_checkpoint", f"file {args.pretrained_checkpoint} not found")
     check_scalar_logs(args)
@@ -1222,6 +1231,29 @@ def _runs_on_cuda(args: argparse.Namespace) -> bool:
     import torch
 
     return args.device != "cpu" and torch.cuda.is_available()
+
+
+def check_non_persistent(args: argparse.Namespace) -> None:
+    """Non-persistent checkpoints (Megatron-LM's keys): the global kind only, an interval
+    with somewhere to save, and a directory of their own (older ones in it are deleted)."""
+    kind, interval, root = args.non_persistent_ckpt_type, args.non_persistent_save_interval, \
+        args.non_persistent_global_ckpt_dir
+    if kind not in (None, "global"):
+        raise ConfigError("non_persistent_ckpt_type", f"{kind!r} is not built here: use global")
+    if interval is not None:
+        if interval < 1:
+            raise ConfigError("non_persistent_save_interval", f"must be >= 1, got {interval}")
+        if kind is None:
+            raise ConfigError("non_persistent_ckpt_type", "needs a value with non_persistent_save_interval: global")
+        if args.save is None:
+            raise ConfigError("non_persistent_save_interval", "needs save (a checkpoint directory)")
+    if root is not None:
+        if kind is None:
+            raise ConfigError("non_persistent_global_ckpt_dir", "needs non_persistent_ckpt_type global")
+        for key in ("save", "load"):
+            if getattr(args, key) and os.path.realpath(root) == os.path.realpath(getattr(args, key)):
+                raise ConfigError("non_persistent_global_ckpt_dir", f"must differ from {key}: older checkpoints "
+                                                                    "in it are deleted")
 
 
 def _check_needs(args: argparse.Namespace, keys: tuple[str, ...], present: bool, needed: str) -> None:

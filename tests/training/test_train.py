@@ -158,6 +158,37 @@ def test_ckpt_step_resumes_an_earlier_checkpoint(cache, tmp_path):
         assert r.returncode == 2 and key in r.stderr and says in r.stderr, r.stderr[-1500:]
 
 
+def test_non_persistent_checkpoints_resume_where_newer(cache, tmp_path):
+    """--non-persistent-save-interval 3 (global): saved at steps 3 and 6 into
+    <save>/non_persistent, only the newest kept, none at step 4 (persistent). A resume takes
+    the persistent 7 over the non-persistent 6; after a crash that left the persistent tracker
+    at 4 it takes 6, and both runs go on as the uninterrupted one."""
+    full = train(tmp_path, "full", ["--train-iters", "10"])
+    ckpt = tmp_path / "ckpt"
+    non_persistent = ["--non-persistent-ckpt-type", "global"]
+    train(tmp_path, "first", ["--train-iters", "10", "--exit-interval", "7", "--save", str(ckpt),
+                              "--save-interval", "4", "--non-persistent-save-interval", "3"] + non_persistent)
+    np_dir = ckpt / "non_persistent"
+    assert sorted(os.listdir(np_dir)) == ["iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert (np_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("iter_")) == ["iter_0000004", "iter_0000007"]
+    persistent = train(tmp_path, "persistent", ["--train-iters", "10", "--load", str(ckpt)] + non_persistent)
+    assert [h["step"] for h in persistent] == [8, 9, 10]
+    # the crash: step 7's persistent save never happened
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
+    r = _run_cli(TINY + ["--train-iters", "10", "--load", str(ckpt), "--exit-interval", "7"] + non_persistent,
+                 tmp_path, **PLAIN)
+    assert r.returncode == 0 and "resuming from the non-persistent checkpoint of iteration 6" in r.stdout, r.stderr
+    rest = train(tmp_path, "rest", ["--train-iters", "10", "--load", str(ckpt)] + non_persistent)
+    assert [h["step"] for h in rest] == [7, 8, 9, 10]
+    ignored = train(tmp_path, "ignored", ["--train-iters", "10", "--load", str(ckpt)])  # no type: --load's only
+    assert [h["step"] for h in ignored] == [5, 6, 7, 8, 9, 10]
+    for run in (persistent, rest, ignored):
+        for b in run:
+            a = full[b["step"] - 1]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+
+
 def test_rampup_batch_size_trains_and_resumes(cache, tmp_path):
     """--rampup-batch-size 2 2 8 at global batch 4: steps 1-4 take 2 sequences (the same ones,
     at a constant LR, as a run at global batch 2), step 5 on 4; a resume in the ramp
@@ -251,6 +282,12 @@ def _ok(tmp_path, tool, *args, **env) -> str:
     (["--fox-forget-gate-type", "sliding"], "fox_forget_gate_type"),
     (["--timing-log-level", "3"], "timing_log_level"),
     (["--fox-forget-gate-type", "alibi", "--no-fox-forget-gate"], "fox_forget_gate_type"),
+    (["--save", "/tmp/x", "--non-persistent-save-interval", "3"], "non_persistent_ckpt_type"),
+    (["--non-persistent-save-interval", "3", "--non-persistent-ckpt-type", "global"], "non_persistent_save_interval"),
+    (["--non-persistent-ckpt-type", "local"], "non_persistent_ckpt_type"),
+    (["--non-persistent-global-ckpt-dir", "/tmp/np"], "non_persistent_global_ckpt_dir"),
+    (["--save", "/tmp/x", "--non-persistent-ckpt-type", "global", "--non-persistent-global-ckpt-dir", "/tmp/x"],
+     "non_persistent_global_ckpt_dir"),
 ])
 def test_bad_config_exits_2_naming_key(args, key, tmp_path):
     r = _run_cli(args, tmp_path)

@@ -173,7 +173,7 @@ def task_valid_loss(opts):
     args = parse_args(opts["flags"] + ["--load", opts["ckpt"]])
     device = init_distributed(args)
     _, valid, _, tokenizer = build_data(args)
-    model, _, step = build_model_and_engine(args, device, tokenizer)
+    model, _, step, _ = build_model_and_engine(args, device, tokenizer)
     model.eval()
     total = count = 0.0
     with torch.no_grad():
