@@ -84,29 +84,31 @@ def test_packed_documents(log_eps, device):
     check_grads(out, ref, (q, k, v, log_f), torch.float32)
 
 
-@pytest.mark.parametrize("log_eps", [None, -10.0])
-def test_documents_per_row(log_eps, device):
+@pytest.mark.parametrize("D,dtype,log_eps,backward_pruning", [(64, torch.float32, None, "bound"),
+                                                            (64, torch.float32, -10.0, "bound"),
+                                                            (128, torch.bfloat16, -10.0, "lse")])
+def test_documents_per_row(D, dtype, log_eps, backward_pruning, device):
     """A Megatron micro-batch: [s, b] memory order passed as transposed views, cu_seqlens over
     the b * s batch-major tokens (each row's start among them). Each document equals the
     reference on it alone; o comes back in q's memory order; all four gradients match."""
-    T, B, H, Hkv, D = 40, 2, 4, 2, 64
-    qs, ks, vs = (torch.randn(T, B, h, D, device=device, requires_grad=True) for h in (H, Hkv, Hkv))
+    T, B, H, Hkv = 40, 2, 4, 2
+    qs, ks, vs = (torch.randn(T, B, h, D, device=device).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
     log_f = F.logsigmoid(torch.randn(B, T, H, device=device)).requires_grad_()
     # row 0: 0-17, 17-40; row 1: 40-41 (one token), 41-79, 79-80 (one token at the row's end)
     cu = torch.tensor([0, 17, 40, 41, 79, 80], dtype=torch.int32, device=device)
     q, k, v = (t.transpose(0, 1) for t in (qs, ks, vs))
-    out = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps)
+    out = forgetting_attention(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps, backward_pruning=backward_pruning)
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         assert out.transpose(0, 1).is_contiguous()  # the kernel's o in [s, b] order, no copy
     ref = forgetting_attention_reference(q, k, v, log_f, cu_seqlens=cu, log_eps=log_eps, dtype=torch.float64)
-    check_close(out, ref, torch.float32, "out")
+    check_close(out, ref, dtype, "out")
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         row, a, b = a // T, a % T, (b - 1) % T + 1
         sl = (slice(row, row + 1), slice(a, b))
         alone = forgetting_attention_reference(q[sl], k[sl], v[sl], log_f[sl].detach(), log_eps=log_eps,
                                                dtype=torch.float64)
-        check_close(out[sl], alone, torch.float32, f"row {row} document {a}:{b}")
-    check_grads(out, ref, (qs, ks, vs, log_f), torch.float32)
+        check_close(out[sl], alone, dtype, f"row {row} document {a}:{b}")
+    check_grads(out, ref, (qs, ks, vs, log_f), dtype)
 
 
 def test_documents_per_row_need_row_starts(device):
