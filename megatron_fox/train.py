@@ -276,20 +276,17 @@ def _newer_non_persistent(args) -> Optional[str]:
     """With --non-persistent-ckpt-type global and no --ckpt-step: the non-persistent
     checkpoints' directory where its latest is at least as new as --load's (Megatron-LM's
     rule), else None."""
-    from .checkpoint import has_checkpoint, non_persistent_root, read_latest
+    from .checkpoint import newer_non_persistent
 
-    if args.non_persistent_ckpt_type != "global" or args.ckpt_step is not None:
-        return None
-    root = non_persistent_root(args.non_persistent_global_ckpt_dir, args.load)
-    if not has_checkpoint(root):
-        return None
     try:
-        newest, persistent = read_latest(root), read_latest(args.load) if has_checkpoint(args.load) else -1
+        found = newer_non_persistent(args.load, args.ckpt_step, args.non_persistent_ckpt_type,
+                                     args.non_persistent_global_ckpt_dir)
     except ValueError as e:
         print(f"megatron_fox: error: config key 'load': {e}", file=sys.stderr)
         sys.exit(2)
-    if newest < persistent:
+    if found is None:
         return None
+    root, newest, persistent = found
     if dist.get_rank() == 0:
         print(f"megatron_fox: resuming from the non-persistent checkpoint of iteration {newest} in {root} "
               f"({args.load}'s latest: {persistent if persistent >= 0 else 'none'})", flush=True)

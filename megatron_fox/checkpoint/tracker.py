@@ -82,7 +82,22 @@ def non_persistent_root(directory: Optional[str], base: str) -> str:
     """Where global non-persistent checkpoints live: `directory`
     (--non-persistent-global-ckpt-dir) or `<base>/non_persistent` (base: --save when
     saving, --load when resuming, as Megatron-LM's)."""
-    return directory if directory is not None else os.path.join(base, NON_PERSISTENT_SUBDIR)
+    return directory if directory else os.path.join(base, NON_PERSISTENT_SUBDIR)  # "" unset, as Megatron-LM's
+
+
+def newer_non_persistent(load: str, step: Optional[int], kind: Optional[str],
+                         directory: Optional[str]) -> Optional[tuple[str, int, int]]:
+    """Megatron-LM's choice on resume, for kind "global" without a step (--ckpt-step loads
+    from load): (the non-persistent directory, its latest iteration, load's latest or -1)
+    where its latest is at least as new as load's, else None. ValueError for a tracker that
+    names no iteration."""
+    if kind != "global" or step is not None:
+        return None
+    root = non_persistent_root(directory, load)
+    if not has_checkpoint(root):
+        return None
+    newest, persistent = read_latest(root), read_latest(load) if has_checkpoint(load) else -1
+    return (root, newest, persistent) if newest >= persistent else None
 
 
 def remove_other_iterations(root: str, keep: int) -> None:

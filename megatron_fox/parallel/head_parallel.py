@@ -189,7 +189,7 @@ def head_parallel_forgetting_attention(
     Same tensors and meaning as `context_parallel_forgetting_attention`: q [B, 2c, H, D],
     k/v [B, 2c, Hkv, D], log_fgate [B, 2c, H] hold this rank's chunks r and 2P-1-r; cu_seqlens
     the global document offsets (of the batch's whole rows in batch-major order, each row
-    starting a document; the op then runs them as one packed row, as one GPU does). Needs
+    starting a document; the op takes the rows with their documents, as on one GPU). Needs
     Hkv >= P. balance=False deals kv-head groups in equal contiguous runs (plain Ulysses)
     instead of by estimated ACP cost (exact FoX: by the blocks it keeps above float32's zero,
     see `set_zero_block_skipping`). cost_memory (one per layer) deals by the previous call's

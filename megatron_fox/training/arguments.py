@@ -569,8 +569,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         values.update(from_yaml)
         sources.update(dict.fromkeys(from_yaml, 1))
     given = {key: getattr(ns, key) for key in OPTIONS if getattr(ns, key) is not None}
-    if {**values, **given}["use_checkpoint_args"]:  # between the YAML and the flags
-        values.update(checkpoint_args({**values, **given}["load"], {**values, **given}["ckpt_step"]))
+    chosen = {**values, **given}
+    if chosen["use_checkpoint_args"]:  # between the YAML and the flags
+        values.update(checkpoint_args(chosen["load"], chosen["ckpt_step"], chosen["non_persistent_ckpt_type"],
+                                      chosen["non_persistent_global_ckpt_dir"]))
     values.update(given)
     sources.update(dict.fromkeys(given, 2))
     args = argparse.Namespace(config=ns.config, config_sources=sources, **values)
@@ -606,14 +608,17 @@ def resume_schedule(args: argparse.Namespace, saved: dict) -> None:
                                    f"--use-checkpoint-opt_param-scheduler (the checkpoint's)")
 
 
-def checkpoint_args(load: Optional[str], step: Optional[int] = None) -> dict:
-    """The CHECKPOINT_ARG_KEYS values saved with the checkpoint to load (args.json)."""
-    from ..checkpoint.tracker import read_run_args
+def checkpoint_args(load: Optional[str], step: Optional[int] = None, non_persistent_type: Optional[str] = None,
+                    non_persistent_dir: Optional[str] = None) -> dict:
+    """The CHECKPOINT_ARG_KEYS values saved with the checkpoint to load (args.json): load's,
+    or its newer non-persistent one (`checkpoint.newer_non_persistent`)."""
+    from ..checkpoint.tracker import newer_non_persistent, read_run_args
 
     if not load:
         raise ConfigError("use_checkpoint_args", "needs --load (the checkpoint to read the model's flags from)")
     try:
-        saved = read_run_args(load, step)
+        found = newer_non_persistent(load, step, non_persistent_type, non_persistent_dir)
+        saved = read_run_args(load if found is None else found[0], step)
     except (OSError, ValueError) as e:
         raise ConfigError("use_checkpoint_args", str(e)) from None
     return {key: saved[key] for key in CHECKPOINT_ARG_KEYS if key in saved}
@@ -1247,7 +1252,7 @@ def check_non_persistent(args: argparse.Namespace) -> None:
             raise ConfigError("non_persistent_ckpt_type", "needs a value with non_persistent_save_interval: global")
         if args.save is None:
             raise ConfigError("non_persistent_save_interval", "needs save (a checkpoint directory)")
-    if root is not None:
+    if root:  # "" is unset, as in Megatron-LM
         if kind is None:
             raise ConfigError("non_persistent_global_ckpt_dir", "needs non_persistent_ckpt_type global")
         for key in ("save", "load"):

@@ -137,3 +137,20 @@ def test_help_lists_every_flag_under_a_heading(capsys):
         assert f"\n{title}:\n" in text, title
     grouped = [a.dest for g in parser._action_groups if g.title in HELP_SECTIONS.values() for a in g._group_actions]
     assert sorted(grouped) == sorted(OPTIONS)
+
+
+def test_use_checkpoint_args_reads_a_newer_non_persistent_checkpoint(tmp_path):
+    """A run that crashed before its first persistent save: --use-checkpoint-args reads the
+    model's flags from <load>/non_persistent with --non-persistent-ckpt-type global (as the
+    resume itself would load from there), and without it finds no checkpoint, naming the key."""
+    import json
+
+    np_iter = tmp_path / "non_persistent" / "iter_0000006"
+    np_iter.mkdir(parents=True)
+    (np_iter / "args.json").write_text(json.dumps({"num_layers": 3, "hidden_size": 96}))
+    (tmp_path / "non_persistent" / "latest_checkpointed_iteration.txt").write_text("6")
+    flags = ["--load", str(tmp_path), "--use-checkpoint-args", "--num-attention-heads", "4"]
+    args = parse_args(flags + ["--non-persistent-ckpt-type", "global"])
+    assert (args.num_layers, args.hidden_size) == (3, 96)
+    with pytest.raises(ConfigError, match="'use_checkpoint_args'"):
+        parse_args(flags)

@@ -439,21 +439,22 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int, port: int) -> 
     logs = tempfile.TemporaryDirectory(prefix=f"mf_{task}_")
     zygote = _zygote()
     procs, errs = [], []
-    for rank in range(world):
-        env = dict(tool_env(), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
-                   TRITON_INTERPRET=opts.get("interpret", "0"))
-        err = os.path.join(logs.name, f"rank{rank}.err")
-        errs.append(err)
-        argv = [__file__, task, json.dumps(opts)]
-        if zygote is not None:
-            procs.append(zygote.start(argv, env, err))
-        else:
-            with open(err, "w") as f:
-                procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=f))
-    deadline = time.monotonic() + timeout
     codes: dict[int, int] = {}
     try:
+        for rank in range(world):
+            env = dict(tool_env(), OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                       TRITON_INTERPRET=opts.get("interpret", "0"))
+            err = os.path.join(logs.name, f"rank{rank}.err")
+            errs.append(err)
+            argv = [__file__, task, json.dumps(opts)]
+            if zygote is not None:
+                procs.append(zygote.start(argv, env, err))
+            else:
+                with open(err, "w") as f:
+                    procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=f))
+        deadline = time.monotonic() + timeout
         while len(codes) < world:
             for rank, p in enumerate(procs):
                 if rank not in codes:
@@ -471,9 +472,6 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int, port: int) -> 
         for rank in hung:
             procs[rank].send_signal(signal.SIGUSR1)
         time.sleep(2.0 if hung else 0.0)
-        for rank in hung:
-            procs[rank].kill()
-            procs[rank].wait(timeout=30)
         reports = []
         for rank in range(world):
             with open(errs[rank]) as f:
@@ -482,7 +480,14 @@ def _launch_once(task: str, world: int, opts: dict, timeout: int, port: int) -> 
                 "still running after another rank failed"
             reports.append(f"rank {rank} {state}:\n{tail}")
         raise RuntimeError(f"{task} failed:\n" + "\n".join(reports))
-    finally:
+    finally:  # whatever ended the launch (the harness's own errors too), no worker outlives it
+        for rank, p in enumerate(procs):
+            if rank not in codes:
+                p.kill()
+                try:
+                    p.wait(timeout=30)
+                except (subprocess.TimeoutExpired, RuntimeError):
+                    pass
         logs.cleanup()
 
 
