@@ -103,6 +103,24 @@ def test_gpu_train_loss_falls_and_resume_matches(tmp_path, own_inductor_cache):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
 
 
+def test_gpu_non_persistent_checkpoint_resumes(tmp_path, own_inductor_cache):
+    """The Megatron engine's dist_checkpointing under <save>/non_persistent: saved at steps 4
+    and 8 (the newest kept), none at step 6 (persistent); after a crash that left the
+    persistent tracker at 6 the resume takes step 8 and follows the uninterrupted run."""
+    os.environ.setdefault("MEGATRON_FOX_CACHE", str(tmp_path / "cache"))
+    full = train(tmp_path, "full", ["--train-iters", "12"])
+    ckpt = tmp_path / "ckpt"
+    kind = ["--non-persistent-ckpt-type", "global"]
+    train(tmp_path, "first", ["--train-iters", "12", "--exit-interval", "9", "--save", str(ckpt), "--save-interval",
+                              "6", "--non-persistent-save-interval", "4"] + kind)
+    assert sorted(os.listdir(ckpt / "non_persistent")) == ["iter_0000008", "latest_checkpointed_iteration.txt"]
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("6")  # step 9's persistent save lost
+    rest = train(tmp_path, "rest", ["--train-iters", "12", "--load", str(ckpt)] + kind)
+    assert [h["step"] for h in rest] == [9, 10, 11, 12]
+    for a, b in zip(full[8:], rest):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+
+
 def test_gpu_moe_trains_and_resumes(tmp_path, own_inductor_cache):
     """Mixture of Experts on the Megatron engine (DDP, distributed optimizer, the schedule's
     aux-loss scale, dist_checkpointing of the experts): a layer with experts and a shared
