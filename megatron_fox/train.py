@@ -161,7 +161,8 @@ def build_data(args):
         prefixes, weights = blend
         return build_gpt_datasets(prefixes, tokenizer, args.seq_length, samples, seed=args.seed, split=split,
                                   cache_path=args.data_cache_path, weights=weights, eod_mask_loss=args.eod_mask_loss,
-                                  mmap_bin_files=args.mmap_bin_files)
+                                  mmap_bin_files=args.mmap_bin_files,
+                                  num_dataset_builder_threads=args.num_dataset_builder_threads)
 
     if "all" in blends:
         try:

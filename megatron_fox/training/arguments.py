@@ -224,6 +224,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "merge_file": (str, None, "GPT-2 merges.txt (GPT2BPETokenizer)"),
     "split": (str, "98,1,1", "train,valid,test weights"),
     "data_cache_path": (str, None, "dataset index cache (default: next to the data)"),
+    "num_dataset_builder_threads": (int, 1, "threads building a blend's datasets (Megatron-Core's "
+                                            "BlendedMegatronDatasetBuilder)"),
     "reset_attention_mask": (bool, True, "restart attention and the forget gate at each document"),
     "reset_position_ids": (bool, False, "accepted with reset_attention_mask (or without position embeddings): "
                                         "rope's attention within a document is the same whichever position it "
@@ -323,6 +325,12 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "group_query_attention": (bool, None, "accepted: num_query_groups sets the key/value heads"),
     "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
     "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
+    "persist_layer_norm": (bool, None, "accepted: Apex's persistent LayerNorm kernel; the norms are "
+                                       "Megatron-Core's (RMSNorm)"),
+    "auto_detect_ckpt_format": (bool, None, "accepted: a resume reads the format its engine writes"),
+    "dist_ckpt_strictness": (str, "assume_ok_unexpected", "assume_ok_unexpected (Megatron-LM's default, the only "
+                                                          "one here): a tensor the model needs and the checkpoint "
+                                                          "lacks stops the load"),
     "distributed_backend": (str, None, "nccl | gloo, accepted: CUDA runs use NCCL, CPU runs gloo"),
     "attention_backend": (str, "auto", "auto | flash | fused | unfused | local, accepted: FoX attention is its own "
                                        "kernel whatever the choice"),
@@ -412,7 +420,8 @@ _FIXED = {"attention_backend": ("auto", "flash", "fused", "unfused", "local"), "
           "attention_softmax_in_fp32": (True,), "calculate_per_token_loss": (True,),
           "distributed_backend": (None, "nccl", "gloo"), "dataloader_type": ("single",),
           "rerun_mode": ("disabled",), "position_embedding": (None, False), "optimizer": ("adam",),
-          "use_dist_ckpt": (None, True), "cross_entropy_fusion_impl": ("native", "te")}
+          "use_dist_ckpt": (None, True), "cross_entropy_fusion_impl": ("native", "te"),
+          "dist_ckpt_strictness": ("assume_ok_unexpected",)}
 
 
 # Megatron-LM flags known but not built here: the reason, given naming the key
@@ -443,6 +452,21 @@ NOT_BUILT = {
                           "here",
     "grad_reduce_in_bf16": "gradients are reduced in float32 here",
     "use_legacy_models": "megatron_fox builds Megatron-Core models only (the default --use-mcore-models)",
+    "microbatch_group_size_per_virtual_pipeline_stage": _VIRTUAL_PP,
+    **dict.fromkeys(("use_precision_aware_optimizer", "main_grads_dtype", "main_params_dtype", "exp_avg_dtype",
+                     "exp_avg_sq_dtype"),
+                    "the precision-aware optimizer (Transformer Engine's FusedAdam) is not built here: main weights, "
+                    "gradients and Adam's moments are float32"),
+    **dict.fromkeys(("optimizer_cpu_offload", "optimizer_offload_fraction", "overlap_cpu_optimizer_d2h_h2d",
+                     "use_torch_optimizer_for_cpu_offload"), "optimizer CPU offload is not built here"),
+    "num_distributed_optimizer_instances": "one distributed-optimizer instance over all data-parallel ranks here",
+    "init_model_with_meta_device": "a Megatron FSDP option; FSDP is not built here",
+    "use_tp_pp_dp_mapping": "ranks are laid out in Megatron-Core's default order (tp-cp-ep-dp-pp) here",
+    "use_cpu_initialization": "weights are initialised where they live here (on the GPU on the CUDA path)",
+    **dict.fromkeys(("log_straggler", "disable_straggler_on_startup", "straggler_ctrlr_port",
+                     "straggler_minmax_count", "enable_ft_package", "calc_ft_timeouts"),
+                    "NVIDIA Resiliency Extension's straggler detection and fault tolerance are not built here"),
+    "log_energy": "energy logging (NVML) is not built here",
 }
 
 
@@ -1179,6 +1203,8 @@ def finalize(args: argparse.Namespace) -> None:
             raise ConfigError(key, "needs save (where the checkpoint goes before the exit)")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError("exit_duration_in_mins", f"must be > 0, got {args.exit_duration_in_mins}")
+    if args.num_dataset_builder_threads < 1:
+        raise ConfigError("num_dataset_builder_threads", f"must be >= 1, got {args.num_dataset_builder_threads}")
     if args.manual_gc_interval < 0:
         raise ConfigError("manual_gc_interval", f"must be >= 0, got {args.manual_gc_interval}")
     _check_needs(args, ("manual_gc_interval", "manual_gc_eval"), args.manual_gc, "manual_gc")

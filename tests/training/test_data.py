@@ -249,11 +249,15 @@ def test_data_path_blend_from_the_command_line(one_rank, jsonl_dataset, corpus, 
     for bad in (["0.3", "p", "q"], ["p", "0.3"], ["0", "p", "1", "q"], ["0.5", "p", "0.5"]):
         with pytest.raises(ConfigError, match="data_path"):
             parse_data_blend(bad)
-    args = parse_args(["--data-path", "1", jsonl_dataset, "3", corpus[0], "--tokenizer-model", corpus[1],
-                       "--seq-length", "32", "--train-iters", "50", "--global-batch-size", "8",
-                       "--micro-batch-size", "8", "--split", "100,0,0", "--data-cache-path", str(tmp_path)])
-    train, _, _, _ = build_data(args)
+    flags = ["--data-path", "1", jsonl_dataset, "3", corpus[0], "--tokenizer-model", corpus[1], "--seq-length", "32",
+             "--train-iters", "50", "--global-batch-size", "8", "--micro-batch-size", "8", "--split", "100,0,0",
+             "--data-cache-path", str(tmp_path)]
+    train, _, _, _ = build_data(parse_args(flags))
     assert abs((_blend_sources(train, 400) == 0).mean() - 0.25) < 0.02
+    # Megatron-LM's --num-dataset-builder-threads builds the blend's parts in threads: the same samples
+    threaded, _, _, _ = build_data(parse_args(flags + ["--num-dataset-builder-threads", "2"]))
+    for i in (0, 1, 7, 399):
+        assert torch.equal(torch.as_tensor(threaded[i]["tokens"]), torch.as_tensor(train[i]["tokens"])), i
 
 
 def _gloo_worker(rank, port, prefix, model, cache, queue):

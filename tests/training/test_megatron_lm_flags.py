@@ -25,6 +25,8 @@ MEGATRON_LM_SCRIPT = """
 --log-num-zeros-in-grad --check-weight-hash-across-dp-replicas-interval 20 --empty-unused-memory-level 0
 --rerun-mode disabled --qk-layernorm --optimizer adam --use-dist-ckpt --timing-log-option max
 --no-create-attention-mask-in-dataloader --tiktoken-pattern v2 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5
+--no-persist-layer-norm --auto-detect-ckpt-format --dist-ckpt-strictness assume_ok_unexpected
+--num-dataset-builder-threads 2
 """.split()
 
 
@@ -35,6 +37,7 @@ def test_megatron_lm_script_parses():
     assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
     assert args.eod_mask_loss and args.log_num_zeros_in_grad
     assert (args.check_weight_hash_across_dp_replicas_interval, args.tensorboard_queue_size) == (20, 1000)
+    assert args.num_dataset_builder_threads == 2
     # the experts' tensor parallelism equal to the dense layers' (Megatron-LM's default) is what runs here
     assert parse_args(MEGATRON_LM_SCRIPT + ["--expert-tensor-parallel-size", "1"]).expert_tensor_parallel_size == 1
 
@@ -98,6 +101,17 @@ def test_unavailable_values_name_the_key(flags, key):
     (["--no-use-dist-ckpt"], "use_dist_ckpt", "False"),
     (["--timing-log-option", "mean"], "timing_log_option", "max, minmax or all"),
     (["--fox-qk-norm", "--no-qk-layernorm"], "qk_layernorm", "contradicts fox_qk_norm"),
+    (["--microbatch-group-size-per-virtual-pipeline-stage", "2"], "microbatch_group_size_per_virtual_pipeline_stage",
+     "virtual (interleaved) pipeline stages are not built"),
+    (["--use-precision-aware-optimizer"], "use_precision_aware_optimizer", "precision-aware optimizer"),
+    (["--exp-avg-dtype", "bf16"], "exp_avg_dtype", "precision-aware optimizer"),
+    (["--optimizer-cpu-offload"], "optimizer_cpu_offload", "CPU offload is not built"),
+    (["--num-distributed-optimizer-instances", "2"], "num_distributed_optimizer_instances", "one distributed"),
+    (["--use-cpu-initialization"], "use_cpu_initialization", "initialised where they live"),
+    (["--log-straggler"], "log_straggler", "Resiliency Extension"),
+    (["--enable-ft-package"], "enable_ft_package", "Resiliency Extension"),
+    (["--dist-ckpt-strictness", "log_all"], "dist_ckpt_strictness", "'assume_ok_unexpected'"),
+    (["--num-dataset-builder-threads", "0"], "num_dataset_builder_threads", "must be >= 1"),
 ])
 def test_bad_flags_name_the_key_in_one_line(flags, key, text):
     """argparse's own complaints and unknown flags become one ConfigError naming the key
