@@ -461,7 +461,8 @@ def _run(args, on_step, collector) -> list[dict]:
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{out['tokens_per_s']:.0f}")
         if scalars and (it + 1) % args.tensorboard_log_interval == 0:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu"):
+            for key in ("loss",) + (("lr",) if args.log_learning_rate_to_tensorboard else ()) + (
+                    "grad_norm", "tokens_per_s", "tflops_per_gpu"):
                 scalars.add_scalar(f"train/{key}", out[key], it + 1)
         if (it + 1) % args.log_interval == 0 or it + 1 == args.train_iters:
             skipped, bwd, kept, half_lives = _layer_stats(model)
@@ -502,7 +503,8 @@ def _run(args, on_step, collector) -> list[dict]:
                 if scalars:
                     for key in ("max_mem_gb", "params_norm", "num_zeros_in_grad", "dcp_kept", "dcp_alpha",
                                 "moe_load_balancing_loss") + (
-                            ("global_batch_size",) if args.rampup_batch_size else ()):
+                            ("global_batch_size",) if args.rampup_batch_size or args.log_batch_size_to_tensorboard
+                            else ()):
                         if key in out:
                             scalars.add_scalar(f"train/{key}", out[key], it + 1)
                     if args.log_world_size_to_tensorboard:

@@ -130,6 +130,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                   "same shape; default: lr)"),
     "decoupled_min_lr": (float, None, "final learning rate of the embedding and output layers (default: min_lr)"),
     "lr_warmup_iters": (int, 20, "linear warmup steps"),
+    "lr_warmup_init": (float, 0.0, "the learning rate the warmup starts from (it rises linearly to lr), as "
+                                   "Megatron-LM's"),
     "lr_warmup_samples": (int, None, "warmup in sequences (instead of lr_warmup_iters)"),
     "lr_warmup_fraction": (float, None, "warmup as a fraction of the decay length (instead of lr_warmup_iters)"),
     "lr_decay_iters": (int, None, "decay length; default train_iters"),
@@ -325,6 +327,12 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "group_query_attention": (bool, None, "accepted: num_query_groups sets the key/value heads"),
     "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
     "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
+    "rope_fusion": (bool, None, "accepted: rotary embeddings (position_embedding_type rope) run unfused, Megatron-Core's "
+                                "apply_rope_fusion off"),
+    "async_tensor_model_parallel_allreduce": (bool, None, "accepted: Megatron-Core's linears overlap as they do"),
+    "one_logger": (bool, None, "accepted, unused: NVIDIA's one-logger is not part of this trainer"),
+    "local_rank": (int, None, "accepted (torch.distributed.launch passes it): LOCAL_RANK from the environment "
+                              "is what counts"),
     "persist_layer_norm": (bool, None, "accepted: Apex's persistent LayerNorm kernel; the norms are "
                                        "Megatron-Core's (RMSNorm)"),
     "auto_detect_ckpt_format": (bool, None, "accepted: a resume reads the format its engine writes"),
@@ -394,6 +402,10 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "mmap_bin_files": (bool, True, "memory-map the indexed datasets' .bin files (--no-mmap-bin-files reads "
                                    "each sample with file reads: for file systems where mmap is slow)"),
     "log_world_size_to_tensorboard": (bool, False, "write the number of processes to TensorBoard (world-size)"),
+    "log_learning_rate_to_tensorboard": (bool, True, "train/lr to TensorBoard (--no-log-learning-rate-to-tensorboard "
+                                                     "leaves it out)"),
+    "log_batch_size_to_tensorboard": (bool, False, "train/global_batch_size to TensorBoard at each log line (always "
+                                                   "so with rampup_batch_size)"),
     "use_rotary_position_embeddings": (bool, None, "Megatron-LM's older flag: the same as position_embedding_type "
                                                    "rope"),
     "position_embedding": (bool, None, "Megatron-LM's older --no-position-embedding: accepted (FoX needs none); "
@@ -453,6 +465,14 @@ NOT_BUILT = {
     "grad_reduce_in_bf16": "gradients are reduced in float32 here",
     "use_legacy_models": "megatron_fox builds Megatron-Core models only (the default --use-mcore-models)",
     "microbatch_group_size_per_virtual_pipeline_stage": _VIRTUAL_PP,
+    "pipeline_model_parallel_layout": "layouts of layers over stages are not built here: "
+                                      "--decoder-first/last-pipeline-num-layers set uneven stages",
+    "ddp_average_in_collective": "gradients are summed and divided by the global batch's loss tokens here "
+                                 "(calculate_per_token_loss)",
+    **dict.fromkeys(("check_for_spiky_loss", "check_for_large_grads"),
+                    "the rerun state machine's checks are not built here: --check-for-nan-in-loss-and-grad stops "
+                    "on a non-finite loss or gradient"),
+    "use_persistent_ckpt_worker": "saves are synchronous here",
     **dict.fromkeys(("use_precision_aware_optimizer", "main_grads_dtype", "main_params_dtype", "exp_avg_dtype",
                      "exp_avg_sq_dtype"),
                     "the precision-aware optimizer (Transformer Engine's FusedAdam) is not built here: main weights, "
@@ -479,7 +499,8 @@ HELP_SECTIONS = {"num_layers": "model", "fox_forget_gate": "FoX and ACP", "tenso
 
 
 # Megatron-LM's spellings of flags whose names mix dashes and underscores
-_MEGATRON_SPELLINGS = {"override_opt_param_scheduler": ["--override-opt_param-scheduler"],
+_MEGATRON_SPELLINGS = {"local_rank": ["--local_rank"],  # older torch.distributed.launch
+                       "override_opt_param_scheduler": ["--override-opt_param-scheduler"],
                        "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler"]}
 
 
@@ -606,8 +627,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # the keys that set the learning-rate and weight-decay schedule (Megatron-LM's
 # OptimizerParamScheduler state), after resolve_schedule
-SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_decay_iters",
-                 "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "start_weight_decay",
+SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_warmup_init",
+                 "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "start_weight_decay",
                  "end_weight_decay", "weight_decay_incr_style")
 
 
@@ -1012,6 +1033,8 @@ def resolve_schedule(args: argparse.Namespace) -> None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.lr_warmup_iters < 0:
         raise ConfigError("lr_warmup_iters", f"must be >= 0, got {args.lr_warmup_iters}")
+    if not 0.0 <= args.lr_warmup_init <= args.lr:
+        raise ConfigError("lr_warmup_init", f"must be in [0, lr = {args.lr}], got {args.lr_warmup_init}")
     if _either(args, ("lr_wsd_decay_iters", "lr_wsd_decay_samples")) == "lr_wsd_decay_samples":
         args.lr_wsd_decay_iters = steps("lr_wsd_decay_samples")
     check_lr_decay(args)

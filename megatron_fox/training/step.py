@@ -36,8 +36,8 @@ def _schedule_position(iteration: int, args) -> tuple[float, float]:
 
 
 def lr_at(iteration: int, args, peak: Optional[float] = None, floor: Optional[float] = None) -> float:
-    """Linear warmup to args.lr over lr_warmup_iters, then down to min_lr by lr_decay_iters in
-    lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
+    """Linear warmup from lr_warmup_init to args.lr over lr_warmup_iters, then down to min_lr
+    by lr_decay_iters in lr_decay_style, as Megatron-LM's schedules: cosine, linear, constant, inverse-square-root
     (lr * sqrt(warmup / step), not below min_lr), WSD (lr until the last lr_wsd_decay_iters
     steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
     the schedule runs on the consumed sequences, in steps of global_batch_size. peak / floor
@@ -46,7 +46,8 @@ def lr_at(iteration: int, args, peak: Optional[float] = None, floor: Optional[fl
     floor = args.min_lr if floor is None else floor
     t_step, t_end = _schedule_position(iteration, args)
     if args.lr_warmup_iters > 0 and t_step < args.lr_warmup_iters:  # warmup by the sequences consumed at step end
-        return peak * min(1.0, t_end / args.lr_warmup_iters)
+        start = args.lr_warmup_init
+        return start + (peak - start) * min(1.0, t_end / args.lr_warmup_iters)
     style = args.lr_decay_style
     if style == "constant":
         return peak

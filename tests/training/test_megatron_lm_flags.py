@@ -26,7 +26,8 @@ MEGATRON_LM_SCRIPT = """
 --rerun-mode disabled --qk-layernorm --optimizer adam --use-dist-ckpt --timing-log-option max
 --no-create-attention-mask-in-dataloader --tiktoken-pattern v2 --decoupled-lr 5e-4 --decoupled-min-lr 4.5e-5
 --no-persist-layer-norm --auto-detect-ckpt-format --dist-ckpt-strictness assume_ok_unexpected
---num-dataset-builder-threads 2
+--num-dataset-builder-threads 2 --no-rope-fusion --no-async-tensor-model-parallel-allreduce --local-rank 0
+--lr-warmup-init 1e-5 --log-batch-size-to-tensorboard
 """.split()
 
 
@@ -37,7 +38,7 @@ def test_megatron_lm_script_parses():
     assert (args.tensorboard_log_interval, args.distributed_timeout_minutes) == (5, 20)
     assert args.eod_mask_loss and args.log_num_zeros_in_grad
     assert (args.check_weight_hash_across_dp_replicas_interval, args.tensorboard_queue_size) == (20, 1000)
-    assert args.num_dataset_builder_threads == 2
+    assert args.num_dataset_builder_threads == 2 and args.lr_warmup_init == 1e-5 and args.local_rank == 0
     # the experts' tensor parallelism equal to the dense layers' (Megatron-LM's default) is what runs here
     assert parse_args(MEGATRON_LM_SCRIPT + ["--expert-tensor-parallel-size", "1"]).expert_tensor_parallel_size == 1
 
@@ -112,6 +113,10 @@ def test_unavailable_values_name_the_key(flags, key):
     (["--enable-ft-package"], "enable_ft_package", "Resiliency Extension"),
     (["--dist-ckpt-strictness", "log_all"], "dist_ckpt_strictness", "'assume_ok_unexpected'"),
     (["--num-dataset-builder-threads", "0"], "num_dataset_builder_threads", "must be >= 1"),
+    (["--check-for-spiky-loss"], "check_for_spiky_loss", "rerun state machine"),
+    (["--ddp-average-in-collective"], "ddp_average_in_collective", "calculate_per_token_loss"),
+    (["--use-persistent-ckpt-worker"], "use_persistent_ckpt_worker", "synchronous"),
+    (["--pipeline-model-parallel-layout", "E|t*4|L"], "pipeline_model_parallel_layout", "uneven stages"),
 ])
 def test_bad_flags_name_the_key_in_one_line(flags, key, text):
     """argparse's own complaints and unknown flags become one ConfigError naming the key

@@ -24,6 +24,21 @@ def test_samples_become_steps_and_drive_the_lr():
     assert lr_at(int(mid), args) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 10) / 74)))
 
 
+def test_warmup_starts_from_lr_warmup_init():
+    """Megatron-LM's --lr-warmup-init: the warmup rises linearly from it to lr (step i ends
+    i + 1 steps in), the decoupled schedule from the same start; above lr is refused."""
+    flags = ["--global-batch-size", "8", "--micro-batch-size", "4", "--train-iters", "100", "--lr", "1e-3",
+             "--min-lr", "1e-4", "--lr-warmup-iters", "10", "--lr-warmup-init", "2e-4"]
+    args = parse_args(flags)
+    for i in (0, 4, 9):
+        assert lr_at(i, args) == pytest.approx(2e-4 + 8e-4 * (i + 1) / 10)
+    assert lr_at(10, args) == pytest.approx(1e-3)
+    assert lr_at(0, args, peak=5e-3) == pytest.approx(2e-4 + 4.8e-3 / 10)
+    assert lr_at(0, parse_args(flags[:-2])) == pytest.approx(1e-4)  # default 0: lr * 1 / 10
+    with pytest.raises(ConfigError, match="'lr_warmup_init'"):
+        parse_args(flags[:-1] + ["2e-3"])
+
+
 def test_warmup_fraction_is_a_share_of_the_decay():
     args = parse_args(["--global-batch-size", "8", "--micro-batch-size", "4", "--train-iters", "400",
                        "--lr-decay-iters", "300", "--lr-warmup-fraction", "0.05"])

@@ -83,7 +83,8 @@ def test_fused_cross_entropy_and_unmapped_reads_train_alike(cache, tmp_path):
     """--cross-entropy-loss-fusion (Megatron-Core's fused vocab-parallel cross entropy, TP=2
     so the vocabulary is split) gives the losses of the plain one to float32 rounding (carried through Adam);
     --no-mmap-bin-files reads the same samples (losses bit-equal);
-    --log-world-size-to-tensorboard writes train/world_size."""
+    --log-world-size-to-tensorboard writes train/world_size, --log-batch-size-to-tensorboard
+    train/global_batch_size, --no-log-learning-rate-to-tensorboard no train/lr."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flags = ["--train-iters", "3", "--log-interval", "1", "--tensor-model-parallel-size", "2"]
@@ -91,6 +92,8 @@ def test_fused_cross_entropy_and_unmapped_reads_train_alike(cache, tmp_path):
     fused = train(tmp_path, "fused", flags + ["--cross-entropy-loss-fusion"], world=2)
     tb = tmp_path / "tb"
     unmapped = train(tmp_path, "unmapped", flags + ["--no-mmap-bin-files", "--log-world-size-to-tensorboard",
+                                                    "--log-batch-size-to-tensorboard",
+                                                    "--no-log-learning-rate-to-tensorboard",
                                                     "--tensorboard-dir", str(tb)], world=2)
     print("plain", [h["loss"] for h in plain], "fused", [h["loss"] for h in fused])
     # step 1: the same weights, only the loss kernel differs; later steps also carry the
@@ -102,6 +105,10 @@ def test_fused_cross_entropy_and_unmapped_reads_train_alike(cache, tmp_path):
     events = EventAccumulator(str(tb))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/world_size")] == [(1, 2.0), (2, 2.0), (3, 2.0)]
+    gbs = int(TINY[TINY.index("--global-batch-size") + 1])
+    assert [(e.step, e.value) for e in events.Scalars("train/global_batch_size")] == [(i, gbs) for i in (1, 2, 3)]
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "train/lr" not in tags
 
 
 def test_deterministic_mode_trains_like_the_default(cache, tmp_path):
