@@ -17,9 +17,10 @@ class FoxCoreAttention(MegatronModule):
 
     With cu_seqlens (offsets of documents in the batch-major flattening of [b, s], every
     sample's start among them) attention and the forget-gate sum restart at every document;
-    the op reads the [s, b] tensors through [b, s] views, nothing is copied. With config.fox_collect_stats, `self.skipped_fraction` gives the
-    fraction of attention FLOPs ACP skipped in the last forward (a device tensor, computed
-    only when read: no kernels or host sync in steps that do not log it);
+    the op reads the [s, b] tensors through [b, s] views, nothing is copied. With
+    config.fox_collect_stats, `self.skipped_fraction` gives the fraction of attention FLOPs
+    ACP skipped in the last forward (a device tensor, computed only when read: no kernels or
+    host sync in steps that do not log it);
     `self.backward_skipped_fraction` the same for the backward (config.acp_backward_pruning),
     and `self.mean_log_fgate` the mean log forget gate of each of its heads over the last
     forward's tokens (one small reduction a call; the gates' memory: half-life ln 0.5 / it).

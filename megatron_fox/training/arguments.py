@@ -266,8 +266,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
                               "tools/convert_checkpoint.py (sharded to this run's TP/PP; --load wins)"),
     "save_interval": (int, None, "steps between checkpoints"),
     "non_persistent_save_interval": (int, None, "steps between non-persistent checkpoints, as Megatron-LM's: only "
-                                                "the newest is kept, and a resume takes it where it is at least as new as "
-                                                "load's (a step that also saves persistently does not)"),
+                                                "the newest is kept, and a resume takes it where it is at least as "
+                                                "new as load's (a step that also saves persistently does not)"),
     "non_persistent_ckpt_type": (str, None, "global: non-persistent checkpoints in non_persistent_global_ckpt_dir "
                                             "(local and in_memory are not built)"),
     "non_persistent_global_ckpt_dir": (str, None, "where global non-persistent checkpoints go and are resumed from "
@@ -327,8 +327,8 @@ OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "group_query_attention": (bool, None, "accepted: num_query_groups sets the key/value heads"),
     "use_mcore_models": (bool, None, "accepted: the models are Megatron-Core's"),
     "use_flash_attn": (bool, None, "accepted: FoX attention is its own Triton kernel"),
-    "rope_fusion": (bool, None, "accepted: rotary embeddings (position_embedding_type rope) run unfused, Megatron-Core's "
-                                "apply_rope_fusion off"),
+    "rope_fusion": (bool, None, "accepted: rotary embeddings (position_embedding_type rope) run unfused, "
+                                "Megatron-Core's apply_rope_fusion off"),
     "async_tensor_model_parallel_allreduce": (bool, None, "accepted: Megatron-Core's linears overlap as they do"),
     "one_logger": (bool, None, "accepted, unused: NVIDIA's one-logger is not part of this trainer"),
     "local_rank": (int, None, "accepted (torch.distributed.launch passes it): LOCAL_RANK from the environment "
@@ -446,7 +446,8 @@ _LOSS_SCALE = "a loss scale is for fp16, which is not built here: use --bf16"
 NOT_BUILT = {
     **dict.fromkeys(("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"), _VIRTUAL_PP),
     **dict.fromkeys(("use_torch_fsdp2", "use_megatron_fsdp"), _FSDP),
-    "data_parallel_sharding_strategy": "an FSDP option; FSDP is not built here",
+    **dict.fromkeys(("data_parallel_sharding_strategy", "init_model_with_meta_device"),
+                    "an FSDP option; FSDP is not built here"),
     "tp_comm_overlap": "needs Transformer Engine's userbuffers; not built here",
     **dict.fromkeys(("fp8_format", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
                      "fp8_recipe"), _FP8),
@@ -455,7 +456,7 @@ NOT_BUILT = {
     "fp16_lm_cross_entropy": "fp16 is not built here: use --bf16",
     "apply_query_key_layer_scaling": "an fp16 option; FoX's QK-norm (--fox-qk-norm) keeps the logits bounded",
     "sgd_momentum": "only Adam is built here (--optimizer adam)",
-    "async_save": "saves are synchronous here",
+    **dict.fromkeys(("async_save", "use_persistent_ckpt_worker"), "saves are synchronous here"),
     **dict.fromkeys(("non_persistent_local_ckpt_dir", "non_persistent_local_ckpt_algo"),
                     "local non-persistent checkpoints are not built here: --non-persistent-ckpt-type global"),
     "decrease_batch_size_if_needed": "not built here: the global batch size must be a multiple of micro-batch "
@@ -472,7 +473,6 @@ NOT_BUILT = {
     **dict.fromkeys(("check_for_spiky_loss", "check_for_large_grads"),
                     "the rerun state machine's checks are not built here: --check-for-nan-in-loss-and-grad stops "
                     "on a non-finite loss or gradient"),
-    "use_persistent_ckpt_worker": "saves are synchronous here",
     **dict.fromkeys(("use_precision_aware_optimizer", "main_grads_dtype", "main_params_dtype", "exp_avg_dtype",
                      "exp_avg_sq_dtype"),
                     "the precision-aware optimizer (Transformer Engine's FusedAdam) is not built here: main weights, "
@@ -480,7 +480,6 @@ NOT_BUILT = {
     **dict.fromkeys(("optimizer_cpu_offload", "optimizer_offload_fraction", "overlap_cpu_optimizer_d2h_h2d",
                      "use_torch_optimizer_for_cpu_offload"), "optimizer CPU offload is not built here"),
     "num_distributed_optimizer_instances": "one distributed-optimizer instance over all data-parallel ranks here",
-    "init_model_with_meta_device": "a Megatron FSDP option; FSDP is not built here",
     "use_tp_pp_dp_mapping": "ranks are laid out in Megatron-Core's default order (tp-cp-ep-dp-pp) here",
     "use_cpu_initialization": "weights are initialised where they live here (on the GPU on the CUDA path)",
     **dict.fromkeys(("log_straggler", "disable_straggler_on_startup", "straggler_ctrlr_port",
@@ -628,8 +627,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # the keys that set the learning-rate and weight-decay schedule (Megatron-LM's
 # OptimizerParamScheduler state), after resolve_schedule
 SCHEDULE_KEYS = ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr", "lr_warmup_iters", "lr_warmup_init",
-                 "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "start_weight_decay",
-                 "end_weight_decay", "weight_decay_incr_style")
+                 "lr_decay_iters", "lr_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay",
+                 "start_weight_decay", "end_weight_decay", "weight_decay_incr_style")
 
 
 def resume_schedule(args: argparse.Namespace, saved: dict) -> None:

@@ -250,6 +250,18 @@ def row_document_maps(cu_seqlens: torch.Tensor, B: int, T: int, device) -> tuple
     return (start.view(B, T) - base).contiguous(), (end.view(B, T) - base).contiguous()
 
 
+def input_document_maps(cu_seqlens: Optional[torch.Tensor], B: int, T: int,
+                        device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The op's document maps (start, end) for cu_seqlens over q's B rows of T tokens: None
+    without documents, [T] each for one packed row (B = 1), [B, T] each (`row_document_maps`)
+    for offsets over the batch-major B * T tokens."""
+    if cu_seqlens is None:
+        return None, None
+    if B > 1:
+        return row_document_maps(cu_seqlens, B, T, device)
+    return document_maps(cu_seqlens, T, device)
+
+
 def forget_prefix_sums(log_fgate: torch.Tensor, doc_start: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """c = cumsum(log f) along the sequence, head-major [B, H, T] float32.
 

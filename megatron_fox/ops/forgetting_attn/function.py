@@ -233,9 +233,10 @@ def forgetting_attention(
     [0, ..., T] of packed documents in one row (batch 1), or for B > 1 offsets over the
     B * T tokens in batch-major order holding every row's start (as Megatron packs a
     micro-batch; each row then keeps its own T, and q, k, v may be [s, b] memory-order
-    views: nothing is copied, and o and the gradients follow q's memory order). log_eps=None computes exact FoX; otherwise key blocks whose
-    pairs all have c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a
-    float or [H] tensor, else sm_scale * max||q|| * max||k|| per batch and head).
+    views: nothing is copied, and o and the gradients follow q's memory order).
+    log_eps=None computes exact FoX; otherwise key blocks whose pairs all have
+    c_i - c_j < -(2U + log T) + log_eps are skipped (U = logit_bound, a float or [H] tensor,
+    else sm_scale * max||q|| * max||k|| per batch and head).
     Exact FoX still skips key blocks whose weights all round to zero in float32
     (`ZERO_LOG_WEIGHT`; the same output and gradients to the bit; `set_zero_block_skipping`),
     found with U = logit_bound where given (it must bound the logits here too) or the data.

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import boundary
-from .common import LOG2E, document_maps, logit_bound_per_head, pruning_threshold, row_document_maps
+from .common import LOG2E, input_document_maps, logit_bound_per_head, pruning_threshold
 from .row_norm import diagonal_logits, max_row_norm
 from .tiles import KernelConfig
 
@@ -35,12 +35,7 @@ class _Plan:
 
 def _prepare(q, k, log_fgate, sm_scale, log_eps, logit_bound, cu_seqlens, config, backward_pruning="bound"):
     B, T = q.shape[:2]
-    if cu_seqlens is not None and B > 1:  # offsets over the batch-major B * T tokens: a map per row
-        doc_start, doc_end = row_document_maps(cu_seqlens, B, T, q.device)
-    elif cu_seqlens is not None:
-        doc_start, doc_end = document_maps(cu_seqlens, T, q.device)
-    else:
-        doc_start = doc_end = None
+    doc_start, doc_end = input_document_maps(cu_seqlens, B, T, q.device)
     delta = U = diagonal = None
     with torch.no_grad():
         if skips_zero_blocks(log_eps) and _forward_by_diagonal_on:

@@ -13,10 +13,9 @@ import torch
 from .common import (
     AttentionStats,
     check_inputs,
-    document_maps,
+    input_document_maps,
     logit_bound_per_head,
     pruning_threshold,
-    row_document_maps,
 )
 
 
@@ -41,12 +40,10 @@ def allowed_pairs(T, cu_seqlens, device, B=1):
     B > 1 and cu_seqlens holds offsets over the batch-major B * T tokens (documents per row)."""
     i = torch.arange(T, device=device)
     allowed = i[None, :] <= i[:, None]
-    if cu_seqlens is not None and B > 1:
-        doc_start, _ = row_document_maps(cu_seqlens, B, T, device)
-        allowed = allowed & (i[None, None, None, :] >= doc_start.long()[:, None, :, None])
-    elif cu_seqlens is not None:
-        doc_start, _ = document_maps(cu_seqlens, T, device)
-        allowed &= i[None, :] >= doc_start.long()[:, None]
+    doc_start, _ = input_document_maps(cu_seqlens, B, T, device)
+    if doc_start is not None:
+        first = doc_start.long()[..., :, None]  # [T, 1], or [B, T, 1]: then [B, 1, T, 1] beside the heads
+        allowed = allowed & (i >= (first if first.dim() == 2 else first[:, None]))
     return allowed
 
 
