@@ -39,9 +39,10 @@ def lr_at(iteration: int, args, peak: Optional[float] = None, floor: Optional[fl
     """Linear warmup from lr_warmup_init to args.lr over lr_warmup_iters, then down to min_lr
     by lr_decay_iters in lr_decay_style, as Megatron-LM's schedules: cosine, linear,
     constant, inverse-square-root (lr * sqrt(warmup / step), not below min_lr), WSD (lr until
-    the last lr_wsd_decay_iters steps before lr_decay_iters, then lr_wsd_decay_style's decay). With a batch-size ramp-up
-    the schedule runs on the consumed sequences, in steps of global_batch_size. peak / floor
-    replace lr / min_lr (--decoupled-lr's schedule of the embedding and output layers)."""
+    the last lr_wsd_decay_iters steps before lr_decay_iters, then lr_wsd_decay_style's
+    decay). With a batch-size ramp-up the schedule runs on the consumed sequences, in steps
+    of global_batch_size. peak / floor replace lr / min_lr (--decoupled-lr's schedule of the
+    embedding and output layers)."""
     peak = args.lr if peak is None else peak
     floor = args.min_lr if floor is None else floor
     t_step, t_end = _schedule_position(iteration, args)
